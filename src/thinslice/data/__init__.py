@@ -1,0 +1,1 @@
+"""Synthetic phantoms and training-pair sampling."""

@@ -1,0 +1,1 @@
+"""Thick-slice simulation by slice profiles (box, Gaussian, decimation)."""

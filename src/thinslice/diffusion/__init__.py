@@ -1,0 +1,1 @@
+"""Residual-shifting (ResShift) diffusion in latent space, DDIM as a comparison option."""

@@ -1,0 +1,1 @@
+"""Metrics (PSNR, SSIM, HU-MAE) and benchmarks."""

@@ -1,0 +1,1 @@
+"""Upsampling a thick volume to thin slices: interpolation, CNN, latent diffusion."""

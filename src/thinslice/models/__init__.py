@@ -1,0 +1,1 @@
+"""Networks (VAE, latent UNet, IRControlNet, CNN baseline), configured by dataclasses; built in models.factory."""

@@ -1,0 +1,21 @@
+"""HU <-> model range, in one place. Every network sees HU clipped to [-1024, 3071] mapped linearly to [-1, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HU_MIN = -1024.0
+HU_MAX = 3071.0
+HU_RANGE = HU_MAX - HU_MIN  # 4095: also the PSNR data range
+
+
+def hu_to_model(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Clip to [HU_MIN, HU_MAX] and map to [-1, 1]."""
+    clipped = hu.clip(HU_MIN, HU_MAX)
+    return (clipped - HU_MIN) * (2.0 / HU_RANGE) - 1.0
+
+
+def model_to_hu(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Exact inverse of :func:`hu_to_model` for values inside the HU range."""
+    return (x + 1.0) * (HU_RANGE / 2.0) + HU_MIN

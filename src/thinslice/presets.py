@@ -1,0 +1,113 @@
+"""Presets: one JSON file per preset in ``configs/`` (tiny, small, paper) -> typed dataclasses.
+
+This is the one place that turns a preset name or file into model and training settings; model construction from
+a preset lives in :mod:`thinslice.models.factory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from thinslice.diffusion.resshift import ResShiftConfig
+from thinslice.errors import ThinsliceError
+from thinslice.models.baseline import BaselineConfig
+from thinslice.models.control import ControlConfig
+from thinslice.models.unet import UNetConfig
+from thinslice.models.vae import VAEConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESET_NAMES = ("tiny", "small", "paper")
+DEFAULT_PRESET = "small"
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every trainer (VAE, diffusion, CNN baseline). Patch sizes are (d, h, w) voxels."""
+
+    patch_size: tuple[int, int, int] = (32, 64, 64)
+    batch_size: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_steps: int = 2000
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    val_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+
+
+@dataclass
+class DegradationConfig:
+    """Which thick-slice simulations a model is trained on (sampled per example)."""
+
+    factors: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+    profiles: tuple[str, ...] = ("gaussian", "box", "decimate")
+
+
+@dataclass
+class Preset:
+    name: str
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    diffusion: ResShiftConfig = field(default_factory=ResShiftConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    train_vae: TrainConfig = field(default_factory=TrainConfig)
+    train_diffusion: TrainConfig = field(default_factory=TrainConfig)
+    train_baseline: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Dataclass from a dict, converting lists to tuples (JSON has no tuples) and rejecting unknown keys."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ThinsliceError(f"unknown preset keys in {where}: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _tupleize(value)
+    return cls(**kwargs)
+
+
+def _tupleize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    if "name" not in data:
+        raise ThinsliceError("preset has no 'name'")
+    return _build(Preset, data, data["name"])
+
+
+def load_preset(name_or_path: str | Path | Preset = DEFAULT_PRESET) -> Preset:
+    """A preset by name (tiny, small, paper) or from a JSON file."""
+    if isinstance(name_or_path, Preset):
+        return name_or_path
+    path = Path(name_or_path)
+    if str(name_or_path) in PRESET_NAMES:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    elif not path.suffix == ".json" or not path.is_file():
+        raise ThinsliceError(
+            f"unknown preset '{name_or_path}': use one of {', '.join(PRESET_NAMES)} or a path to a preset .json file"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ThinsliceError(f"cannot read preset file {path}: {exc}") from exc
+    return preset_from_dict(data)

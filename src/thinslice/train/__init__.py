@@ -1,0 +1,1 @@
+"""Trainers (VAE, diffusion, CNN baseline) on one shared Accelerate-based engine."""

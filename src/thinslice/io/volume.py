@@ -8,8 +8,9 @@ import numpy as np
 
 from thinslice.errors import ThinsliceError
 
-# Spacings within this relative tolerance count as equal when deciding whether a volume is anisotropic.
-_ISO_TOL = 0.01
+# An axis counts as the thick (slice) axis only when its spacing exceeds every other axis by this fraction; below it
+# (e.g. 0.625 mm slices with 0.7 x 0.8 mm pixels) the head-feet axis is taken, as CT is stacked axially.
+_ISO_TOL = 0.2
 
 
 @dataclass
@@ -63,8 +64,8 @@ class Volume:
     def slice_axis(self) -> int:
         """Index axis (0=i, 1=j, 2=k) that runs through the slices.
 
-        The axis with the clearly largest spacing when the volume is anisotropic (thick slices); for an isotropic
-        volume, the axis closest to the patient's head-feet direction (how axial CT is stacked).
+        The axis with the clearly largest spacing (>20% above the others) when the volume is anisotropic (thick
+        slices, in any orientation); otherwise the axis closest to the patient's head-feet direction.
         """
         sp = np.asarray(self.spacing)
         largest = int(np.argmax(sp))

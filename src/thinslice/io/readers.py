@@ -1,0 +1,338 @@
+"""Reading CT volumes (NIfTI, NRRD, MetaImage, DICOM series) into :class:`~thinslice.io.volume.Volume`.
+
+SimpleITK does the decoding: it converts every format's geometry to the same LPS convention, applies the DICOM
+rescale slope/intercept, and (through GDCM) sorts DICOM slices by their position in the patient. What is added
+here are the checks a user needs clear messages for (2D images, one slice, missing spacing, several series,
+uneven slice gaps) and CT-specific clean-up of padding values.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from thinslice.errors import ThinsliceError
+from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
+from thinslice.io.volume import Volume
+
+# Extensions read as one file (compared in lower case). Anything else SimpleITK can read in 3D is accepted too.
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_EXTENSIONS = (".dcm", ".ima", ".dicom")
+# Scanners mark voxels outside the reconstruction circle with values far below air (-2048, -3024, ...).
+PADDING_BELOW_HU = -2000.0
+AIR_HU = -1024.0
+# Relative deviation from the median slice gap above which a DICOM series counts as unevenly spaced.
+_GAP_TOLERANCE = 0.1
+# Lateral shift of slices (gantry tilt) tolerated before warning, in degrees.
+_TILT_WARN_DEG = 0.5
+
+_DICOM_META_TAGS = {
+    "modality": "0008|0060",
+    "series_description": "0008|103e",
+    "patient_id": "0010|0020",
+    "series_uid": "0020|000e",
+    "study_uid": "0020|000d",
+    "manufacturer": "0008|0070",
+    "kernel": "0018|1210",
+    "body_part": "0018|0015",
+}
+_META_PREFIX = "thinslice_"
+
+
+def file_extension(path: str | Path) -> str:
+    """Lower-case extension, with the double extension ``.nii.gz`` kept whole."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read a CT volume in HU (float32) with its geometry.
+
+    ``path`` is a NIfTI/NRRD/MHA(MHD) file, a folder holding a DICOM series, or one DICOM file (its whole series is
+    read from the same folder). ``series_uid`` picks a series when the folder holds several.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ThinsliceError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        return _read_dicom_folder(path, series_uid)
+    ext = file_extension(path)
+    if ext in DICOM_EXTENSIONS or (ext not in VOLUME_EXTENSIONS and is_dicom_file(path)):
+        ds = read_header(path, ["SeriesInstanceUID"])
+        if ds is None:
+            raise ThinsliceError(f"{path} is not a readable DICOM file (corrupt or truncated?)")
+        own_uid = header_text(ds, "SeriesInstanceUID")
+        if series_uid and own_uid and series_uid != own_uid:
+            raise ThinsliceError(f"{path} belongs to series {own_uid}, not {series_uid}; pass the folder instead")
+        return _read_dicom_folder(path.parent, own_uid or series_uid, single_file=path)
+    return _read_image_file(path, ext)
+
+
+# ------------------------------------------------------------------------------------------------ one file
+def _read_image_file(path: Path, ext: str) -> Volume:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        if ext in VOLUME_EXTENSIONS:
+            raise ThinsliceError(
+                f"cannot read {path}: the file is corrupt or truncated ({_sitk_reason(exc)})") from None
+        raise ThinsliceError(
+            f"cannot read {path}: unsupported file type {ext or '(no extension)'!r}; use NIfTI (.nii/.nii.gz), "
+            "NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder") from None
+    size = reader.GetSize()
+    _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
+    if ext in (".nii", ".nii.gz"):
+        _check_nifti_pixdim(path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ThinsliceError(f"cannot read the voxels of {path}: the file is corrupt or truncated "
+                             f"({_sitk_reason(exc)})") from None
+    if image.GetDimension() == 4:  # a 4D file whose 4th axis has size 1
+        image = image[:, :, :, 0]
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    metadata = {"source": str(path)}
+    thickness = None
+    for key in reader.GetMetaDataKeys():
+        if key.startswith(_META_PREFIX):
+            metadata[key[len(_META_PREFIX):]] = reader.GetMetaData(key)
+    notes = " ".join(reader.GetMetaData(k) for k in ("ITK_FileNotes", "descrip") if reader.HasMetaDataKey(k))
+    match = re.search(r"slice_thickness=([0-9.eE+-]+)", notes)
+    text = metadata.pop("slice_thickness", None) or (match.group(1) if match else None)
+    if text:
+        thickness = _positive_float(text)
+    return _to_volume(image, path, metadata, thickness, padding_hu=None)
+
+
+def _check_dimensions(path: Path, dim: int, size: tuple[int, ...], components: int) -> None:
+    shape = "x".join(str(s) for s in size)
+    if components != 1:
+        raise ThinsliceError(f"{path} has {components} values per voxel (colour or vector image, {shape}); "
+                             "thinslice needs a grey-value CT volume in HU")
+    if dim == 2:
+        raise ThinsliceError(f"{path} is a 2D image ({shape}); thinslice needs a 3D CT volume (a NIfTI/NRRD/MHA "
+                             "file or a folder with a DICOM series)")
+    if dim == 4 and size[3] != 1:
+        raise ThinsliceError(f"{path} is a 4D image ({shape}); extract one 3D volume (one time point) first")
+    if dim not in (3, 4):
+        raise ThinsliceError(f"{path} has {dim} dimensions ({shape}); thinslice needs a 3D CT volume")
+    if min(size[:3]) < 2:
+        raise ThinsliceError(f"{path} holds only one slice ({shape}); thinslice needs a 3D stack of slices "
+                             "(pass the whole series or volume)")
+
+
+def _check_nifti_pixdim(path: Path) -> None:
+    """Refuse a NIfTI whose header has no voxel size.
+
+    The NIfTI library inside ITK silently turns a zero pixdim into 1 mm, which would give a plausible-looking but
+    wrong geometry, so the raw header is read here.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(540)
+    except (OSError, EOFError):
+        return  # SimpleITK read it; leave corruption messages to it
+    if len(header) < 348:
+        return
+    for endian in ("<", ">"):
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            pixdim = struct.unpack(endian + "8f", header[76:108])
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            pixdim = struct.unpack(endian + "8d", header[104:168])
+            break
+    else:
+        return
+    voxel = pixdim[1:4]
+    if not all(np.isfinite(v) and v != 0 for v in voxel):
+        raise ThinsliceError(
+            f"{path} has no voxel size in its header (pixdim = {tuple(float(v) for v in voxel)}); set the spacing "
+            "in mm (e.g. nibabel: img.header.set_zooms(...)) or convert from the original DICOM")
+
+
+# ---------------------------------------------------------------------------------------------------- DICOM
+def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path | None = None) -> Volume:
+    series = list_dicom_series(folder)
+    if not series:
+        subdirs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        hint = (f"; it has {len(subdirs)} subfolder(s): pass the folder of one series, or use `thinslice prepare` "
+                "for a tree of studies") if subdirs else ""
+        what = "is empty" if not any(folder.iterdir()) else "holds no DICOM series"
+        raise ThinsliceError(f"{folder} {what}{hint}")
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(s.describe() for s in series)
+            raise ThinsliceError(f"{folder} holds {len(series)} DICOM series; pick one with --series UID "
+                                 f"(series_uid=...): {listing}")
+        chosen = series[0]
+    else:
+        matches = [s for s in series if s.uid == series_uid]
+        if not matches:
+            listing = "; ".join(s.describe() for s in series)
+            raise ThinsliceError(f"series {series_uid} is not in {folder}; available: {listing}")
+        chosen = matches[0]
+
+    files = list(chosen.files) or sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen.uid)
+    source = single_file or folder
+    if len(files) < 2:
+        # One file may still hold a whole multi-frame volume.
+        return _read_single_dicom_file(Path(files[0]), source)
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    reader.SetSpacingWarningRelThreshold(1e9)  # uneven gaps are checked (and explained) below
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ThinsliceError(f"cannot read the DICOM series {chosen.uid} in {folder}: {_sitk_reason(exc)}") from None
+    _check_dimensions(source, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+
+    def tag(key: str, index: int = 0) -> str:
+        return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else ""
+
+    image, notes = _regularise_slice_geometry(image, [tag("0020|0032", i) for i in range(len(files))], source)
+    metadata = {"source": str(source)}
+    metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
+    metadata.update(notes)
+    thickness = _positive_float(tag("0018|0050"))
+    return _to_volume(image, source, metadata, thickness, padding_hu=_padding_hu(tag))
+
+
+def _read_single_dicom_file(path: Path, source: Path) -> Volume:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ThinsliceError(f"cannot read DICOM file {path}: {_sitk_reason(exc)}") from None
+    size = reader.GetSize()
+    dim = reader.GetDimension()
+    if dim == 2 or (dim == 3 and min(size) < 2):
+        raise ThinsliceError(f"{source} holds only one slice ({'x'.join(map(str, size))}); thinslice needs a 3D "
+                             "stack of slices (pass the folder with the whole series)")
+    _check_dimensions(source, dim, size, reader.GetNumberOfComponents())
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    image = reader.Execute()
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    metadata = {"source": str(source)}
+    metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
+    return _to_volume(image, source, metadata, _positive_float(tag("0018|0050")), padding_hu=_padding_hu(tag))
+
+
+def _regularise_slice_geometry(image: sitk.Image, positions_text: list[str], source: Path
+                               ) -> tuple[sitk.Image, dict[str, str]]:
+    """Check the slice positions of a series and set the slice spacing from all of them.
+
+    ITK derives the slice spacing from the first two files and only warns when gaps differ. Missing slices or
+    mixed acquisitions would then silently get a wrong geometry, so they are refused here with an explanation.
+    """
+    notes: dict[str, str] = {}
+    try:
+        positions = np.array([[float(v) for v in text.split("\\")] for text in positions_text], dtype=np.float64)
+    except ValueError:
+        return image, notes  # no usable ImagePositionPatient: keep what ITK derived
+    if positions.shape != (len(positions_text), 3):
+        return image, notes
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    normal = direction[:, 2]
+    along = positions @ normal
+    gaps = np.diff(along)
+    median = float(np.median(gaps))
+    if median <= 1e-6 or np.any(gaps <= 1e-6 * max(1.0, median)):
+        dup = int(np.sum(np.abs(gaps) <= 1e-3))
+        raise ThinsliceError(f"DICOM series in {source} has {dup} slice(s) at the same position (several "
+                             "acquisitions or echoes mixed in one series); split the series before using it")
+    deviation = np.abs(gaps - median) / median
+    if np.any(deviation > _GAP_TOLERANCE):
+        raise ThinsliceError(
+            f"DICOM series in {source} has uneven slice gaps ({gaps.min():.3g} to {gaps.max():.3g} mm, median "
+            f"{median:.3g} mm): slices are missing or the series mixes several ranges; resample it to a regular grid "
+            "or pass a complete series")
+    spacing = list(image.GetSpacing())
+    spacing[2] = float((along[-1] - along[0]) / (len(along) - 1))
+    image.SetSpacing(spacing)
+    image.SetOrigin(tuple(positions[0]))
+    # Gantry tilt shears the stack: the slices shift sideways. The grid ignores it; say so.
+    travel = positions[-1] - positions[0]
+    lateral = float(np.linalg.norm(travel - np.dot(travel, normal) * normal))
+    tilt = float(np.degrees(np.arctan2(lateral, abs(along[-1] - along[0]))))
+    if tilt > _TILT_WARN_DEG:
+        notes["gantry_tilt_deg"] = f"{tilt:.2f}"
+        warnings.warn(f"{source}: slices are sheared by {tilt:.1f} degrees (gantry tilt); the volume is read "
+                      f"as an unsheared stack, positions off by up to {lateral:.1f} mm", stacklevel=3)
+    return image, notes
+
+
+def _padding_hu(tag: Callable[[str], str]) -> list[tuple[float, float]]:
+    """HU range(s) the DICOM header marks as padding (PixelPaddingValue[, PixelPaddingRangeLimit])."""
+    pad_text = tag("0028|0120")
+    if not pad_text:
+        return []
+    try:
+        pad = float(pad_text.split("\\")[0])
+        limit = float(tag("0028|0121").split("\\")[0]) if tag("0028|0121") else pad
+        slope = float(tag("0028|1053") or 1.0)
+        intercept = float(tag("0028|1052") or 0.0)
+    except ValueError:
+        return []
+    signed = tag("0028|0103") == "1"
+    if signed:  # a US-encoded padding value in a signed image means its two's complement
+        pad = pad - 65536 if pad > 32767 else pad
+        limit = limit - 65536 if limit > 32767 else limit
+    lo, hi = sorted((pad * slope + intercept, limit * slope + intercept))
+    return [(lo, hi)]
+
+
+# --------------------------------------------------------------------------------------------------- shared
+def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickness: float | None,
+               padding_hu: list[tuple[float, float]] | None) -> Volume:
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if metadata.get("modality", "CT") == "CT":
+        mask = array <= PADDING_BELOW_HU
+        for lo, hi in padding_hu or []:
+            mask |= (array >= lo - 0.5) & (array <= hi + 0.5)
+        count = int(np.count_nonzero(mask))
+        if count:
+            array[mask] = AIR_HU
+            rule = f"<= {PADDING_BELOW_HU:g} HU" + (" or at PixelPaddingValue" if padding_hu else "")
+            metadata["padding_replaced"] = f"{count} voxels ({rule}) set to {AIR_HU:g} HU"
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return Volume(array=array, spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
+                  direction=direction, slice_thickness=thickness, metadata=metadata)
+
+
+def _positive_float(text: str | None) -> float | None:
+    try:
+        value = float(str(text).split("\\")[0])
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _sitk_reason(exc: RuntimeError) -> str:
+    """The informative last line of a multi-line ITK exception."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        text = re.sub(r"^.*?(itk::ERROR|ERROR):\s*", "", line)
+        text = re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", text)
+        if text and not text.startswith(("Description", "Location", "File", "Line")):
+            return text[:200]
+    return (lines[-1] if lines else "unknown error")[:200]

@@ -1,0 +1,159 @@
+"""Writing volumes: NIfTI, NRRD, MetaImage by extension, or a DICOM CT series when the path is a folder.
+
+Every write is atomic (a half-written file never appears under the final name) and never replaces the input the
+volume was read from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from thinslice.errors import ThinsliceError
+from thinslice.io.dicom import write_dicom_series
+from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
+from thinslice.io.volume import Volume
+
+DTYPES = ("int16", "float32")
+_META_PREFIX = "thinslice_"  # same prefix the reader restores metadata from
+
+
+def is_folder_output(path: str | Path) -> bool:
+    """True when ``path`` names a DICOM series folder: it ends with a separator or has no extension."""
+    text = str(path)
+    if text.endswith(("/", os.sep)):
+        return True
+    if file_extension(text) in VOLUME_EXTENSIONS + DICOM_EXTENSIONS:
+        return False
+    return Path(text).is_dir() or Path(text).suffix == ""
+
+
+def write_volume(
+    volume: Volume,
+    path: str | Path,
+    *,
+    dtype: str = "int16",
+    reference_input: str | Path | None = None,
+    overwrite: bool = False,
+    series_description: str | None = None,
+) -> Path:
+    """Write ``volume`` to ``path`` and return the written path.
+
+    ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd`` write one file (``dtype`` int16: HU rounded and
+    clipped to the int16 range; float32: values as they are). A path without extension, or ending with ``/``, writes
+    a DICOM CT series (int16 HU) into that folder; an existing non-empty folder is only replaced with
+    ``overwrite=True``. Files are always replaced atomically. ``reference_input`` is the file or folder the volume
+    came from: writing over it is refused.
+    """
+    if dtype not in DTYPES:
+        raise ThinsliceError(f"unknown output dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    folder_output = is_folder_output(path)
+    path = Path(path)
+    if reference_input is not None:
+        _refuse_overwriting_input(path, Path(reference_input))
+    if folder_output:
+        if dtype != "int16":
+            raise ThinsliceError("DICOM series are written as int16 HU; use dtype int16 or write NIfTI/NRRD/MHA "
+                                 "for float32 values")
+        _write_dicom_folder(volume, path, overwrite=overwrite, series_description=series_description)
+        return path
+    ext = file_extension(path)
+    if ext in DICOM_EXTENSIONS:
+        raise ThinsliceError(f"{path}: a DICOM output is a series folder; give a folder path (no extension or "
+                             "ending with '/') instead of a single .dcm file")
+    if ext not in VOLUME_EXTENSIONS:
+        raise ThinsliceError(f"{path}: unknown output format {ext!r}; use .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd, "
+                             "or a folder path (ending with '/') for a DICOM series")
+    if path.is_dir():
+        raise ThinsliceError(f"{path} is an existing folder; give a file name for the {ext} output")
+    _write_image_file(volume, path, dtype)
+    return path
+
+
+def _refuse_overwriting_input(out: Path, ref: Path) -> None:
+    out_abs, ref_abs = out.resolve(), ref.resolve()
+    same = out_abs == ref_abs
+    if not same and out.exists() and ref.exists():
+        try:
+            same = os.path.samefile(out, ref)
+        except OSError:
+            same = False
+    if same:
+        raise ThinsliceError(f"output {out} is the input file/folder; choose another output path")
+    if ref_abs.is_relative_to(out_abs):
+        raise ThinsliceError(f"output {out} contains the input {ref}; choose another output path")
+
+
+def volume_to_image(volume: Volume, dtype: str = "float32") -> sitk.Image:
+    """A SimpleITK image with the volume's values (as ``dtype``) and geometry."""
+    array = volume.array
+    if dtype == "int16":
+        array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(float(s) for s in volume.spacing))
+    image.SetOrigin(tuple(float(o) for o in volume.origin))
+    image.SetDirection(tuple(float(d) for d in np.asarray(volume.direction, dtype=np.float64).ravel()))
+    return image
+
+
+def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
+    image = volume_to_image(volume, dtype)
+    # NIfTI has no place for arbitrary keys but keeps an 80-character note; NRRD and MetaImage keep key/values.
+    if volume.slice_thickness:
+        image.SetMetaData("ITK_FileNotes", f"thinslice slice_thickness={volume.slice_thickness:.6g}")
+        image.SetMetaData(_META_PREFIX + "slice_thickness", f"{volume.slice_thickness:.10g}")
+    for key, value in volume.metadata.items():
+        clean_key = re.sub(r"[^A-Za-z0-9_]", "_", str(key))
+        clean_value = " ".join(str(value).split())
+        if clean_key and clean_key != "source" and clean_value:
+            image.SetMetaData(_META_PREFIX + clean_key, clean_value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a private temporary folder under the final name (so that detached headers such as .mhd/.nhdr
+    # reference the right data file), then move the files into place, header last.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".thinslice-tmp-", dir=path.parent))
+    try:
+        try:
+            sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
+        except RuntimeError as exc:
+            raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
+        produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
+        for item in produced:
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series_description: str | None) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ThinsliceError(f"{folder} is an existing file; a DICOM output needs a folder path")
+    non_empty = folder.is_dir() and any(folder.iterdir())
+    if non_empty and not overwrite:
+        raise ThinsliceError(f"output folder {folder} is not empty; choose a new folder or allow overwriting it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old_dir: Path | None = None
+    try:
+        write_dicom_series(volume, tmp_dir, series_description=series_description)
+        if non_empty:
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old_dir / folder.name)
+        elif folder.is_dir():
+            folder.rmdir()
+        os.replace(tmp_dir, folder)
+        os.chmod(folder, 0o777 & ~_umask())  # mkdtemp made it private (0700)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

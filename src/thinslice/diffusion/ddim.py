@@ -1,0 +1,101 @@
+"""Alternative to ResShift: a standard DDPM noise schedule (1000 steps), LR latent concatenated, DDIM sampling.
+
+A thin wrapper around MONAI's ``DDPMScheduler`` (training noise) and ``DDIMScheduler`` (sampling) giving the same
+``loss`` / ``sample`` interface as :class:`thinslice.diffusion.resshift.ResShiftSchedule`, so that training and
+inference can switch with ``diffusion.method`` / ``--sampler``. Unlike ResShift, sampling starts from pure noise
+(y only enters through the network's conditioning) and the network input is x_t itself (unit variance already).
+Timesteps are MONAI's: integers in [0, ddim_train_steps - 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from thinslice.diffusion.resshift import ModelFn, ResShiftConfig
+
+DDIM_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+class DDIMSchedule:
+    """DDPM training objective + DDIM sampler for a network ``model_fn(x_t, t, y)``."""
+
+    def __init__(self, cfg: ResShiftConfig | None = None) -> None:
+        self.cfg = cfg or ResShiftConfig(method="ddim")
+        if self.cfg.ddim_prediction not in DDIM_PREDICTIONS:
+            raise ValueError(f"diffusion.ddim_prediction must be one of {DDIM_PREDICTIONS}")
+        self.num_train_steps = self.cfg.ddim_train_steps
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=self.num_train_steps,
+            schedule=self.cfg.ddim_schedule,
+            prediction_type=self.cfg.ddim_prediction,
+            clip_sample=False,  # latents are not confined to [-1, 1]
+        )
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else "cpu"
+        t = torch.randint(0, self.num_train_steps, (batch,), generator=generator, device=gen_device)
+        return t.to(device) if device is not None else t
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.train_scheduler.add_noise(x0, noise, t)
+
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.cfg.ddim_prediction == "epsilon":
+            return noise
+        return self.train_scheduler.get_velocity(x0, noise, t)
+
+    def loss(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """MSE on epsilon or v."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        output = model_fn(self.q_sample(x0, t, noise), t, y)
+        target = self.training_target(x0, t, noise)
+        per_sample = ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+        return per_sample.mean() if reduction == "mean" else per_sample
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        return_all: bool = False,
+        steps: int | None = None,
+        eta: float = 0.0,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """DDIM with ``steps`` (default cfg.ddim_sample_steps) from x_T ~ N(0, I); eta = 0 is deterministic."""
+        steps = steps or self.cfg.ddim_sample_steps
+        scheduler = DDIMScheduler(
+            num_train_timesteps=self.num_train_steps,
+            schedule=self.cfg.ddim_schedule,
+            prediction_type=self.cfg.ddim_prediction,
+            clip_sample=False,
+        )
+        scheduler.set_timesteps(steps)
+        gen_device = generator.device if generator is not None else y.device
+
+        def randn() -> torch.Tensor:
+            return torch.randn(y.shape, generator=generator, device=gen_device, dtype=torch.float32).to(y)
+
+        x = randn()
+        states = [x] if return_all else []
+        for step in tqdm(scheduler.timesteps.tolist(), desc="ddim", disable=not progress, leave=False):
+            t = torch.full((y.shape[0],), step, device=y.device, dtype=torch.long)
+            output = model_fn(x, t, y)
+            # MONAI draws the eta > 0 step noise on the output's device: the generator must live there too.
+            x, _ = scheduler.step(output.float(), step, x.float(), eta=eta, generator=generator)
+            x = x.to(y.dtype)
+            if return_all:
+                states.append(x)
+        return states if return_all else x

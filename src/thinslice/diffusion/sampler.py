@@ -1,0 +1,99 @@
+"""One entry point for inference: LR latent -> HR latent with a trained :class:`LatentDenoiser`.
+
+Seeded and reproducible: the same generator seed gives the same output (all noise is drawn from ``generator``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thinslice.diffusion.ddim import DDIMSchedule
+from thinslice.diffusion.resshift import METHODS, ResShiftSchedule
+from thinslice.errors import ThinsliceError
+from thinslice.models.denoiser import LatentDenoiser
+
+
+def make_schedule(denoiser: LatentDenoiser, method: str | None = None) -> ResShiftSchedule | DDIMSchedule:
+    """The schedule the denoiser was trained with; asking for another method is an error (it would not work)."""
+    method = method or denoiser.cfg.method
+    if method not in METHODS:
+        raise ThinsliceError(f"unknown sampler '{method}': use one of {', '.join(METHODS)}")
+    if method != denoiser.cfg.method:
+        raise ThinsliceError(
+            f"this model was trained for the '{denoiser.cfg.method}' sampler and cannot be sampled with '{method}': "
+            f"use --sampler {denoiser.cfg.method}"
+        )
+    return ResShiftSchedule(denoiser.cfg) if method == "resshift" else DDIMSchedule(denoiser.cfg)
+
+
+@torch.no_grad()
+def sample_latent(
+    denoiser: LatentDenoiser,
+    y_latent: torch.Tensor,
+    factor: torch.Tensor | float | None,
+    *,
+    method: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The predicted HR latent x0 for the LR latent ``y_latent`` (B, C, D, H, W).
+
+    ``method`` defaults to the one the denoiser was trained for. ``steps``: ResShift runs the T steps it was
+    trained with (a different value is an error); DDIM takes any number up to the training steps (default
+    cfg.ddim_sample_steps). ``guidance_scale`` defaults to cfg.guidance_scale (1 = no guidance).
+    """
+    schedule = make_schedule(denoiser, method)
+    scale = denoiser.cfg.guidance_scale if guidance_scale is None else guidance_scale
+    was_training = denoiser.training
+    denoiser.eval()
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return denoiser.guided(x, t, y, factor, guidance_scale=scale)
+
+    try:
+        if isinstance(schedule, ResShiftSchedule):
+            if steps is not None and steps != schedule.num_steps:
+                raise ThinsliceError(
+                    f"this ResShift model was trained with {schedule.num_steps} steps; it cannot sample with {steps} "
+                    "(leave --steps out)"
+                )
+            out = schedule.sample(model_fn, y_latent, generator=generator, progress=progress)
+        else:
+            out = schedule.sample(model_fn, y_latent, generator=generator, progress=progress, steps=steps)
+    finally:
+        denoiser.train(was_training)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+
+def diffusion_loss(
+    denoiser: LatentDenoiser,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    factor: torch.Tensor | float | None,
+    *,
+    generator: torch.Generator | None = None,
+    schedule: ResShiftSchedule | DDIMSchedule | None = None,
+    cfg_dropout: float | None = None,
+) -> torch.Tensor:
+    """One training loss for the method the denoiser is configured for, with classifier-free-guidance dropout.
+
+    Use this from trainers rather than re-assembling it: the *original* ``y`` must drive the ResShift forward
+    process while only the network's condition is dropped (``drop_mask``). Timesteps, dropout and noise are all
+    drawn from ``generator`` (noise on the generator's device, then moved to x0's).
+    """
+    schedule = schedule or make_schedule(denoiser)
+    batch = x0.shape[0]
+    t = schedule.sample_timesteps(batch, generator=generator, device=x0.device)
+    p = denoiser.cfg.cfg_dropout if cfg_dropout is None else cfg_dropout
+    gen_device = generator.device if generator is not None else "cpu"
+    drop_mask = (torch.rand(batch, generator=generator, device=gen_device) < p).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x0)
+
+    def model_fn(x: torch.Tensor, tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, tt, yy, factor, drop_mask=drop_mask)
+
+    return schedule.loss(model_fn, x0, y, t, noise)

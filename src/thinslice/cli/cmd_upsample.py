@@ -1,0 +1,85 @@
+"""``thinslice upsample``: thick-slice volume -> thin slices by a registered method (interpolation, CNN, LDM).
+
+Generic options (``--device``, ``--seed``, ``--steps``, ``--samples``, ``--checkpoint``, ``--preset``,
+``--patch-size`` and free ``--option KEY=VALUE``) are parsed for every method but only passed to, and checked by,
+methods that use them, so new methods plug in without changing this parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from thinslice.cli.cmd_degrade import refuse_same_path, summary
+from thinslice.errors import ThinsliceError
+
+# Option name (as passed to the method) -> attribute in the parsed arguments.
+GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "checkpoint", "preset", "patch_size")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "upsample",
+        help="resample a thick-slice volume to thin slices",
+        description="Resample along the slice axis to --spacing mm on the thin grid covering the thick stack (the "
+                    "grid a thin scan of the same extent would have). Methods: linear, cubic (B-spline) and any "
+                    "installed learned method (see --method help).",
+    )
+    parser.add_argument("input", metavar="IN", help="thick-slice volume file or DICOM series folder")
+    parser.add_argument("output", metavar="OUT", help="output file (.nii.gz, .nrrd, .mha) or folder for DICOM")
+    parser.add_argument("--spacing", type=float, required=True, metavar="MM", help="output slice spacing in mm")
+    parser.add_argument("--method", default="cubic", help="upsampling method (default: cubic); an unknown name "
+                        "lists the available ones")
+    parser.add_argument("--series", metavar="UID", default=None, help="series to read from a multi-series folder")
+    parser.add_argument("--dtype", choices=("int16", "float32"), default="int16",
+                        help="output voxel type for file outputs (default: int16 HU)")
+    learned = parser.add_argument_group("options of learned methods (ignored by linear/cubic)")
+    learned.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
+    learned.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    learned.add_argument("--steps", type=int, default=None, help="number of sampling steps")
+    learned.add_argument("--samples", type=int, default=None, help="number of samples to average")
+    learned.add_argument("--checkpoint", default=None, help="model checkpoint (file or folder)")
+    learned.add_argument("--preset", default=None, help="model preset: tiny, small, paper or a .json file")
+    learned.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                         help="process the volume in patches of this size (voxels) to bound memory")
+    learned.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                         help="extra method-specific option (repeatable)")
+    parser.set_defaults(func=run)
+
+
+def collect_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options the user gave explicitly (generic flags and ``--option KEY=VALUE``)."""
+    options: dict[str, object] = {}
+    for name in GENERIC_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = tuple(value) if isinstance(value, list) else value
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ThinsliceError(f"--option expects KEY=VALUE, got '{item}'")
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinslice.infer.upsample import get_method, upsample
+    from thinslice.io import read_volume, write_volume
+
+    refuse_same_path(args.output, args.input)
+    method = get_method(args.method)
+    options = collect_options(args)
+    if method.options is not None:
+        ignored = sorted(set(options) - set(method.options))
+        if ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
+            options = {k: v for k, v in options.items() if k in method.options}
+    start = time.perf_counter()
+    thick = read_volume(args.input, series_uid=args.series)
+    thin = upsample(thick, args.spacing, method=method.name, **options)
+    written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input)
+    print(f"wrote {written}: {thick.num_slices} -> {thin.num_slices} slices, {summary(thin)}, "
+          f"{method.name}, {time.perf_counter() - start:.1f} s")
+    return 0

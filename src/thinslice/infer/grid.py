@@ -1,0 +1,47 @@
+"""The thin-slice grid an upsampler writes: what a thin scan of the same extent as the thick stack would have.
+
+The thick stack covers ``[c0 - S/2, c_last + S/2]`` (S = thick spacing); thin slices of spacing ``s`` tile that
+extent from its lower edge: centres ``c0 - S/2 + s/2 + j*s`` for ``j < floor(M*S/s)``. With the slab conventions of
+:mod:`thinslice.degrade.profiles`, ``degrade(thin, factor=k)`` followed by upsampling at the thin spacing lands
+exactly on the original thin slices, so outputs can be scored without resampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from thinslice.errors import ThinsliceError
+from thinslice.io.volume import Volume
+
+_EPS = 1e-6
+
+
+def thin_grid(thick: Volume, spacing_mm: float) -> tuple[int, float]:
+    """``(n_slices, first_offset_mm)`` of the thin grid; the offset is relative to the thick first slice centre."""
+    s = float(spacing_mm)
+    big = thick.slice_spacing
+    if not (math.isfinite(s) and s > 0):
+        raise ThinsliceError(f"output slice spacing must be a positive number of mm, got {spacing_mm}")
+    if s > big * (1 + _EPS):
+        raise ThinsliceError(
+            f"output spacing {s:.4g} mm is coarser than the input slice spacing {big:.4g} mm: choose a spacing "
+            f"below {big:.4g} mm"
+        )
+    n = int(math.floor(thick.num_slices * big / s + _EPS))
+    return n, -big / 2 + s / 2
+
+
+def thin_positions(thick: Volume, spacing_mm: float) -> np.ndarray:
+    """Positions (mm, same frame as ``thick.slice_positions_mm()``) of the thin grid's slice centres."""
+    n, offset = thin_grid(thick, spacing_mm)
+    return thick.slice_positions_mm()[0] + offset + np.arange(n) * float(spacing_mm)
+
+
+def target_grid_volume(thick: Volume, spacing_mm: float) -> Volume:
+    """An all-zero volume on the thin grid (in-plane grid and orientation of ``thick``), to fill in."""
+    n, offset = thin_grid(thick, spacing_mm)
+    rows, cols = thick.slices_first().shape[1:]
+    return thick.with_slices(np.zeros((n, rows, cols), np.float32), float(spacing_mm), offset,
+                             slice_thickness=float(spacing_mm))

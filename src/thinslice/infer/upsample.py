@@ -1,0 +1,106 @@
+"""One entry point for every upsampler: ``upsample(thick, spacing_mm, method, **options)``.
+
+Methods register themselves with :func:`register_method`; interpolation ("linear", "cubic") is registered here,
+learned methods (CNN baseline, latent diffusion) in their own modules, which are imported on first use from
+:data:`PLUGIN_MODULES` so that ``thinslice upsample`` lists them without importing torch models up front.
+Every method returns a volume on :func:`thinslice.infer.grid.thin_grid` of the input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from thinslice.errors import ThinsliceError
+from thinslice.infer.grid import thin_grid, thin_positions
+from thinslice.infer.interpolate import interpolate_slices
+from thinslice.io.volume import Volume
+
+UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
+
+# Modules that register further methods when imported (missing ones are skipped).
+PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm")
+
+
+@dataclass(frozen=True)
+class UpsampleMethod:
+    """A registered upsampler and the keyword options it accepts (``None``: anything, passed through)."""
+
+    name: str
+    fn: UpsampleFn
+    description: str = ""
+    options: tuple[str, ...] | None = ()
+
+
+UPSAMPLERS: dict[str, UpsampleMethod] = {}
+_plugins_loaded = False
+
+
+def register_method(
+    name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = ()
+) -> None:
+    """Make ``fn`` available as ``upsample(..., method=name)`` and ``thinslice upsample --method name``."""
+    UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options))
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in PLUGIN_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(module)
+
+
+def available_methods() -> list[str]:
+    _load_plugins()
+    return sorted(UPSAMPLERS)
+
+
+def get_method(name: str) -> UpsampleMethod:
+    _load_plugins()
+    if name not in UPSAMPLERS:
+        raise ThinsliceError(f"unknown upsampling method '{name}': available methods are "
+                             f"{', '.join(available_methods())}")
+    return UPSAMPLERS[name]
+
+
+def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Volume:
+    """``thick`` resampled along its slice axis to ``spacing_mm`` slices on the thin grid, by ``method``.
+
+    Options whose value is ``None`` are dropped (not given); others must be ones the method accepts.
+    """
+    entry = get_method(method)
+    given = {k: v for k, v in options.items() if v is not None}
+    if entry.options is not None:
+        unknown = sorted(set(given) - set(entry.options))
+        if unknown:
+            accepted = ", ".join(entry.options) or "none"
+            raise ThinsliceError(f"method '{method}' does not use option(s) {', '.join(unknown)} "
+                                 f"(it accepts: {accepted})")
+    out = entry.fn(thick, float(spacing_mm), **given)
+    out.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
+    return out
+
+
+def _interpolation(method: str) -> UpsampleFn:
+    def run(thick: Volume, spacing_mm: float) -> Volume:
+        _, first_offset = thin_grid(thick, spacing_mm)
+        values = interpolate_slices(thick.slices_first(), thick.slice_positions_mm(),
+                                    thin_positions(thick, spacing_mm), method=method)
+        return thick.with_slices(values, spacing_mm, first_offset, slice_thickness=spacing_mm)
+
+    return run
+
+
+register_method("linear", _interpolation("linear"),
+                description="linear interpolation between neighbouring slices (clamped at the ends)")
+register_method("cubic", _interpolation("cubic"),
+                description="cubic B-spline interpolation through the slices (clamped at the ends)")

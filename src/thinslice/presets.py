@@ -102,7 +102,7 @@ def load_preset(name_or_path: str | Path | Preset = DEFAULT_PRESET) -> Preset:
     path = Path(name_or_path)
     if str(name_or_path) in PRESET_NAMES:
         path = CONFIG_DIR / f"{name_or_path}.json"
-    elif not path.suffix == ".json" or not path.is_file():
+    elif path.suffix != ".json" or not path.is_file():
         raise ThinsliceError(
             f"unknown preset '{name_or_path}': use one of {', '.join(PRESET_NAMES)} or a path to a preset .json file"
         )

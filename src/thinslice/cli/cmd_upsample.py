@@ -76,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
             print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
             options = {k: v for k, v in options.items() if k in method.options}
+    wants_std = int(options.get("samples") or 1) > 1 and "uncertainty_path" in (method.options or ())
+    if wants_std and "uncertainty_path" not in options:
+        from thinslice.infer.ldm import std_path_for
+
+        options["uncertainty_path"] = str(std_path_for(args.output))
+        refuse_same_path(options["uncertainty_path"], args.input)
     start = time.perf_counter()
     thick = read_volume(args.input, series_uid=args.series)
     thin = upsample(thick, args.spacing, method=method.name, **options)

@@ -1,0 +1,292 @@
+"""Model bundles: one folder holding every network an upsampling method needs.
+
+Layout (file names fixed so that a folder is all the user passes, ``--checkpoint DIR``)::
+
+    vae.safetensors                 AutoencoderKL3D
+    denoiser.safetensors            LatentDenoiser (UNet + optional IRControlNet + null condition), one state dict
+    denoiser-<T>step.safetensors    optional fast schedule (e.g. denoiser-4step), picked with --steps T
+    baseline.safetensors            ResidualCNN3D
+
+Every file carries its preset record (see :mod:`thinslice.models.weights`), so the networks are rebuilt from the file
+alone. The denoiser also records the content hash of the VAE whose latents it was trained on; pairing it with another
+VAE is refused. Shipped weights live in the package folder ``thinslice/weights`` with the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import thinslice
+from thinslice.errors import ThinsliceError
+from thinslice.models import weights as weights_io
+from thinslice.models.baseline import ResidualCNN3D
+from thinslice.models.control import IRControlNet
+from thinslice.models.denoiser import LatentDenoiser
+from thinslice.models.factory import MODEL_KINDS
+from thinslice.models.unet import LatentUNet3D
+from thinslice.models.vae import AutoencoderKL3D
+from thinslice.presets import Preset, load_preset, preset_from_dict
+
+DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
+DENOISER_KIND = "denoiser"
+FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors", "baseline": "baseline.safetensors"}
+# What each method needs from a bundle (kinds, see FILES).
+METHOD_FILES = {"ldm": ("vae", "denoiser"), "cnn": ("baseline",)}
+# Preset sections that define each kind's architecture (for the "wrong preset" check).
+_ARCH_SECTIONS = {"vae": ("vae",), "denoiser": ("unet", "control"), "baseline": ("baseline",)}
+_NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
+TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train-diffusion ...", "cnn": "thinslice train-baseline ..."}
+
+
+def denoiser_file(steps: int | None = None) -> str:
+    """File name of the denoiser for ``steps`` (None: the default schedule)."""
+    return FILES["denoiser"] if steps is None else f"denoiser-{int(steps)}step.safetensors"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU; a clear error for a device that is not there."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as exc:
+        raise ThinsliceError(f"unknown --device '{device}': use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ThinsliceError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ThinsliceError("--device mps requested but Apple MPS is not available; use --device cpu")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------- locating
+def resolve_bundle(checkpoint: str | Path | None, method: str = "ldm") -> Path:
+    """The bundle folder for ``method``: ``checkpoint`` (a folder, its ``final/``, or a file inside it) or the
+    shipped one; a ThinsliceError says how to get weights when a needed file is missing."""
+    needed = [FILES[k] for k in METHOD_FILES.get(method, ())]
+    if checkpoint is None:
+        folder = DEFAULT_BUNDLE_DIR
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise ThinsliceError(
+                f"no trained weights for '{method}' found in {folder} (missing {', '.join(missing)}); train them "
+                f"with `{TRAIN_HINT.get(method, 'thinslice train ...')}` or pass --checkpoint DIR"
+            )
+        return folder
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        if path.name not in {*FILES.values()} and not path.name.startswith("denoiser-"):
+            raise ThinsliceError(
+                f"--checkpoint {path} is a file; pass the folder holding {', '.join(needed) or 'the weights'}"
+            )
+        path = path.parent
+    if not path.is_dir():
+        raise ThinsliceError(f"checkpoint folder not found: {path}; pass a folder holding {', '.join(needed)}")
+    for folder in (path, path / "final"):
+        if all((folder / n).is_file() for n in needed):
+            return folder
+    missing = [n for n in needed if not (path / n).is_file()]
+    raise ThinsliceError(
+        f"no trained weights for '{method}' found in {path} (missing {', '.join(missing)}); train them with "
+        f"`{TRAIN_HINT.get(method, 'thinslice train ...')}` or pass --checkpoint DIR holding {', '.join(needed)}"
+    )
+
+
+def has_weights(kind: str, bundle: str | Path | None = None) -> bool:
+    """Whether the shipped folder (or ``bundle``) holds weights for ``kind`` ('vae', 'denoiser', 'baseline') or for
+    every file a method ('ldm', 'cnn') needs."""
+    folder = DEFAULT_BUNDLE_DIR if bundle is None else Path(bundle)
+    kinds = METHOD_FILES.get(kind, (kind,))
+    if any(k not in FILES for k in kinds):
+        raise ThinsliceError(f"unknown weights kind '{kind}': use one of {', '.join([*FILES, *METHOD_FILES])}")
+    return all((folder / FILES[k]).is_file() for k in kinds)
+
+
+# --------------------------------------------------------------------------------------------------- building
+def build_denoiser(preset: str | Path | Preset) -> LatentDenoiser:
+    """UNet + IRControlNet (when ``control.enabled``) + null condition for ``preset``.
+
+    Built here because the factory has no composite 'denoiser' kind; the parts are the models' own classes.
+    """
+    p = load_preset(preset)
+    unet = LatentUNet3D(p.unet)
+    control = IRControlNet.from_unet(unet, p.control) if p.control.enabled else None
+    return LatentDenoiser(unet, control, p.diffusion)
+
+
+def _build(kind: str, preset: Preset) -> nn.Module:
+    if kind == "vae":
+        return AutoencoderKL3D(preset.vae)
+    if kind == "baseline":
+        return ResidualCNN3D(preset.baseline)
+    return build_denoiser(preset)
+
+
+def _arch(record: dict, sections: tuple[str, ...]) -> dict:
+    return {s: {k: v for k, v in record.get(s, {}).items() if k not in _NON_ARCH} for s in sections}
+
+
+def _load(kind: str, path: Path, device: torch.device, preset: str | Path | Preset | None) -> nn.Module:
+    """Network of ``kind`` from a self-describing weights file, refusing files of another kind or preset."""
+    meta = weights_io.read_metadata(path)
+    file_kind = meta.get("thinslice_kind")
+    if file_kind is None or "preset_config" not in meta:
+        raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
+    if file_kind != kind:
+        raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
+    record = json.loads(meta["preset_config"])
+    file_preset = preset_from_dict(record)
+    if preset is not None:
+        wanted = load_preset(preset)
+        sections = _ARCH_SECTIONS[kind]
+        if _arch(record, sections) != _arch(json.loads(json.dumps(wanted.to_dict())), sections):
+            raise ThinsliceError(
+                f"checkpoint {path} is for preset '{file_preset.name}', but preset '{wanted.name}' was requested "
+                f"and differs in {'/'.join(sections)}; pass --preset {file_preset.name} (or leave --preset out)"
+            )
+    model = _build(kind, file_preset)
+    state = load_file(str(path), device="cpu")
+    weights_io.load_state_strict(model, state, str(path))
+    model.weights_hash = meta.get("content_hash", "")  # type: ignore[assignment]
+    model.weights_path = str(path)  # type: ignore[assignment]
+    model.weights_metadata = meta  # type: ignore[assignment]
+    model.preset = file_preset  # type: ignore[assignment]
+    return model.to(device).eval()
+
+
+def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",
+             preset: str | Path | Preset | None = None) -> AutoencoderKL3D:
+    """The bundle's VAE (scaling factor from the file's record), in eval mode on ``device``."""
+    return _load("vae", Path(bundle) / FILES["vae"], resolve_device(device), preset)  # type: ignore[return-value]
+
+
+def load_baseline(bundle: str | Path, device: str | torch.device | None = "cpu",
+                  preset: str | Path | Preset | None = None) -> ResidualCNN3D:
+    return _load("baseline", Path(bundle) / FILES["baseline"], resolve_device(device),  # type: ignore[return-value]
+                 preset)
+
+
+def load_denoiser(bundle: str | Path, device: str | torch.device | None = "cpu", steps: int | None = None,
+                  preset: str | Path | Preset | None = None) -> LatentDenoiser:
+    """The denoiser that samples with ``steps`` (None: the default ``denoiser.safetensors``).
+
+    A ResShift model samples with exactly the steps it was trained with; ``steps`` different from the default
+    model's picks ``denoiser-<steps>step.safetensors`` (e.g. the 4-step model). DDIM models take any ``steps``.
+    """
+    folder = Path(bundle)
+    main = folder / FILES["denoiser"]
+    if steps is not None:
+        steps = int(steps)
+        if steps < 1:
+            raise ThinsliceError(f"--steps must be a positive number, got {steps}")
+        diffusion = _file_record(main).get("diffusion", {})
+        same = diffusion.get("method", "resshift") == "ddim" or int(diffusion.get("num_steps", -1)) == steps
+        if not same:
+            fast = folder / denoiser_file(steps)
+            if not fast.is_file():
+                available = [str(diffusion.get("num_steps", "?"))]
+                available += sorted(p.name.split("-")[1].removesuffix("step.safetensors")
+                                    for p in folder.glob("denoiser-*step.safetensors"))
+                raise ThinsliceError(
+                    f"no denoiser for {steps} steps in {folder}: this bundle samples with {', '.join(available)} "
+                    "steps; pass one of these to --steps (or leave it out)"
+                )
+            main = fast
+    return _load(DENOISER_KIND, main, resolve_device(device), preset)  # type: ignore[return-value]
+
+
+def _file_record(path: Path) -> dict:
+    meta = weights_io.read_metadata(path)
+    if "preset_config" not in meta:
+        raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
+    return json.loads(meta["preset_config"])
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def save_bundle_denoiser(
+    denoiser: LatentDenoiser,
+    preset: str | Path | Preset,
+    path: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+) -> str:
+    """Write ``denoiser`` (one state dict) with its preset record; returns the content hash.
+
+    ``path`` is a file or a bundle folder (then ``denoiser.safetensors``, or ``denoiser-<T>step.safetensors`` when
+    the model's ResShift steps differ from the preset's). The record's unet/control/diffusion sections are the
+    model's own configs, so the file rebuilds exactly this network. ``extra_metadata`` (strings) is stored too,
+    e.g. ``{"vae_hash": vae.weights_hash}``.
+    """
+    base = load_preset(preset)
+    control_cfg = denoiser.control.cfg if denoiser.control is not None else dataclasses.replace(
+        base.control, enabled=False)
+    record_preset = dataclasses.replace(base, unet=denoiser.unet.cfg, control=control_cfg, diffusion=denoiser.cfg)
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        steps = None if denoiser.cfg.num_steps == base.diffusion.num_steps else denoiser.cfg.num_steps
+        path = path / denoiser_file(steps)
+    meta = {"steps": str(denoiser.cfg.num_steps), "sampler": denoiser.cfg.method}
+    meta.update(extra_metadata or {})
+    if DENOISER_KIND in MODEL_KINDS:
+        return weights_io.save_weights(path, denoiser, DENOISER_KIND, record_preset, meta)
+    # weights.py knows no 'denoiser' kind: save under a known kind and override the kind string in the metadata.
+    meta["thinslice_kind"] = DENOISER_KIND
+    return weights_io.save_weights(path, denoiser, "unet", record_preset, meta)
+
+
+def save_bundle_model(model: nn.Module, kind: str, preset: str | Path | Preset, folder: str | Path,
+                      extra_metadata: dict[str, str] | None = None) -> str:
+    """Write a VAE ('vae') or CNN baseline ('baseline') into a bundle folder under its fixed name."""
+    if kind not in ("vae", "baseline"):
+        raise ThinsliceError(f"save_bundle_model saves 'vae' or 'baseline', got '{kind}' (use save_bundle_denoiser)")
+    return weights_io.save_weights(Path(folder) / FILES[kind], model, kind, preset, extra_metadata)
+
+
+# ------------------------------------------------------------------------------------------ option values
+# ``thinslice upsample --option KEY=VALUE`` passes strings; these accept both typed values and their text form.
+def option_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ThinsliceError(f"option {name} must be true or false, got '{value}'")
+
+
+def option_int(name: str, value: object, minimum: int | None = None) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ThinsliceError(f"option {name} must be a whole number, got '{value}'") from None
+    if minimum is not None and number < minimum:
+        raise ThinsliceError(f"option {name} must be at least {minimum}, got {number}")
+    return number
+
+
+def option_float(name: str, value: object, positive: bool = False) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ThinsliceError(f"option {name} must be a number, got '{value}'") from None
+    if not np.isfinite(number) or (positive and number <= 0):
+        raise ThinsliceError(f"option {name} must be a {'positive ' if positive else ''}finite number, got {value}")
+    return number
+
+
+def option_patch(name: str, value: object) -> tuple[int, int, int]:
+    """A (d, h, w) voxel size from a 3-sequence or text like '32,128,128' / '32x128x128'."""
+    items = value.replace("x", ",").replace(" ", ",").split(",") if isinstance(value, str) else value
+    try:
+        sizes = tuple(int(v) for v in items if str(v).strip() != "")  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ThinsliceError(f"option {name} must be three positive voxel counts D H W, got {value}")
+    return sizes  # type: ignore[return-value]

@@ -1,0 +1,91 @@
+"""``--method cnn``: the residual CNN baseline over whole volumes in Gaussian-blended windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.degrade import degrade
+from thinslice.errors import ThinsliceError
+from thinslice.infer import target_grid_volume, upsample
+from thinslice.infer.bundle import load_baseline, save_bundle_model
+from thinslice.infer.cnn import refine_cnn
+from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.models.baseline import ResidualCNN3D
+from thinslice.models.intensity import HU_MAX, HU_MIN
+from thinslice.presets import load_preset
+
+SPACING = 1.25
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def thick():
+    thin = make_chest_phantom(shape=(24, 32, 32), spacing=(4.5, 4.5, SPACING), seed=6)
+    return degrade(thin, factor=3, profile="box")
+
+
+def _bundle(folder, trained: bool):
+    preset = load_preset("tiny")
+    torch.manual_seed(0)
+    model = ResidualCNN3D(preset.baseline)
+    if trained:  # stand-in for training: a non-zero last layer
+        with torch.no_grad():
+            model.tail.weight.normal_(0.0, 0.05)
+    save_bundle_model(model, "baseline", preset, folder)
+    return folder
+
+
+def test_untrained_cnn_reproduces_cubic(tmp_path, thick) -> None:
+    folder = _bundle(tmp_path, trained=False)
+    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder))
+    cubic = upsample(thick, SPACING, method="cubic")
+    assert out.grid_differences(target_grid_volume(thick, SPACING)) == []
+    np.testing.assert_allclose(out.array, np.clip(cubic.array, HU_MIN, HU_MAX), atol=1e-2)
+    assert out.metadata["upsample"] == f"cnn to {SPACING:g} mm"
+
+
+def test_sliding_windows_cover_the_volume(tmp_path, thick) -> None:
+    model = load_baseline(_bundle(tmp_path, trained=True))
+    lr = upsample(thick, SPACING, method="cubic").slices_first()
+    whole = refine_cnn(model, lr, roi=lr.shape)
+    # Two windows along the slices (starts 0 and 8), whole in-plane: slices covered by one window only must
+    # match the whole-volume result exactly; the overlap is a Gaussian blend of the two.
+    windows = refine_cnn(model, lr, roi=(16, 32, 32))
+    assert windows.shape == whole.shape == lr.shape
+    assert np.all(np.isfinite(windows))
+    assert np.abs(whole - np.clip(lr, HU_MIN, HU_MAX)).max() > 1.0  # the network changes the volume
+    np.testing.assert_allclose(windows[:8], whole[:8], atol=1e-2)
+    np.testing.assert_allclose(windows[16:], whole[16:], atol=1e-2)
+    small = refine_cnn(model, lr, roi=(8, 16, 16))
+    assert small.shape == lr.shape and np.all(np.isfinite(small))
+
+
+def test_cnn_with_data_consistency(tmp_path, thick) -> None:
+    folder = _bundle(tmp_path, trained=True)
+    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder), consistency="true", profile="box",
+                   patch_size=(16, 16, 16))
+    a = thick_profile_operator(thick, SPACING, "box")
+    assert consistency_residual_hu(out.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
+    assert "cnn_consistency_hu" in out.metadata
+
+
+def test_cnn_errors(tmp_path, thick) -> None:
+    with pytest.raises(ThinsliceError, match="no trained weights for 'cnn'.*baseline.safetensors"):
+        upsample(thick, SPACING, method="cnn", checkpoint=str(tmp_path))
+    folder = _bundle(tmp_path, trained=False)
+    with pytest.raises(ThinsliceError, match="only used with consistency"):
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), profile="box")
+    with pytest.raises(ThinsliceError, match="preset 'tiny'"):
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), preset="small")
+    with pytest.raises(ThinsliceError, match="does not use option"):
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), seed=1)

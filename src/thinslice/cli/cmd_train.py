@@ -1,0 +1,84 @@
+"""``thinslice train``: train the latent diffusion model (ResShift + IRControlNet) on a frozen VAE's latents."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from thinslice.presets import DEFAULT_PRESET
+
+
+def add_generic_options(p: argparse.ArgumentParser) -> None:
+    """Options every on-the-fly trainer shares (also used by ``train-baseline``)."""
+    p.add_argument("--data", nargs="+", required=True, metavar="SPLIT_OR_DIR",
+                   help="thin-slice training volumes: split .txt file(s), folder(s) of NIfTI/NRRD/MHA files, or files")
+    p.add_argument("--val", nargs="+", default=None, metavar="SPLIT_OR_DIR",
+                   help="held-out volumes for validation (central crops, factor 4 gaussian); default: the training "
+                   "volumes")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="tiny, small, paper or a preset .json (default small)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, TensorBoard logs, weights)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (default: from the preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default: preset)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: preset)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="EMA of the weights used for validation and export (0 = off; default: preset)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (0 = only at the end)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
+                   help="fp16 needs a GPU; bf16 works on recent GPUs and CPUs")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--time-limit-min", "--time-limit", dest="time_limit_min", type=float, default=None,
+                   metavar="MIN", help="stop (with a checkpoint) after this many minutes; continue with --resume")
+
+
+def check_out_folder(out: Path, inputs: list[Path]) -> None:
+    """The run folder must not be one of the input files (never write over an input)."""
+    from thinslice.errors import ThinsliceError
+
+    target = Path(out).resolve()
+    if any(Path(p).resolve() == target for p in inputs) or (target.exists() and not target.is_dir()):
+        raise ThinsliceError(f"--out {out} is a file (or one of the inputs); pass a run folder")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the latent diffusion model (needs a trained VAE)",
+        description="Train the 3D latent diffusion model (ResShift with an IRControlNet) on thin-slice CT. "
+        "Training pairs are simulated on the fly: random patches are degraded to thick slices (factors and profiles "
+        "from the preset), cubic-upsampled back and encoded by the frozen VAE (or read from a latent cache made by "
+        "thinslice encode, --cache). OUT/final and OUT/best are complete model bundles (denoiser + VAE) for "
+        "thinslice upsample --method ldm --checkpoint OUT/final. Multi-GPU: accelerate launch -m "
+        "thinslice.cli.main train ...",
+    )
+    add_generic_options(p)
+    p.add_argument("--vae", required=True,
+                   help="VAE weights: vae.safetensors, a train-vae run folder, or a preset name with shipped weights")
+    p.add_argument("--steps", type=int, default=None,
+                   help="ResShift sampling steps the model is trained for: 15 (paper) or 4 (fast schedule, saved as "
+                   "denoiser-4step.safetensors); default: the preset's")
+    p.add_argument("--no-control", action="store_true",
+                   help="no IRControlNet: the LR latent is only concatenated to the UNet input (ablation)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="latent cache folder from thinslice encode (made with the same --vae): no VAE work per step")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinslice.presets import load_preset
+    from thinslice.train.data import resolve_data_paths
+    from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
+
+    train = resolve_data_paths(args.data)
+    val = resolve_data_paths(args.val) if args.val else None
+    check_out_folder(args.out, [*train, *(val or []), Path(args.vae)])
+    opts = DiffusionTrainOptions(
+        run_dir=args.out, vae=args.vae, preset=load_preset(args.preset), steps=args.steps,
+        control=not args.no_control, cache=args.cache, max_steps=args.max_steps, device=args.device,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        resume=args.resume, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        val_every=args.val_every, time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
+    )
+    train_diffusion(train, val, opts)
+    return 0

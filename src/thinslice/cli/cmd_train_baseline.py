@@ -1,0 +1,40 @@
+"""``thinslice train-baseline``: train the supervised residual 3D CNN baseline (``--method cnn``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from thinslice.cli.cmd_train import add_generic_options, check_out_folder
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-baseline", help="train the CNN baseline (refines cubic interpolation; no VAE needed)",
+        description="Train the residual 3D CNN that refines cubic-upsampled thick-slice CT, on the same simulated "
+        "pairs as the diffusion model (L1 loss). OUT/final/baseline.safetensors (and OUT/best) is what thinslice "
+        "upsample --method cnn --checkpoint OUT/final runs. Multi-GPU: accelerate launch -m thinslice.cli.main "
+        "train-baseline ...",
+    )
+    add_generic_options(p)
+    p.add_argument("--init", default=None,
+                   help="start from existing baseline weights (baseline.safetensors or a folder holding it)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinslice.presets import load_preset
+    from thinslice.train.baseline import BaselineTrainOptions, train_baseline
+    from thinslice.train.data import resolve_data_paths
+
+    train = resolve_data_paths(args.data)
+    val = resolve_data_paths(args.val) if args.val else None
+    check_out_folder(args.out, [*train, *(val or [])])
+    opts = BaselineTrainOptions(
+        run_dir=args.out, preset=load_preset(args.preset), max_steps=args.max_steps, device=args.device,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        resume=args.resume, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        val_every=args.val_every, init=args.init,
+        time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
+    )
+    train_baseline(train, val, opts)
+    return 0

@@ -1,0 +1,142 @@
+"""Self-supervised adaptation of the CNN baseline to one thick volume (SMORE idea, Zhao et al. 2021).
+
+A thick-slice volume has no thin truth, but its in-plane axes *are* high resolution. Treating one in-plane axis as
+if it were the slice axis gives training pairs from the volume itself: degrade that axis the way the scanner degraded
+the slice axis (slab ``thick slice spacing`` wide, the given profile), cubic-interpolate back, and fine-tune the CNN
+to undo it; then the adapted network runs on the real through-plane direction (``upsample --method cnn --adapt``).
+
+To mimic inference exactly, the borrowed in-plane axis is first resampled (cubic) to the output spacing
+``spacing_mm`` when the pixel spacing differs from it by more than 2%, so the pairs have the same slice spacing and
+the same factor ``thick spacing / spacing_mm`` as the through-plane problem the network then solves. (With
+``spacing_mm`` equal to the pixel spacing, this is SMORE's factor thick spacing / in-plane spacing.) The thick axis
+becomes the patch's second axis, so the network also sees the real thick-slice texture across it.
+
+The fine-tuning runs through the shared engine (:class:`~thinslice.train.engine.Trainer`, same L1 loss as
+:mod:`thinslice.train.baseline`) in a temporary run folder, no validation and no intermediate checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from thinslice.errors import ThinsliceError
+from thinslice.io.volume import Volume
+from thinslice.models.baseline import ResidualCNN3D
+from thinslice.presets import DegradationConfig
+from thinslice.train.baseline import l1_loss
+from thinslice.train.engine import EngineConfig, Trainer
+from thinslice.train.pairs import PairSampler, pair_margin
+
+DEFAULT_ADAPT_STEPS = 200
+DEFAULT_ADAPT_LR = 1e-4
+DEFAULT_PATCH = (32, 64, 64)
+DEFAULT_BATCH = 4
+_RESAMPLE_TOLERANCE = 0.02
+
+
+def adaptation_factor(thick: Volume, spacing_mm: float) -> float:
+    """The thick/thin factor the adaptation pairs simulate: thick slice spacing / output spacing."""
+    s = float(spacing_mm)
+    if not (np.isfinite(s) and s > 0):
+        raise ThinsliceError(f"output slice spacing must be a positive number of mm, got {spacing_mm}")
+    factor = thick.slice_spacing / s
+    if factor < 1.0 + 1e-6:
+        raise ThinsliceError(
+            f"adaptation needs thick slices coarser than the output spacing ({thick.slice_spacing:.4g} mm vs "
+            f"{s:.4g} mm); leave out --adapt"
+        )
+    return float(factor)
+
+
+def inplane_views(thick: Volume, spacing_mm: float) -> list[Volume]:
+    """The thick volume seen with each in-plane axis first (as if it were the slice axis), that axis resampled to
+    ``spacing_mm``; the thick axis second. Returned as unit-spacing Volumes whose ``slices_first()`` is that array
+    (identity direction, isotropic: the slice axis is numpy axis 0), ready for the patch sampler."""
+    arr = thick.slices_first()
+    slice_np_axis = thick.numpy_axis(thick.slice_axis)
+    inplane_np = [ax for ax in range(3) if ax != slice_np_axis]
+    views = []
+    for pos, np_axis in ((1, inplane_np[0]), (2, inplane_np[1])):
+        pixel = float(thick.spacing[2 - np_axis])
+        other = 2 if pos == 1 else 1
+        view = np.transpose(arr, (pos, 0, other)).astype(np.float32)  # (in-plane, thick, other in-plane)
+        zoom = pixel / float(spacing_mm)
+        if abs(zoom - 1.0) > _RESAMPLE_TOLERANCE:
+            view = ndimage.zoom(view, (zoom, 1.0, 1.0), order=3, mode="nearest", grid_mode=True)
+        views.append(Volume(np.ascontiguousarray(view, dtype=np.float32), (1.0, 1.0, 1.0)))
+    return views
+
+
+def adaptation_sampler(
+    thick: Volume,
+    spacing_mm: float,
+    profile: str = "gaussian",
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH,
+    batch_size: int = DEFAULT_BATCH,
+    seed: int = 0,
+) -> PairSampler:
+    """Self-supervised pairs from ``thick`` (see the module docstring), as training batches for the CNN."""
+    factor = adaptation_factor(thick, spacing_mm)
+    views = inplane_views(thick, spacing_mm)
+    d, h, w = (int(p) for p in patch_size)
+    n_thick = thick.num_slices
+    longest = max(v.array.shape[0] for v in views)
+    # The borrowed axis must hold the pair depth plus the margins the pair crop drops.
+    d = max(1, min(d, longest - 2 * pair_margin(factor)))
+    if longest < 2 * pair_margin(factor) + 1:
+        raise ThinsliceError(
+            f"the volume is too small in-plane ({longest} pixels) to adapt for factor {factor:.3g}; leave out --adapt"
+        )
+    patch = (d, min(h, n_thick), w)
+    return PairSampler(views, patch, batch_size, DegradationConfig(factors=(factor,), profiles=(profile,)), seed=seed)
+
+
+def _engine_device(device: str | torch.device | None) -> str:
+    if device is None:
+        return "auto"
+    kind = torch.device(str(device)).type if str(device) != "auto" else "auto"
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise ThinsliceError(f"adaptation cannot run on device '{device}': use cpu, cuda or mps")
+    return kind
+
+
+def adapt_baseline(
+    model: ResidualCNN3D,
+    thick: Volume,
+    spacing_mm: float,
+    steps: int = DEFAULT_ADAPT_STEPS,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    profile: str = "gaussian",
+    lr: float = DEFAULT_ADAPT_LR,
+    patch_size: tuple[int, int, int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> ResidualCNN3D:
+    """``model`` fine-tuned for ``steps`` on self-supervised pairs from ``thick`` (in place); returned in eval mode
+    on ``device``. ``profile`` is the thick slices' assumed slice profile (gaussian, box or decimate).
+
+    Patch and batch size default to the model's training settings (``model.preset.train_baseline``, set when it
+    was loaded from a bundle).
+    """
+    if steps < 1:
+        raise ThinsliceError(f"--adapt-steps must be at least 1, got {steps}")
+    train_cfg = getattr(getattr(model, "preset", None), "train_baseline", None)
+    patch = tuple(patch_size or getattr(train_cfg, "patch_size", DEFAULT_PATCH))
+    batch = int(batch_size or getattr(train_cfg, "batch_size", DEFAULT_BATCH))
+    sampler = adaptation_sampler(thick, spacing_mm, profile, patch, batch, seed)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="thinslice-adapt-") as tmp:
+        cfg = EngineConfig(
+            run_dir=Path(tmp), max_steps=int(steps), lr=float(lr), warmup_steps=min(10, int(steps) // 10),
+            min_lr_ratio=0.1, grad_clip=1.0, ema_decay=None, val_every=0, checkpoint_every=0, log_every=0,
+            seed=seed, device=_engine_device(device), progress=progress,
+        )
+        trainer = Trainer({"baseline": model}, l1_loss, sampler, cfg)
+        result = trainer.fit()
+    adapted = result.models["baseline"]
+    return adapted.eval()  # type: ignore[return-value]

@@ -1,0 +1,412 @@
+"""Train the latent diffusion model (``thinslice train``): ResShift + IRControlNet on VAE latents, on the shared engine.
+
+The VAE is frozen (eval mode, no gradients, outside the optimiser and the checkpoints). Each step either encodes the
+batch's HR and cubic-upsampled LR patches (:class:`~thinslice.train.pairs.PairSampler`, a fresh degradation per
+example) to scaled latents, or reads random latent crops from a :class:`~thinslice.train.latents.LatentCache`
+(``--cache``, made by ``thinslice encode``; no VAE work per step, but only the cached factors/profiles). The loss is
+:func:`~thinslice.diffusion.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of the
+network's LR condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
+exact.
+
+Validation runs the whole inference pipeline on fixed held-out crops (factor 4, gaussian): encode the cubic LR, sample
+with :func:`~thinslice.diffusion.sampler.sample_latent` from a fixed seed, decode, PSNR in HU against the truth and
+against cubic interpolation (``val/psnr_gain`` = model - cubic), plus the VAE's own reconstruction PSNR of the truth
+(the ceiling any latent model can reach).
+
+The exported folders ``RUN_DIR/final`` and ``RUN_DIR/best`` are model bundles (:mod:`thinslice.infer.bundle`):
+``denoiser.safetensors`` recording the preset, the steps and the VAE's content hash, plus a copy of the VAE as
+``vae.safetensors``. A schedule other than the preset's (e.g. ``--steps 4`` with the 15-step small preset) is
+also written as ``denoiser-<T>step.safetensors``, the name under which it sits next to another bundle's default
+denoiser (``upsample --steps T`` picks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from thinslice.diffusion.resshift import ResShiftConfig
+from thinslice.diffusion.sampler import diffusion_loss, make_schedule, sample_latent
+from thinslice.errors import ThinsliceError
+from thinslice.evaluate.metrics import psnr
+from thinslice.infer.bundle import FILES, save_bundle_denoiser
+from thinslice.io.volume import Volume
+from thinslice.models.factory import build_denoiser
+from thinslice.models.intensity import hu_to_model, model_to_hu
+from thinslice.models.vae import AutoencoderKL3D
+from thinslice.models.weights import load_model
+from thinslice.presets import Preset, TrainConfig, load_preset
+from thinslice.train.engine import EngineConfig, Trainer, TrainResult
+from thinslice.train.latents import LatentCache
+from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
+
+DEFAULT_VAL_CROP = (24, 96, 96)
+VAL_SEED = 20240
+# Window for TensorBoard slice images (HU): lung to bone.
+IMG_WINDOW = (-1000.0, 1000.0)
+TRAIN_RECORD = "train_config.json"
+_SEED_HIGH = 2**62
+
+
+@dataclass
+class DiffusionTrainOptions:
+    run_dir: Path
+    vae: str | Path  # weights file, train-vae run folder or bundle folder
+    preset: Preset | str = "small"
+    steps: int | None = None  # ResShift steps T (None: the preset's; 4: the paper's fast schedule)
+    control: bool = True
+    cache: Path | None = None
+    max_steps: int | None = None
+    device: str = "auto"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int | None = None
+    resume: bool = False
+    batch_size: int | None = None
+    lr: float | None = None
+    ema_decay: float | None = None
+    val_every: int | None = None
+    val_crop: tuple[int, int, int] | None = None  # default: DEFAULT_VAL_CROP, at most the training patch
+    time_limit_s: float | None = None
+    stop_at_step: int | None = None
+    progress: bool = True
+
+
+# -------------------------------------------------------------------------------------------- configuration
+def train_config(base: TrainConfig, max_steps: int | None = None, batch_size: int | None = None,
+                 lr: float | None = None, val_every: int | None = None) -> TrainConfig:
+    """The preset's training settings with the command line's overrides."""
+    tc = dataclasses.replace(base)
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ThinsliceError(f"--max-steps must be at least 1, got {max_steps}")
+        tc.max_steps = int(max_steps)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ThinsliceError(f"--batch-size must be at least 1, got {batch_size}")
+        tc.batch_size = int(batch_size)
+    if lr is not None:
+        if not lr > 0:
+            raise ThinsliceError(f"--lr must be positive, got {lr}")
+        tc.lr = float(lr)
+    if val_every is not None:
+        tc.val_every = int(val_every)
+    return tc
+
+
+def schedule_for_steps(base: ResShiftConfig, steps: int | None) -> ResShiftConfig:
+    """Diffusion config for ``--steps``: the preset's for None or its own T, the paper's fast 4-step schedule
+    (min_noise 0.2) for 4, else the paper's T-step schedule (min_noise 0.04); other settings from the preset."""
+    if steps is None or steps == base.num_steps:
+        return dataclasses.replace(base)
+    if steps < 2:
+        raise ThinsliceError(f"--steps must be at least 2, got {steps}")
+    if base.method != "resshift":
+        raise ThinsliceError("--steps picks a ResShift schedule; a DDIM model takes its step count at sampling")
+    if steps == 4:
+        fast = ResShiftConfig.fast()
+        return dataclasses.replace(base, num_steps=fast.num_steps, min_noise=fast.min_noise)
+    return dataclasses.replace(base, num_steps=int(steps), min_noise=ResShiftConfig().min_noise)
+
+
+def default_val_crop(patch: tuple[int, ...]) -> tuple[int, int, int]:
+    """Validation crop: :data:`DEFAULT_VAL_CROP`, but no larger than the training patch (cheap on small presets)."""
+    return tuple(min(int(c), int(p)) for c, p in zip(DEFAULT_VAL_CROP, patch, strict=True))  # type: ignore[return-value]
+
+
+def check_patch_fits(patch: tuple[int, int, int], vae: AutoencoderKL3D, multiple: tuple[int, int, int]) -> None:
+    """The training patch must map onto whole latent voxels that the UNet can down-sample."""
+    need = tuple(s * m for s, m in zip(vae.total_stride, multiple, strict=True))
+    if any(p % n for p, n in zip(patch, need, strict=True)):
+        raise ThinsliceError(
+            f"training patch {tuple(patch)} must be a multiple of {need} (VAE stride x UNet size multiple); "
+            "fix train_diffusion.patch_size in the preset"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- batches
+class LatentCropSampler:
+    """Endless batches of random latent crops ``{"hr_latent", "lr_latent": (B, C, d, h, w), "factor": (B,),
+    "seed": int}`` from the (factor, profile) pairs of a latent cache.
+
+    Crops are read straight from the safetensors files (memory-mapped slices), so a large cache costs no RAM.
+    Each entry is drawn with probability proportional to its number of crop positions. Own numpy generator,
+    checkpointed (exact resume).
+    """
+
+    def __init__(self, cache: LatentCache, crop: tuple[int, int, int], batch_size: int, seed: int = 0) -> None:
+        self.cache = cache
+        self.crop = tuple(int(c) for c in crop)
+        self.batch_size = int(batch_size)
+        self.rng = np.random.default_rng(seed)
+        self.entries: list[tuple[Path, tuple[int, ...], float]] = []
+        for entry in cache.pairs():
+            path = cache.folder / entry.file
+            with safe_open(str(path), framework="pt") as f:
+                shape = tuple(f.get_slice("lr").get_shape())
+            if all(n >= c for n, c in zip(shape[1:], self.crop, strict=True)):
+                self.entries.append((path, shape, float(entry.factor or 0.0)))
+        if not self.entries:
+            raise ThinsliceError(
+                f"latent cache {cache.folder} has no LR/HR pair of at least {self.crop} latent voxels; make one with "
+                "thinslice encode --factors ... (pairs are needed, not only HR latents)"
+            )
+        counts = np.array([np.prod([n - c + 1 for n, c in zip(s[1:], self.crop, strict=True)])
+                           for _, s, _ in self.entries], dtype=np.float64)
+        self.weights = counts / counts.sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        import copy
+
+        return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+    def next_batch(self) -> dict[str, Any]:
+        hrs, lrs, factors = [], [], []
+        for _ in range(self.batch_size):
+            path, shape, factor = self.entries[int(self.rng.choice(len(self.entries), p=self.weights))]
+            corner = [int(self.rng.integers(0, n - c + 1)) for n, c in zip(shape[1:], self.crop, strict=True)]
+            sl = (slice(None), *(slice(a, a + c) for a, c in zip(corner, self.crop, strict=True)))
+            with safe_open(str(path), framework="pt") as f:
+                hrs.append(f.get_slice("hr")[sl])
+                lrs.append(f.get_slice("lr")[sl])
+            factors.append(factor)
+        return {"hr_latent": torch.stack(hrs).float(), "lr_latent": torch.stack(lrs).float(),
+                "factor": torch.tensor(factors, dtype=torch.float32),
+                "seed": int(self.rng.integers(_SEED_HIGH))}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.next_batch()
+
+
+# ------------------------------------------------------------------------------------------------- loss
+class DiffusionLoss:
+    """``loss_fn`` for the engine: latents (encoded on the fly or from the cache) -> :func:`diffusion_loss`.
+
+    The schedule and the dropout rate are passed explicitly, so the (possibly DDP-wrapped) denoiser is only called,
+    never asked for attributes.
+    """
+
+    def __init__(self, vae: AutoencoderKL3D | None, schedule: Any, cfg_dropout: float) -> None:
+        self.vae = vae
+        self.schedule = schedule
+        self.cfg_dropout = float(cfg_dropout)
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "hr_latent" in batch:
+            return batch["hr_latent"].float(), batch["lr_latent"].float()
+        if self.vae is None:
+            raise ValueError("image batches need the VAE")
+        return self.vae.encode_latent(batch["hr"]).float(), self.vae.encode_latent(batch["lr"]).float()
+
+    def __call__(self, models: dict[str, nn.Module], batch: dict[str, Any], step: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        x0, y = self.latents(batch)
+        generator = torch.Generator(device="cpu").manual_seed(int(batch["seed"]))
+        loss = diffusion_loss(models["denoiser"], x0, y, batch["factor"], generator=generator,
+                              schedule=self.schedule, cfg_dropout=self.cfg_dropout)
+        return loss, {}
+
+
+# ------------------------------------------------------------------------------------------- validation
+def window_image(img: np.ndarray) -> np.ndarray:
+    lo, hi = IMG_WINDOW
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def through_plane_image(*volumes_hu: np.ndarray) -> np.ndarray:
+    """Coronal-like cuts (slice axis vertical, through the middle row) side by side: where through-plane detail
+    shows."""
+    return np.concatenate([window_image(v[:, v.shape[1] // 2, :]) for v in volumes_hu], axis=1)
+
+
+def make_validate_fn(vae: AutoencoderKL3D, pairs: list[tuple[str, np.ndarray, np.ndarray]],
+                     factor: float = VAL_FACTOR, seed: int = VAL_SEED):
+    """Validation on fixed pairs through encode -> sample -> decode (see the module docstring)."""
+    ceiling: dict[str, float] = {}
+
+    @torch.no_grad()
+    def validate(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
+        denoiser = models["denoiser"]
+        device = next(denoiser.parameters()).device
+        scores, cubic, vae_only, image = [], [], [], None
+        for name, hr, lr in pairs:
+            x = torch.from_numpy(hu_to_model(lr))[None, None].to(device)
+            y = vae.encode_latent(x)
+            z = sample_latent(denoiser, y, factor, generator=torch.Generator(device="cpu").manual_seed(seed))
+            out = model_to_hu(vae.decode_latent(z)[0, 0].float().cpu().numpy())
+            scores.append(psnr(out, hr))
+            cubic.append(psnr(lr, hr))
+            if name not in ceiling:  # the VAE is frozen: its reconstruction PSNR never changes
+                rec = vae.decode_latent(vae.encode_latent(torch.from_numpy(hu_to_model(hr))[None, None].to(device)))
+                ceiling[name] = psnr(model_to_hu(rec[0, 0].float().cpu().numpy()), hr)
+            vae_only.append(ceiling[name])
+            if image is None:
+                image = through_plane_image(hr, lr, out)
+        results: dict[str, Any] = {"val/psnr": float(np.mean(scores)), "val/psnr_cubic": float(np.mean(cubic)),
+                                   "val/psnr_gain": float(np.mean(scores) - np.mean(cubic)),
+                                   "val/psnr_vae_ceiling": float(np.mean(vae_only))}
+        if image is not None:
+            results["val/truth_cubic_ldm"] = image
+        return results
+
+    return validate
+
+
+def fixed_validation_pairs(volumes: Sequence[Volume | str | Path], crop: tuple[int, int, int],
+                           multiple: tuple[int, int, int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Held-out pairs cropped to sizes the networks accept (multiples of ``multiple``)."""
+    out = []
+    for name, hr, lr in validation_pairs(volumes, crop):
+        if any(n < m for n, m in zip(hr.shape, multiple, strict=True)):
+            raise ThinsliceError(f"validation volume {name} is too small ({hr.shape}) for size multiple {multiple}")
+        out.append((name, crop_to_multiple(hr, multiple), crop_to_multiple(lr, multiple)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- export
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file via a temporary file in the destination folder (never a half-written bundle file)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_run_record(run_dir: Path, record: dict[str, Any], resume: bool, keys: Sequence[str]) -> None:
+    """A resumed run must use what it started with (VAE, schedule, control, preset architecture)."""
+    path = Path(run_dir) / TRAIN_RECORD
+    if not (resume and path.is_file()):
+        return
+    old = json.loads(path.read_text())
+    for key in keys:
+        if key in old and json.loads(json.dumps(record.get(key))) != old[key]:
+            raise ThinsliceError(
+                f"{run_dir} was started with {key} = {old[key]!r}, now {record.get(key)!r}; resume with the same "
+                "settings (--vae/--steps/--no-control/--preset) or choose another --out folder"
+            )
+
+
+def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
+    path = Path(run_dir) / TRAIN_RECORD
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- train
+def load_frozen_vae(vae: str | Path | AutoencoderKL3D) -> AutoencoderKL3D:
+    """The VAE, frozen, with ``weights_hash``/``weights_path`` (from its file)."""
+    model = vae if isinstance(vae, AutoencoderKL3D) else load_model("vae", vae)
+    if not getattr(model, "weights_hash", ""):
+        raise ThinsliceError("the VAE must come from a thinslice weights file (its hash ties the denoiser to it)")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
+                    opts: DiffusionTrainOptions) -> TrainResult:
+    """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
+    preset = load_preset(opts.preset)
+    tc = train_config(preset.train_diffusion, opts.max_steps, opts.batch_size, opts.lr, opts.val_every)
+    seed = tc.seed if opts.seed is None else int(opts.seed)
+    ema_decay = tc.ema_decay if opts.ema_decay is None else float(opts.ema_decay)
+    run_dir = Path(opts.run_dir)
+
+    vae = load_frozen_vae(opts.vae)
+    vae_hash, vae_path = vae.weights_hash, Path(vae.weights_path)
+    diffusion_cfg = schedule_for_steps(preset.diffusion, opts.steps)
+    control_cfg = preset.control if opts.control else dataclasses.replace(preset.control, enabled=False)
+    # The record keeps the preset's own diffusion section, so the bundle names a non-default schedule's file
+    # denoiser-<T>step.safetensors; the VAE section is the actual VAE's (latent channels, scaling factor).
+    record_preset = dataclasses.replace(preset, vae=vae.config, control=control_cfg)
+    build_preset = dataclasses.replace(record_preset, diffusion=diffusion_cfg)
+
+    record = {"kind": "diffusion", "preset": preset.name, "vae_hash": vae_hash, "vae_path": str(vae_path),
+              "steps": diffusion_cfg.num_steps, "control": control_cfg.enabled,
+              "unet": dataclasses.asdict(preset.unet), "cache": str(opts.cache) if opts.cache else None,
+              "train_diffusion": dataclasses.asdict(tc), "seed": seed}
+    check_run_record(run_dir, record, opts.resume, ("vae_hash", "steps", "control", "unet"))
+
+    torch.manual_seed(seed)
+    denoiser = build_denoiser(build_preset)
+    if opts.gradient_checkpointing:
+        denoiser.set_gradient_checkpointing(True)
+    patch = tuple(int(p) for p in tc.patch_size)
+    check_patch_fits(patch, vae, denoiser.size_multiple)  # type: ignore[arg-type]
+    stride = vae.total_stride
+
+    if opts.cache:
+        cache = LatentCache.load(opts.cache, vae_hash)
+        if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
+            raise ThinsliceError(
+                f"latent cache {opts.cache} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
+                f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
+            )
+        latent_crop = tuple(p // s for p, s in zip(patch, stride, strict=True))
+        batches: Any = LatentCropSampler(cache, latent_crop, tc.batch_size, seed=seed)  # type: ignore[arg-type]
+    else:
+        batches = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
+
+    val_volumes = list(val) if val else list(train)
+    if not val:
+        print("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
+    multiple = tuple(s * m for s, m in zip(stride, denoiser.size_multiple, strict=True))
+    val_crop = opts.val_crop or default_val_crop(patch)
+    validate = make_validate_fn(vae, fixed_validation_pairs(val_volumes, val_crop, multiple))  # type: ignore
+
+    def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
+        denoiser_out = eval_models["denoiser"]
+        meta = {"vae_hash": vae_hash}
+        save_bundle_denoiser(denoiser_out, record_preset, out_dir, meta)  # type: ignore[arg-type]
+        if diffusion_cfg.num_steps != preset.diffusion.num_steps:
+            # Also the folder's default denoiser, so that this run's folder alone is a complete bundle; the
+            # denoiser-<T>step file is the one to copy next to another bundle's default model.
+            save_bundle_denoiser(denoiser_out, record_preset, out_dir / FILES["denoiser"], meta)  # type: ignore
+        copy_atomic(vae_path, out_dir / FILES["vae"])
+
+    cfg = EngineConfig(
+        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
+        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
+        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
+    )
+    loss_fn = DiffusionLoss(vae, make_schedule(denoiser), diffusion_cfg.cfg_dropout)
+    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, cfg, validate_fn=validate, export_fn=export)
+    vae.to(trainer.device)
+    if trainer.is_main:
+        write_run_record(run_dir, record)
+        (run_dir / "preset.json").write_text(json.dumps(build_preset.to_dict(), indent=1))
+    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
+    if result.step >= tc.max_steps and trainer.is_main:
+        summary = {"step": result.step, "steps": diffusion_cfg.num_steps, "control": control_cfg.enabled,
+                   "vae_hash": vae_hash, "best_val_psnr": result.best, "best_step": result.best_step,
+                   **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
+        (run_dir / "final" / "summary.json").write_text(json.dumps(summary, indent=1))
+        best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
+        print(f"train: final bundle {run_dir / 'final'} (best val PSNR {best} at step {result.best_step})")
+    return result

@@ -1,0 +1,435 @@
+"""The training engine shared by every trainer (VAE, latent diffusion, CNN baseline), built on HF Accelerate.
+
+A trainer supplies the networks to optimise, a ``loss_fn(models, batch, step) -> (loss, logs)``, an endless batch
+iterator and optionally a ``validate_fn(models, step) -> dict``; the engine does the rest: AdamW with linear warm-up +
+cosine decay, gradient clipping, EMA, mixed precision, TensorBoard scalars and slice images, a progress bar,
+atomic checkpoints (``run_dir/checkpoints/step_XXXXXX/``, the last ``keep_checkpoints`` kept), exact resume, and the
+best/final weights as self-describing safetensors files (``run_dir/best/<name>.safetensors``,
+``run_dir/final/<name>.safetensors``; EMA weights when EMA is on).
+
+Exact resume: a checkpoint holds models, optimiser, LR scheduler, EMA, step/best metric, the Python/numpy/torch RNG
+states (Accelerate's ``save_state``) and the state of the batch iterator when it has ``state_dict``/
+``load_state_dict`` (e.g. :class:`thinslice.train.data.PatchSampler` with its own numpy Generator). So N steps straight
+and N/2 + resume + N/2 give the same weights on CPU (tested).
+
+Multi-GPU: start any trainer with ``accelerate launch -m thinslice.cli.main train-... `` (or ``accelerate launch
+$(which thinslice) train-...``); models and optimiser go through ``accelerator.prepare`` and each process draws its
+own batches (seeded with ``seed + process_index``), so the effective batch is ``batch_size x num_processes``.
+The LR scheduler is stepped once per optimiser step here (not prepared by Accelerate, which would step it once per
+process), so ``warmup_steps``/``max_steps`` always count optimiser steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from thinslice.errors import ThinsliceError
+
+LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
+ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
+ExportFn = Callable[[dict[str, nn.Module], Path], None]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class EngineConfig:
+    """How to train (not what): steps, optimiser, schedule, logging/checkpoint cadence, device."""
+
+    run_dir: Path
+    max_steps: int
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    val_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    # Validation key that picks the best checkpoint (e.g. "val/psnr"); mode "max" or "min".
+    best_metric: str | None = None
+    best_mode: str = "max"
+    # DDP option needed when some parameters are unused in some steps (e.g. a discriminator before its warm-up).
+    find_unused_parameters: bool = False
+    progress: bool = True
+    lr_scales: dict[str, float] = field(default_factory=dict)
+
+
+class _TrainState:
+    """Step counter and best metric, checkpointed with everything else."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.best = state["best"]
+        self.best_step = state["best_step"]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best: float | None
+    best_step: int | None
+    run_dir: Path
+    models: dict[str, nn.Module]  # final weights (EMA where EMA is on), unwrapped, eval mode
+    last_logs: dict[str, float] = field(default_factory=dict)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_accelerator(device: str, mixed_precision: str, project_dir: Path | None,
+                     find_unused_parameters: bool = False, log: bool = True):
+    """An ``Accelerator`` for ``--device``/``--mixed-precision`` with a clear error for impossible combinations."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if device not in DEVICES:
+        raise ThinsliceError(f"unknown --device '{device}': use one of {', '.join(DEVICES)}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ThinsliceError(f"unknown --mixed-precision '{mixed_precision}': use one of {', '.join(MIXED_PRECISION)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ThinsliceError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ThinsliceError("--device mps requested but Apple MPS is not available; use --device cpu")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
+                              and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()))
+    if mixed_precision == "fp16" and cpu:
+        raise ThinsliceError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
+    # Accelerate keeps process-wide state; a second trainer in the same (single) process with other settings would
+    # be refused, so start from scratch when not distributed (tests, notebooks, scripts running several trainers).
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with="tensorboard" if log else None,
+                       project_dir=str(project_dir) if project_dir else None, kwargs_handlers=handlers)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class Trainer:
+    """Generic optimisation loop. See the module docstring for what it does and how resume works."""
+
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        loss_fn: LossFn,
+        batches: Iterable[Any],
+        config: EngineConfig,
+        validate_fn: ValidateFn | None = None,
+        export_fn: ExportFn | None = None,
+        trainable: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.loss_fn = loss_fn
+        self.validate_fn = validate_fn
+        self.export_fn = export_fn
+        self.trainable = list(trainable) if trainable is not None else list(models)
+        unknown = set(self.trainable) - set(models)
+        if unknown:
+            raise ValueError(f"trainable names {sorted(unknown)} are not among the models {sorted(models)}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = make_accelerator(config.device, config.mixed_precision, self.run_dir,
+                                            config.find_unused_parameters, log=True)
+        acc = self.accelerator
+        self.device = acc.device
+        self.is_main = acc.is_main_process
+
+        # Models + one AdamW over all trainable parameters (per-model LR scale as parameter groups).
+        names = list(models)
+        prepared = acc.prepare(*[models[n] for n in names])
+        prepared = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
+        self.models: dict[str, nn.Module] = dict(zip(names, prepared, strict=True))
+        groups = []
+        for name in self.trainable:
+            params = [p for p in self.models[name].parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": config.lr * config.lr_scales.get(name, 1.0), "name": name})
+        if not groups:
+            raise ValueError("no trainable parameters")
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        self.optimizer = acc.prepare(optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+
+        # EMA copies of the trainable networks (on the same device).
+        self.ema: dict[str, AveragedModel] = {}
+        if config.ema_decay:
+            for name in self.trainable:
+                self.ema[name] = AveragedModel(acc.unwrap_model(self.models[name]),
+                                               multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+                self.ema[name].requires_grad_(False)
+
+        self.state = _TrainState()
+        self.batches = batches
+        self._iter: Iterator[Any] | None = None
+        # Registration order is the checkpoint layout: keep it fixed.
+        acc.register_for_checkpointing(self.scheduler, self.state)
+        for name in self.trainable:
+            if name in self.ema:
+                acc.register_for_checkpointing(self.ema[name])
+        if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
+            acc.register_for_checkpointing(batches)
+
+    # ------------------------------------------------------------------------------------------- accessors
+    def unwrapped(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.models[name])
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Networks as used for validation/export: EMA weights where EMA is on, the raw network otherwise."""
+        out = {}
+        for name in self.models:
+            out[name] = self.ema[name].module if name in self.ema else self.unwrapped(name)
+        return out
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint: written to a hidden temp folder, then renamed to ``step_XXXXXX``."""
+        acc = self.accelerator
+        folder = self.run_dir / "checkpoints"
+        final = folder / f"{CHECKPOINT_PREFIX}{self.state.step:06d}"
+        tmp = folder / f".tmp_{final.name}"
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if self.is_main:
+            info = {"step": self.state.step, "best": self.state.best, "best_step": self.state.best_step,
+                    "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}}
+            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[: -max(1, self.config.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+
+    # --------------------------------------------------------------------------------------------- logging
+    def _log_scalars(self, values: dict[str, float], step: int) -> None:
+        if not values:
+            return
+        self.accelerator.log(values, step=step)
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def _log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        if not images or not self.is_main:
+            return
+        try:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        except Exception:  # tracker missing: images are a nicety
+            return
+        for tag, img in images.items():
+            arr = np.asarray(img, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            writer.add_image(tag, arr, step, dataformats="HW" if arr.ndim == 2 else "HWC")
+
+    def _validate(self, step: int) -> dict[str, float]:
+        if self.validate_fn is None:
+            return {}
+        results: dict[str, Any] = {}
+        if self.is_main:
+            models = self.eval_models()
+            modes = {n: m.training for n, m in models.items()}
+            for m in models.values():
+                m.eval()
+            with torch.no_grad():
+                results = self.validate_fn(models, step) or {}
+            for n, m in models.items():
+                m.train(modes[n])
+        self.accelerator.wait_for_everyone()
+        scalars = {k: float(v) for k, v in results.items() if np.ndim(v) == 0}
+        images = {k: v for k, v in results.items() if np.ndim(v) >= 2}
+        self._log_scalars(scalars, step)
+        self._log_images(images, step)
+        key = self.config.best_metric
+        if self.is_main and key and key in scalars:
+            value = scalars[key]
+            better = (self.state.best is None
+                      or (value > self.state.best if self.config.best_mode == "max" else value < self.state.best))
+            if better:
+                self.state.best, self.state.best_step = value, step
+                self._export(self.run_dir / "best")
+        return scalars
+
+    def _export(self, out_dir: Path) -> None:
+        if self.export_fn is not None and self.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.export_fn(self.eval_models(), out_dir)
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def fit(self, resume: bool = False, stop_at_step: int | None = None,
+            time_limit_s: float | None = None) -> TrainResult:
+        """Train to ``config.max_steps`` (or stop early at ``stop_at_step``/after ``time_limit_s``, checkpointing)."""
+        cfg, acc = self.config, self.accelerator
+        existing = list_checkpoints(self.run_dir)
+        if resume and existing:
+            self.load_checkpoint(existing[-1])
+            acc.print(f"resumed from {existing[-1]} (step {self.state.step})")
+        elif existing and not resume:
+            raise ThinsliceError(
+                f"{self.run_dir} already holds checkpoints (last: {existing[-1].name}); pass --resume to continue "
+                "that run or choose another --out folder"
+            )
+        else:
+            if resume:
+                acc.print(f"--resume: no checkpoint in {self.run_dir}/checkpoints, starting from step 0")
+            from accelerate.utils import set_seed
+
+            set_seed(cfg.seed + acc.process_index)
+        if self.is_main:
+            _atomic_write_text(self.run_dir / "engine_config.json",
+                               json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                                          indent=1))
+        acc.init_trackers("tensorboard")
+        self._iter = iter(self.batches)
+        for m in self.models.values():
+            m.train()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, desc="train")
+        window: dict[str, list[float]] = {}
+        t_start, t_window = time.time(), time.time()
+        last_logs: dict[str, float] = {}
+        saved_at = -1
+        try:
+            while self.state.step < end:
+                step = self.state.step
+                batch = _to_device(next(self._iter), self.device)
+                with acc.autocast():
+                    loss, logs = self.loss_fn(self.models, batch, step)
+                if not torch.isfinite(loss):
+                    raise ThinsliceError(
+                        f"loss became {loss.item()} at step {step}; lower the learning rate (--lr) or use "
+                        "--mixed-precision no, then --resume from the last checkpoint"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                grad_norm = None
+                if cfg.grad_clip and acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
+                self.optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                for name, ema in self.ema.items():
+                    ema.update_parameters(self.unwrapped(name))
+                self.state.step += 1
+                step = self.state.step
+                bar.update(1)
+
+                window.setdefault("loss", []).append(float(loss.detach()))
+                for k, v in logs.items():
+                    window.setdefault(k, []).append(float(v))
+                if grad_norm is not None:
+                    window.setdefault("grad_norm", []).append(float(grad_norm))
+                if cfg.log_every and (step % cfg.log_every == 0 or step == end):
+                    now = time.time()
+                    n = len(window["loss"])
+                    last_logs = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
+                    last_logs["train/lr"] = self.scheduler.get_last_lr()[0]
+                    last_logs["train/sec_per_step"] = (now - t_window) / max(1, n)
+                    self._log_scalars(last_logs, step)
+                    bar.set_postfix(loss=f"{last_logs['train/loss']:.4g}")
+                    window, t_window = {}, now
+                if cfg.val_every and step % cfg.val_every == 0:
+                    last_logs.update(self._validate(step))
+                timed_out = time_limit_s is not None and time.time() - t_start > time_limit_s
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or timed_out:
+                    self.save_checkpoint()
+                    saved_at = step
+                if timed_out:
+                    acc.print(f"time limit reached at step {step}; continue with --resume")
+                    break
+        except KeyboardInterrupt:
+            if self.state.step != saved_at and self.state.step > 0:
+                acc.print(f"interrupted: saving a checkpoint at step {self.state.step}")
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        if self.state.step >= cfg.max_steps:
+            if cfg.val_every and self.state.step % cfg.val_every != 0 and self.validate_fn is not None:
+                last_logs.update(self._validate(self.state.step))
+            self._export(self.run_dir / "final")
+        acc.end_training()
+        models = self.eval_models()
+        for m in models.values():
+            m.eval()
+        return TrainResult(self.state.step, self.state.best, self.state.best_step, self.run_dir, models, last_logs)

@@ -1,0 +1,254 @@
+"""Latent cache: VAE latents of thin (HR) volumes and of their simulated thick counterparts, computed once.
+
+Encoding a CT volume costs far more than a diffusion training step on its latent, so ``thinslice encode`` stores,
+per source volume, one safetensors file with the HR latent and one per degradation (factor, profile) with the latent
+of the thick volume cubic-upsampled back to the thin grid (``lr``) next to the latent of the thin target on exactly
+that grid (``hr``; :func:`thinslice.degrade.pairs.simulate_pair` crops the thin volume to the upsampling grid).
+
+Every file and the ``index.json`` record the VAE preset and weights hash, the degradation and the source's size,
+mtime and sha256, so :meth:`LatentCache.load` refuses a stale cache (other VAE, changed source) with a clear message,
+and :func:`build_latent_cache` re-encodes only what is stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from thinslice.errors import ThinsliceError
+from thinslice.io.volume import Volume
+from thinslice.models.tiling import DEFAULT_TILE, encode_volume
+from thinslice.models.vae import AutoencoderKL3D
+
+INDEX_NAME = "index.json"
+CACHE_FORMAT = "1"
+
+# (thin volume, factor, profile) -> (thick volume upsampled to the target grid, thin target on that grid)
+PairFn = Callable[[Volume, float, str], tuple[Volume, Volume]]
+
+
+def default_pair(thin: Volume, factor: float, profile: str) -> tuple[Volume, Volume]:
+    """Simulated thick volume, cubic-upsampled back to the thin spacing, and the thin target on the same grid."""
+    from thinslice.degrade.pairs import simulate_pair
+    from thinslice.infer.upsample import upsample
+
+    thick, target = simulate_pair(thin, factor=factor, profile=profile)
+    lr = upsample(thick, thin.slice_spacing, "cubic")
+    n = min(lr.num_slices, target.num_slices)
+    if lr.num_slices != target.num_slices:
+        lr = lr.with_slices(lr.slices_first()[:n], lr.slice_spacing, 0.0, lr.slice_thickness)
+        target = target.with_slices(target.slices_first()[:n], target.slice_spacing, 0.0, target.slice_thickness)
+    return lr, target
+
+
+@dataclass
+class SourceId:
+    """What identifies a source volume's content."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    @classmethod
+    def of_file(cls, path: Path) -> SourceId:
+        st = path.stat()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return cls(str(path.resolve()), st.st_size, st.st_mtime_ns, h.hexdigest()[:16])
+
+    @classmethod
+    def of_volume(cls, name: str, vol: Volume) -> SourceId:
+        digest = hashlib.sha256(np.ascontiguousarray(vol.array).tobytes()).hexdigest()[:16]
+        return cls(name, int(vol.array.nbytes), 0, digest)
+
+    def changed(self, path: Path) -> bool:
+        """True when the file at ``path`` no longer has this content (mtime/size first, hash only if needed)."""
+        if not path.is_file():
+            return True
+        st = path.stat()
+        if st.st_size != self.size:
+            return True
+        if st.st_mtime_ns == self.mtime_ns:
+            return False
+        return SourceId.of_file(path).sha256 != self.sha256
+
+
+@dataclass
+class CacheEntry:
+    name: str  # source stem
+    file: str  # file name inside the cache folder
+    kind: str  # "hr" or "pair"
+    factor: float | None
+    profile: str | None
+    source: SourceId
+    hr_shape: tuple[int, int, int]  # thin HU shape (slices first) the latent was made from
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _pair_file(stem: str, factor: float, profile: str) -> str:
+    return f"{stem}__x{factor:g}_{profile}.safetensors"
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class LatentCache:
+    """A folder of cached latents for one VAE (see the module docstring)."""
+
+    def __init__(self, folder: Path, index: dict) -> None:
+        self.folder = Path(folder)
+        self.index = index
+        self.entries = [CacheEntry(**{**e, "source": SourceId(**e["source"]), "hr_shape": tuple(e["hr_shape"])})
+                        for e in index["entries"]]
+
+    @property
+    def vae_hash(self) -> str:
+        return self.index["vae_hash"]
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.index["scaling_factor"])
+
+    @classmethod
+    def load(cls, folder: str | Path, vae_hash: str, check_sources: bool = True) -> LatentCache:
+        """Open a cache made with the VAE whose weights hash is ``vae_hash``; refuse a stale one."""
+        folder = Path(folder)
+        index_path = folder / INDEX_NAME
+        if not index_path.is_file():
+            raise ThinsliceError(f"no latent cache in {folder} ({INDEX_NAME} missing); create it with thinslice encode")
+        index = json.loads(index_path.read_text())
+        if index.get("vae_hash") != vae_hash:
+            raise ThinsliceError(
+                f"latent cache {folder} was made with VAE weights {index.get('vae_hash')} (preset "
+                f"'{index.get('preset')}'), but VAE {vae_hash} is in use; rebuild it with thinslice encode --vae "
+                "<these weights> --out <cache> (stale entries are re-encoded)"
+            )
+        cache = cls(folder, index)
+        if check_sources:
+            stale = cache.stale_entries()
+            if stale:
+                raise ThinsliceError(
+                    f"latent cache {folder} is stale: {len(stale)} entries come from source files that changed or "
+                    f"disappeared (e.g. {stale[0].source.path}); rebuild it with thinslice encode"
+                )
+        return cache
+
+    def stale_entries(self) -> list[CacheEntry]:
+        out = []
+        for e in self.entries:
+            missing = not (self.folder / e.file).is_file()
+            changed = bool(e.source.mtime_ns) and e.source.changed(Path(e.source.path))
+            if missing or changed:
+                out.append(e)
+        return out
+
+    def pairs(self, factor: float | None = None, profile: str | None = None) -> list[CacheEntry]:
+        return [e for e in self.entries if e.kind == "pair" and (factor is None or e.factor == factor)
+                and (profile is None or e.profile == profile)]
+
+    def hr(self) -> list[CacheEntry]:
+        return [e for e in self.entries if e.kind == "hr"]
+
+    def read(self, entry: CacheEntry) -> dict[str, torch.Tensor]:
+        """Tensors of one entry: ``{'hr': (C, d, h, w)}`` or ``{'hr': ..., 'lr': ...}`` (scaled latents)."""
+        with safe_open(str(self.folder / entry.file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def build_latent_cache(
+    sources: Sequence[str | Path | tuple[str, Volume]],
+    vae: AutoencoderKL3D,
+    vae_hash: str,
+    out_dir: str | Path,
+    factors: Sequence[float] = (),
+    profiles: Sequence[str] = ("gaussian",),
+    preset_name: str = "",
+    tile: tuple[int, int, int] = DEFAULT_TILE,
+    pair_fn: PairFn | None = None,
+    read_fn: Callable[[Path], Volume] | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> LatentCache:
+    """Encode ``sources`` (files or (name, Volume)) into ``out_dir``; reuse entries that are still valid."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pair_fn = pair_fn or default_pair
+    if read_fn is None:
+        from thinslice.io import read_volume as read_fn  # type: ignore[no-redef]
+    old: dict[str, CacheEntry] = {}
+    index_path = out / INDEX_NAME
+    if index_path.is_file():
+        prev = json.loads(index_path.read_text())
+        if prev.get("vae_hash") == vae_hash:
+            old = {e.file: e for e in LatentCache(out, prev).entries}
+        elif progress:
+            progress(f"encode: cache {out} was made with another VAE ({prev.get('vae_hash')}); re-encoding all")
+    entries: list[CacheEntry] = []
+    for src in sources:
+        if isinstance(src, tuple):
+            name, vol = src
+            sid = SourceId.of_volume(name, vol)
+            stem = name
+        else:
+            path = Path(src)
+            sid = SourceId.of_file(path)
+            stem, vol = _stem(path), None
+        wanted = [(f"{stem}__hr.safetensors", "hr", None, None)]
+        wanted += [(_pair_file(stem, float(f), p), "pair", float(f), p) for f in factors for p in profiles]
+        for file, kind, factor, profile in wanted:
+            prev_entry = old.get(file)
+            if prev_entry is not None and prev_entry.source.sha256 == sid.sha256 and (out / file).is_file():
+                entries.append(prev_entry)
+                continue
+            if vol is None:
+                vol = read_fn(Path(src))  # type: ignore[arg-type]
+            thin_hu = vol.slices_first()
+            meta = {"format": CACHE_FORMAT, "preset": preset_name, "vae_hash": vae_hash,
+                    "scaling_factor": repr(vae.scaling_factor), "source": json.dumps(asdict(sid)), "kind": kind,
+                    "hr_shape": json.dumps(list(thin_hu.shape))}
+            if kind == "hr":
+                tensors = {"hr": encode_volume(vae, thin_hu, tile=tile)}
+            else:
+                lr, target = pair_fn(vol, factor, profile)  # type: ignore[arg-type]
+                meta.update({"factor": repr(factor), "profile": str(profile),
+                             "pair_shape": json.dumps(list(target.slices_first().shape))})
+                tensors = {"hr": encode_volume(vae, target.slices_first(), tile=tile),
+                           "lr": encode_volume(vae, lr.slices_first(), tile=tile)}
+            _save_atomic(out / file, tensors, meta)
+            if progress:
+                progress(f"encode: {file}")
+            entries.append(CacheEntry(stem, file, kind, factor, profile, sid, tuple(thin_hu.shape)))  # type: ignore
+    index = {"format": CACHE_FORMAT, "preset": preset_name, "vae_hash": vae_hash,
+             "scaling_factor": vae.scaling_factor, "tile": list(tile),
+             "entries": [{**asdict(e), "hr_shape": list(e.hr_shape)} for e in entries]}
+    tmp = index_path.with_name(f".{INDEX_NAME}.tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, index_path)
+    return LatentCache(out, index)

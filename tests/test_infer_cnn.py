@@ -88,4 +88,19 @@ def test_cnn_errors(tmp_path, thick) -> None:
     with pytest.raises(ThinsliceError, match="preset 'tiny'"):
         upsample(thick, SPACING, method="cnn", checkpoint=str(folder), preset="small")
     with pytest.raises(ThinsliceError, match="does not use option"):
-        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), seed=1)
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), samples=2)
+
+
+def test_cli_cnn_with_adaptation(tmp_path, thick) -> None:
+    from thinslice.cli.main import main
+    from thinslice.io import read_volume, write_volume
+
+    folder = _bundle(tmp_path / "bundle", trained=True)
+    src, plain, adapted = tmp_path / "thick.nii.gz", tmp_path / "plain.nii.gz", tmp_path / "adapted.nii.gz"
+    write_volume(thick, src, dtype="float32")
+    common = ["--method", "cnn", "--checkpoint", str(folder), "--spacing", str(SPACING), "--dtype", "float32"]
+    assert main(["upsample", str(src), str(plain), *common]) == 0
+    assert main(["upsample", str(src), str(adapted), *common, "--adapt", "--adapt-steps", "3", "--seed", "1"]) == 0
+    plain_vol, adapted_vol = read_volume(plain), read_volume(adapted)
+    assert adapted_vol.grid_differences(plain_vol) == []
+    assert np.abs(adapted_vol.array - plain_vol.array).max() > 0.01  # fine-tuning changed the network's output

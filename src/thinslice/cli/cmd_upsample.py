@@ -15,7 +15,7 @@ from thinslice.cli.cmd_degrade import refuse_same_path, summary
 from thinslice.errors import ThinsliceError
 
 # Option name (as passed to the method) -> attribute in the parsed arguments.
-GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "checkpoint", "preset", "patch_size")
+GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "checkpoint", "preset", "patch_size", "adapt", "adapt_steps")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     learned.add_argument("--preset", default=None, help="model preset: tiny, small, paper or a .json file")
     learned.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                          help="process the volume in patches of this size (voxels) to bound memory")
+    learned.add_argument("--adapt", action="store_true", default=None,
+                         help="cnn: fine-tune on the input itself first (its in-plane axes as training pairs)")
+    learned.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                         help="cnn: fine-tuning steps for --adapt (default 200; ~20-50 on a CPU)")
     learned.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                          help="extra method-specific option (repeatable)")
     parser.set_defaults(func=run)

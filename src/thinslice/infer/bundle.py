@@ -27,10 +27,8 @@ import thinslice
 from thinslice.errors import ThinsliceError
 from thinslice.models import weights as weights_io
 from thinslice.models.baseline import ResidualCNN3D
-from thinslice.models.control import IRControlNet
 from thinslice.models.denoiser import LatentDenoiser
-from thinslice.models.factory import MODEL_KINDS
-from thinslice.models.unet import LatentUNet3D
+from thinslice.models.factory import MODEL_KINDS, build_denoiser, build_model  # noqa: F401 (re-exported)
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import Preset, load_preset, preset_from_dict
 
@@ -42,7 +40,7 @@ METHOD_FILES = {"ldm": ("vae", "denoiser"), "cnn": ("baseline",)}
 # Preset sections that define each kind's architecture (for the "wrong preset" check).
 _ARCH_SECTIONS = {"vae": ("vae",), "denoiser": ("unet", "control"), "baseline": ("baseline",)}
 _NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
-TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train-diffusion ...", "cnn": "thinslice train-baseline ..."}
+TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train ...", "cnn": "thinslice train-baseline ..."}
 
 
 def denoiser_file(steps: int | None = None) -> str:
@@ -109,23 +107,8 @@ def has_weights(kind: str, bundle: str | Path | None = None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- building
-def build_denoiser(preset: str | Path | Preset) -> LatentDenoiser:
-    """UNet + IRControlNet (when ``control.enabled``) + null condition for ``preset``.
-
-    Built here because the factory has no composite 'denoiser' kind; the parts are the models' own classes.
-    """
-    p = load_preset(preset)
-    unet = LatentUNet3D(p.unet)
-    control = IRControlNet.from_unet(unet, p.control) if p.control.enabled else None
-    return LatentDenoiser(unet, control, p.diffusion)
-
-
 def _build(kind: str, preset: Preset) -> nn.Module:
-    if kind == "vae":
-        return AutoencoderKL3D(preset.vae)
-    if kind == "baseline":
-        return ResidualCNN3D(preset.baseline)
-    return build_denoiser(preset)
+    return build_model(kind, preset)
 
 
 def _arch(record: dict, sections: tuple[str, ...]) -> dict:

@@ -18,6 +18,7 @@ from thinslice.infer.bundle import (
     load_baseline,
     option_bool,
     option_float,
+    option_int,
     option_patch,
     resolve_bundle,
     resolve_device,
@@ -31,7 +32,8 @@ from thinslice.models.intensity import HU_MAX, HU_MIN, hu_to_model, model_to_hu
 DEFAULT_OVERLAP = 0.25
 # Inference windows are the training patch times this per axis: fewer window borders, still small in memory.
 ROI_SCALE = (2, 2, 2)
-OPTIONS = ("checkpoint", "device", "patch_size", "profile", "consistency", "progress", "preset", "thickness")
+OPTIONS = ("checkpoint", "device", "patch_size", "profile", "consistency", "progress", "preset", "thickness", "adapt",
+           "adapt_steps", "seed")
 
 
 def default_roi(model: ResidualCNN3D) -> tuple[int, int, int]:
@@ -75,19 +77,30 @@ def upsample_cnn(
     progress: bool | str = False,
     preset: str | None = None,
     thickness: float | str | None = None,
+    adapt: bool | str = False,
+    adapt_steps: int | str = 200,
+    seed: int | str = 0,
 ) -> Volume:
     """CNN-baseline upsampling of ``thick`` to ``spacing_mm`` slices on ``thin_grid(thick, spacing_mm)``.
 
     ``patch_size`` (D H W voxels): inference window (default: twice the training patch). ``consistency`` projects
     the output onto agreement with the thick input under ``profile`` (default gaussian) and ``thickness``.
+    ``adapt`` first fine-tunes the network on the input itself (in-plane axes degraded like the slice axis, SMORE).
     """
     roi = None if patch_size is None else option_patch("patch_size", patch_size)
     use_dc = option_bool("consistency", consistency)
-    if profile is not None and not use_dc:
-        raise ThinsliceError("--option profile=... is only used with consistency=true for the cnn method")
+    use_adapt = option_bool("adapt", adapt)
+    if profile is not None and not (use_dc or use_adapt):
+        raise ThinsliceError("--option profile=... is only used with consistency=true or --adapt for the cnn method")
     thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
     bundle = resolve_bundle(checkpoint, "cnn")
     model = load_baseline(bundle, resolve_device(device), preset=preset)
+    if use_adapt:
+        from thinslice.train.adapt import adapt_baseline
+
+        model = adapt_baseline(model, thick, spacing_mm, steps=option_int("adapt_steps", adapt_steps, 1),
+                               device=resolve_device(device), seed=option_int("seed", seed),
+                               profile=profile or "gaussian", progress=option_bool("progress", progress))
     start = time.perf_counter()
     lr = get_method("cubic").fn(thick, spacing_mm)
     refined = refine_cnn(model, lr.slices_first(), roi, progress=option_bool("progress", progress))

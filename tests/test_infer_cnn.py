@@ -104,3 +104,20 @@ def test_cli_cnn_with_adaptation(tmp_path, thick) -> None:
     plain_vol, adapted_vol = read_volume(plain), read_volume(adapted)
     assert adapted_vol.grid_differences(plain_vol) == []
     assert np.abs(adapted_vol.array - plain_vol.array).max() > 0.01  # fine-tuning changed the network's output
+
+
+def test_auto_method_prefers_shipped_weights(tmp_path, thick, monkeypatch, capsys) -> None:
+    from thinslice.cli.main import main
+    from thinslice.infer import bundle as bundle_mod
+    from thinslice.io import read_volume, write_volume
+
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE_DIR", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    assert bundle_mod.default_method() == "cubic"  # nothing shipped: interpolation
+    _bundle(tmp_path / "shipped", trained=True)
+    assert bundle_mod.default_method() == "cnn"
+    src, out = tmp_path / "thick.nii.gz", tmp_path / "out.nii.gz"
+    write_volume(thick, src)
+    assert main(["upsample", str(src), str(out), "--spacing", str(SPACING)]) == 0  # no --method, no --checkpoint
+    assert "cnn" in capsys.readouterr().out
+    assert read_volume(out).grid_differences(target_grid_volume(thick, SPACING)) == []

@@ -15,6 +15,7 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
+from thinslice.infer.bundle import default_method
 from thinslice.infer.upsample import upsample
 from thinslice.io import read_volume, write_volume
 from thinslice.io.volume import Volume
@@ -33,16 +34,6 @@ class DemoResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def default_method() -> str:
-    """The best method available in this install: shipped diffusion weights, then the CNN, then cubic."""
-    from thinslice.infer.bundle import METHOD_FILES, has_weights
-
-    for name in ("ldm", "cnn"):
-        if all(has_weights(kind) for kind in METHOD_FILES[name]):
-            return name
-    return "cubic"
-
-
 def run_demo(
     out_dir: str | Path,
     input_path: str | Path | None = None,
@@ -54,7 +45,7 @@ def run_demo(
 ) -> DemoResult:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method = method or default_method()
+    method = method or default_method()  # best method with shipped weights, else cubic
     result = DemoResult(out_dir=out, method=method)
 
     if input_path is None:

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", metavar="IN", help="thick-slice volume file or DICOM series folder")
     parser.add_argument("output", metavar="OUT", help="output file (.nii.gz, .nrrd, .mha) or folder for DICOM")
     parser.add_argument("--spacing", type=float, required=True, metavar="MM", help="output slice spacing in mm")
-    parser.add_argument("--method", default="cubic", help="upsampling method (default: cubic); an unknown name "
+    parser.add_argument("--method", default="auto", help="upsampling method (default: auto = the best method whose "
+                        "weights ship with thinslice, else cubic); an unknown name "
                         "lists the available ones")
     parser.add_argument("--series", metavar="UID", default=None, help="series to read from a multi-series folder")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16",
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from thinslice.io import read_volume, write_volume
 
     refuse_same_path(args.output, args.input)
+    if args.method == "auto":
+        from thinslice.infer.bundle import default_method
+
+        args.method = default_method()
     method = get_method(args.method)
     options = collect_options(args)
     if method.options is not None:

@@ -106,6 +106,19 @@ def has_weights(kind: str, bundle: str | Path | None = None) -> bool:
     return all((folder / FILES[k]).is_file() for k in kinds)
 
 
+# Learned methods in order of preference when the user names none: the first whose weights ship with the package
+# is used, else cubic interpolation. Only weights that beat cubic on the benchmark are shipped.
+PREFERRED_METHODS = ("ldm", "cnn")
+
+
+def default_method() -> str:
+    """What ``--method auto`` means in this install: the best method with shipped weights, else ``cubic``."""
+    for name in PREFERRED_METHODS:
+        if has_weights(name):
+            return name
+    return "cubic"
+
+
 # --------------------------------------------------------------------------------------------------- building
 def _build(kind: str, preset: Preset) -> nn.Module:
     return build_model(kind, preset)

@@ -1,0 +1,184 @@
+"""One benchmark for every method: volumes x factors x slice profiles x methods -> one table.
+
+Each case simulates thick slices from a thin volume (``simulate_pair``), upsamples them back with each method through
+the same ``upsample`` entry point the CLI uses, and scores the result against the thin truth. Per method it records
+PSNR, SSIM, HU-MAE (body), the data-consistency residual (how far the output, degraded again with the input's
+profile, is from the input slices), wall seconds and the peak resident memory while the method ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
+from thinslice.evaluate.figures import save_comparison_figure
+from thinslice.evaluate.metrics import evaluate_volumes
+from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.upsample import upsample
+from thinslice.io import read_volume
+from thinslice.io.volume import Volume
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A row label and how to call ``upsample`` for it (e.g. ``ldm-4`` = ldm with ``steps=4``)."""
+
+    label: str
+    method: str
+    options: dict[str, object] = field(default_factory=dict)
+
+
+def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None) -> list[MethodSpec]:
+    """``linear``, ``cubic``, ``cnn``, ``cnn-adapt``, ``ldm`` (15 steps) and ``ldm-N`` (N steps)."""
+    specs = []
+    for name in names:
+        learned: dict[str, object] = {}
+        if checkpoint:
+            learned["checkpoint"] = checkpoint
+        if device:
+            learned["device"] = device
+        if name in ("linear", "cubic"):
+            specs.append(MethodSpec(name, name))
+        elif name == "cnn":
+            specs.append(MethodSpec(name, "cnn", learned))
+        elif name == "cnn-adapt":
+            specs.append(MethodSpec(name, "cnn", {**learned, "adapt": True, "adapt_steps": 30}))
+        elif name == "ldm":
+            specs.append(MethodSpec(name, "ldm", {**learned, "progress": False}))
+        elif name.startswith("ldm-") and name[4:].isdigit():
+            specs.append(MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False}))
+        else:
+            raise ThinsliceError(f"unknown benchmark method '{name}': use linear, cubic, cnn, cnn-adapt, ldm, ldm-N")
+    return specs
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_mb = self._proc.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class BenchRow:
+    volume: str
+    factor: float
+    profile: str
+    method: str
+    psnr: float
+    ssim: float
+    mae_hu_body: float
+    dc_residual_hu: float
+    seconds: float
+    peak_rss_mb: float
+
+
+def run_benchmark(
+    volumes: Sequence[str | Path | Volume],
+    factors: Sequence[float] = (2.0, 4.0),
+    profiles: Sequence[str] = ("gaussian", "decimate"),
+    methods: Sequence[MethodSpec] = (MethodSpec("linear", "linear"), MethodSpec("cubic", "cubic")),
+    figure_path: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[BenchRow]:
+    """Score every method on every (volume, factor, profile) case; the first case also gives the figure."""
+    rows: list[BenchRow] = []
+    for index, item in enumerate(volumes):
+        thin = item if isinstance(item, Volume) else read_volume(item)
+        name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
+        for factor in factors:
+            for profile in profiles:
+                thick, truth = simulate_pair(thin, factor=factor, profile=profile)
+                operator = thick_profile_operator(thick, thin.slice_spacing, profile)
+                outputs: dict[str, Volume] = {}
+                for spec in methods:
+                    with PeakRSS() as memory:
+                        start = time.perf_counter()
+                        out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options)
+                        seconds = time.perf_counter() - start
+                    scores = evaluate_volumes(out, truth)
+                    residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
+                    row = BenchRow(name, float(factor), profile, spec.label, float(scores["psnr"]),
+                                   float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]),
+                                   seconds, memory.peak_mb)
+                    rows.append(row)
+                    outputs[spec.label] = out
+                    log(f"{name} x{factor:g} {profile:<8} {spec.label:<9} PSNR {row.psnr:6.2f}  SSIM {row.ssim:.4f}  "
+                        f"MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  {row.seconds:6.1f} s  "
+                        f"{row.peak_rss_mb:6.0f} MB")
+                if figure_path is not None and not Path(figure_path).exists():
+                    panels = {"thin truth": truth, f"thick x{factor:g} {profile}": thick, **outputs}
+                    save_comparison_figure(panels, figure_path, title=f"{name}: x{factor:g} {profile}")
+    return rows
+
+
+def _short_name(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def markdown_table(rows: Sequence[BenchRow]) -> str:
+    lines = [
+        "| volume | factor | profile | method | PSNR (dB) | SSIM | HU-MAE body | DC residual (HU) | seconds "
+        "| peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.volume} | {r.factor:g} | {r.profile} | {r.method} | {r.psnr:.2f} | {r.ssim:.4f} | "
+                     f"{r.mae_hu_body:.1f} | {r.dc_residual_hu:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_by_method(rows: Sequence[BenchRow]) -> dict[str, dict[str, float]]:
+    """Mean PSNR/SSIM/MAE per method over all cases (what a reader looks at first)."""
+    out: dict[str, dict[str, float]] = {}
+    for label in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == label]
+        out[label] = {k: float(np.mean([getattr(r, k) for r in mine])) for k in ("psnr", "ssim", "mae_hu_body")}
+    return out
+
+
+def write_results(rows: Sequence[BenchRow], out_dir: str | Path) -> tuple[Path, Path]:
+    """``bench.json`` and ``bench.md`` in ``out_dir`` (atomic writes)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"rows": [asdict(r) for r in rows], "summary": summary_by_method(rows)}
+    paths = (out / "bench.json", out / "bench.md")
+    for path, text in zip(paths, (json.dumps(payload, indent=1), markdown_table(rows)), strict=True):
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    return paths

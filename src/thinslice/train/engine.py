@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
@@ -172,6 +172,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def warmup_ema_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """EMA update whose decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
+
+    torch's ``get_ema_multi_avg_fn`` uses the full decay from the first step, so a short run (a CPU hour, a
+    few hundred steps) exports weights that are still mostly the initial ones; the warm-up (as in diffusers'
+    EMAModel) lets the average follow the model early and smooth it later.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], num_averaged: Any) -> None:
+        n = float(num_averaged)
+        step_decay = min(decay, (1.0 + n) / (10.0 + n))
+        floating = [(e, m) for e, m in zip(ema_params, model_params, strict=True) if torch.is_floating_point(e)]
+        if floating:
+            torch._foreach_lerp_([e for e, _ in floating], [m for _, m in floating], 1.0 - step_decay)
+        for e, m in zip(ema_params, model_params, strict=True):
+            if not torch.is_floating_point(e):
+                e.copy_(m)
+
+    return update
+
+
 class Trainer:
     """Generic optimisation loop. See the module docstring for what it does and how resume works."""
 
@@ -224,7 +248,7 @@ class Trainer:
         if config.ema_decay:
             for name in self.trainable:
                 self.ema[name] = AveragedModel(acc.unwrap_model(self.models[name]),
-                                               multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+                                               multi_avg_fn=warmup_ema_fn(config.ema_decay), use_buffers=True)
                 self.ema[name].requires_grad_(False)
 
         self.state = _TrainState()

@@ -12,3 +12,14 @@ from thinslice.io.volume import Volume
 def thin_phantom() -> Volume:
     """A small thin-slice chest phantom: 48 slices of 1.25 mm, 64x64 in-plane at 4.5 mm."""
     return make_chest_phantom(shape=(48, 64, 64), spacing=(4.5, 4.5, 1.25), seed=1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' networks are tiny: one thread runs them fastest and keeps parallel jobs from oversubscribing."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

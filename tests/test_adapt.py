@@ -14,14 +14,6 @@ from thinslice.train.adapt import adapt_baseline, adaptation_factor, adaptation_
 from thinslice.train.baseline import l1_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def thick():
     """4 mm slices of a 1 mm thin phantom (in-plane 1 mm): the in-plane axes are 4x finer than the slices."""

@@ -14,14 +14,6 @@ from thinslice.train.engine import EngineConfig, Trainer, list_checkpoints, make
 from thinslice.train.losses import VAELoss, VAELossWeights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _trainer(run_dir, volumes, validate_fn=None, export_fn=None, **overrides) -> Trainer:
     torch.manual_seed(0)
     vae = build_vae("tiny")

@@ -16,14 +16,6 @@ from thinslice.models.weights import save_weights
 from thinslice.train.latents import LatentCache, build_latent_cache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture()
 def setup(tmp_path):
     vol = make_chest_phantom(shape=(16, 32, 32), spacing=(6.0, 6.0, 1.25), seed=2)

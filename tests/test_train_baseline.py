@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from thinslice.cli.main import main
@@ -16,14 +15,6 @@ from thinslice.models.factory import build_baseline
 from thinslice.presets import load_preset
 from thinslice.train.baseline import BaselineTrainOptions, l1_loss, train_baseline
 from thinslice.train.pairs import PairSampler
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _fixed_l1(model, thin_phantom) -> float:

@@ -26,13 +26,6 @@ from thinslice.train.pairs import PairSampler, make_pair, pair_margin
 VAL_CROP = (8, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def vae_file(tmp_path_factory):

@@ -18,14 +18,6 @@ from thinslice.models.vae import AutoencoderKL3D, VAEConfig, count_parameters
 from thinslice.models.weights import load_model, read_metadata, save_weights, weights_hash
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_shapes_tiny_and_small(preset):
     torch.manual_seed(0)

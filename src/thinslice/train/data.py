@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from thinslice.errors import ThinsliceError
+from thinslice.io import read_volume
+from thinslice.io.prepare import read_split_file
 from thinslice.io.volume import Volume
 
 AIR_THRESHOLD_HU = -950.0  # below this a voxel counts as air (lung parenchyma is about -850)
@@ -54,37 +56,6 @@ def default_transform(patch_hu: np.ndarray, info: PatchInfo, rng: np.random.Gene
     return {"hu": patch_hu[None]}  # (1, D, H, W): channel axis for the network
 
 
-def _read_volume(path: Path) -> Volume:
-    try:
-        from thinslice.io import read_volume  # written in parallel by the io work; imported lazily
-    except ImportError:
-        read_volume = None
-    if read_volume is not None:
-        return read_volume(path)
-    import SimpleITK as sitk  # stand-in until thinslice.io.read_volume exists
-
-    img = sitk.ReadImage(str(path))
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return Volume(sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(), direction)
-
-
-def read_split(path: Path) -> list[Path]:
-    """Volume paths listed in a split file (one per line, '#' comments, relative to the file's folder)."""
-    try:
-        from thinslice.io.prepare import read_split_file  # io work; imported lazily
-    except ImportError:
-        read_split_file = None
-    if read_split_file is not None:
-        return list(read_split_file(path))
-    out = []
-    for line in Path(path).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            p = Path(line)
-            out.append(p if p.is_absolute() else (Path(path).parent / p))
-    return out
-
-
 def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
     """Volume files from split files (.txt), folders (their NIfTI/NRRD/MHA files) or individual files."""
     if isinstance(specs, (str, Path)):
@@ -93,7 +64,7 @@ def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
     for spec in specs:
         p = Path(spec)
         if p.suffix == ".txt" and p.is_file():
-            paths += read_split(p)
+            paths += read_split_file(p)
         elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES))
             if not found:
@@ -112,7 +83,7 @@ def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def _source_from(item: Volume | str | Path, index: int) -> _Source:
-    vol = item if isinstance(item, Volume) else _read_volume(Path(item))
+    vol = item if isinstance(item, Volume) else read_volume(Path(item))
     name = Path(item).name if not isinstance(item, Volume) else f"volume{index}"
     hu = np.rint(np.clip(vol.slices_first(), -32768, 32767)).astype(np.int16)
     axis = vol.slice_axis

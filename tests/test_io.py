@@ -311,3 +311,14 @@ def test_info_command(tmp_path, phantom, capsys):
     assert "32 x 32 x 16" in out and "slice axis:      k" in out and "slice thickness: 3 mm" in out
     assert main(["info", str(tmp_path / "missing.nii.gz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_nan_voxels_are_a_clear_error(tmp_path):
+    array = np.zeros((8, 8, 8), np.float32)
+    array[2, 3, 4] = np.nan
+    path = tmp_path / "nan.nrrd"  # (SimpleITK's NIfTI reader already turns NaN into 0; NRRD keeps it)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(ThinsliceError, match="1 NaN or infinite voxels"):
+        read_volume(path)
+    assert main(["upsample", str(path), str(tmp_path / "out.nii.gz"), "--spacing", "0.5"]) == 2
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -305,6 +305,13 @@ def _padding_hu(tag: Callable[[str], str]) -> list[tuple[float, float]]:
 def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickness: float | None,
                padding_hu: list[tuple[float, float]] | None) -> Volume:
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if array.dtype.kind == "f":
+        not_finite = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if not_finite:
+            raise ThinsliceError(
+                f"{source} holds {not_finite} NaN or infinite voxels; replace them (e.g. by -1024 HU for air) "
+                "before using the volume"
+            )
     if metadata.get("modality", "CT") == "CT":
         mask = array <= PADDING_BELOW_HU
         for lo, hi in padding_hu or []:

@@ -53,3 +53,18 @@ def test_presets_load(name):
 def test_unknown_preset_message():
     with pytest.raises(ThinsliceError, match="tiny, small, paper"):
         load_preset("huge")
+
+
+def test_thin_result_keeps_the_slice_axis_of_its_thick_input():
+    from thinslice.infer.consistency import make_consistent
+    from thinslice.infer.upsample import upsample
+
+    # a coronal stack: 4 mm slices along index axis j; once upsampled to 0.8 mm the result is isotropic
+    rng = np.random.default_rng(0)
+    thick = Volume(rng.normal(0, 100, (12, 10, 12)).astype(np.float32), spacing=(0.8, 4.0, 0.8))
+    assert thick.slice_axis == 1
+    thin = upsample(thick, 0.8, method="cubic")
+    assert np.allclose(thin.spacing, (0.8, 0.8, 0.8)) and thin.slice_axis == 1
+    assert thin.shape_ijk == (12, 50, 12)
+    consistent, _report = make_consistent(thin, thick, "gaussian", None)
+    assert consistent.slice_axis == 1 and consistent.shape_ijk == thin.shape_ijk

@@ -18,6 +18,7 @@ from thinslice.evaluate.metrics import evaluate_volumes
 from thinslice.infer.bundle import default_method
 from thinslice.infer.upsample import upsample
 from thinslice.io import read_volume, write_volume
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 
 # A volume whose slices are at most this thick (mm) is treated as thin truth and degraded first.
@@ -71,7 +72,9 @@ def run_demo(
     outputs: dict[str, Volume] = {}
     for name in methods:
         start = time.perf_counter()
-        options = {} if name in ("linear", "cubic") else {"seed": seed}
+        options: dict[str, object] = {} if name in ("linear", "cubic") else {"seed": seed}
+        if name == "ldm":  # its data-consistency step must use the profile the input was made with
+            options["profile"] = profile
         outputs[name] = upsample(thick, thin_spacing, method=name, **options)
         seconds = time.perf_counter() - start
         result.files[name] = _write(outputs[name], out / f"result_{name}.nii.gz", input_path)
@@ -91,7 +94,7 @@ def run_demo(
     for name, vol in outputs.items():
         panels[f"{name} ({vol.slice_spacing:.2f} mm)"] = vol
     result.files["figure"] = save_comparison_figure(panels, out / "views.png", title=f"thinslice demo: {method}")
-    (out / "metrics.json").write_text(json.dumps(result.scores, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(result.scores, indent=2))
     result.files["metrics"] = out / "metrics.json"
     log(f"demo: wrote {', '.join(str(p) for p in result.files.values())}")
     return result

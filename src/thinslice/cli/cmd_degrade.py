@@ -38,11 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def refuse_same_path(output: str, *inputs: str) -> None:
-    """Fail before any work when the output would replace an input."""
-    out = Path(output).resolve()
+    """Fail before any work when the output would replace (or contain) an input."""
+    from thinslice.io.writers import refuse_overwriting_input
+
     for item in inputs:
-        if out == Path(item).resolve():
-            raise ThinsliceError(f"output {output} is the input {item}; choose another output path")
+        refuse_overwriting_input(Path(output), Path(item))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ profile, is from the input slices), wall seconds and the peak resident memory wh
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +24,7 @@ from thinslice.evaluate.metrics import evaluate_volumes
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
 from thinslice.infer.upsample import upsample
 from thinslice.io import read_volume
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 
 
@@ -177,8 +176,5 @@ def write_results(rows: Sequence[BenchRow], out_dir: str | Path) -> tuple[Path, 
     payload = {"rows": [asdict(r) for r in rows], "summary": summary_by_method(rows)}
     paths = (out / "bench.json", out / "bench.md")
     for path, text in zip(paths, (json.dumps(payload, indent=1), markdown_table(rows)), strict=True):
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return paths

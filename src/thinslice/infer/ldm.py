@@ -401,7 +401,7 @@ def upsample_ldm(
         from thinslice.io.writers import is_folder_output, write_volume
 
         dtype = "int16" if is_folder_output(uncertainty_path) else "float32"
-        written = write_volume(result.std, uncertainty_path, dtype=dtype, overwrite=True)
+        written = write_volume(result.std, uncertainty_path, dtype=dtype)
         result.volume.metadata["ldm_std_map"] = str(written)
         if show:
             print(f"ldm: wrote standard-deviation map {written}", file=sys.stderr)

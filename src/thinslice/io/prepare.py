@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.dicom import header_text, read_header
 from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension, read_volume
 from thinslice.io.volume import Volume
@@ -140,9 +140,9 @@ def prepare_dataset(
         report.rows.append(row)
 
     report.splits = _split_patients(report.converted, fractions, seed)
-    _write_text(out / "series.csv", _csv_text(report.rows))
+    write_text_atomic(out / "series.csv", _csv_text(report.rows))
     for name in SPLIT_NAMES:
-        _write_text(out / f"{name}.txt", "".join(f"{p.as_posix()}\n" for p in report.splits[name]))
+        write_text_atomic(out / f"{name}.txt", "".join(f"{p.as_posix()}\n" for p in report.splits[name]))
     report.splits = {name: [out / p for p in paths] for name, paths in report.splits.items()}
     return report
 
@@ -326,14 +326,3 @@ def _csv_text(rows: list[SeriesRow]) -> str:
     return buffer.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

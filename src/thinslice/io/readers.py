@@ -227,7 +227,11 @@ def _read_single_dicom_file(path: Path, source: Path) -> Volume:
                              "stack of slices (pass the folder with the whole series)")
     _check_dimensions(source, dim, size, reader.GetNumberOfComponents())
     reader.SetOutputPixelType(sitk.sitkFloat32)
-    image = reader.Execute()
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ThinsliceError(f"cannot read the voxels of DICOM file {path}: the file is corrupt or truncated "
+                             f"({_sitk_reason(exc)})") from None
 
     def tag(key: str) -> str:
         return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""

@@ -30,6 +30,9 @@ class Volume:
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
     slice_thickness: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Set on volumes derived from another one (``with_slices``/``with_array``) so that a thin result, which may be
+    # near-isotropic, keeps the slice axis of its thick input instead of re-deriving it from its own spacing.
+    stack_axis: int | None = None
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
@@ -53,6 +56,8 @@ class Volume:
         if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
             raise ThinsliceError("volume direction matrix is degenerate; the file's orientation is corrupt")
         self.direction = direction
+        if self.stack_axis is not None and self.stack_axis not in (0, 1, 2):
+            raise ThinsliceError(f"slice axis must be 0, 1 or 2, got {self.stack_axis}")
 
     # ----------------------------------------------------------------------------------------------- geometry
     @property
@@ -65,8 +70,11 @@ class Volume:
         """Index axis (0=i, 1=j, 2=k) that runs through the slices.
 
         The axis with the clearly largest spacing (>20% above the others) when the volume is anisotropic (thick
-        slices, in any orientation); otherwise the axis closest to the patient's head-feet direction.
+        slices, in any orientation); otherwise the axis closest to the patient's head-feet direction. A volume
+        derived from another one keeps that one's slice axis.
         """
+        if self.stack_axis is not None:
+            return self.stack_axis
         sp = np.asarray(self.spacing)
         largest = int(np.argmax(sp))
         others = np.delete(sp, largest)
@@ -114,6 +122,7 @@ class Volume:
             direction=self.direction.copy(),
             slice_thickness=slice_thickness,
             metadata=dict(self.metadata),
+            stack_axis=axis,
         )
 
     def with_array(self, array: np.ndarray) -> Volume:
@@ -121,7 +130,7 @@ class Volume:
         if tuple(array.shape) != tuple(self.array.shape):
             raise ThinsliceError(f"array shape {array.shape} does not match volume shape {self.array.shape}")
         return Volume(array, self.spacing, self.origin, self.direction.copy(), self.slice_thickness,
-                      dict(self.metadata))
+                      dict(self.metadata), stack_axis=self.slice_axis)
 
     def slice_positions_mm(self) -> np.ndarray:
         """Signed position of each slice centre along the slice direction, relative to the origin's projection."""

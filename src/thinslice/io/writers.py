@@ -56,7 +56,7 @@ def write_volume(
     folder_output = is_folder_output(path)
     path = Path(path)
     if reference_input is not None:
-        _refuse_overwriting_input(path, Path(reference_input))
+        refuse_overwriting_input(path, Path(reference_input))
     if folder_output:
         if dtype != "int16":
             raise ThinsliceError("DICOM series are written as int16 HU; use dtype int16 or write NIfTI/NRRD/MHA "
@@ -76,7 +76,8 @@ def write_volume(
     return path
 
 
-def _refuse_overwriting_input(out: Path, ref: Path) -> None:
+def refuse_overwriting_input(out: Path, ref: Path) -> None:
+    """Fail when writing ``out`` would replace or sit around the input ``ref``."""
     out_abs, ref_abs = out.resolve(), ref.resolve()
     same = out_abs == ref_abs
     if not same and out.exists() and ref.exists():
@@ -138,6 +139,7 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old_dir: Path | None = None
+    swapped = False
     try:
         write_dicom_series(volume, tmp_dir, series_description=series_description)
         if non_empty:
@@ -146,10 +148,13 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
         elif folder.is_dir():
             folder.rmdir()
         os.replace(tmp_dir, folder)
+        swapped = True
         os.chmod(folder, 0o777 & ~_umask())  # mkdtemp made it private (0700)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if old_dir is not None:
+            if not swapped and not folder.exists():  # the new series never arrived: put the old one back
+                os.replace(old_dir / folder.name, folder)
             shutil.rmtree(old_dir, ignore_errors=True)
 
 

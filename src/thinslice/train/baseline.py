@@ -22,6 +22,7 @@ from torch import nn
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import save_bundle_model
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.factory import build_baseline
@@ -140,12 +141,12 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
                       export_fn=export)
     if trainer.is_main:
         write_run_record(run_dir, record)
-        (run_dir / "preset.json").write_text(json.dumps(preset.to_dict(), indent=1))
+        write_text_atomic(run_dir / "preset.json", json.dumps(preset.to_dict(), indent=1))
     result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
     if result.step >= tc.max_steps and trainer.is_main:
         summary = {"step": result.step, "best_val_psnr": result.best, "best_step": result.best_step,
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        (run_dir / "final" / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
         best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
         print(f"train-baseline: final weights {run_dir / 'final' / 'baseline.safetensors'} (best val PSNR {best} "
               f"at step {result.best_step})")

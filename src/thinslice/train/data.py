@@ -24,10 +24,10 @@ import torch
 from thinslice.errors import ThinsliceError
 from thinslice.io import read_volume
 from thinslice.io.prepare import read_split_file
+from thinslice.io.readers import VOLUME_EXTENSIONS
 from thinslice.io.volume import Volume
 
 AIR_THRESHOLD_HU = -950.0  # below this a voxel counts as air (lung parenchyma is about -850)
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -66,9 +66,9 @@ def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
         if p.suffix == ".txt" and p.is_file():
             paths += read_split_file(p)
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES))
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_EXTENSIONS))
             if not found:
-                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_SUFFIXES)}) in folder {p}")
+                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_EXTENSIONS)}) in folder {p}")
             paths += found
         elif p.exists():
             paths.append(p)

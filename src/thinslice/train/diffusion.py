@@ -42,6 +42,7 @@ from thinslice.diffusion.sampler import diffusion_loss, make_schedule, sample_la
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import FILES, save_bundle_denoiser
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
@@ -312,10 +313,7 @@ def check_run_record(run_dir: Path, record: dict[str, Any], resume: bool, keys: 
 
 
 def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
-    path = Path(run_dir) / TRAIN_RECORD
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / TRAIN_RECORD, json.dumps(record, indent=1, default=str))
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -400,13 +398,13 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     vae.to(trainer.device)
     if trainer.is_main:
         write_run_record(run_dir, record)
-        (run_dir / "preset.json").write_text(json.dumps(build_preset.to_dict(), indent=1))
+        write_text_atomic(run_dir / "preset.json", json.dumps(build_preset.to_dict(), indent=1))
     result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
     if result.step >= tc.max_steps and trainer.is_main:
         summary = {"step": result.step, "steps": diffusion_cfg.num_steps, "control": control_cfg.enabled,
                    "vae_hash": vae_hash, "best_val_psnr": result.best, "best_step": result.best_step,
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        (run_dir / "final" / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
         best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
         print(f"train: final bundle {run_dir / 'final'} (best val PSNR {best} at step {result.best_step})")
     return result

@@ -39,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.atomic import write_text_atomic
 
 LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
@@ -154,12 +155,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -378,7 +373,7 @@ class Trainer:
 
             set_seed(cfg.seed + acc.process_index)
         if self.is_main:
-            _atomic_write_text(self.run_dir / "engine_config.json",
+            write_text_atomic(self.run_dir / "engine_config.json",
                                json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                                           indent=1))
         acc.init_trackers("tensorboard")

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.tiling import DEFAULT_TILE, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
@@ -248,7 +249,5 @@ def build_latent_cache(
     index = {"format": CACHE_FORMAT, "preset": preset_name, "vae_hash": vae_hash,
              "scaling_factor": vae.scaling_factor, "tile": list(tile),
              "entries": [{**asdict(e), "hr_shape": list(e.hr_shape)} for e in entries]}
-    tmp = index_path.with_name(f".{INDEX_NAME}.tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
+    write_text_atomic(index_path, json.dumps(index, indent=1))
     return LatentCache(out, index)

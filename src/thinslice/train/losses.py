@@ -14,7 +14,7 @@ from monai.losses import PatchAdversarialLoss, SSIMLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
-from thinslice.models.intensity import HU_RANGE, hu_to_model
+from thinslice.models.intensity import hu_to_model
 from thinslice.models.vae import AutoencoderKL3D
 
 
@@ -89,11 +89,3 @@ def psnr_model_range(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of model-range images (data range 2 = the full HU range)."""
     mse = torch.mean((pred.float().clamp(-1, 1) - target.float()) ** 2)
     return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
-
-
-def psnr_hu(pred: np.ndarray, target: np.ndarray, data_range: float = HU_RANGE) -> float:
-    """PSNR in dB of HU arrays, both clipped to the model's HU range (data range 4095 HU)."""
-    p = np.asarray(hu_to_model(np.asarray(pred, dtype=np.float64)))
-    t = np.asarray(hu_to_model(np.asarray(target, dtype=np.float64)))
-    mse = float(np.mean((p - t) ** 2)) * (data_range / 2.0) ** 2
-    return float(10.0 * np.log10(data_range**2 / max(mse, 1e-12)))

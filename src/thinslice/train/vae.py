@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from thinslice.errors import ThinsliceError
+from thinslice.evaluate.metrics import psnr
+from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_vae
 from thinslice.models.intensity import hu_to_model
@@ -27,7 +29,7 @@ from thinslice.models.weights import load_state_strict, read_metadata, save_weig
 from thinslice.presets import Preset, load_preset, preset_from_dict
 from thinslice.train.data import PatchSampler, _source_from
 from thinslice.train.engine import EngineConfig, Trainer, TrainResult
-from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator, psnr_hu
+from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator
 
 # Window for the TensorBoard slice images (HU): lung to bone.
 _IMG_WINDOW = (-1000.0, 1000.0)
@@ -79,7 +81,7 @@ def make_validate_fn(crops: list[tuple[str, np.ndarray]], tile: tuple[int, int, 
         for _name, hu in crops:
             latent = encode_volume(vae, hu, tile=tile)
             recon = decode_volume(vae, latent, out_shape=hu.shape, tile=tile)
-            psnrs.append(psnr_hu(recon, hu))
+            psnrs.append(psnr(recon, hu))
             maes.append(float(np.mean(np.abs(np.clip(recon, -1024, 3071) - np.clip(hu, -1024, 3071)))))
             if image is None:
                 mid = hu.shape[0] // 2
@@ -186,7 +188,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
     if trainer.is_main:
         record = preset.to_dict()
         record["train_vae"] = dataclasses.asdict(tc)
-        (run_dir / "preset.json").write_text(json.dumps(record, indent=1))
+        write_text_atomic(run_dir / "preset.json", json.dumps(record, indent=1))
     result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
     if result.step >= tc.max_steps and trainer.is_main:
         final_vae = result.models["vae"]
@@ -203,7 +205,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
         summary = {"step": result.step, "scaling_factor": factor, "weights_hash": digest,
                    "best_val_psnr": result.best, "best_step": result.best_step,
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        (run_dir / "final" / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
         print(f"train-vae: final weights {run_dir / 'final' / 'vae.safetensors'} (scaling factor {factor:.4f}, "
               f"best val PSNR {result.best if result.best is not None else float('nan'):.2f} dB)")
     return result

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import thinslice
@@ -28,9 +27,9 @@ from thinslice.errors import ThinsliceError
 from thinslice.models import weights as weights_io
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.denoiser import LatentDenoiser
-from thinslice.models.factory import MODEL_KINDS, build_denoiser, build_model  # noqa: F401 (re-exported)
+from thinslice.models.factory import build_denoiser  # noqa: F401 (re-exported for callers of the bundle API)
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import Preset, load_preset, preset_from_dict
+from thinslice.presets import Preset, load_preset
 
 DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
 DENOISER_KIND = "denoiser"
@@ -38,8 +37,6 @@ FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors", "baseline
 # What each method needs from a bundle (kinds, see FILES).
 METHOD_FILES = {"ldm": ("vae", "denoiser"), "cnn": ("baseline",)}
 # Preset sections that define each kind's architecture (for the "wrong preset" check).
-_ARCH_SECTIONS = {"vae": ("vae",), "denoiser": ("unet", "control"), "baseline": ("baseline",)}
-_NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
 TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train ...", "cnn": "thinslice train-baseline ..."}
 
 
@@ -120,40 +117,9 @@ def default_method() -> str:
 
 
 # --------------------------------------------------------------------------------------------------- building
-def _build(kind: str, preset: Preset) -> nn.Module:
-    return build_model(kind, preset)
-
-
-def _arch(record: dict, sections: tuple[str, ...]) -> dict:
-    return {s: {k: v for k, v in record.get(s, {}).items() if k not in _NON_ARCH} for s in sections}
-
-
 def _load(kind: str, path: Path, device: torch.device, preset: str | Path | Preset | None) -> nn.Module:
     """Network of ``kind`` from a self-describing weights file, refusing files of another kind or preset."""
-    meta = weights_io.read_metadata(path)
-    file_kind = meta.get("thinslice_kind")
-    if file_kind is None or "preset_config" not in meta:
-        raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
-    if file_kind != kind:
-        raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
-    record = json.loads(meta["preset_config"])
-    file_preset = preset_from_dict(record)
-    if preset is not None:
-        wanted = load_preset(preset)
-        sections = _ARCH_SECTIONS[kind]
-        if _arch(record, sections) != _arch(json.loads(json.dumps(wanted.to_dict())), sections):
-            raise ThinsliceError(
-                f"checkpoint {path} is for preset '{file_preset.name}', but preset '{wanted.name}' was requested "
-                f"and differs in {'/'.join(sections)}; pass --preset {file_preset.name} (or leave --preset out)"
-            )
-    model = _build(kind, file_preset)
-    state = load_file(str(path), device="cpu")
-    weights_io.load_state_strict(model, state, str(path))
-    model.weights_hash = meta.get("content_hash", "")  # type: ignore[assignment]
-    model.weights_path = str(path)  # type: ignore[assignment]
-    model.weights_metadata = meta  # type: ignore[assignment]
-    model.preset = file_preset  # type: ignore[assignment]
-    return model.to(device).eval()
+    return weights_io.load_model(kind, path, preset=preset, device=device)
 
 
 def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",
@@ -228,11 +194,7 @@ def save_bundle_denoiser(
         path = path / denoiser_file(steps)
     meta = {"steps": str(denoiser.cfg.num_steps), "sampler": denoiser.cfg.method}
     meta.update(extra_metadata or {})
-    if DENOISER_KIND in MODEL_KINDS:
-        return weights_io.save_weights(path, denoiser, DENOISER_KIND, record_preset, meta)
-    # weights.py knows no 'denoiser' kind: save under a known kind and override the kind string in the metadata.
-    meta["thinslice_kind"] = DENOISER_KIND
-    return weights_io.save_weights(path, denoiser, "unet", record_preset, meta)
+    return weights_io.save_weights(path, denoiser, DENOISER_KIND, record_preset, meta)
 
 
 def save_bundle_model(model: nn.Module, kind: str, preset: str | Path | Preset, folder: str | Path,

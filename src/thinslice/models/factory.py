@@ -15,7 +15,11 @@ from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import Preset, load_preset
 
 # kind -> preset section holding that network's architecture.
-MODEL_KINDS = {"vae": "vae", "unet": "unet", "control": "control", "baseline": "baseline"}
+# Kind of network -> the preset sections that describe its architecture (checked when weights are loaded).
+MODEL_KINDS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae",), "unet": ("unet",), "control": ("control",), "baseline": ("baseline",),
+    "denoiser": ("unet", "control"),
+}
 
 
 def build_vae(preset: str | Path | Preset) -> AutoencoderKL3D:

@@ -30,7 +30,7 @@ from thinslice.presets import CONFIG_DIR, PRESET_NAMES, Preset, load_preset, pre
 FORMAT_VERSION = "1"
 BUNDLED_DIR = CONFIG_DIR.parent / "weights"
 # Config fields that may differ between a file and a request without changing the architecture.
-_NON_ARCH = {"scaling_factor", "gradient_checkpointing"}
+_NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -65,8 +65,9 @@ def save_weights(
     preset_obj = load_preset(preset)
     record = preset_obj.to_dict()
     config = getattr(model, "config", None)
-    if config is not None and dataclasses.is_dataclass(config):
-        record[MODEL_KINDS[kind]] = dataclasses.asdict(config)
+    sections = MODEL_KINDS[kind]
+    if len(sections) == 1 and config is not None and dataclasses.is_dataclass(config):
+        record[sections[0]] = dataclasses.asdict(config)
     tensors = _state_tensors(model)
     digest = tensors_hash(tensors)
     meta = {"thinslice_kind": kind, "preset": preset_obj.name, "preset_config": json.dumps(record),
@@ -162,20 +163,22 @@ def load_model(
         raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
     record = json.loads(meta["preset_config"])
     file_preset = preset_from_dict(record)
-    section = MODEL_KINDS[kind]
     if preset is not None:
         wanted = load_preset(preset)
-        have, want = record.get(section, {}), dataclasses.asdict(getattr(wanted, section))
-        if _arch(have) != _arch(want):
-            raise ThinsliceError(
-                f"checkpoint {path.name} is for preset '{file_preset.name}' ({_describe(have)}), but preset "
-                f"'{wanted.name}' ({_describe(want)}) was requested; pass --preset {file_preset.name}"
-            )
+        for section in MODEL_KINDS[kind]:
+            have, want = record.get(section, {}), dataclasses.asdict(getattr(wanted, section))
+            if _arch(have) != _arch(want):
+                raise ThinsliceError(
+                    f"checkpoint {path.name} is for preset '{file_preset.name}' ({section}: {_describe(have)}), but "
+                    f"preset '{wanted.name}' ({_describe(want)}) was requested; pass --preset {file_preset.name}"
+                )
     model = build_model(kind, file_preset)
     state = load_file(str(path), device="cpu")
     load_state_strict(model, state, str(path))
     model.weights_hash = meta.get("content_hash", "")  # type: ignore[assignment]
     model.weights_path = str(path)  # type: ignore[assignment]
+    model.weights_metadata = meta  # type: ignore[assignment]
+    model.preset = file_preset  # type: ignore[assignment]
     return model.to(device).eval()
 
 

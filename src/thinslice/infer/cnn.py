@@ -23,7 +23,7 @@ from thinslice.infer.bundle import (
     resolve_bundle,
     resolve_device,
 )
-from thinslice.infer.consistency import consistency_residual_hu, enforce_consistency, thick_profile_operator
+from thinslice.infer.consistency import make_consistent
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
@@ -106,14 +106,10 @@ def upsample_cnn(
     refined = refine_cnn(model, lr.slices_first(), roi, progress=option_bool("progress", progress))
     out = lr.with_slices(refined, lr.slice_spacing, 0.0, lr.slice_thickness)
     if use_dc:
-        weights = thick_profile_operator(thick, spacing_mm, profile or "gaussian", thick_mm)
-        y = thick.slices_first()
-        before = consistency_residual_hu(refined, y, weights)
-        corrected = enforce_consistency(refined, y, weights)
-        after = consistency_residual_hu(corrected, y, weights)
-        out = lr.with_slices(corrected, lr.slice_spacing, 0.0, lr.slice_thickness)
+        out, report = make_consistent(out, thick, profile or "gaussian", thick_mm)
         out.metadata["cnn_consistency_hu"] = (
-            f"{profile or 'gaussian'} profile; |A x - thick| mean {before['mean_abs']:.3g} -> {after['mean_abs']:.3g}")
+            f"{profile or 'gaussian'} profile; |A x - thick| mean {report['before_mean_abs']:.3g} -> "
+            f"{report['after_mean_abs']:.3g}")
     out.metadata["cnn"] = f"weights {getattr(model, 'weights_hash', '') or '?'}, {time.perf_counter() - start:.1f} s"
     return out
 

@@ -1,7 +1,7 @@
 """Time and memory of ``--method ldm`` on a full-size volume (512x512x300 output by default), per stage.
 
     .venv/bin/python benchmarks/bench_ldm.py [--checkpoint DIR | --preset small] [--shape 300 512 512] \
-        [--factor 2] [--steps N] [--threads N] [--device cpu]
+        [--factor 2] [--steps N] [--threads N] [--device cpu] [--precision bf16] [--decode residual|direct]
 
 Without ``--checkpoint`` the networks of ``--preset`` get random weights: the compute (and so the time and memory)
 is that of a trained model of the same preset. The input is the synthetic chest phantom made directly at the thick
@@ -42,6 +42,8 @@ def main() -> None:
                         help="memory allowed for whole-latent sampling (default: half the available RAM)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--decode", choices=("residual", "direct"), default="residual")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,12 +69,13 @@ def main() -> None:
     start = time.perf_counter()
     result = run_ldm(thick, thin_mm, vae, denoiser, steps=args.steps, progress=True,
                      patch_size=tuple(args.patch_size) if args.patch_size else None,
-                     memory_limit_gb=args.memory_limit_gb)
+                     memory_limit_gb=args.memory_limit_gb, precision=args.precision, decode=args.decode)
     total = time.perf_counter() - start
     out = result.volume.slices_first()
     info = result.info
     print(f"ldm on {device} ({torch.get_num_threads()} threads), {source}: thick {thick.slices_first().shape} -> "
-          f"thin {out.shape}, latent {info['latent_shape']}, sampling {info['window']}, {info['steps']} steps")
+          f"thin {out.shape}, latent {info['latent_shape']}, sampling {info['window']}, {info['steps']} steps, "
+          f"{args.precision}, {args.decode} decode")
     for stage, seconds in info["timings_s"].items():  # type: ignore[union-attr]
         print(f"  {stage:<12s} {seconds:8.1f} s")
     print(f"  {'total':<12s} {total:8.1f} s")

@@ -36,6 +36,7 @@ def test_parse_methods():
     specs = parse_methods(["cubic", "ldm-4", "cnn"], checkpoint="ck", device="cpu")
     assert specs[1] == MethodSpec("ldm-4", "ldm", {"checkpoint": "ck", "device": "cpu", "steps": 4,
                                                    "progress": False})
+    assert parse_methods(["cnn"], precision="bf16")[0].options == {"precision": "bf16"}
     with pytest.raises(ThinsliceError, match="unknown benchmark method"):
         parse_methods(["bicubic"])
 

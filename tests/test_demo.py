@@ -38,3 +38,26 @@ def test_demo_missing_input_is_one_line_error(tmp_path, capsys):
     assert main(["demo", "--input", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("thinslice demo: error:") and "\n" not in err
+
+
+def test_demo_runs_every_learned_method_of_a_bundle(tmp_path):
+    import torch
+
+    from thinslice.infer.bundle import build_denoiser, save_bundle_denoiser, save_bundle_model
+    from thinslice.models.baseline import ResidualCNN3D
+    from thinslice.models.vae import AutoencoderKL3D
+    from thinslice.presets import load_preset
+
+    torch.manual_seed(0)
+    preset, bundle = load_preset("tiny"), tmp_path / "bundle"
+    vae_hash = save_bundle_model(AutoencoderKL3D(preset.vae), "vae", preset, bundle)
+    save_bundle_denoiser(build_denoiser(preset), preset, bundle, {"vae_hash": vae_hash})
+    save_bundle_model(ResidualCNN3D(preset.baseline), "baseline", preset, bundle)
+    thin = make_chest_phantom(shape=(32, 48, 48), spacing=(5.0, 5.0, 1.25), seed=3)
+    write_volume(thin, tmp_path / "thin.nii.gz")
+    assert main(["demo", "--input", str(tmp_path / "thin.nii.gz"), "--out", str(tmp_path / "d"),
+                 "--checkpoint", str(bundle), "--precision", "bf16"]) == 0
+    scores = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert set(scores) == {"cubic", "cnn", "ldm"}
+    assert all(np.isfinite(s["psnr"]) for s in scores.values())
+    assert (tmp_path / "d" / "result_ldm.nii.gz").is_file()

@@ -109,8 +109,28 @@ def test_auto_method_prefers_shipped_weights(tmp_path, thick, monkeypatch, capsy
     assert bundle_mod.default_method() == "cubic"  # nothing shipped: interpolation
     _bundle(tmp_path / "shipped", trained=True)
     assert bundle_mod.default_method() == "cnn"
+    manifest = tmp_path / "shipped" / bundle_mod.MANIFEST_FILE
+    manifest.write_text('{"default_method": "cubic", "why": "cnn did not beat cubic on the benchmark"}')
+    assert bundle_mod.default_method() == "cubic"  # weights shipped, but the benchmark says cubic
+    manifest.write_text('{"default_method": "ldm"}')
+    assert bundle_mod.default_method() == "cnn"  # recommended method without its weights: fall back
+    manifest.write_text("{not json")
+    with pytest.raises(ThinsliceError, match="manifest.json"):
+        bundle_mod.default_method()
+    manifest.write_text('{"default_method": "cnn"}')
     src, out = tmp_path / "thick.nii.gz", tmp_path / "out.nii.gz"
     write_volume(thick, src)
     assert main(["upsample", str(src), str(out), "--spacing", str(SPACING)]) == 0  # no --method, no --checkpoint
     assert "cnn" in capsys.readouterr().out
     assert read_volume(out).grid_differences(target_grid_volume(thick, SPACING)) == []
+
+
+def test_bf16_refinement_stays_close_to_fp32(tmp_path, thick) -> None:
+    model = load_baseline(_bundle(tmp_path, trained=True))
+    lr = upsample(thick, SPACING, method="cubic").slices_first()
+    fp32 = refine_cnn(model, lr)
+    bf16 = refine_cnn(model, lr, precision="bf16")
+    change = np.abs(fp32 - np.clip(lr, HU_MIN, HU_MAX)).mean()  # what the network adds
+    assert np.abs(bf16 - fp32).mean() < 0.1 * change
+    with pytest.raises(ThinsliceError, match="unknown precision"):
+        refine_cnn(model, lr, precision="int4")

@@ -114,6 +114,32 @@ def test_windowed_sampling_matches_whole_for_a_deterministic_model(bundle, thick
     assert real.info["consistency_hu"]["after_max_abs"] < 1.0
 
 
+def test_residual_decode_gives_cubic_when_the_model_adds_nothing(bundle, thick) -> None:
+    """cubic + D(x0) - D(y) with x0 = y is the cubic image: the VAE's own error cancels; direct decoding keeps it."""
+    vae = load_vae(bundle)
+    base = load_denoiser(bundle)
+    copy = _ConditionCopy(base.unet, base.control, base.cfg)
+    cubic = upsample(thick, SPACING, method="cubic")
+    residual = run_ldm(thick, SPACING, vae, copy, consistency=False, decode="residual")
+    direct = run_ldm(thick, SPACING, vae, copy, consistency=False, decode="direct")
+    np.testing.assert_allclose(residual.volume.array, cubic.array, atol=1e-2)
+    assert np.abs(direct.volume.array - cubic.array).mean() > 10.0  # an untrained VAE is far from identity
+    assert "residual decode" in residual.volume.metadata["ldm"] and "decode_lr" in residual.info["timings_s"]
+    with pytest.raises(ThinsliceError, match="unknown decode mode"):
+        run_ldm(thick, SPACING, vae, copy, decode="sideways")
+
+
+def test_bf16_precision_is_close_to_fp32(bundle, thick) -> None:
+    fp32 = upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=1, progress=False, decode="direct")
+    bf16 = upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=1, progress=False, decode="direct",
+                        precision="bf16")
+    assert "bf16" in bf16.metadata["ldm"]
+    spread = float(np.abs(fp32.array - fp32.array.mean()).mean())
+    assert np.abs(bf16.array - fp32.array).mean() < 0.1 * spread
+    with pytest.raises(ThinsliceError, match="unknown precision"):
+        upsample_ldm(thick, SPACING, checkpoint=str(bundle), progress=False, precision="fp8")
+
+
 def test_steps_pick_the_matching_denoiser(bundle, thick) -> None:
     assert load_denoiser(bundle, steps=3).cfg.num_steps == 3
     assert load_denoiser(bundle).cfg.num_steps == load_preset("tiny").diffusion.num_steps

@@ -15,7 +15,7 @@ from thinslice.models.factory import build_vae
 from thinslice.models.intensity import hu_to_model
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D, VAEConfig, count_parameters
-from thinslice.models.weights import load_model, read_metadata, save_weights, weights_hash
+from thinslice.models.weights import convert_weights, load_model, read_metadata, save_weights, weights_hash
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
@@ -149,6 +149,25 @@ def test_weights_round_trip_and_wrong_preset(tmp_path):
         load_model("unet", path)
     with pytest.raises(ThinsliceError, match="not found"):
         load_model("vae", tmp_path / "missing.safetensors")
+
+
+def test_half_precision_copy_is_smaller_and_loads_as_float32(tmp_path):
+    torch.manual_seed(0)
+    vae = build_vae("tiny")
+    full = tmp_path / "vae.safetensors"
+    save_weights(full, vae, "vae", "tiny")
+    half = tmp_path / "half" / "vae.safetensors"
+    digest = convert_weights(full, half, torch.float16, metadata={"note": "fp16 copy"})
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    meta = read_metadata(half)
+    assert meta["content_hash"] == digest != weights_hash(full) and meta["note"] == "fp16 copy"
+    loaded = load_model("vae", half, preset="tiny")
+    for k, v in vae.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == v.dtype
+        torch.testing.assert_close(got, v, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ThinsliceError, match="overwrite its input"):
+        convert_weights(full, full)
 
 
 def test_train_vae_cli_lowers_loss(tmp_path, thin_phantom):

@@ -15,7 +15,7 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.bundle import default_method
+from thinslice.infer.bundle import default_method, has_weights
 from thinslice.infer.upsample import upsample
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
@@ -43,10 +43,19 @@ def run_demo(
     profile: str = "gaussian",
     seed: int = 0,
     log=print,
+    checkpoint: str | Path | None = None,
+    precision: str | None = None,
 ) -> DemoResult:
+    """Without ``method``: cubic plus every learned method whose weights ship (or are in ``checkpoint``), so the
+    demo shows the real models next to interpolation; ``method`` names one method to compare with cubic."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method = method or default_method()  # best method with shipped weights, else cubic
+    if method is None:
+        learned = [m for m in ("cnn", "ldm") if has_weights(m, checkpoint)]
+        method = default_method() if checkpoint is None else (learned[-1] if learned else "cubic")
+        methods = ["cubic", *learned]
+    else:
+        methods = [method] if method == "cubic" else ["cubic", method]
     result = DemoResult(out_dir=out, method=method)
 
     if input_path is None:
@@ -68,11 +77,16 @@ def run_demo(
         log(f"demo: input is already thick ({thick.slice_spacing:.2f} mm): upsampling to {thin_spacing:.2f} mm")
     result.files["input"] = _write(thick, out / "thick_input.nii.gz", input_path)
 
-    methods = [method] if method == "cubic" else ["cubic", method]
     outputs: dict[str, Volume] = {}
     for name in methods:
         start = time.perf_counter()
-        options: dict[str, object] = {} if name in ("linear", "cubic") else {"seed": seed}
+        options: dict[str, object] = {}
+        if name not in ("linear", "cubic"):
+            options["seed"] = seed
+            if checkpoint is not None:
+                options["checkpoint"] = str(checkpoint)
+            if precision is not None:
+                options["precision"] = precision
         if name == "ldm":  # its data-consistency step must use the profile the input was made with
             options["profile"] = profile
         outputs[name] = upsample(thick, thin_spacing, method=name, **options)

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "without weights are skipped with a note")
     parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: shipped weights)")
     parser.add_argument("--device", default=None, help="torch device for learned methods (default: auto)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="learned methods: bf16 autocast (about twice as fast on a CPU; default fp32)")
     parser.set_defaults(func=run)
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from thinslice.train.data import resolve_data_paths
 
     specs = []
-    for spec in parse_methods(args.methods, args.checkpoint, args.device):
+    for spec in parse_methods(args.methods, args.checkpoint, args.device, args.precision):
         needs = "ldm" if spec.method == "ldm" else "cnn" if spec.method == "cnn" else None
         if needs and not has_weights(needs, args.checkpoint):
             print(f"thinslice bench: note: no weights for '{spec.label}' "

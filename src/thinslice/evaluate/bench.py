@@ -37,7 +37,8 @@ class MethodSpec:
     options: dict[str, object] = field(default_factory=dict)
 
 
-def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None) -> list[MethodSpec]:
+def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None,
+                  precision: str | None = None) -> list[MethodSpec]:
     """``linear``, ``cubic``, ``cnn``, ``cnn-adapt``, ``ldm`` (15 steps) and ``ldm-N`` (N steps)."""
     specs = []
     for name in names:
@@ -46,6 +47,8 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             learned["checkpoint"] = checkpoint
         if device:
             learned["device"] = device
+        if precision:
+            learned["precision"] = precision
         if name in ("linear", "cubic"):
             specs.append(MethodSpec(name, name))
         elif name == "cnn":
@@ -122,7 +125,9 @@ def run_benchmark(
                 for spec in methods:
                     with PeakRSS() as memory:
                         start = time.perf_counter()
-                        out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options)
+                        # The diffusion model's data-consistency step must know the slice profile of its input.
+                        extra = {"profile": profile} if spec.method == "ldm" else {}
+                        out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options, **extra)
                         seconds = time.perf_counter() - start
                     scores = evaluate_volumes(out, truth)
                     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)

@@ -15,6 +15,8 @@ from monai.inferers import sliding_window_inference
 
 from thinslice.errors import ThinsliceError
 from thinslice.infer.bundle import (
+    autocast,
+    autocast_dtype,
     load_baseline,
     option_bool,
     option_float,
@@ -33,7 +35,7 @@ DEFAULT_OVERLAP = 0.25
 # Inference windows are the training patch times this per axis: fewer window borders, still small in memory.
 ROI_SCALE = (2, 2, 2)
 OPTIONS = ("checkpoint", "device", "patch_size", "profile", "consistency", "progress", "preset", "thickness", "adapt",
-           "adapt_steps", "seed")
+           "adapt_steps", "seed", "precision")
 
 
 def default_roi(model: ResidualCNN3D) -> tuple[int, int, int]:
@@ -48,8 +50,14 @@ def refine_cnn(
     lr_hu_slices_first: np.ndarray,
     roi: tuple[int, int, int] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """``model`` applied to a cubic-upsampled HU volume (D, H, W) in overlapping windows; HU out, same shape."""
+    """``model`` applied to a cubic-upsampled HU volume (D, H, W) in overlapping windows; HU out, same shape.
+
+    ``precision="bf16"`` runs the convolutions under autocast (the network predicts a small residual over its
+    input, so bf16 rounding barely shows in HU; see docs/benchmark.md).
+    """
+    amp = autocast_dtype(precision)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(hu_to_model(np.asarray(lr_hu_slices_first, np.float32))))[None, None]
     roi = roi or default_roi(model)
@@ -57,8 +65,13 @@ def refine_cnn(
     roi = tuple(min(int(r), int(n)) for r, n in zip(roi, x.shape[2:], strict=True))
     was_training = model.training
     model.eval()
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return model(window).float()
+
     out = sliding_window_inference(
-        x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=DEFAULT_OVERLAP, mode="gaussian",
+        x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=DEFAULT_OVERLAP, mode="gaussian",
         sw_device=device, device=torch.device("cpu"), progress=progress,
     )
     model.train(was_training)
@@ -80,6 +93,7 @@ def upsample_cnn(
     adapt: bool | str = False,
     adapt_steps: int | str = 200,
     seed: int | str = 0,
+    precision: str = "fp32",
 ) -> Volume:
     """CNN-baseline upsampling of ``thick`` to ``spacing_mm`` slices on ``thin_grid(thick, spacing_mm)``.
 
@@ -100,10 +114,12 @@ def upsample_cnn(
 
         model = adapt_baseline(model, thick, spacing_mm, steps=option_int("adapt_steps", adapt_steps, 1),
                                device=resolve_device(device), seed=option_int("seed", seed),
-                               profile=profile or "gaussian", progress=option_bool("progress", progress))
+                               profile=profile or "gaussian", progress=option_bool("progress", progress),
+                               precision=str(precision))
     start = time.perf_counter()
     lr = get_method("cubic").fn(thick, spacing_mm)
-    refined = refine_cnn(model, lr.slices_first(), roi, progress=option_bool("progress", progress))
+    refined = refine_cnn(model, lr.slices_first(), roi, progress=option_bool("progress", progress),
+                         precision=str(precision))
     out = lr.with_slices(refined, lr.slice_spacing, 0.0, lr.slice_thickness)
     if use_dc:
         out, report = make_consistent(out, thick, profile or "gaussian", thick_mm)

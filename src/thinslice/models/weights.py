@@ -49,6 +49,18 @@ def _state_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_weights(
     path: str | Path,
     model: nn.Module | dict[str, torch.Tensor],
@@ -73,16 +85,25 @@ def save_weights(
     meta = {"thinslice_kind": kind, "preset": preset_obj.name, "preset_config": json.dumps(record),
             "content_hash": digest, "format": FORMAT_VERSION}
     meta.update(extra_metadata or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_atomic(Path(path), tensors, meta)
+    return digest
+
+
+def convert_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+                    metadata: dict[str, str] | None = None) -> str:
+    """Copy a weights file with its floating-point tensors cast to ``dtype`` (fp16 halves the size of shipped
+    weights; loading casts back to the model's float32). Metadata is kept, ``metadata`` entries replace or add keys,
+    and the content hash is recomputed. Returns the new hash."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ThinsliceError(f"convert_weights would overwrite its input {src}; write to another file")
+    meta = read_metadata(src)
+    if "content_hash" not in meta:
+        raise ThinsliceError(f"{src} has no thinslice metadata; save weights with thinslice (save_weights)")
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
+    digest = tensors_hash(tensors)
+    meta = {**meta, **(metadata or {}), "content_hash": digest}
+    _write_atomic(dst, tensors, meta)
     return digest
 
 

@@ -117,9 +117,11 @@ def adapt_baseline(
     patch_size: tuple[int, int, int] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> ResidualCNN3D:
     """``model`` fine-tuned for ``steps`` on self-supervised pairs from ``thick`` (in place); returned in eval mode
     on ``device``. ``profile`` is the thick slices' assumed slice profile (gaussian, box or decimate).
+    ``precision="bf16"`` trains under bf16 autocast (about twice as fast on a CPU).
 
     Patch and batch size default to the model's training settings (``model.preset.train_baseline``, set when it
     was loaded from a bundle).
@@ -135,6 +137,7 @@ def adapt_baseline(
             run_dir=Path(tmp), max_steps=int(steps), lr=float(lr), warmup_steps=min(10, int(steps) // 10),
             min_lr_ratio=0.1, grad_clip=1.0, ema_decay=None, val_every=0, checkpoint_every=0, log_every=0,
             seed=seed, device=_engine_device(device), progress=progress,
+            mixed_precision="bf16" if precision == "bf16" else "no",
         )
         trainer = Trainer({"baseline": model}, l1_loss, sampler, cfg)
         result = trainer.fit()

@@ -40,11 +40,15 @@ def _bundle(folder, trained: bool):
 
 def test_untrained_cnn_reproduces_cubic(tmp_path, thick) -> None:
     folder = _bundle(tmp_path, trained=False)
-    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder))
+    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder), consistency=False)
     cubic = upsample(thick, SPACING, method="cubic")
     assert out.grid_differences(target_grid_volume(thick, SPACING)) == []
     np.testing.assert_allclose(out.array, np.clip(cubic.array, HU_MIN, HU_MAX), atol=1e-2)
     assert out.metadata["upsample"] == f"cnn to {SPACING:g} mm"
+    # Data consistency is on by default: the output then reproduces the thick slices (gaussian profile assumed).
+    default = upsample(thick, SPACING, method="cnn", checkpoint=str(folder))
+    a = thick_profile_operator(thick, SPACING, "gaussian")
+    assert consistency_residual_hu(default.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
 
 
 def test_sliding_windows_cover_the_volume(tmp_path, thick) -> None:
@@ -77,7 +81,7 @@ def test_cnn_errors(tmp_path, thick) -> None:
         upsample(thick, SPACING, method="cnn", checkpoint=str(tmp_path))
     folder = _bundle(tmp_path, trained=False)
     with pytest.raises(ThinsliceError, match="only used with consistency"):
-        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), profile="box")
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), profile="box", consistency=False)
     with pytest.raises(ThinsliceError, match="preset 'tiny'"):
         upsample(thick, SPACING, method="cnn", checkpoint=str(folder), preset="small")
     with pytest.raises(ThinsliceError, match="does not use option"):

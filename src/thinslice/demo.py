@@ -16,7 +16,7 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
 from thinslice.infer.bundle import default_method, has_weights
-from thinslice.infer.upsample import upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -46,14 +46,14 @@ def run_demo(
     checkpoint: str | Path | None = None,
     precision: str | None = None,
 ) -> DemoResult:
-    """Without ``method``: cubic plus every learned method whose weights ship (or are in ``checkpoint``), so the
-    demo shows the real models next to interpolation; ``method`` names one method to compare with cubic."""
+    """Without ``method``: cubic, cubic-dc and every learned method whose weights ship (or are in ``checkpoint``),
+    so the demo shows the real models next to interpolation; ``method`` names one method to compare with cubic."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if method is None:
         learned = [m for m in ("cnn", "ldm") if has_weights(m, checkpoint)]
         method = default_method() if checkpoint is None else (learned[-1] if learned else "cubic")
-        methods = ["cubic", *learned]
+        methods = ["cubic", "cubic-dc", *learned]
     else:
         methods = [method] if method == "cubic" else ["cubic", method]
     result = DemoResult(out_dir=out, method=method)
@@ -81,13 +81,13 @@ def run_demo(
     for name in methods:
         start = time.perf_counter()
         options: dict[str, object] = {}
-        if name not in ("linear", "cubic"):
+        if name not in WEIGHTLESS_METHODS:
             options["seed"] = seed
             if checkpoint is not None:
                 options["checkpoint"] = str(checkpoint)
             if precision is not None:
                 options["precision"] = precision
-        if name == "ldm":  # its data-consistency step must use the profile the input was made with
+        if name in ("ldm", "cubic-dc"):  # data consistency must use the profile the input was made with
             options["profile"] = profile
         outputs[name] = upsample(thick, thin_spacing, method=name, **options)
         seconds = time.perf_counter() - start

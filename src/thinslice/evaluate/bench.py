@@ -22,7 +22,7 @@ from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
-from thinslice.infer.upsample import upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -39,7 +39,7 @@ class MethodSpec:
 
 def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None,
                   precision: str | None = None) -> list[MethodSpec]:
-    """``linear``, ``cubic``, ``cnn``, ``cnn-adapt``, ``ldm`` (15 steps) and ``ldm-N`` (N steps)."""
+    """``linear``, ``cubic``, ``cubic-dc``, ``cnn``, ``cnn-adapt``, ``ldm`` (15 steps) and ``ldm-N`` (N steps)."""
     specs = []
     for name in names:
         learned: dict[str, object] = {}
@@ -49,7 +49,7 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             learned["device"] = device
         if precision:
             learned["precision"] = precision
-        if name in ("linear", "cubic"):
+        if name in WEIGHTLESS_METHODS:
             specs.append(MethodSpec(name, name))
         elif name == "cnn":
             specs.append(MethodSpec(name, "cnn", learned))
@@ -60,7 +60,8 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
         elif name.startswith("ldm-") and name[4:].isdigit():
             specs.append(MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False}))
         else:
-            raise ThinsliceError(f"unknown benchmark method '{name}': use linear, cubic, cnn, cnn-adapt, ldm, ldm-N")
+            raise ThinsliceError(f"unknown benchmark method '{name}': use linear, cubic, cubic-dc, cnn, cnn-adapt, "
+                                 "ldm, ldm-N")
     return specs
 
 
@@ -125,8 +126,8 @@ def run_benchmark(
                 for spec in methods:
                     with PeakRSS() as memory:
                         start = time.perf_counter()
-                        # The diffusion model's data-consistency step must know the slice profile of its input.
-                        extra = {"profile": profile} if spec.method == "ldm" else {}
+                        # Data-consistency steps must know the slice profile of their input.
+                        extra = {"profile": profile} if spec.method in ("ldm", "cubic-dc") else {}
                         out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options, **extra)
                         seconds = time.perf_counter() - start
                     scores = evaluate_volumes(out, truth)

@@ -130,8 +130,10 @@ def default_method() -> str:
     weights that do not beat cubic interpolation are available with ``--method`` but not used by default), else the
     first preferred method with shipped weights, else ``cubic``.
     """
+    from thinslice.infer.upsample import WEIGHTLESS_METHODS
+
     chosen = read_manifest().get("default_method")
-    if chosen in ("linear", "cubic") or (chosen in METHOD_FILES and has_weights(chosen)):
+    if chosen in WEIGHTLESS_METHODS or (chosen in METHOD_FILES and has_weights(chosen)):
         return str(chosen)
     for name in PREFERRED_METHODS:
         if has_weights(name):

@@ -49,11 +49,11 @@ def test_bench_cli_with_cnn_and_missing_ldm(thin, tmp_path, capsys):
     save_bundle_model(ResidualCNN3D(preset.baseline), "baseline", preset, tmp_path / "bundle")
     out = tmp_path / "bench"
     assert main(["bench", "--data", str(src), "--out", str(out), "--factors", "2", "--profiles", "box",
-                 "--methods", "cubic", "cnn", "ldm", "--checkpoint", str(tmp_path / "bundle")]) == 0
+                 "--methods", "cubic-dc", "cnn", "ldm", "--checkpoint", str(tmp_path / "bundle")]) == 0
     printed = capsys.readouterr().out
     assert "no weights for 'ldm'" in printed
     payload = json.loads((out / "bench.json").read_text())
-    assert [r["method"] for r in payload["rows"]] == ["cubic", "cnn"]
-    # an untrained CNN (zero-initialised last layer) returns cubic: same scores
+    assert [r["method"] for r in payload["rows"]] == ["cubic-dc", "cnn"]
+    # an untrained CNN (zero-initialised last layer) returns cubic, then data consistency: cubic-dc's scores
     assert payload["rows"][0]["psnr"] == pytest.approx(payload["rows"][1]["psnr"], abs=0.05)
     assert "| thin | 2 | box | cnn |" in (out / "bench.md").read_text()

@@ -20,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"],
                         choices=["gaussian", "box", "decimate"])
-    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cnn", "ldm", "ldm-4"],
-                        help="linear, cubic, cnn, cnn-adapt, ldm (15 steps), ldm-N (N steps); learned methods "
-                             "without weights are skipped with a note")
+    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "cnn", "ldm", "ldm-4"],
+                        help="linear, cubic, cubic-dc, cnn, cnn-adapt, ldm (15 steps), ldm-N (N steps); learned "
+                             "methods without weights are skipped with a note")
     parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: shipped weights)")
     parser.add_argument("--device", default=None, help="torch device for learned methods (default: auto)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,

@@ -127,7 +127,7 @@ def run_benchmark(
                     with PeakRSS() as memory:
                         start = time.perf_counter()
                         # Data-consistency steps must know the slice profile of their input.
-                        extra = {"profile": profile} if spec.method in ("ldm", "cubic-dc") else {}
+                        extra = {"profile": profile} if spec.method in ("ldm", "cnn", "cubic-dc") else {}
                         out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options, **extra)
                         seconds = time.perf_counter() - start
                     scores = evaluate_volumes(out, truth)

@@ -115,7 +115,7 @@ def test_cubic_dc_is_consistent_and_closer_to_the_truth_than_cubic(profile: str,
     write_volume(thick, tmp_path / "thick.nii.gz", dtype="float32")
     out = tmp_path / "dc.nii.gz"
     assert main(["upsample", str(tmp_path / "thick.nii.gz"), str(out), "--spacing", "1.25", "--method", "cubic-dc",
-                 "--option", f"profile={profile}", "--dtype", "float32"]) == 0
+                 "--profile", profile, "--dtype", "float32"]) == 0
     np.testing.assert_allclose(read_volume(out).array, dc.array, atol=1e-2)
     with pytest.raises(ThinsliceError, match="profile"):
         upsample(thick, 1.25, method="cubic-dc", profile="triangle")

@@ -322,3 +322,24 @@ def test_nan_voxels_are_a_clear_error(tmp_path):
         read_volume(path)
     assert main(["upsample", str(path), str(tmp_path / "out.nii.gz"), "--spacing", "0.5"]) == 2
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    """mkstemp makes private files; results (text, weights, volumes) must be readable like any other file."""
+    import os
+    import stat
+
+    from thinslice.io.atomic import atomic_output, current_umask, write_text_atomic
+
+    expected = 0o666 & ~current_umask()
+    text = write_text_atomic(tmp_path / "a" / "report.json", "{}")
+    assert stat.S_IMODE(text.stat().st_mode) == expected and text.read_text() == "{}"
+    target = tmp_path / "b.bin"
+    target.write_bytes(b"old")
+    try:
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash while writing")
+    except RuntimeError:
+        pass
+    assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a", "b.bin"]  # no temp left

@@ -16,7 +16,7 @@ from thinslice.errors import ThinsliceError
 
 # Option name (as passed to the method) -> attribute in the parsed arguments.
 GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "checkpoint", "preset", "patch_size", "adapt", "adapt_steps",
-                   "precision")
+                   "precision", "profile", "thickness")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--series", metavar="UID", default=None, help="series to read from a multi-series folder")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16",
                         help="output voxel type for file outputs (default: int16 HU)")
+    parser.add_argument("--profile", choices=("gaussian", "box", "decimate"), default=None,
+                        help="slice profile of the input, for data consistency (cubic-dc, cnn, ldm; default gaussian "
+                             "with FWHM = slice thickness)")
+    parser.add_argument("--thickness", type=float, default=None, metavar="MM",
+                        help="slice thickness of the input for data consistency (default: from the file, else the "
+                             "slice spacing)")
     learned = parser.add_argument_group("options of learned methods (ignored by linear/cubic)")
     learned.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
     learned.add_argument("--seed", type=int, default=None, help="random seed for sampling")

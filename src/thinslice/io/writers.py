@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.atomic import current_umask
 from thinslice.io.dicom import write_dicom_series
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
@@ -149,7 +150,7 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
             folder.rmdir()
         os.replace(tmp_dir, folder)
         swapped = True
-        os.chmod(folder, 0o777 & ~_umask())  # mkdtemp made it private (0700)
+        os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp made it private (0700)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if old_dir is not None:
@@ -157,8 +158,3 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
                 os.replace(old_dir / folder.name, folder)
             shutil.rmtree(old_dir, ignore_errors=True)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

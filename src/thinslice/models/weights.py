@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.atomic import atomic_output
 from thinslice.models.factory import MODEL_KINDS, build_model
 from thinslice.presets import CONFIG_DIR, PRESET_NAMES, Preset, load_preset, preset_from_dict
 
@@ -50,15 +49,8 @@ def _state_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def save_weights(

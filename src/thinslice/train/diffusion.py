@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from thinslice.diffusion.sampler import diffusion_loss, make_schedule, sample_la
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import FILES, save_bundle_denoiser
-from thinslice.io.atomic import write_text_atomic
+from thinslice.io.atomic import atomic_output, write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
@@ -287,15 +286,8 @@ def copy_atomic(src: Path, dst: Path) -> None:
     src, dst = Path(src), Path(dst)
     if dst.exists() and os.path.samefile(src, dst):
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_run_record(run_dir: Path, record: dict[str, Any], resume: bool, keys: Sequence[str]) -> None:

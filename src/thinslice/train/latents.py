@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from thinslice.errors import ThinsliceError
-from thinslice.io.atomic import write_text_atomic
+from thinslice.io.atomic import atomic_output, write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.tiling import DEFAULT_TILE, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
@@ -111,14 +109,8 @@ def _pair_file(stem: str, factor: float, profile: str) -> str:
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 class LatentCache:

@@ -2,7 +2,7 @@
 
 Cubic B-spline upsampling to the thin grid, HU -> model range, :class:`~thinslice.models.baseline.ResidualCNN3D`
 over the whole volume in overlapping windows (MONAI ``sliding_window_inference``, Gaussian blending), back to HU,
-then data consistency with the thick input (default on) (:mod:`thinslice.infer.consistency`).
+then data consistency with the thick input, on by default (:mod:`thinslice.infer.consistency`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """One entry point for every upsampler: ``upsample(thick, spacing_mm, method, **options)``.
 
-Methods register themselves with :func:`register_method`; interpolation ("linear", "cubic", "cubic-dc") is
-registered here,
-learned methods (CNN baseline, latent diffusion) in their own modules, which are imported on first use from
-:data:`PLUGIN_MODULES` so that ``thinslice upsample`` lists them without importing torch models up front.
+Methods register themselves with :func:`register_method`. Interpolation ("linear", "cubic", "cubic-dc") is
+registered here; learned methods (CNN baseline, latent diffusion) in their own modules, which are imported on first
+use from :data:`PLUGIN_MODULES` so that ``thinslice upsample`` lists them without importing torch models up front.
 Every method returns a volume on :func:`thinslice.infer.grid.thin_grid` of the input.
 """
 
@@ -130,4 +129,4 @@ def _cubic_consistent(thick: Volume, spacing_mm: float, profile: str = "gaussian
 
 register_method("cubic-dc", _cubic_consistent, options=("profile", "thickness"),
                 description="cubic B-spline, then data consistency with the thick slices (assumed slice profile: "
-                            "--option profile=gaussian|box|decimate, default gaussian FWHM = slice thickness)")
+                            "--profile gaussian|box|decimate, default gaussian with FWHM = slice thickness)")

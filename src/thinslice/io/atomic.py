@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 def current_umask() -> int:
+    """The process umask (Python can only read it by setting it), to give temp-created outputs normal modes."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

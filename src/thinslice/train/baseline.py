@@ -32,10 +32,9 @@ from thinslice.train.diffusion import (
     check_run_record,
     default_val_crop,
     through_plane_image,
-    train_config,
     write_run_record,
 )
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult
+from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
 from thinslice.train.pairs import PairSampler, validation_pairs
 
 
@@ -107,9 +106,7 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
                    opts: BaselineTrainOptions) -> TrainResult:
     """Train the CNN baseline; ``result.models['baseline']`` holds the final (EMA) weights."""
     preset = load_preset(opts.preset)
-    tc = train_config(preset.train_baseline, opts.max_steps, opts.batch_size, opts.lr, opts.val_every)
-    seed = tc.seed if opts.seed is None else int(opts.seed)
-    ema_decay = tc.ema_decay if opts.ema_decay is None else float(opts.ema_decay)
+    tc, seed, ema_decay = run_settings(preset.train_baseline, opts)
     run_dir = Path(opts.run_dir)
     record = {"kind": "baseline", "preset": preset.name, "baseline": asdict(preset.baseline),
               "train_baseline": asdict(tc), "seed": seed}

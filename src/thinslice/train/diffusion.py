@@ -47,8 +47,8 @@ from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.models.weights import load_model
-from thinslice.presets import Preset, TrainConfig, load_preset
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult
+from thinslice.presets import Preset, load_preset
+from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
 from thinslice.train.latents import LatentCache
 from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
 
@@ -85,27 +85,6 @@ class DiffusionTrainOptions:
 
 
 # -------------------------------------------------------------------------------------------- configuration
-def train_config(base: TrainConfig, max_steps: int | None = None, batch_size: int | None = None,
-                 lr: float | None = None, val_every: int | None = None) -> TrainConfig:
-    """The preset's training settings with the command line's overrides."""
-    tc = dataclasses.replace(base)
-    if max_steps is not None:
-        if max_steps < 1:
-            raise ThinsliceError(f"--max-steps must be at least 1, got {max_steps}")
-        tc.max_steps = int(max_steps)
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ThinsliceError(f"--batch-size must be at least 1, got {batch_size}")
-        tc.batch_size = int(batch_size)
-    if lr is not None:
-        if not lr > 0:
-            raise ThinsliceError(f"--lr must be positive, got {lr}")
-        tc.lr = float(lr)
-    if val_every is not None:
-        tc.val_every = int(val_every)
-    return tc
-
-
 def schedule_for_steps(base: ResShiftConfig, steps: int | None) -> ResShiftConfig:
     """Diffusion config for ``--steps``: the preset's for None or its own T, the paper's fast 4-step schedule
     (min_noise 0.2) for 4, else the paper's T-step schedule (min_noise 0.04); other settings from the preset."""
@@ -322,9 +301,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
                     opts: DiffusionTrainOptions) -> TrainResult:
     """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
     preset = load_preset(opts.preset)
-    tc = train_config(preset.train_diffusion, opts.max_steps, opts.batch_size, opts.lr, opts.val_every)
-    seed = tc.seed if opts.seed is None else int(opts.seed)
-    ema_decay = tc.ema_decay if opts.ema_decay is None else float(opts.ema_decay)
+    tc, seed, ema_decay = run_settings(preset.train_diffusion, opts)
     run_dir = Path(opts.run_dir)
 
     vae = load_frozen_vae(opts.vae)

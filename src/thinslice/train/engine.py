@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import write_text_atomic
+from thinslice.presets import TrainConfig
 
 LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
@@ -104,6 +105,38 @@ class TrainResult:
     run_dir: Path
     models: dict[str, nn.Module]  # final weights (EMA where EMA is on), unwrapped, eval mode
     last_logs: dict[str, float] = field(default_factory=dict)
+
+
+def train_config(base: TrainConfig, max_steps: int | None = None, batch_size: int | None = None,
+                 lr: float | None = None, val_every: int | None = None) -> TrainConfig:
+    """The preset's training settings with the command line's overrides."""
+    tc = replace(base)
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ThinsliceError(f"--max-steps must be at least 1, got {max_steps}")
+        tc.max_steps = int(max_steps)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ThinsliceError(f"--batch-size must be at least 1, got {batch_size}")
+        tc.batch_size = int(batch_size)
+    if lr is not None:
+        if not lr > 0:
+            raise ThinsliceError(f"--lr must be positive, got {lr}")
+        tc.lr = float(lr)
+    if val_every is not None:
+        tc.val_every = int(val_every)
+    return tc
+
+
+def run_settings(base: TrainConfig, opts: Any) -> tuple[TrainConfig, int, float | None]:
+    """Settings of one training run, shared by every trainer: the preset's ``base`` with the overrides in ``opts``
+    (``max_steps``, ``batch_size``, ``lr``, ``val_every``, ``seed``, ``ema_decay``; absent or None = the preset's),
+    checked; returns (settings, seed, EMA decay)."""
+    tc = train_config(base, getattr(opts, "max_steps", None), getattr(opts, "batch_size", None),
+                      getattr(opts, "lr", None), getattr(opts, "val_every", None))
+    seed = tc.seed if getattr(opts, "seed", None) is None else int(opts.seed)
+    ema_decay = tc.ema_decay if getattr(opts, "ema_decay", None) is None else float(opts.ema_decay)
+    return tc, seed, ema_decay
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:

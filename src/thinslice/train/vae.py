@@ -28,7 +28,7 @@ from thinslice.models.vae import NON_ARCHITECTURE_FIELDS, AutoencoderKL3D
 from thinslice.models.weights import load_state_strict, read_metadata, save_weights
 from thinslice.presets import Preset, load_preset, preset_from_dict
 from thinslice.train.data import PatchSampler, _source_from
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult
+from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
 from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator
 
 # Window for the TensorBoard slice images (HU): lung to bone.
@@ -145,15 +145,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
               opts: VAETrainOptions) -> TrainResult:
     """Train a VAE; returns the engine result (``models['vae']`` = final weights with the scaling factor set)."""
     preset = load_preset(opts.preset)
-    tc = dataclasses.replace(preset.train_vae)
-    if opts.max_steps is not None:
-        tc.max_steps = int(opts.max_steps)
-    if opts.batch_size is not None:
-        tc.batch_size = int(opts.batch_size)
-    if opts.lr is not None:
-        tc.lr = float(opts.lr)
-    seed = tc.seed if opts.seed is None else int(opts.seed)
-    ema_decay = tc.ema_decay if opts.ema_decay is None else opts.ema_decay
+    tc, seed, ema_decay = run_settings(preset.train_vae, opts)
     run_dir = Path(opts.run_dir)
     _check_run_preset(run_dir, preset, opts.resume)
 

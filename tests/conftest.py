@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from thinslice.data.phantom import make_chest_phantom
@@ -12,6 +14,19 @@ from thinslice.io.volume import Volume
 def thin_phantom() -> Volume:
     """A small thin-slice chest phantom: 48 slices of 1.25 mm, 64x64 in-plane at 4.5 mm."""
     return make_chest_phantom(shape=(48, 64, 64), spacing=(4.5, 4.5, 1.25), seed=1)
+
+
+@pytest.fixture
+def thin_data_folder(tmp_path) -> Path:
+    """A folder of two small thin-slice phantom volumes (ct1, ct2), as a user's training data would be."""
+    from thinslice.io import write_volume
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed in (1, 2):
+        write_volume(make_chest_phantom(shape=(40, 48, 48), spacing=(4.5, 4.5, 1.25), seed=seed),
+                     data / f"ct{seed}.nii.gz")
+    return data
 
 
 @pytest.fixture(autouse=True, scope="session")

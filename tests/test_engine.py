@@ -151,19 +151,17 @@ def test_ema_warms_up_so_short_runs_follow_the_model():
     assert 5.0 < lag < 40.0
 
 
-def test_run_settings_apply_and_check_overrides():
-    from types import SimpleNamespace
-
+def test_run_settings_apply_and_check_overrides(tmp_path):
     from thinslice.presets import load_preset
-    from thinslice.train.engine import run_settings
+    from thinslice.train.engine import RunOptions, run_settings
 
     base = load_preset("tiny").train_vae
-    tc, seed, ema = run_settings(base, SimpleNamespace(max_steps=7, lr=1e-3, seed=3, ema_decay=0.0))
+    tc, seed, ema = run_settings(base, RunOptions(run_dir=tmp_path, max_steps=7, lr=1e-3, seed=3, ema_decay=0.0))
     assert (tc.max_steps, tc.lr, seed, ema) == (7, 1e-3, 3, 0.0)
     assert tc.batch_size == base.batch_size and base.max_steps != 7  # the preset itself is untouched
-    tc, seed, ema = run_settings(base, SimpleNamespace())  # an options object without the fields: the preset's
+    tc, seed, ema = run_settings(base, RunOptions(run_dir=tmp_path))  # nothing given on the command line
     assert (tc.max_steps, seed, ema) == (base.max_steps, base.seed, base.ema_decay)
     with pytest.raises(ThinsliceError, match="--max-steps must be at least 1"):
-        run_settings(base, SimpleNamespace(max_steps=0))
+        run_settings(base, RunOptions(run_dir=tmp_path, max_steps=0))
     with pytest.raises(ThinsliceError, match="--lr must be positive"):
-        run_settings(base, SimpleNamespace(lr=-1.0))
+        run_settings(base, RunOptions(run_dir=tmp_path, lr=-1.0))

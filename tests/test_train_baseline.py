@@ -54,15 +54,8 @@ def test_training_lowers_the_loss_and_the_bundle_upsamples(tmp_path, thin_phanto
     assert out.grid_differences(cubic) == [] and np.abs(out.array - cubic.array).max() > 1.0
 
 
-def test_cli_end_to_end(tmp_path) -> None:
-    from thinslice.data.phantom import make_chest_phantom
-    from thinslice.io import write_volume
-
-    data = tmp_path / "data"
-    data.mkdir()
-    for seed in (1, 2):
-        write_volume(make_chest_phantom(shape=(40, 48, 48), spacing=(4.5, 4.5, 1.25), seed=seed),
-                     data / f"ct{seed}.nii.gz")
+def test_cli_end_to_end(tmp_path, thin_data_folder) -> None:
+    data = thin_data_folder
     out = tmp_path / "run"
     args = ["train-baseline", "--data", str(data), "--val", str(data / "ct2.nii.gz"), "--preset", "tiny",
             "--out", str(out), "--max-steps", "3", "--device", "cpu"]

@@ -191,15 +191,8 @@ def test_fast_schedule_no_control_and_latent_cache(tmp_path, vae_file, thin_phan
         train_diffusion([thin_phantom], None, _opts(tmp_path / "x", other, max_steps=1, cache=cache))
 
 
-def test_cli_end_to_end(tmp_path, vae_file) -> None:
-    from thinslice.data.phantom import make_chest_phantom
-    from thinslice.io import write_volume
-
-    data = tmp_path / "data"
-    data.mkdir()
-    for seed in (1, 2):
-        write_volume(make_chest_phantom(shape=(40, 48, 48), spacing=(4.5, 4.5, 1.25), seed=seed),
-                     data / f"ct{seed}.nii.gz")
+def test_cli_end_to_end(tmp_path, vae_file, thin_data_folder) -> None:
+    data = thin_data_folder
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--vae", str(vae_file), "--preset", "tiny", "--out", str(out),
             "--max-steps", "3", "--device", "cpu", "--seed", "1"]

@@ -175,6 +175,9 @@ def test_train_vae_cli_lowers_loss(tmp_path, thin_phantom):
 
     data = tmp_path / "thin.nii.gz"
     write_volume(thin_phantom, data)
+    before = data.read_bytes()
+    assert main(["train-vae", "--data", str(data), "--preset", "tiny", "--out", str(data), "--max-steps", "1"]) == 2
+    assert data.read_bytes() == before  # an --out that is the input file is refused, the input untouched
     out = tmp_path / "run"
     rc = main(["train-vae", "--data", str(data), "--preset", "tiny", "--out", str(out), "--max-steps", "12",
                "--device", "cpu", "--seed", "0"])

@@ -9,12 +9,12 @@ from thinslice.presets import DEFAULT_PRESET
 
 
 def add_generic_options(p: argparse.ArgumentParser) -> None:
-    """Options every on-the-fly trainer shares (also used by ``train-baseline``)."""
+    """Options every trainer shares (``train``, ``train-baseline``, ``train-vae``); see :func:`run_options`."""
     p.add_argument("--data", nargs="+", required=True, metavar="SPLIT_OR_DIR",
                    help="thin-slice training volumes: split .txt file(s), folder(s) of NIfTI/NRRD/MHA files, or files")
     p.add_argument("--val", nargs="+", default=None, metavar="SPLIT_OR_DIR",
-                   help="held-out volumes for validation (central crops, factor 4 gaussian); default: the training "
-                   "volumes")
+                   help="held-out volumes for validation (central crops; for train and train-baseline degraded by "
+                   "factor 4, gaussian); default: the training volumes")
     p.add_argument("--preset", default=DEFAULT_PRESET, help="tiny, small, paper or a preset .json (default small)")
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, TensorBoard logs, weights)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -31,6 +31,17 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--time-limit-min", "--time-limit", dest="time_limit_min", type=float, default=None,
                    metavar="MIN", help="stop (with a checkpoint) after this many minutes; continue with --resume")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed :func:`add_generic_options` as keyword arguments of the trainers' ``RunOptions``."""
+    from thinslice.presets import load_preset
+
+    return {"run_dir": args.out, "preset": load_preset(args.preset), "max_steps": args.max_steps,
+            "device": args.device, "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, "resume": args.resume,
+            "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "val_every": args.val_every,
+            "time_limit_s": args.time_limit_min * 60 if args.time_limit_min else None}
 
 
 def check_out_folder(out: Path, inputs: list[Path]) -> None:
@@ -66,19 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.presets import load_preset
     from thinslice.train.data import resolve_data_paths
     from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
 
     train = resolve_data_paths(args.data)
     val = resolve_data_paths(args.val) if args.val else None
     check_out_folder(args.out, [*train, *(val or []), Path(args.vae)])
-    opts = DiffusionTrainOptions(
-        run_dir=args.out, vae=args.vae, preset=load_preset(args.preset), steps=args.steps,
-        control=not args.no_control, cache=args.cache, max_steps=args.max_steps, device=args.device,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        resume=args.resume, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-        val_every=args.val_every, time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
-    )
+    opts = DiffusionTrainOptions(**run_options(args), vae=args.vae, steps=args.steps, control=not args.no_control,
+                                 cache=args.cache)
     train_diffusion(train, val, opts)
     return 0

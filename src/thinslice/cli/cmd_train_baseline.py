@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from thinslice.cli.cmd_train import add_generic_options, check_out_folder
+from thinslice.cli.cmd_train import add_generic_options, check_out_folder, run_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,19 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.presets import load_preset
     from thinslice.train.baseline import BaselineTrainOptions, train_baseline
     from thinslice.train.data import resolve_data_paths
 
     train = resolve_data_paths(args.data)
     val = resolve_data_paths(args.val) if args.val else None
     check_out_folder(args.out, [*train, *(val or [])])
-    opts = BaselineTrainOptions(
-        run_dir=args.out, preset=load_preset(args.preset), max_steps=args.max_steps, device=args.device,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        resume=args.resume, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-        val_every=args.val_every, init=args.init,
-        time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
-    )
+    opts = BaselineTrainOptions(**run_options(args), init=args.init)
     train_baseline(train, val, opts)
     return 0

@@ -34,29 +34,16 @@ from thinslice.train.diffusion import (
     through_plane_image,
     write_run_record,
 )
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
+from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.pairs import PairSampler, validation_pairs
 
 
-@dataclass
-class BaselineTrainOptions:
-    run_dir: Path
-    preset: Preset | str = "small"
-    max_steps: int | None = None
-    device: str = "auto"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False  # accepted for a uniform CLI; the small CNN does not need it
-    seed: int | None = None
-    resume: bool = False
-    batch_size: int | None = None
-    lr: float | None = None
-    ema_decay: float | None = None
-    val_every: int | None = None
-    val_crop: tuple[int, int, int] | None = None  # default: DEFAULT_VAL_CROP, at most the training patch
+@dataclass(kw_only=True)
+class BaselineTrainOptions(RunOptions):
+    """``val_crop`` default: DEFAULT_VAL_CROP, at most the training patch. ``gradient_checkpointing`` is accepted
+    for a uniform CLI; the small CNN does not need it."""
+
     init: str | Path | None = None  # start from existing baseline weights (fine-tuning)
-    time_limit_s: float | None = None
-    stop_at_step: int | None = None
-    progress: bool = True
 
 
 def l1_loss(models: dict[str, nn.Module], batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:

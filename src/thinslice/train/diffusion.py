@@ -47,8 +47,8 @@ from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.models.weights import load_model
-from thinslice.presets import Preset, load_preset
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
+from thinslice.presets import load_preset
+from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.latents import LatentCache
 from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
 
@@ -60,28 +60,14 @@ TRAIN_RECORD = "train_config.json"
 _SEED_HIGH = 2**62
 
 
-@dataclass
-class DiffusionTrainOptions:
-    run_dir: Path
+@dataclass(kw_only=True)
+class DiffusionTrainOptions(RunOptions):
+    """``val_crop`` default: DEFAULT_VAL_CROP, at most the training patch."""
+
     vae: str | Path  # weights file, train-vae run folder or bundle folder
-    preset: Preset | str = "small"
     steps: int | None = None  # ResShift steps T (None: the preset's; 4: the paper's fast schedule)
     control: bool = True
     cache: Path | None = None
-    max_steps: int | None = None
-    device: str = "auto"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int | None = None
-    resume: bool = False
-    batch_size: int | None = None
-    lr: float | None = None
-    ema_decay: float | None = None
-    val_every: int | None = None
-    val_crop: tuple[int, int, int] | None = None  # default: DEFAULT_VAL_CROP, at most the training patch
-    time_limit_s: float | None = None
-    stop_at_step: int | None = None
-    progress: bool = True
 
 
 # -------------------------------------------------------------------------------------------- configuration

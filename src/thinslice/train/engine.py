@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import write_text_atomic
-from thinslice.presets import TrainConfig
+from thinslice.presets import Preset, TrainConfig
 
 LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
@@ -128,14 +128,34 @@ def train_config(base: TrainConfig, max_steps: int | None = None, batch_size: in
     return tc
 
 
-def run_settings(base: TrainConfig, opts: Any) -> tuple[TrainConfig, int, float | None]:
-    """Settings of one training run, shared by every trainer: the preset's ``base`` with the overrides in ``opts``
-    (``max_steps``, ``batch_size``, ``lr``, ``val_every``, ``seed``, ``ema_decay``; absent or None = the preset's),
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every trainer takes from the command line; None means the preset's value. Trainers add their own."""
+
+    run_dir: Path
+    preset: Preset | str = "small"
+    max_steps: int | None = None
+    device: str = "auto"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int | None = None
+    resume: bool = False
+    batch_size: int | None = None
+    lr: float | None = None
+    ema_decay: float | None = None
+    val_every: int | None = None
+    val_crop: tuple[int, int, int] | None = None  # default: the trainer's own
+    time_limit_s: float | None = None
+    stop_at_step: int | None = None
+    progress: bool = True
+
+
+def run_settings(base: TrainConfig, opts: RunOptions) -> tuple[TrainConfig, int, float | None]:
+    """Settings of one training run, shared by every trainer: the preset's ``base`` with the overrides in ``opts``,
     checked; returns (settings, seed, EMA decay)."""
-    tc = train_config(base, getattr(opts, "max_steps", None), getattr(opts, "batch_size", None),
-                      getattr(opts, "lr", None), getattr(opts, "val_every", None))
-    seed = tc.seed if getattr(opts, "seed", None) is None else int(opts.seed)
-    ema_decay = tc.ema_decay if getattr(opts, "ema_decay", None) is None else float(opts.ema_decay)
+    tc = train_config(base, opts.max_steps, opts.batch_size, opts.lr, opts.val_every)
+    seed = tc.seed if opts.seed is None else int(opts.seed)
+    ema_decay = tc.ema_decay if opts.ema_decay is None else float(opts.ema_decay)
     return tc, seed, ema_decay
 
 

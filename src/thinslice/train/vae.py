@@ -28,33 +28,20 @@ from thinslice.models.vae import NON_ARCHITECTURE_FIELDS, AutoencoderKL3D
 from thinslice.models.weights import load_state_strict, read_metadata, save_weights
 from thinslice.presets import Preset, load_preset, preset_from_dict
 from thinslice.train.data import PatchSampler, _source_from
-from thinslice.train.engine import EngineConfig, Trainer, TrainResult, run_settings
+from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator
 
 # Window for the TensorBoard slice images (HU): lung to bone.
 _IMG_WINDOW = (-1000.0, 1000.0)
 
 
-@dataclass
-class VAETrainOptions:
-    run_dir: Path
-    preset: Preset
-    max_steps: int | None = None
-    device: str = "auto"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int | None = None
-    init: str | None = None
-    resume: bool = False
-    batch_size: int | None = None
-    lr: float | None = None
-    ema_decay: float | None = None
+@dataclass(kw_only=True)
+class VAETrainOptions(RunOptions):
+    """``val_crop`` default: twice the training patch."""
+
+    init: str | None = None  # thinslice VAE weights or a diffusers 2D AutoencoderKL folder / hub id
     loss: VAELossWeights = dataclasses.field(default_factory=VAELossWeights)
-    val_crop: tuple[int, int, int] | None = None
-    time_limit_s: float | None = None
-    stop_at_step: int | None = None
     scaling_patches: int = 32
-    progress: bool = True
 
 
 def _val_crops(volumes: Sequence[Volume | str | Path], crop: tuple[int, int, int]) -> list[tuple[str, np.ndarray]]:

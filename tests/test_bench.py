@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import pytest
@@ -56,4 +57,24 @@ def test_bench_cli_with_cnn_and_missing_ldm(thin, tmp_path, capsys):
     assert [r["method"] for r in payload["rows"]] == ["cubic-dc", "cnn"]
     # an untrained CNN (zero-initialised last layer) returns cubic, then data consistency: cubic-dc's scores
     assert payload["rows"][0]["psnr"] == pytest.approx(payload["rows"][1]["psnr"], abs=0.05)
-    assert "| thin | 2 | box | cnn |" in (out / "bench.md").read_text()
+    assert "| thin | 2 | box | 1 | cnn |" in (out / "bench.md").read_text()
+
+
+def test_every_method_that_models_the_profile_receives_the_cases_profile(thin, monkeypatch):
+    """A method declaring a ``profile`` option gets the simulated input's profile (and overlap cases run)."""
+    registry = importlib.import_module("thinslice.infer.upsample")
+
+    seen = []
+    original = registry.UPSAMPLERS["cubic-dc"]
+
+    def spy(thick, spacing_mm, **options):
+        seen.append((options.get("profile"), round(thick.slice_thickness / thick.slice_spacing, 3)))
+        return original.fn(thick, spacing_mm, **options)
+
+    monkeypatch.setitem(registry.UPSAMPLERS, "cubic-dc",
+                        registry.UpsampleMethod("cubic-dc", spy, options=original.options))
+    rows = run_benchmark([thin], factors=[2.0], profiles=["box", "decimate"], overlaps=[2.0],
+                         methods=[MethodSpec("cubic-dc", "cubic-dc"), MethodSpec("cubic", "cubic")],
+                         log=lambda _: None)
+    assert seen == [("box", 1.0), ("decimate", 1.0), ("box", 2.0)]
+    assert [(r.profile, r.thickness_ratio) for r in rows[::2]] == [("box", 1.0), ("decimate", 1.0), ("box", 2.0)]

@@ -16,7 +16,7 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
 from thinslice.infer.bundle import default_method, has_weights
-from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, get_method, learned_methods, upsample
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -51,7 +51,7 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if method is None:
-        learned = [m for m in ("cnn", "ldm") if has_weights(m, checkpoint)]
+        learned = [m for m in learned_methods() if has_weights(m, checkpoint)]
         method = default_method() if checkpoint is None else (learned[-1] if learned else "cubic")
         methods = ["cubic", "cubic-dc", *learned]
     else:
@@ -87,7 +87,7 @@ def run_demo(
                 options["checkpoint"] = str(checkpoint)
             if precision is not None:
                 options["precision"] = precision
-        if name in ("ldm", "cubic-dc"):  # data consistency must use the profile the input was made with
+        if get_method(name).uses_profile:  # data consistency must use the profile the input was made with
             options["profile"] = profile
         outputs[name] = upsample(thick, thin_spacing, method=name, **options)
         seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.models.baseline import BaselineConfig
 from thinslice.models.control import ControlConfig
+from thinslice.models.planes import PlanesConfig
 from thinslice.models.unet import UNetConfig
 from thinslice.models.vae import VAEConfig
 
@@ -50,6 +51,22 @@ class DegradationConfig:
 
 
 @dataclass
+class PlaneSamplingConfig:
+    """Training planes for ``train-planes``: ``rows`` thick rows x ``width`` pixels, drawn from the through-plane
+    planes of thin volumes and, with probability ``inplane_fraction``, from axial slices degraded along one in-plane
+    axis (SMORE/SR4ZCT self-supervision). Gaussian/box thickness = spacing x U(1 - jitter, 1 + jitter), or with
+    probability ``overlap_fraction`` x U(1.2, ``max_overlap``) (overlapping slices)."""
+
+    rows: int = 12
+    width: int = 96
+    inplane_fraction: float = 0.5
+    thickness_jitter: float = 0.15
+    overlap_fraction: float = 0.25
+    max_overlap: float = 2.2
+    noise_hu: float = 0.0
+
+
+@dataclass
 class Preset:
     name: str
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -57,10 +74,13 @@ class Preset:
     control: ControlConfig = field(default_factory=ControlConfig)
     diffusion: ResShiftConfig = field(default_factory=ResShiftConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    planes: PlanesConfig = field(default_factory=PlanesConfig)
+    planes_data: PlaneSamplingConfig = field(default_factory=PlaneSamplingConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     train_vae: TrainConfig = field(default_factory=TrainConfig)
     train_diffusion: TrainConfig = field(default_factory=TrainConfig)
     train_baseline: TrainConfig = field(default_factory=TrainConfig)
+    train_planes: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

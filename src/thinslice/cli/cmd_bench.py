@@ -20,9 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"],
                         choices=["gaussian", "box", "decimate"])
-    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "cnn", "ldm", "ldm-4"],
-                        help="linear, cubic, cubic-dc, cnn, cnn-adapt, ldm (15 steps), ldm-N (N steps); learned "
-                             "methods without weights are skipped with a note")
+    parser.add_argument("--overlaps", type=float, nargs="*", default=[], metavar="RATIO",
+                        help="extra cases with overlapping slices: slice thickness = RATIO x slice spacing (e.g. 1.5 2 "
+                             "3), for the gaussian and box profiles")
+    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "planes", "cnn", "ldm-4"],
+                        help="any upsample method (linear, cubic, cubic-dc, planes, cnn, ldm) and the variants "
+                             "cnn-adapt, ldm-N (N steps); learned methods without weights are skipped with a note")
     parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: shipped weights)")
     parser.add_argument("--device", default=None, help="torch device for learned methods (default: auto)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
@@ -33,19 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from thinslice.evaluate.bench import markdown_table, parse_methods, run_benchmark, write_results
     from thinslice.infer.bundle import has_weights
+    from thinslice.infer.upsample import get_method
     from thinslice.train.data import resolve_data_paths
 
     specs = []
     for spec in parse_methods(args.methods, args.checkpoint, args.device, args.precision):
-        needs = "ldm" if spec.method == "ldm" else "cnn" if spec.method == "cnn" else None
-        if needs and not has_weights(needs, args.checkpoint):
+        if get_method(spec.method).needs_weights and not has_weights(spec.method, args.checkpoint):
             print(f"thinslice bench: note: no weights for '{spec.label}' "
                   f"({'--checkpoint ' + args.checkpoint if args.checkpoint else 'shipped'}); skipped")
             continue
         specs.append(spec)
     out = Path(args.out)
     rows = run_benchmark(resolve_data_paths(args.data), args.factors, args.profiles, specs,
-                         figure_path=out / "bench.png")
+                         figure_path=out / "bench.png", overlaps=args.overlaps)
     json_path, md_path = write_results(rows, out)
     print()
     print(markdown_table(rows))

@@ -39,7 +39,9 @@ class MethodSpec:
 
 def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None,
                   precision: str | None = None) -> list[MethodSpec]:
-    """``linear``, ``cubic``, ``cubic-dc``, ``cnn``, ``cnn-adapt``, ``ldm`` (15 steps) and ``ldm-N`` (N steps)."""
+    """Any registered method by name, plus the variants ``cnn-adapt`` and ``ldm-N`` (N sampling steps)."""
+    from thinslice.infer.upsample import available_methods, get_method
+
     specs = []
     for name in names:
         learned: dict[str, object] = {}
@@ -51,17 +53,19 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             learned["precision"] = precision
         if name in WEIGHTLESS_METHODS:
             specs.append(MethodSpec(name, name))
-        elif name == "cnn":
-            specs.append(MethodSpec(name, "cnn", learned))
         elif name == "cnn-adapt":
             specs.append(MethodSpec(name, "cnn", {**learned, "adapt": True, "adapt_steps": 30}))
         elif name == "ldm":
             specs.append(MethodSpec(name, "ldm", {**learned, "progress": False}))
         elif name.startswith("ldm-") and name[4:].isdigit():
             specs.append(MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False}))
+        elif name in available_methods() and get_method(name).needs_weights:
+            specs.append(MethodSpec(name, name, learned))
+        elif name in available_methods():
+            specs.append(MethodSpec(name, name))
         else:
-            raise ThinsliceError(f"unknown benchmark method '{name}': use linear, cubic, cubic-dc, cnn, cnn-adapt, "
-                                 "ldm, ldm-N")
+            raise ThinsliceError(f"unknown benchmark method '{name}': use {', '.join(available_methods())}, "
+                                 "cnn-adapt or ldm-N")
     return specs
 
 
@@ -97,12 +101,22 @@ class BenchRow:
     factor: float
     profile: str
     method: str
+    thickness_ratio: float  # slice thickness / slice spacing of the simulated input (> 1: overlapping slices)
     psnr: float
     ssim: float
     mae_hu_body: float
     dc_residual_hu: float
     seconds: float
     peak_rss_mb: float
+
+
+def bench_cases(factors: Sequence[float], profiles: Sequence[str],
+                overlaps: Sequence[float] = ()) -> list[tuple[float, str, float]]:
+    """(factor, profile, thickness / spacing) of every case: each factor x profile with thickness = spacing, then
+    each overlap ratio for the profiles that have a thickness (decimation has none)."""
+    cases = [(float(f), p, 1.0) for f in factors for p in profiles]
+    cases += [(float(f), p, float(r)) for r in overlaps for f in factors for p in profiles if p != "decimate"]
+    return cases
 
 
 def run_benchmark(
@@ -112,38 +126,47 @@ def run_benchmark(
     methods: Sequence[MethodSpec] = (MethodSpec("linear", "linear"), MethodSpec("cubic", "cubic")),
     figure_path: str | Path | None = None,
     log: Callable[[str], None] = print,
+    overlaps: Sequence[float] = (),
 ) -> list[BenchRow]:
-    """Score every method on every (volume, factor, profile) case; the first case also gives the figure."""
+    """Score every method on every (volume, factor, profile, overlap) case; the first case also gives the figure."""
     rows: list[BenchRow] = []
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
         name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
-        for factor in factors:
-            for profile in profiles:
-                thick, truth = simulate_pair(thin, factor=factor, profile=profile)
-                operator = thick_profile_operator(thick, thin.slice_spacing, profile)
-                outputs: dict[str, Volume] = {}
-                for spec in methods:
-                    with PeakRSS() as memory:
-                        start = time.perf_counter()
-                        # Data-consistency steps must know the slice profile of their input.
-                        extra = {"profile": profile} if spec.method in ("ldm", "cnn", "cubic-dc") else {}
-                        out = upsample(thick, thin.slice_spacing, method=spec.method, **spec.options, **extra)
-                        seconds = time.perf_counter() - start
-                    scores = evaluate_volumes(out, truth)
-                    residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
-                    row = BenchRow(name, float(factor), profile, spec.label, float(scores["psnr"]),
-                                   float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]),
-                                   seconds, memory.peak_mb)
-                    rows.append(row)
-                    outputs[spec.label] = out
-                    log(f"{name} x{factor:g} {profile:<8} {spec.label:<9} PSNR {row.psnr:6.2f}  SSIM {row.ssim:.4f}  "
-                        f"MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  {row.seconds:6.1f} s  "
-                        f"{row.peak_rss_mb:6.0f} MB")
-                if figure_path is not None and not Path(figure_path).exists():
-                    panels = {"thin truth": truth, f"thick x{factor:g} {profile}": thick, **outputs}
-                    save_comparison_figure(panels, figure_path, title=f"{name}: x{factor:g} {profile}")
+        for factor, profile, ratio in bench_cases(factors, profiles, overlaps):
+            spacing = factor * thin.slice_spacing
+            thick, truth = simulate_pair(thin, thickness=ratio * spacing, spacing=spacing, profile=profile)
+            operator = thick_profile_operator(thick, thin.slice_spacing, profile)
+            outputs: dict[str, Volume] = {}
+            for spec in methods:
+                row, outputs[spec.label] = _score_method(spec, thick, truth, operator, profile)
+                row.volume, row.factor, row.thickness_ratio = name, float(factor), ratio
+                rows.append(row)
+                log(f"{name} x{factor:g} {profile:<8} T/S {ratio:<4g} {spec.label:<9} PSNR {row.psnr:6.2f}  "
+                    f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
+                    f"{row.seconds:6.1f} s  {row.peak_rss_mb:6.0f} MB")
+            if figure_path is not None and not Path(figure_path).exists():
+                panels = {"thin truth": truth, f"thick x{factor:g} {profile}": thick, **outputs}
+                save_comparison_figure(panels, figure_path, title=f"{name}: x{factor:g} {profile}")
     return rows
+
+
+def _score_method(spec: MethodSpec, thick: Volume, truth: Volume, operator: np.ndarray,
+                  profile: str) -> tuple[BenchRow, Volume]:
+    """One method on one case: its output, scores, data-consistency residual, seconds and peak memory."""
+    from thinslice.infer.upsample import get_method
+
+    # Data-consistency steps must know the slice profile of their input (the method declares whether it uses it).
+    extra = {"profile": profile} if get_method(spec.method).uses_profile else {}
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options, **extra)
+        seconds = time.perf_counter() - start
+    scores = evaluate_volumes(out, truth)
+    residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
+    row = BenchRow("", 0.0, profile, spec.label, 1.0, float(scores["psnr"]), float(scores["ssim"]),
+                   float(scores["mae_hu_body"]), float(residual["mean_abs"]), seconds, memory.peak_mb)
+    return row, out
 
 
 def _short_name(path: Path) -> str:
@@ -156,12 +179,13 @@ def _short_name(path: Path) -> str:
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     lines = [
-        "| volume | factor | profile | method | PSNR (dB) | SSIM | HU-MAE body | DC residual (HU) | seconds "
-        "| peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| volume | factor | profile | thickness / spacing | method | PSNR (dB) | SSIM | HU-MAE body "
+        "| DC residual (HU) | seconds | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.volume} | {r.factor:g} | {r.profile} | {r.method} | {r.psnr:.2f} | {r.ssim:.4f} | "
+        lines.append(f"| {r.volume} | {r.factor:g} | {r.profile} | {r.thickness_ratio:g} | {r.method} | {r.psnr:.2f} | "
+                     f"{r.ssim:.4f} | "
                      f"{r.mae_hu_body:.1f} | {r.dc_residual_hu:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ Layout (file names fixed so that a folder is all the user passes, ``--checkpoint
     denoiser.safetensors            LatentDenoiser (UNet + optional IRControlNet + null condition), one state dict
     denoiser-<T>step.safetensors    optional fast schedule (e.g. denoiser-4step), picked with --steps T
     baseline.safetensors            ResidualCNN3D
+    planes.safetensors              PlanesNet (--method planes)
 
 Every file carries its preset record (see :mod:`thinslice.models.weights`), so the networks are rebuilt from the file
 alone. The denoiser also records the content hash of the VAE whose latents it was trained on; pairing it with another
@@ -29,16 +30,19 @@ from thinslice.models import weights as weights_io
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_denoiser  # noqa: F401 (re-exported for callers of the bundle API)
+from thinslice.models.planes import PlanesNet
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import Preset, load_preset
 
 DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
 DENOISER_KIND = "denoiser"
-FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors", "baseline": "baseline.safetensors"}
+FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors", "baseline": "baseline.safetensors",
+         "planes": "planes.safetensors"}
 # What each method needs from a bundle (kinds, see FILES).
-METHOD_FILES = {"ldm": ("vae", "denoiser"), "cnn": ("baseline",)}
+METHOD_FILES = {"ldm": ("vae", "denoiser"), "cnn": ("baseline",), "planes": ("planes",)}
 # Preset sections that define each kind's architecture (for the "wrong preset" check).
-TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train ...", "cnn": "thinslice train-baseline ..."}
+TRAIN_HINT = {"ldm": "thinslice train-vae ... and thinslice train ...", "cnn": "thinslice train-baseline ...",
+              "planes": "thinslice train-planes ..."}
 
 
 def denoiser_file(steps: int | None = None) -> str:
@@ -106,7 +110,7 @@ def has_weights(kind: str, bundle: str | Path | None = None) -> bool:
 
 # Learned methods in order of preference when the user names none and the shipped folder has no manifest: the first
 # whose weights ship with the package is used, else cubic interpolation.
-PREFERRED_METHODS = ("ldm", "cnn")
+PREFERRED_METHODS = ("planes", "ldm", "cnn")
 # Written next to the shipped weights by whoever trains and benchmarks them: {"default_method": ..., "why": ...}.
 MANIFEST_FILE = "manifest.json"
 
@@ -156,6 +160,12 @@ def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",
 def load_baseline(bundle: str | Path, device: str | torch.device | None = "cpu",
                   preset: str | Path | Preset | None = None) -> ResidualCNN3D:
     return _load("baseline", Path(bundle) / FILES["baseline"], resolve_device(device),  # type: ignore[return-value]
+                 preset)
+
+
+def load_planes(bundle: str | Path, device: str | torch.device | None = "cpu",
+                preset: str | Path | Preset | None = None) -> PlanesNet:
+    return _load("planes", Path(bundle) / FILES["planes"], resolve_device(device),  # type: ignore[return-value]
                  preset)
 
 
@@ -224,9 +234,10 @@ def save_bundle_denoiser(
 
 def save_bundle_model(model: nn.Module, kind: str, preset: str | Path | Preset, folder: str | Path,
                       extra_metadata: dict[str, str] | None = None) -> str:
-    """Write a VAE ('vae') or CNN baseline ('baseline') into a bundle folder under its fixed name."""
-    if kind not in ("vae", "baseline"):
-        raise ThinsliceError(f"save_bundle_model saves 'vae' or 'baseline', got '{kind}' (use save_bundle_denoiser)")
+    """Write a VAE ('vae'), CNN baseline ('baseline') or planes network into a bundle folder under its fixed name."""
+    if kind not in ("vae", "baseline", "planes"):
+        raise ThinsliceError(f"save_bundle_model saves 'vae', 'baseline' or 'planes', got '{kind}' "
+                             "(use save_bundle_denoiser)")
     return weights_io.save_weights(Path(folder) / FILES[kind], model, kind, preset, extra_metadata)
 
 

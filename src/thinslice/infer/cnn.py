@@ -136,4 +136,5 @@ register_method(
     description="residual 3D CNN baseline refining cubic interpolation; needs trained weights (--checkpoint DIR or "
                 "shipped)",
     options=OPTIONS,
+    needs_weights=True,
 )

@@ -10,28 +10,84 @@ every in-plane voxel column)::
 The correction lies in the row space of ``A``, so detail the model added in the null space of ``A`` (what thick slices
 cannot see) is kept untouched. Written here because it is a small dense linear-algebra step that no imaging library
 offers in this form.
+
+Overlapping slices (thickness well above the spacing, the usual clinical reconstruction) make ``A`` ill-conditioned:
+its smallest singular values approach zero and the exact projection amplifies whatever the model ``A`` gets wrong
+(the ends of the stack, the true profile) by ``1/sigma``. There the pseudo-inverse is replaced by a Tikhonov-filtered
+one, ``sigma / (sigma^2 + lambda)`` with ``lambda = (0.05 sigma_max)^2``, chosen from the operator's own spectrum
+(docs/benchmark.md#overlapping-slices has the measurements behind these two numbers).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from thinslice.degrade.profiles import ThickSliceSpec, check_profile, profile_matrix, thick_grid
+from thinslice.degrade.profiles import (
+    FWHM_TO_SIGMA,
+    GAUSSIAN_TRUNCATE,
+    ThickSliceSpec,
+    check_profile,
+    profile_matrix,
+    thick_grid,
+)
 from thinslice.errors import ThinsliceError
 from thinslice.infer.grid import thin_positions
 from thinslice.io.volume import Volume
 
-# Singular values below this fraction of the largest are treated as zero: dependent rows (heavily overlapping thick
-# slices) then give the least-squares projection instead of an unstable inverse.
-DEFAULT_RCOND = 1e-10
+# The exact projection is used while the smallest singular value of A is at least this fraction of the largest
+# (every non-overlapping profile: 0.5-1.0); below it, the Tikhonov filter with lambda = (TIKHONOV_ALPHA sigma_max)^2.
+WELL_CONDITIONED = 0.1
+TIKHONOV_ALPHA = 0.05
 _CHUNK_ROWS = 32
 
 
+@dataclass(frozen=True)
+class SlabOperator:
+    """The slice-profile operator of a thick stack over its thin grid extended by ``pad`` slices at each end.
+
+    Slabs near the ends of the stack reach beyond the thin grid (Gaussian tails, overlapping slices). The tissue
+    there is real, so the projection treats those ``pad`` slices as free unknowns (cropped afterwards) instead of
+    renormalising the profile onto the grid: a renormalised profile is wrong by up to hundreds of HU in the end
+    slabs, and with overlapping slices the ill-conditioned inverse spreads that error through the whole column.
+    """
+
+    extended: np.ndarray  # M x (N + 2 pad), rows sum to 1
+    pad: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(M thick slices, N thin slices on the grid)."""
+        return self.extended.shape[0], self.extended.shape[1] - 2 * self.pad
+
+    @property
+    def inside_rows(self) -> np.ndarray:
+        """Thick slices whose profile lies entirely on the grid: the ones an output can be checked against."""
+        n = self.extended.shape[1]
+        outside = self.extended[:, : self.pad].any(axis=1) | self.extended[:, n - self.pad:].any(axis=1)
+        return np.flatnonzero(~outside)
+
+    @property
+    def inside(self) -> np.ndarray:
+        """``A`` restricted to :attr:`inside_rows` and the grid's own slices."""
+        return self.extended[self.inside_rows][:, self.pad: self.extended.shape[1] - self.pad]
+
+
+def _profile_half_width(profile: str, thickness: float, spacing: float) -> float:
+    """How far (mm) a slab's weights reach from its sampling centre."""
+    if profile == "gaussian":
+        return GAUSSIAN_TRUNCATE * FWHM_TO_SIGMA * thickness
+    if profile == "box":
+        return thickness / 2
+    return spacing / 2
+
+
 def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gaussian",
-                           thickness_mm: float | None = None) -> np.ndarray:
-    """``A`` (M x N float64) mapping the thin grid of ``thin_grid(thick, spacing_mm)`` to ``thick``'s slices.
+                           thickness_mm: float | None = None) -> SlabOperator:
+    """The operator mapping the thin grid of ``thin_grid(thick, spacing_mm)`` (extended, see :class:`SlabOperator`)
+    to ``thick``'s slices.
 
     The slice thickness is ``thickness_mm``, else the input's recorded slice thickness, else its slice spacing.
     For ``decimate`` the sampling centres follow :func:`thinslice.degrade.profiles.thick_grid` (nearest thin slice,
@@ -48,63 +104,100 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
         n_probe = int(math.ceil(spec.thickness_mm / float(spacing_mm))) + 1
         nominal, sampling = thick_grid(n_probe, float(spacing_mm), spec)
         centres = centres + (sampling[0] - nominal[0])
-    return profile_matrix(thin_positions(thick, spacing_mm), centres, thickness, profile)
+        return SlabOperator(profile_matrix(thin_positions(thick, spacing_mm), centres, thickness, profile), 0)
+    s = float(spacing_mm)
+    grid = thin_positions(thick, s)
+    reach = _profile_half_width(profile, thickness, thick.slice_spacing)
+    beyond = max(grid[0] - (centres[0] - reach), (centres[-1] + reach) - grid[-1], 0.0)
+    pad = int(math.ceil(beyond / s - 1e-6))
+    extended = grid[0] + s * np.arange(-pad, grid.size + pad)
+    return SlabOperator(profile_matrix(extended, centres, thickness, profile), pad)
 
 
-def _projector(weights: np.ndarray, rcond: float) -> np.ndarray:
-    """``A^+`` (N x M, float64): equals ``A^T (A A^T)^{-1}`` for full row rank.
+def _as_operator(weights: np.ndarray | SlabOperator) -> SlabOperator:
+    """A plain matrix is an operator without extension (its rows renormalised onto the grid)."""
+    if isinstance(weights, SlabOperator):
+        return weights
+    return SlabOperator(np.asarray(weights, dtype=np.float64), 0)
 
-    The pseudo-inverse (SVD) rather than a ridge-regularised solve: a ridge of 1e-6 already leaves residuals of
-    ~1e-2 HU for Gaussian profiles, while the SVD is exact and M is at most a few hundred slices.
+
+def consistency_projector(weights: np.ndarray) -> np.ndarray:
+    """``P`` (N x M, float64) so that ``x + P (y - A x)`` is the (regularised) consistent volume.
+
+    ``A^+ = A^T (A A^T)^{-1}`` (exact, via the SVD) when ``A`` is well conditioned; for heavily overlapping slices the
+    Tikhonov-filtered inverse ``V diag(s / (s^2 + lambda)) U^T``, which stays close to the input where the thick
+    slices barely constrain it. M is at most a few hundred slices, so the SVD costs nothing.
     """
-    return np.linalg.pinv(np.asarray(weights, dtype=np.float64), rcond=rcond)
+    u, sv, vt = np.linalg.svd(np.asarray(weights, dtype=np.float64), full_matrices=False)
+    if sv.size == 0 or sv[0] <= 0:
+        raise ThinsliceError("the slice-profile operator is zero; check the slice thickness and positions")
+    ridge = 0.0 if sv[-1] >= WELL_CONDITIONED * sv[0] else (TIKHONOV_ALPHA * sv[0]) ** 2
+    return (vt.T * (sv / (sv**2 + ridge))) @ u.T
 
 
-def _check(thin: np.ndarray, thick: np.ndarray, weights: np.ndarray) -> None:
-    if weights.ndim != 2 or weights.shape != (thick.shape[0], thin.shape[0]):
+def _check(thin: np.ndarray, thick: np.ndarray, op: SlabOperator) -> None:
+    if op.extended.ndim != 2 or op.shape != (thick.shape[0], thin.shape[0]):
         raise ThinsliceError(
-            f"profile matrix of shape {weights.shape} does not map {thin.shape[0]} thin slices to "
+            f"profile matrix of shape {op.shape} does not map {thin.shape[0]} thin slices to "
             f"{thick.shape[0]} thick slices"
         )
     if thin.shape[1:] != thick.shape[1:]:
         raise ThinsliceError(f"thin and thick volumes differ in-plane: {thin.shape[1:]} vs {thick.shape[1:]}")
 
 
+def consistency_matrix(weights: np.ndarray | SlabOperator) -> np.ndarray:
+    """The whole consistency step as one matrix ``[G | H]`` (N x (N + M)): the consistent volume is ``G x + H y``.
+
+    ``x`` is continued into the pad slices by its end slices (E), projected on the extended grid and cropped:
+    ``crop(E x + P (y - A E x))``, i.e. ``G = crop(E - P A E)`` and ``H = crop(P)``.
+    """
+    op = _as_operator(weights)
+    a, pad = op.extended, op.pad
+    n = a.shape[1] - 2 * pad
+    edge = np.zeros((n + 2 * pad, n))
+    edge[np.arange(n + 2 * pad), np.clip(np.arange(n + 2 * pad) - pad, 0, n - 1)] = 1.0
+    proj = consistency_projector(a)
+    g = (edge - proj @ (a @ edge))[pad: pad + n]
+    h = proj[pad: pad + n]
+    return np.concatenate([g, h], axis=1)
+
+
 def enforce_consistency(
     thin_hu_slices_first: np.ndarray,
     thick_hu_slices_first: np.ndarray,
-    weights: np.ndarray,
-    rcond: float = DEFAULT_RCOND,
+    weights: np.ndarray | SlabOperator,
 ) -> np.ndarray:
-    """The volume closest to ``thin`` (N, a, b) whose profile-weighted slices ``A x`` equal ``thick`` (M, a, b).
+    """The volume closest to ``thin`` (N, a, b) whose profile-weighted slices ``A x`` equal ``thick`` (M, a, b)
+    (regularised where ``A`` is ill-conditioned; with a :class:`SlabOperator`, on its extended grid).
 
     Returns a new float32 array; works on blocks of rows in float64 so memory stays near the output size.
     """
     x = np.asarray(thin_hu_slices_first)
     y = np.asarray(thick_hu_slices_first)
-    a = np.asarray(weights, dtype=np.float64)
-    _check(x, y, a)
-    proj = _projector(a, rcond)
+    op = _as_operator(weights)
+    _check(x, y, op)
+    both = consistency_matrix(op)
     out = np.empty(x.shape, dtype=np.float32)
     n, m = x.shape[0], y.shape[0]
     for r0 in range(0, x.shape[1], _CHUNK_ROWS):
         xb = np.asarray(x[:, r0:r0 + _CHUNK_ROWS], dtype=np.float64)
         rest = xb.shape[1:]
-        xb = xb.reshape(n, -1)
         yb = np.asarray(y[:, r0:r0 + _CHUNK_ROWS], dtype=np.float64).reshape(m, -1)
-        xb += proj @ (yb - a @ xb)
-        out[:, r0:r0 + _CHUNK_ROWS] = xb.reshape(n, *rest)
+        fixed = both[:, :n] @ xb.reshape(n, -1) + both[:, n:] @ yb
+        out[:, r0:r0 + _CHUNK_ROWS] = fixed.reshape(n, *rest)
     return out
 
 
 def consistency_residual_hu(
-    thin_hu_slices_first: np.ndarray, thick_hu_slices_first: np.ndarray, weights: np.ndarray
+    thin_hu_slices_first: np.ndarray, thick_hu_slices_first: np.ndarray, weights: np.ndarray | SlabOperator
 ) -> dict[str, float]:
-    """How far ``A x`` is from the thick input: mean and max absolute difference in HU."""
+    """How far ``A x`` is from the thick input: mean and max absolute difference in HU, over the thick slices whose
+    profile lies on the grid (with a :class:`SlabOperator`; the end slabs also weigh tissue the output lacks)."""
     x = np.asarray(thin_hu_slices_first)
-    y = np.asarray(thick_hu_slices_first)
-    a = np.asarray(weights, dtype=np.float64)
-    _check(x, y, a)
+    op = _as_operator(weights)
+    _check(x, np.asarray(thick_hu_slices_first), op)
+    y = np.asarray(thick_hu_slices_first)[op.inside_rows]
+    a = op.inside
     total, peak, count = 0.0, 0.0, 0
     n, m = x.shape[0], y.shape[0]
     for r0 in range(0, x.shape[1], _CHUNK_ROWS):

@@ -444,4 +444,5 @@ register_method(
     description="3D latent diffusion (ResShift + IRControlNet) with data consistency; needs trained weights "
                 "(--checkpoint DIR or shipped)",
     options=OPTIONS,
+    needs_weights=True,
 )

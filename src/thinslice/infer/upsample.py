@@ -21,19 +21,29 @@ from thinslice.io.volume import Volume
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
 
 # Modules that register further methods when imported (missing ones are skipped).
-PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm")
+PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm", "thinslice.infer.planes")
 # Methods that need no trained weights (registered below).
 WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
 
 
 @dataclass(frozen=True)
 class UpsampleMethod:
-    """A registered upsampler and the keyword options it accepts (``None``: anything, passed through)."""
+    """A registered upsampler, the keyword options it accepts (``None``: anything, passed through) and whether it
+    needs trained weights (a bundle of that method's name, see :mod:`thinslice.infer.bundle`).
+
+    The CLI, ``bench`` and ``demo`` read these facts from here instead of keeping their own lists of methods.
+    """
 
     name: str
     fn: UpsampleFn
     description: str = ""
     options: tuple[str, ...] | None = ()
+    needs_weights: bool = False
+
+    @property
+    def uses_profile(self) -> bool:
+        """Whether the method models the input's slice profile (data consistency), so callers must pass it."""
+        return self.options is None or "profile" in self.options
 
 
 UPSAMPLERS: dict[str, UpsampleMethod] = {}
@@ -41,10 +51,12 @@ _plugins_loaded = False
 
 
 def register_method(
-    name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = ()
+    name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = (),
+    needs_weights: bool = False,
 ) -> None:
     """Make ``fn`` available as ``upsample(..., method=name)`` and ``thinslice upsample --method name``."""
-    UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options))
+    UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options),
+                                      needs_weights)
 
 
 def _load_plugins() -> None:
@@ -64,6 +76,12 @@ def _load_plugins() -> None:
 def available_methods() -> list[str]:
     _load_plugins()
     return sorted(UPSAMPLERS)
+
+
+def learned_methods() -> list[str]:
+    """Registered methods that run trained weights, in registration order."""
+    _load_plugins()
+    return [name for name, entry in UPSAMPLERS.items() if entry.needs_weights]
 
 
 def get_method(name: str) -> UpsampleMethod:

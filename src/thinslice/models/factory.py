@@ -18,7 +18,7 @@ from thinslice.presets import Preset, load_preset
 # Kind of network -> the preset sections that describe its architecture (checked when weights are loaded).
 MODEL_KINDS: dict[str, tuple[str, ...]] = {
     "vae": ("vae",), "unet": ("unet",), "control": ("control",), "baseline": ("baseline",),
-    "denoiser": ("unet", "control"),
+    "denoiser": ("unet", "control"), "planes": ("planes",),
 }
 
 
@@ -70,11 +70,19 @@ def build_denoiser(preset: str | Path | Preset) -> nn.Module:
     return LatentDenoiser(unet, control, p.diffusion)
 
 
-_BUILDERS = {"vae": build_vae, "unet": build_unet, "control": build_control, "baseline": build_baseline}
+def build_planes(preset: str | Path | Preset) -> nn.Module:
+    """Through-plane 2D network ``PlanesNet(preset.planes)`` (``--method planes``)."""
+    from thinslice.models.planes import PlanesNet
+
+    return PlanesNet(load_preset(preset).planes)
+
+
+_BUILDERS = {"vae": build_vae, "unet": build_unet, "control": build_control, "baseline": build_baseline,
+             "planes": build_planes}
 
 
 def build_model(kind: str, preset: str | Path | Preset) -> nn.Module:
-    """Network of ``kind`` ('vae', 'unet', 'control', 'baseline') for ``preset``."""
+    """Network of ``kind`` ('vae', 'unet', 'control', 'baseline', 'planes', 'denoiser') for ``preset``."""
     if kind == "denoiser":
         return build_denoiser(preset)
     if kind not in _BUILDERS:

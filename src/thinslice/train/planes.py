@@ -1,0 +1,254 @@
+"""Train the through-plane planes network (``thinslice train-planes``, ``--method planes``).
+
+Training examples are 2D planes on the thick grid, far cheaper than 3D patches, so a CPU sees hundreds of
+thousands of them per hour. Each example is a thin plane X (rows x k thin rows, ``width`` pixels) taken either
+from a volume's through-plane planes (coronal or sagittal) or, with probability ``inplane_fraction``, from an axial
+slice with one in-plane axis playing the slice axis (the SMORE / SR4ZCT self-supervision: in-plane resolution is
+higher than through-plane, and every volume has hundreds of such planes). X is degraded with a random profile,
+thickness (jitter, overlap) and factor k as ``thick = A X`` and turned into cubic-dc as ``base = B thick``, with
+the very operators inference uses (:func:`thinslice.infer.planes.cell_operators`). The loss compares the
+network's output with X. Validation runs the shipped pipeline (:func:`thinslice.infer.planes.run_planes`) on
+whole slices of the validation volumes, so the logged PSNR is what ``--method planes`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
+from thinslice.evaluate.metrics import psnr
+from thinslice.infer.bundle import save_bundle_model
+from thinslice.infer.planes import cell_operators, run_planes
+from thinslice.infer.upsample import get_method
+from thinslice.io.atomic import write_text_atomic
+from thinslice.io.volume import Volume
+from thinslice.models.factory import build_planes
+from thinslice.models.intensity import hu_to_model
+from thinslice.models.planes import acquisition_vector
+from thinslice.presets import DegradationConfig, PlaneSamplingConfig, load_preset
+from thinslice.train.data import AIR_THRESHOLD_HU, _source_from
+from thinslice.train.diffusion import check_run_record, write_run_record
+from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("l1", "mse")
+VAL_FACTOR = 4
+VAL_PROFILE = "gaussian"
+VAL_INPLANE = 256  # central in-plane crop of each validation volume (whole slices through-plane)
+_MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
+
+
+@dataclass(kw_only=True)
+class PlanesTrainOptions(RunOptions):
+    loss: str = "l1"
+
+
+class PlaneSampler:
+    """Endless batches of training planes (one factor per batch, as each factor has its own head).
+
+    Its numpy generator is checkpointed (``state_dict``), so a resumed run draws the batches an uninterrupted one
+    would have drawn.
+    """
+
+    def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
+                 degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        self.sources = [_source_from(v, i) for i, v in enumerate(volumes)]
+        if not self.sources:
+            raise ThinsliceError("no training volumes")
+        self.cfg = sampling
+        self.profiles = tuple(degradation.profiles)
+        wanted = {int(round(f)) for f in degradation.factors}
+        self.factors = tuple(k for k in factors if k in wanted) or tuple(factors)
+        self.batch_size = int(batch_size)
+        sizes = np.array([float(s.hu.size) for s in self.sources])
+        self.volume_p = np.sqrt(sizes) / np.sqrt(sizes).sum()  # big volumes more often, small ones still seen
+        self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def __iter__(self) -> PlaneSampler:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        k = int(self.factors[int(self.rng.integers(len(self.factors)))])
+        items = [self._example(k) for _ in range(self.batch_size)]
+        stack = {key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]}
+        return stack
+
+    def _acquisition(self) -> tuple[str, float]:
+        """A slice profile and thickness / spacing ratio (jittered, sometimes overlapping)."""
+        cfg, rng = self.cfg, self.rng
+        profile = str(self.profiles[int(rng.integers(len(self.profiles)))])
+        if profile == "decimate":
+            return profile, 1.0
+        if rng.random() < cfg.overlap_fraction:
+            ratio = rng.uniform(1.2, cfg.max_overlap)
+        else:
+            ratio = rng.uniform(1.0 - cfg.thickness_jitter, 1.0 + cfg.thickness_jitter)
+        return profile, round(float(ratio) * 20) / 20  # quantised: operators are cached per ratio
+
+    def _example(self, k: int) -> dict[str, np.ndarray]:
+        rows, width = self.cfg.rows, self.cfg.width
+        profile, ratio = self._acquisition()
+        a, b, pad = cell_operators(k, rows, ratio, profile)
+        x = self._plane(rows * k + 2 * pad, width)  # the slabs of the end cells reach `pad` rows beyond them
+        thick = a @ x
+        x = x[pad: pad + rows * k]
+        if self.cfg.noise_hu > 0:
+            thick = thick + self.rng.normal(0.0, self.rng.uniform(0, self.cfg.noise_hu), thick.shape)
+        base = b @ thick
+        return {"thick": hu_to_model(thick[None]).astype(np.float32),
+                "base": hu_to_model(base[None]).astype(np.float32),
+                "hr": hu_to_model(x[None]).astype(np.float32),
+                "cond": np.asarray(acquisition_vector(ratio, profile), np.float32)}
+
+    def _plane(self, n: int, w: int) -> np.ndarray:
+        """A thin plane (n rows along the degraded axis, w pixels), mostly tissue, randomly flipped."""
+        best, best_tissue = None, -1.0
+        for _ in range(10):
+            src = self.sources[int(self.rng.choice(len(self.sources), p=self.volume_p))]
+            x = self._crop(src.hu, n, w)
+            tissue = float((x > AIR_THRESHOLD_HU).mean())
+            if tissue > best_tissue:
+                best, best_tissue = x, tissue
+            if tissue >= _MIN_TISSUE:
+                break
+        assert best is not None
+        if self.rng.random() < 0.5:
+            best = best[::-1]
+        if self.rng.random() < 0.5:
+            best = best[:, ::-1]
+        return np.ascontiguousarray(best, dtype=np.float32)
+
+    def _crop(self, hu: np.ndarray, n: int, w: int) -> np.ndarray:
+        rng = self.rng
+        depth = hu.shape[0]
+        if depth < n or rng.random() < self.cfg.inplane_fraction:
+            image = hu[int(rng.integers(depth))]
+            plane = image.T if rng.random() < 0.5 else image
+        else:
+            plane = hu[:, int(rng.integers(hu.shape[1])), :] if rng.random() < 0.5 else hu[:, :, int(
+                rng.integers(hu.shape[2]))]
+        plane = _pad_to(plane, n, w)
+        r0 = int(rng.integers(plane.shape[0] - n + 1))
+        c0 = int(rng.integers(plane.shape[1] - w + 1))
+        return plane[r0:r0 + n, c0:c0 + w]
+
+
+def _pad_to(plane: np.ndarray, n: int, w: int) -> np.ndarray:
+    """Pad a plane with air to at least (n, w) (small volumes, tiny tests)."""
+    pad = (max(0, n - plane.shape[0]), max(0, w - plane.shape[1]))
+    if pad == (0, 0):
+        return plane
+    return np.pad(plane, ((0, pad[0]), (0, pad[1])), constant_values=-1024)
+
+
+def make_loss(kind: str):
+    if kind not in LOSSES:
+        raise ThinsliceError(f"unknown --loss '{kind}': use one of {', '.join(LOSSES)}")
+    fn = F.l1_loss if kind == "l1" else F.mse_loss
+
+    def loss(models: dict[str, nn.Module], batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = models["planes"](batch["thick"], batch["base"], batch["cond"])
+        value = fn(pred.float(), batch["hr"])
+        return value, {"l1_base": float(F.l1_loss(batch["base"], batch["hr"]).detach())}
+
+    return loss
+
+
+def central_crop(volume: Volume, size: int) -> Volume:
+    """Whole slices, central ``size`` x ``size`` pixels in-plane (validation stays a few seconds)."""
+    arr = volume.slices_first()
+    a0 = max(0, (arr.shape[1] - size) // 2)
+    b0 = max(0, (arr.shape[2] - size) // 2)
+    crop = np.ascontiguousarray(arr[:, a0:a0 + size, b0:b0 + size])
+    inplane = [s for i, s in enumerate(volume.spacing) if i != volume.slice_axis]
+    return Volume(crop, (inplane[0], inplane[1], volume.slice_spacing), stack_axis=2)
+
+
+def validation_cases(volumes: Sequence[Volume | str | Path]) -> list[tuple[Volume, Volume, float]]:
+    """(thick, truth, cubic-dc PSNR) per validation volume: x4 Gaussian of the central crop."""
+    from thinslice.io import read_volume
+
+    cases = []
+    for item in volumes:
+        vol = item if isinstance(item, Volume) else read_volume(item)
+        thin = central_crop(vol, VAL_INPLANE)
+        if thin.num_slices < 3 * VAL_FACTOR:
+            continue
+        thick, truth = simulate_pair(thin, factor=VAL_FACTOR, profile=VAL_PROFILE)
+        base = get_method("cubic-dc").fn(thick, thin.slice_spacing, profile=VAL_PROFILE)
+        cases.append((thick, truth, psnr(base.slices_first(), truth.slices_first())))
+    return cases
+
+
+def make_validate_fn(cases: list[tuple[Volume, Volume, float]], precision: str):
+    start = time.time()
+
+    def validate(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
+        scores = []
+        for thick, truth, _ in cases:
+            out = run_planes(models["planes"], thick, truth.slice_spacing, VAL_PROFILE, precision=precision)
+            scores.append(psnr(out.slices_first(), truth.slices_first()))
+        base = float(np.mean([c[2] for c in cases]))
+        return {"val/psnr": float(np.mean(scores)), "val/psnr_cubic_dc": base,
+                "val/psnr_gain": float(np.mean(scores)) - base, "val/minutes": (time.time() - start) / 60}
+
+    return validate
+
+
+def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
+                 opts: PlanesTrainOptions) -> TrainResult:
+    """Train the planes network; ``result.models['planes']`` holds the final (EMA) weights."""
+    preset = load_preset(opts.preset)
+    tc, seed, ema_decay = run_settings(preset.train_planes, opts)
+    run_dir = Path(opts.run_dir)
+    record = {"kind": "planes", "preset": preset.name, "planes": asdict(preset.planes),
+              "planes_data": asdict(preset.planes_data), "train_planes": asdict(tc), "seed": seed, "loss": opts.loss}
+    check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
+    torch.manual_seed(seed)
+    model = build_planes(preset)
+    sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed)
+    cases = validation_cases(list(val) if val else list(train))
+    if not cases:
+        raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices")
+    precision = "bf16" if opts.mixed_precision == "bf16" else "fp32"
+
+    def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
+        save_bundle_model(eval_models["planes"], "planes", preset, out_dir)
+
+    cfg = EngineConfig(
+        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
+        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
+        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
+    )
+    trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler, cfg,
+                      validate_fn=make_validate_fn(cases, precision), export_fn=export)
+    if trainer.is_main:
+        write_run_record(run_dir, record)
+        write_text_atomic(run_dir / "preset.json", json.dumps(preset.to_dict(), indent=1))
+    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
+    if result.step >= tc.max_steps and trainer.is_main:
+        summary = {"step": result.step, "best_val_psnr": result.best, "best_step": result.best_step,
+                   **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
+        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
+        log.info("train-planes: final weights %s", run_dir / "final" / "planes.safetensors")
+    return result

@@ -1,0 +1,142 @@
+"""The planes method: thick-grid 2D network, its training examples, trainer, bundle and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from thinslice.cli.main import main
+from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
+from thinslice.infer.bundle import load_planes, save_bundle_model
+from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.planes import cell_operators, integer_factor, run_planes
+from thinslice.infer.upsample import get_method, upsample
+from thinslice.models.factory import build_planes
+from thinslice.models.intensity import model_to_hu
+from thinslice.models.planes import depth_to_space, space_to_depth
+from thinslice.presets import load_preset
+from thinslice.train.planes import PlaneSampler, PlanesTrainOptions, make_loss, train_planes
+
+
+def test_space_to_depth_puts_each_cells_thin_rows_in_channels() -> None:
+    thin = torch.arange(2 * 12 * 5, dtype=torch.float32).reshape(2, 1, 12, 5)
+    cells = space_to_depth(thin, 3)
+    assert cells.shape == (2, 3, 4, 5)
+    assert torch.equal(cells[:, 2, 1], thin[:, 0, 1 * 3 + 2])  # thin row m*k + i -> channel i of thick row m
+    assert torch.equal(depth_to_space(cells), thin)
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "box", "decimate"])
+def test_cell_operators_are_the_inference_cubic_dc(thin_phantom, profile) -> None:
+    thick, truth = simulate_pair(thin_phantom, factor=4, profile=profile)
+    base = upsample(thick, thin_phantom.slice_spacing, method="cubic-dc", profile=profile).slices_first()
+    a, b, pad = cell_operators(4, thick.num_slices, 1.0, profile)
+    y = thick.slices_first().reshape(thick.num_slices, -1)
+    assert np.abs(b @ y - base.reshape(base.shape[0], -1)).max() < 1e-2
+    operator = thick_profile_operator(thick, thin_phantom.slice_spacing, profile)
+    assert pad == operator.pad and np.allclose(a, operator.extended, atol=1e-6)
+
+
+def test_untrained_network_returns_cubic_dc(thin_phantom) -> None:
+    """The output heads start at zero: before training, planes is exactly cubic-dc (then projected again)."""
+    thick, _ = simulate_pair(thin_phantom, factor=4, profile="box")
+    model = build_planes("tiny").eval()
+    out = run_planes(model, thick, thin_phantom.slice_spacing, "box", precision="fp32")
+    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
+    assert out.grid_differences(ref) == []
+    assert np.abs(out.array - ref.array).max() < 0.05
+
+
+def test_sampler_examples_follow_the_forward_model_and_resume_exactly(thin_phantom) -> None:
+    preset = load_preset("tiny")
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, (2, 3, 4), 6, seed=3)
+    batch = next(sampler)
+    rows, width = preset.planes_data.rows, preset.planes_data.width
+    k = batch["base"].shape[2] // rows
+    assert batch["thick"].shape == (6, 1, rows, width) and batch["hr"].shape == (6, 1, rows * k, width)
+    assert batch["cond"].shape == (6, 4) and torch.all(batch["cond"][:, 1:].sum(1) == 1)
+    # The thick rows are a weighted average of each cell's neighbourhood in the truth: never outside its range.
+    hr = model_to_hu(batch["hr"])
+    assert float(model_to_hu(batch["thick"]).max()) <= float(hr.max()) + 1e-2
+    state = sampler.state_dict()
+    first = next(sampler)
+    sampler.load_state_dict(state)
+    again = next(sampler)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+
+
+def _perturbed(seed: int = 0):
+    """A network with random output heads, so that training has something to undo in a few steps."""
+    torch.manual_seed(seed)
+    model = build_planes("tiny")
+    for head in model.heads_out.values():
+        torch.nn.init.normal_(head.weight, std=0.05)
+    return model
+
+
+def _fixed_loss(model, volume) -> float:
+    preset = load_preset("tiny")
+    sampler = PlaneSampler([volume], preset.planes_data, preset.degradation, model.factors, 8, seed=99)
+    loss = make_loss("l1")
+    with torch.no_grad():
+        return float(np.mean([float(loss({"planes": model}, next(sampler), 0)[0]) for _ in range(4)]))
+
+
+def test_training_lowers_the_loss_and_the_bundle_upsamples(tmp_path, thin_phantom, monkeypatch) -> None:
+    import thinslice.train.planes as trainer
+
+    monkeypatch.setattr(trainer, "build_planes", lambda preset: _perturbed())
+    run = tmp_path / "run"
+    opts = PlanesTrainOptions(run_dir=run, preset="tiny", max_steps=40, lr=2e-3, ema_decay=0.0, device="cpu",
+                              progress=False, seed=0, val_every=40)
+    result = train_planes([thin_phantom], None, opts)
+    before, after = _fixed_loss(_perturbed(), thin_phantom), _fixed_loss(result.models["planes"], thin_phantom)
+    assert after < 0.7 * before, (before, after)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/psnr" in r]
+    assert len(val) == 1 and np.isfinite(val[0]["val/psnr"]) and np.isfinite(val[0]["val/psnr_cubic_dc"])
+    model = load_planes(run / "final")
+    for key, value in result.models["planes"].state_dict().items():
+        assert torch.equal(value.cpu(), model.state_dict()[key])
+    thick, _ = simulate_pair(thin_phantom, factor=3, profile="gaussian")
+    out = upsample(thick, thin_phantom.slice_spacing, method="planes", checkpoint=str(run / "final"), device="cpu")
+    base = upsample(thick, thin_phantom.slice_spacing, method="cubic-dc")
+    assert out.grid_differences(base) == [] and np.abs(out.array - base.array).max() > 1.0
+    operator = thick_profile_operator(thick, thin_phantom.slice_spacing, "gaussian")
+    assert consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)["max_abs"] < 0.05
+
+
+def test_factor_and_spacing_errors_are_one_line(tmp_path, thin_phantom) -> None:
+    save_bundle_model(build_planes("tiny"), "planes", "tiny", tmp_path)
+    thick, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")
+    with pytest.raises(ThinsliceError, match="divides the slice spacing"):
+        upsample(thick, 2.0, method="planes", checkpoint=str(tmp_path))
+    thick6, _ = simulate_pair(thin_phantom, factor=6, profile="gaussian")
+    with pytest.raises(ThinsliceError, match="trained for factors 2, 3, 4"):
+        upsample(thick6, thin_phantom.slice_spacing, method="planes", checkpoint=str(tmp_path))
+    assert integer_factor(5.0, 1.25) == 4
+    with pytest.raises(ThinsliceError, match="pass a folder holding planes.safetensors"):
+        upsample(thick, thin_phantom.slice_spacing, method="planes", checkpoint=str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ThinsliceError, match="train-planes"):
+        upsample(thick, thin_phantom.slice_spacing, method="planes", checkpoint=str(tmp_path / "empty"))
+
+
+def test_cli_train_then_upsample(tmp_path, thin_data_folder) -> None:
+    from thinslice.io import read_volume, write_volume
+
+    out = tmp_path / "run"
+    assert main(["train-planes", "--data", str(thin_data_folder), "--preset", "tiny", "--out", str(out),
+                 "--max-steps", "3", "--device", "cpu", "--loss", "mse"]) == 0
+    assert load_planes(out / "final").cfg == load_preset("tiny").planes
+    thin = read_volume(thin_data_folder / "ct1.nii.gz")
+    thick, _ = simulate_pair(thin, factor=2, profile="box")
+    write_volume(thick, tmp_path / "thick.nii.gz")
+    assert main(["upsample", str(tmp_path / "thick.nii.gz"), str(tmp_path / "thin.nii.gz"), "--spacing",
+                 str(thin.slice_spacing), "--method", "planes", "--checkpoint", str(out / "final"),
+                 "--profile", "box"]) == 0
+    assert read_volume(tmp_path / "thin.nii.gz").num_slices == 2 * thick.num_slices

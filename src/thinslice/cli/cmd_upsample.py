@@ -52,11 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     learned.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                          help="process the volume in patches of this size (voxels) to bound memory")
     learned.add_argument("--adapt", action="store_true", default=None,
-                         help="cnn: fine-tune on the input itself first (its in-plane axes as training pairs)")
+                         help="cnn, planes: fine-tune on the input itself first (its in-plane axes as training "
+                              "pairs; planes: at most 3 minutes, --option adapt_seconds=S)")
     learned.add_argument("--adapt-steps", type=int, default=None, metavar="N",
-                         help="cnn: fine-tuning steps for --adapt (default 200; ~20-50 on a CPU)")
+                         help="fine-tuning steps for --adapt (cnn: default 200, ~20-50 on a CPU; planes: 1500)")
     learned.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                         help="bf16: autocast, about twice as fast on recent CPUs and GPUs (default fp32)")
+                         help="bf16: autocast, about twice as fast on recent CPUs and GPUs (default fp32; planes: "
+                              "bf16)")
     learned.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                          help="extra method-specific option (repeatable)")
     parser.set_defaults(func=run)

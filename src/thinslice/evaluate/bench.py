@@ -53,6 +53,8 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             learned["precision"] = precision
         if name in WEIGHTLESS_METHODS:
             specs.append(MethodSpec(name, name))
+        elif name == "planes-adapt":
+            specs.append(MethodSpec(name, "planes", {**learned, "adapt": True}))
         elif name == "cnn-adapt":
             specs.append(MethodSpec(name, "cnn", {**learned, "adapt": True, "adapt_steps": 30}))
         elif name == "ldm":
@@ -65,7 +67,7 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             specs.append(MethodSpec(name, name))
         else:
             raise ThinsliceError(f"unknown benchmark method '{name}': use {', '.join(available_methods())}, "
-                                 "cnn-adapt or ldm-N")
+                                 "planes-adapt, cnn-adapt or ldm-N")
     return specs
 
 

@@ -30,15 +30,13 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import save_bundle_model
-from thinslice.infer.planes import cell_operators, run_planes
+from thinslice.infer.planes import run_planes
+from thinslice.infer.planes_data import PlaneSampler
 from thinslice.infer.upsample import get_method
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_planes
-from thinslice.models.intensity import hu_to_model
-from thinslice.models.planes import acquisition_vector
-from thinslice.presets import DegradationConfig, PlaneSamplingConfig, load_preset
-from thinslice.train.data import AIR_THRESHOLD_HU, _source_from
+from thinslice.presets import load_preset
 from thinslice.train.diffusion import check_run_record, write_run_record
 from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 
@@ -48,116 +46,11 @@ LOSSES = ("l1", "mse")
 VAL_FACTOR = 4
 VAL_PROFILE = "gaussian"
 VAL_INPLANE = 256  # central in-plane crop of each validation volume (whole slices through-plane)
-_MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
 
 
 @dataclass(kw_only=True)
 class PlanesTrainOptions(RunOptions):
     loss: str = "l1"
-
-
-class PlaneSampler:
-    """Endless batches of training planes (one factor per batch, as each factor has its own head).
-
-    Its numpy generator is checkpointed (``state_dict``), so a resumed run draws the batches an uninterrupted one
-    would have drawn.
-    """
-
-    def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
-                 degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0) -> None:
-        self.sources = [_source_from(v, i) for i, v in enumerate(volumes)]
-        if not self.sources:
-            raise ThinsliceError("no training volumes")
-        self.cfg = sampling
-        self.profiles = tuple(degradation.profiles)
-        wanted = {int(round(f)) for f in degradation.factors}
-        self.factors = tuple(k for k in factors if k in wanted) or tuple(factors)
-        self.batch_size = int(batch_size)
-        sizes = np.array([float(s.hu.size) for s in self.sources])
-        self.volume_p = np.sqrt(sizes) / np.sqrt(sizes).sum()  # big volumes more often, small ones still seen
-        self.rng = np.random.default_rng(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-
-    def __iter__(self) -> PlaneSampler:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        k = int(self.factors[int(self.rng.integers(len(self.factors)))])
-        items = [self._example(k) for _ in range(self.batch_size)]
-        stack = {key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]}
-        return stack
-
-    def _acquisition(self) -> tuple[str, float]:
-        """A slice profile and thickness / spacing ratio (jittered, sometimes overlapping)."""
-        cfg, rng = self.cfg, self.rng
-        profile = str(self.profiles[int(rng.integers(len(self.profiles)))])
-        if profile == "decimate":
-            return profile, 1.0
-        if rng.random() < cfg.overlap_fraction:
-            ratio = rng.uniform(1.2, cfg.max_overlap)
-        else:
-            ratio = rng.uniform(1.0 - cfg.thickness_jitter, 1.0 + cfg.thickness_jitter)
-        return profile, round(float(ratio) * 20) / 20  # quantised: operators are cached per ratio
-
-    def _example(self, k: int) -> dict[str, np.ndarray]:
-        rows, width = self.cfg.rows, self.cfg.width
-        profile, ratio = self._acquisition()
-        a, b, pad = cell_operators(k, rows, ratio, profile)
-        x = self._plane(rows * k + 2 * pad, width)  # the slabs of the end cells reach `pad` rows beyond them
-        thick = a @ x
-        x = x[pad: pad + rows * k]
-        if self.cfg.noise_hu > 0:
-            thick = thick + self.rng.normal(0.0, self.rng.uniform(0, self.cfg.noise_hu), thick.shape)
-        base = b @ thick
-        return {"thick": hu_to_model(thick[None]).astype(np.float32),
-                "base": hu_to_model(base[None]).astype(np.float32),
-                "hr": hu_to_model(x[None]).astype(np.float32),
-                "cond": np.asarray(acquisition_vector(ratio, profile), np.float32)}
-
-    def _plane(self, n: int, w: int) -> np.ndarray:
-        """A thin plane (n rows along the degraded axis, w pixels), mostly tissue, randomly flipped."""
-        best, best_tissue = None, -1.0
-        for _ in range(10):
-            src = self.sources[int(self.rng.choice(len(self.sources), p=self.volume_p))]
-            x = self._crop(src.hu, n, w)
-            tissue = float((x > AIR_THRESHOLD_HU).mean())
-            if tissue > best_tissue:
-                best, best_tissue = x, tissue
-            if tissue >= _MIN_TISSUE:
-                break
-        assert best is not None
-        if self.rng.random() < 0.5:
-            best = best[::-1]
-        if self.rng.random() < 0.5:
-            best = best[:, ::-1]
-        return np.ascontiguousarray(best, dtype=np.float32)
-
-    def _crop(self, hu: np.ndarray, n: int, w: int) -> np.ndarray:
-        rng = self.rng
-        depth = hu.shape[0]
-        if depth < n or rng.random() < self.cfg.inplane_fraction:
-            image = hu[int(rng.integers(depth))]
-            plane = image.T if rng.random() < 0.5 else image
-        else:
-            plane = hu[:, int(rng.integers(hu.shape[1])), :] if rng.random() < 0.5 else hu[:, :, int(
-                rng.integers(hu.shape[2]))]
-        plane = _pad_to(plane, n, w)
-        r0 = int(rng.integers(plane.shape[0] - n + 1))
-        c0 = int(rng.integers(plane.shape[1] - w + 1))
-        return plane[r0:r0 + n, c0:c0 + w]
-
-
-def _pad_to(plane: np.ndarray, n: int, w: int) -> np.ndarray:
-    """Pad a plane with air to at least (n, w) (small volumes, tiny tests)."""
-    pad = (max(0, n - plane.shape[0]), max(0, w - plane.shape[1]))
-    if pad == (0, 0):
-        return plane
-    return np.pad(plane, ((0, pad[0]), (0, pad[1])), constant_values=-1024)
 
 
 def make_loss(kind: str):

@@ -1,0 +1,79 @@
+"""Time and memory of ``--method planes`` on a full-size volume (512x512x300 output at x4 by default).
+
+    .venv/bin/python benchmarks/bench_planes.py [--checkpoint DIR | --preset small] [--shape 300 512 512] \
+        [--factor 4] [--threads 2] [--precision bf16] [--orientations both]
+
+Without ``--checkpoint`` the network of ``--preset`` gets random weights: the compute (and so the time and memory)
+is that of a trained model of the same preset. The input is the synthetic chest phantom made directly at the thick
+spacing (``shape[0] / factor`` slices), so no patient data is needed. Prints seconds per stage (cubic-dc, network,
+consistency), the peak resident memory of the process and the network's multiply-adds per output voxel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+from torch import nn
+
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.infer.bundle import load_planes, resolve_bundle
+from thinslice.infer.consistency import make_consistent
+from thinslice.infer.planes import parse_orientations, refine_planes
+from thinslice.infer.upsample import get_method
+from thinslice.models.factory import build_planes
+from thinslice.models.planes import PlanesNet, acquisition_vector
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def macs_per_output_voxel(model: PlanesNet, k: int, orientations: int) -> float:
+    """Multiply-adds of the network per thin output voxel: per thick pixel (3x3 convolutions, factor k's heads and
+    the shared trunk) x orientations / k."""
+    convs = [model.heads_in[str(k)], *[m for m in model.body.modules() if isinstance(m, nn.Conv2d)],
+             model.body_tail, model.heads_out[str(k)]]
+    per_thick_pixel = sum(c.weight.numel() for c in convs)
+    return per_thick_pixel * orientations / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: random weights)")
+    parser.add_argument("--preset", default="small", help="preset for random weights (default: small)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), metavar=("D", "H", "W"),
+                        help="output (thin) shape, slices first")
+    parser.add_argument("--factor", type=int, default=4, help="thick / thin spacing (default: 4)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--orientations", default="both", help="coronal, sagittal or both (default)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    thin_spacing = 1.25
+    d, h, w = args.shape
+    thick = make_chest_phantom((d // args.factor, h, w), (0.7, 0.7, thin_spacing * args.factor), seed=0)
+    model = load_planes(resolve_bundle(args.checkpoint, "planes")) if args.checkpoint else build_planes(args.preset)
+    model.eval()
+    orientations = parse_orientations(args.orientations)
+    start = time.perf_counter()
+    base = get_method("cubic-dc").fn(thick, thin_spacing)
+    t_base = time.perf_counter()
+    refined = refine_planes(model, thick.slices_first(), base.slices_first(),
+                            acquisition_vector(1.0, "gaussian"), orientations, args.precision, progress=True)
+    t_net = time.perf_counter()
+    out, _ = make_consistent(base.with_slices(refined, thin_spacing, 0.0, thin_spacing), thick)
+    t_dc = time.perf_counter()
+    macs = macs_per_output_voxel(model, args.factor, len(orientations))
+    print(f"planes {thick.num_slices} -> {out.num_slices} slices of {h}x{w}, x{args.factor}, {args.precision}, "
+          f"{args.threads} threads, orientations {','.join(orientations)}")
+    print(f"cubic-dc {t_base - start:.1f} s, network {t_net - t_base:.1f} s, consistency {t_dc - t_net:.1f} s, "
+          f"total {t_dc - start:.1f} s, peak RSS {peak_rss_gb():.2f} GB, {macs / 1e3:.0f}k multiply-adds per output "
+          "voxel")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Training examples of the planes network, shared by ``train-planes`` and ``upsample --method planes --adapt``.
+
+An example is a thin plane X (k thin rows per thick cell, ``width`` pixels) degraded as ``thick = A X`` and turned
+into cubic-dc as ``base = B thick`` with the operators inference uses (:func:`thinslice.infer.planes.cell_operators`).
+Planes come from a volume's through-plane planes (coronal or sagittal) or from axial slices with one in-plane axis
+playing the slice axis (SMORE / SR4ZCT self-supervision): the only thin planes a thick input itself holds, which is
+what adaptation to an input trains on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from thinslice.errors import ThinsliceError
+from thinslice.infer.planes import cell_operators
+from thinslice.io.volume import Volume
+from thinslice.models.intensity import hu_to_model
+from thinslice.models.planes import PlanesNet, acquisition_vector
+from thinslice.presets import DegradationConfig, PlaneSamplingConfig
+
+AIR_THRESHOLD_HU = -950.0  # below this a pixel counts as air (lung parenchyma is about -850)
+_MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
+# Adaptation: a tenth of the training learning rate keeps the network near what it learned from many volumes.
+ADAPT_LR = 5e-5
+ADAPT_BATCH = 16
+
+
+class PlaneSampler:
+    """Endless batches of training planes (one factor per batch, as each factor has its own head).
+
+    Its numpy generator is checkpointed (``state_dict``), so a resumed run draws the batches an uninterrupted one
+    would have drawn.
+    """
+
+    def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
+                 degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0,
+                 acquisition: tuple[str, float] | None = None) -> None:
+        """``acquisition`` (profile, thickness / spacing) fixes what is otherwise drawn per example (adaptation to
+        one input)."""
+        self.sources = [_slices_int16(v) for v in volumes]
+        if not self.sources:
+            raise ThinsliceError("no training volumes")
+        self.cfg = sampling
+        self.profiles = tuple(degradation.profiles)
+        self.fixed = acquisition
+        wanted = {int(round(f)) for f in degradation.factors}
+        self.factors = tuple(k for k in factors if k in wanted) or tuple(factors)
+        self.batch_size = int(batch_size)
+        sizes = np.array([float(s.size) for s in self.sources])
+        self.volume_p = np.sqrt(sizes) / np.sqrt(sizes).sum()  # big volumes more often, small ones still seen
+        self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def __iter__(self) -> PlaneSampler:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        k = int(self.factors[int(self.rng.integers(len(self.factors)))])
+        items = [self._example(k) for _ in range(self.batch_size)]
+        stack = {key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]}
+        return stack
+
+    def _acquisition(self) -> tuple[str, float]:
+        """A slice profile and thickness / spacing ratio (jittered, sometimes overlapping)."""
+        if self.fixed is not None:
+            return self.fixed
+        cfg, rng = self.cfg, self.rng
+        profile = str(self.profiles[int(rng.integers(len(self.profiles)))])
+        if profile == "decimate":
+            return profile, 1.0
+        if rng.random() < cfg.overlap_fraction:
+            ratio = rng.uniform(1.2, cfg.max_overlap)
+        else:
+            ratio = rng.uniform(1.0 - cfg.thickness_jitter, 1.0 + cfg.thickness_jitter)
+        return profile, round(float(ratio) * 20) / 20  # quantised: operators are cached per ratio
+
+    def _example(self, k: int) -> dict[str, np.ndarray]:
+        rows, width = self.cfg.rows, self.cfg.width
+        profile, ratio = self._acquisition()
+        a, b, pad = cell_operators(k, rows, ratio, profile)
+        x = self._plane(rows * k + 2 * pad, width)  # the slabs of the end cells reach `pad` rows beyond them
+        thick = a @ x
+        x = x[pad: pad + rows * k]
+        if self.cfg.noise_hu > 0:
+            thick = thick + self.rng.normal(0.0, self.rng.uniform(0, self.cfg.noise_hu), thick.shape)
+        base = b @ thick
+        return {"thick": hu_to_model(thick[None]).astype(np.float32),
+                "base": hu_to_model(base[None]).astype(np.float32),
+                "hr": hu_to_model(x[None]).astype(np.float32),
+                "cond": np.asarray(acquisition_vector(ratio, profile), np.float32)}
+
+    def _plane(self, n: int, w: int) -> np.ndarray:
+        """A thin plane (n rows along the degraded axis, w pixels), mostly tissue, randomly flipped."""
+        best, best_tissue = None, -1.0
+        for _ in range(10):
+            src = self.sources[int(self.rng.choice(len(self.sources), p=self.volume_p))]
+            x = self._crop(src, n, w)
+            tissue = float((x > AIR_THRESHOLD_HU).mean())
+            if tissue > best_tissue:
+                best, best_tissue = x, tissue
+            if tissue >= _MIN_TISSUE:
+                break
+        assert best is not None
+        if self.rng.random() < 0.5:
+            best = best[::-1]
+        if self.rng.random() < 0.5:
+            best = best[:, ::-1]
+        return np.ascontiguousarray(best, dtype=np.float32)
+
+    def _crop(self, hu: np.ndarray, n: int, w: int) -> np.ndarray:
+        rng = self.rng
+        depth = hu.shape[0]
+        if depth < n or rng.random() < self.cfg.inplane_fraction:
+            image = hu[int(rng.integers(depth))]
+            plane = image.T if rng.random() < 0.5 else image
+        else:
+            plane = hu[:, int(rng.integers(hu.shape[1])), :] if rng.random() < 0.5 else hu[:, :, int(
+                rng.integers(hu.shape[2]))]
+        plane = _pad_to(plane, n, w)
+        r0 = int(rng.integers(plane.shape[0] - n + 1))
+        c0 = int(rng.integers(plane.shape[1] - w + 1))
+        return plane[r0:r0 + n, c0:c0 + w]
+
+
+def _pad_to(plane: np.ndarray, n: int, w: int) -> np.ndarray:
+    """Pad a plane with air to at least (n, w) (small volumes, tiny tests)."""
+    pad = (max(0, n - plane.shape[0]), max(0, w - plane.shape[1]))
+    if pad == (0, 0):
+        return plane
+    return np.pad(plane, ((0, pad[0]), (0, pad[1])), constant_values=-1024)
+
+
+def _slices_int16(item: Volume | str | Path) -> np.ndarray:
+    """A volume's HU, slices first, as int16 (a 512x512x300 CT takes 150 MB)."""
+    from thinslice.io import read_volume
+
+    vol = item if isinstance(item, Volume) else read_volume(Path(item))
+    return np.ascontiguousarray(np.rint(np.clip(vol.slices_first(), -32768, 32767)).astype(np.int16))
+
+
+def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str, float], max_steps: int = 1500,
+                 max_seconds: float = 180.0, seed: int = 0, precision: str = "bf16",
+                 progress: bool = False) -> PlanesNet:
+    """A copy of ``model`` fine-tuned on ``thick``'s own axial slices, each degraded along one in-plane axis with the
+    input's factor and profile (SR4ZCT / SMORE): the only thin-resolution planes a thick scan holds.
+
+    Stops after ``max_steps`` steps or ``max_seconds`` seconds. A plain loop rather than the training engine: no
+    checkpoints, EMA or logging are wanted for a few minutes of fitting inside an inference call.
+    """
+    from tqdm.auto import tqdm
+
+    from thinslice.infer.bundle import autocast, autocast_dtype
+
+    torch.manual_seed(seed)
+    tuned = copy.deepcopy(model).train()
+    device = next(tuned.parameters()).device
+    preset = getattr(model, "preset", None)
+    sampling = dataclasses.replace(getattr(preset, "planes_data", PlaneSamplingConfig()), inplane_fraction=1.0)
+    profile = acquisition[0]
+    sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(profile,)), (k,),
+                           ADAPT_BATCH, seed=seed, acquisition=acquisition)
+    optimiser = torch.optim.AdamW(tuned.parameters(), lr=ADAPT_LR)
+    amp = autocast_dtype(precision)
+    deadline = time.perf_counter() + max_seconds
+    bar = tqdm(range(max_steps), desc="adapt", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        batch = {key: value.to(device) for key, value in next(sampler).items()}
+        with autocast(device, amp):
+            pred = tuned(batch["thick"], batch["base"], batch["cond"])
+        loss = F.l1_loss(pred.float(), batch["hr"])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if time.perf_counter() > deadline:
+            break
+    bar.close()
+    return tuned.eval()

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import signal
 import sys
+import threading
 
 import thinslice
 import thinslice.cli as cli_pkg
-from thinslice.errors import ThinsliceError
+from thinslice.errors import ThinsliceError, os_reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,24 +33,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that ``finally`` blocks remove temporary files before the process ends."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    command = "?"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command or "?"
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except ThinsliceError as exc:
-        print(f"thinslice {args.command}: error: {exc}", file=sys.stderr)
+        print(f"thinslice {command}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"thinslice {args.command}: error: out of memory; use patch-wise processing (--patch-size) or a "
+        print(f"thinslice {command}: error: out of memory; use patch-wise processing (--patch-size) or a "
               "smaller volume", file=sys.stderr)
         return 3
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head -1`): stop quietly, like other command-line tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"thinslice {command}: error: {os_reason(exc)}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"thinslice {args.command}: interrupted", file=sys.stderr)
+        print(f"thinslice {command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"thinslice {command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Atomic writes: a temp file in the same folder, then a rename, so a crash never leaves a half-written file."""
+"""Atomic writes: a temp file in the same folder, then a rename, so a crash never leaves a half-written file.
+
+Temporary names carry the writer's process id (``.thinslice-tmp-<pid>-...``): a run killed with SIGKILL cannot clean
+up after itself, so every later write into the same folder removes the leftovers of processes that no longer exist.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +22,51 @@ def current_umask() -> int:
     return mask
 
 
+TEMP_PREFIX = ".thinslice-tmp-"
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+
+
+def temp_prefix() -> str:
+    """Prefix of this process's temporary files and folders."""
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove temporary files/folders in ``folder`` left by thinslice processes that no longer run."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def make_temp_dir(parent: Path) -> Path:
+    """A private temporary folder in ``parent`` (stale ones of dead processes removed first)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
+
+
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path`` in one rename.
@@ -25,7 +76,8 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{temp_prefix()}{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

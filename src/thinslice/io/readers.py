@@ -12,13 +12,14 @@ import gzip
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from thinslice.errors import ThinsliceError
+from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
 from thinslice.io.volume import Volume
 
@@ -94,6 +95,7 @@ def _read_image_file(path: Path, ext: str) -> Volume:
     _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
     if ext in (".nii", ".nii.gz"):
         _check_nifti_pixdim(path)
+        _check_nifti_complete(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -161,6 +163,51 @@ def _check_nifti_pixdim(path: Path) -> None:
         raise ThinsliceError(
             f"{path} has no voxel size in its header (pixdim = {tuple(float(v) for v in voxel)}); set the spacing "
             "in mm (e.g. nibabel: img.header.set_zooms(...)) or convert from the original DICOM")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file with fewer voxel bytes than its header promises, or a gzip stream that is cut short or
+    fails its CRC: ITK reads such files without error and fills the missing slices with zeros (0 HU)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None:
+                return
+            present = len(header)
+            while chunk := fh.read(1 << 22):
+                present += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ThinsliceError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc}); copy or "
+                             "export it again") from None
+    except OSError as exc:
+        raise ThinsliceError(f"cannot read {path}: {os_reason(exc)}") from None
+    if present < expected:
+        raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected} bytes that its "
+                             "header promises); copy or export it again")
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """vox_offset + voxels x bytes per voxel from a NIfTI-1/2 header, or None when it is not one."""
+    for endian in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = int(struct.unpack(endian + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(1, int(d)) for d in dims[1: ndim + 1]]))
+    return max(offset, 348) + voxels * bitpix // 8
 
 
 # ---------------------------------------------------------------------------------------------------- DICOM

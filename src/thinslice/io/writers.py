@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from thinslice.errors import ThinsliceError
-from thinslice.io.atomic import current_umask
+from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.atomic import current_umask, make_temp_dir
 from thinslice.io.dicom import write_dicom_series
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
@@ -115,20 +115,48 @@ def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
         clean_value = " ".join(str(value).split())
         if clean_key and clean_key != "source" and clean_value:
             image.SetMetaData(_META_PREFIX + clean_key, clean_value)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Write into a private temporary folder under the final name (so that detached headers such as .mhd/.nhdr
-    # reference the right data file), then move the files into place, header last.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".thinslice-tmp-", dir=path.parent))
+    # reference the right data file), check it, then move the files into place, header last.
+    try:
+        tmp_dir = make_temp_dir(path.parent)
+    except OSError as exc:
+        raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
     try:
         try:
             sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
         except RuntimeError as exc:
             raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
+        _verify_written(tmp_dir / path.name, image, path)
         produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
         for item in produced:
             os.replace(item, path.parent / item.name)
+    except OSError as exc:
+        raise ThinsliceError(f"cannot write {path}: {os_reason(exc)}; the previous file, if any, is unchanged"
+                             ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
+    """Read the temporary file back and compare it with what was meant to be written.
+
+    ITK's NIfTI writer reports a full disk only on stderr ("NWAD: wrote only 0 of ... bytes") and leaves a truncated
+    file, so the write is checked here, before the rename that would replace a good previous output.
+    """
+    from thinslice.io.readers import _check_nifti_complete
+
+    try:
+        if file_extension(path) in (".nii", ".nii.gz"):
+            _check_nifti_complete(tmp)
+        written = sitk.ReadImage(str(tmp))  # keep a reference: array views do not keep the image alive
+        back, meant = sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)
+        same = back.shape == meant.shape and np.array_equal(back, meant, equal_nan=back.dtype.kind == "f")
+    except (RuntimeError, ThinsliceError):
+        same = False
+    if not same:
+        free = shutil.disk_usage(path.parent).free
+        raise ThinsliceError(f"cannot write {path}: the written file does not read back ({free / 2**20:.0f} MB free "
+                             "on that disk; full?); the previous file, if any, is unchanged")
 
 
 def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series_description: str | None) -> None:
@@ -136,9 +164,18 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
         raise ThinsliceError(f"{folder} is an existing file; a DICOM output needs a folder path")
     non_empty = folder.is_dir() and any(folder.iterdir())
     if non_empty and not overwrite:
-        raise ThinsliceError(f"output folder {folder} is not empty; choose a new folder or allow overwriting it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        raise ThinsliceError(f"output folder {folder} is not empty; choose a new folder (or pass overwrite=True in "
+                             "Python)")
+    try:
+        _replace_dicom_folder(volume, folder, non_empty, series_description)
+    except OSError as exc:
+        raise ThinsliceError(f"cannot write the DICOM series {folder}: {os_reason(exc)}; the previous series, "
+                             "if any, is unchanged") from None
+
+
+def _replace_dicom_folder(volume: Volume, folder: Path, non_empty: bool, series_description: str | None) -> None:
+    """Write the series into a temporary folder, then swap it in (the old series is restored if the swap fails)."""
+    tmp_dir = make_temp_dir(folder.parent)
     old_dir: Path | None = None
     swapped = False
     try:

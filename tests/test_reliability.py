@@ -1,0 +1,99 @@
+"""Reliability: damaged inputs are refused, failed writes leave the previous output, leftovers are cleaned up."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from thinslice.cli.main import main
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.errors import ThinsliceError
+from thinslice.io import read_volume, write_volume
+from thinslice.io.atomic import TEMP_PREFIX
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_chest_phantom(shape=(16, 32, 32), spacing=(2.0, 2.0, 2.0), seed=7)
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+def test_truncated_nifti_is_refused(tmp_path, small, name) -> None:
+    path = tmp_path / name
+    write_volume(small, path)
+    data = path.read_bytes()
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ThinsliceError, match="truncated"):
+        read_volume(cut)
+    assert main(["info", str(cut)]) == 2
+
+
+def test_corrupt_gzip_crc_is_refused(tmp_path, small) -> None:
+    path = tmp_path / "v.nii.gz"
+    write_volume(small, path)
+    raw = gzip.decompress(path.read_bytes())
+    broken = bytearray(gzip.compress(raw))
+    broken[-8] ^= 0xFF  # the CRC32 of the gzip trailer
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(broken))
+    with pytest.raises(ThinsliceError, match="corrupt"):
+        read_volume(bad)
+
+
+@pytest.mark.parametrize("name", ["out.nii.gz", "out.nii", "out.mha"])
+def test_a_write_that_fails_silently_keeps_the_previous_file(tmp_path, small, monkeypatch, name) -> None:
+    """Like ITK's NIfTI writer on a full disk: no exception, a truncated file. The old output must survive."""
+    out = tmp_path / name
+    write_volume(small, out)
+    before = out.read_bytes()
+    real_write = sitk.WriteImage
+
+    def truncating_write(image, filename, *args, **kwargs):
+        real_write(image, filename, *args, **kwargs)
+        with open(filename, "r+b") as fh:
+            fh.truncate(os.path.getsize(filename) // 2)
+
+    monkeypatch.setattr(sitk, "WriteImage", truncating_write)
+    bigger = make_chest_phantom(shape=(24, 32, 32), spacing=(2.0, 2.0, 2.0), seed=8)
+    with pytest.raises(ThinsliceError, match="does not read back|truncated"):
+        write_volume(bigger, out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left behind
+
+
+def test_os_errors_are_one_line(tmp_path, small, monkeypatch, capsys) -> None:
+    import thinslice.io.writers as writers
+
+    src = tmp_path / "thin.nii.gz"
+    write_volume(small, src)
+
+    def read_only(parent):
+        raise OSError(30, "Read-only file system", str(parent))
+
+    monkeypatch.setattr(writers, "make_temp_dir", read_only)
+    assert main(["degrade", str(src), str(tmp_path / "thick.nii.gz"), "--factor", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0]
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_on_the_next_write(tmp_path, small) -> None:
+    dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
+    dead.mkdir()
+    (dead / "half.nii.gz").write_bytes(b"\x00" * 10)
+    dead_file = tmp_path / f"{TEMP_PREFIX}999999999-out.nii.gz.x.tmp"
+    dead_file.write_bytes(b"\x00")
+    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-busy"  # a live writer's folder is left alone
+    mine.mkdir()
+    write_volume(small, tmp_path / "v.nii.gz")
+    assert not dead.exists() and not dead_file.exists() and mine.exists()
+
+
+def test_output_values_round_trip_exactly(tmp_path, small) -> None:
+    """The read-back check compares exactly; float32 outputs (with NaN-free values) pass it unchanged."""
+    write_volume(small, tmp_path / "f.nrrd", dtype="float32")
+    np.testing.assert_array_equal(read_volume(tmp_path / "f.nrrd").array, small.array)

@@ -70,11 +70,15 @@ def test_float32_output_keeps_fractions(tmp_path, phantom):
         write_volume(vol, tmp_path / "dicom_out/", dtype="float32")
 
 
-def test_int16_output_is_clipped(tmp_path, phantom):
+def test_values_beyond_int16_are_refused_not_clipped(tmp_path, phantom):
+    """Silent clipping at +-32767 would write a wrong volume with success; float32 keeps the values."""
     array = phantom.array.copy()
     array[0, 0, 0], array[0, 0, 1] = 40000.0, -40000.0
-    back = read_volume(write_volume(phantom.with_array(array), tmp_path / "v.mha"))
-    assert back.array[0, 0, 0] == 32767
+    with pytest.raises(ThinsliceError, match="--dtype float32"):
+        write_volume(phantom.with_array(array), tmp_path / "v.mha")
+    assert not (tmp_path / "v.mha").exists()
+    back = read_volume(write_volume(phantom.with_array(array), tmp_path / "v.mha", dtype="float32"))
+    assert back.array[0, 0, 0] == 40000.0
 
 
 @pytest.mark.parametrize("make", ["oblique", "sagittal"])

@@ -97,3 +97,31 @@ def test_output_values_round_trip_exactly(tmp_path, small) -> None:
     """The read-back check compares exactly; float32 outputs (with NaN-free values) pass it unchanged."""
     write_volume(small, tmp_path / "f.nrrd", dtype="float32")
     np.testing.assert_array_equal(read_volume(tmp_path / "f.nrrd").array, small.array)
+
+
+def test_implausible_thickness_is_refused_and_a_contradicting_one_reported(small, caplog) -> None:
+    from thinslice.degrade.pairs import simulate_pair
+    from thinslice.infer.upsample import upsample
+
+    thick, _ = simulate_pair(small, factor=2, profile="gaussian")  # 4 mm slices, recorded thickness 4 mm
+    with pytest.raises(ThinsliceError, match="more than 6x the slice spacing.*file records 4 mm"):
+        upsample(thick, 2.0, method="cubic-dc", thickness=100.0)
+    with caplog.at_level("WARNING", logger="thinslice"):
+        upsample(thick, 2.0, method="cubic-dc", thickness=8.0)
+    assert "differs from the 4 mm the file records" in caplog.text
+    # A slab thinner than the output spacing (gapped acquisitions, e.g. 1 mm every 10 mm) is modelled as a sample.
+    out = upsample(thick, 2.0, method="cubic-dc", thickness=0.5)
+    assert np.isfinite(out.array).all()
+
+
+def test_an_output_grid_that_cannot_fit_in_memory_is_refused_before_work(small, monkeypatch) -> None:
+    import psutil
+
+    from thinslice.infer.upsample import upsample
+
+    class Tiny:
+        available = 1 << 20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    with pytest.raises(ThinsliceError, match=r"available: choose a coarser --spacing"):
+        upsample(small, 0.01, method="cubic")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import signal
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Thick-slice to thin-slice CT: simulate, upsample (interpolation, CNN, latent diffusion), score.",
     )
     parser.add_argument("--version", action="version", version=f"thinslice {thinslice.__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
@@ -41,6 +44,30 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+class _OneLine(logging.Formatter):
+    """``thinslice CMD: message`` for information, ``thinslice CMD: warning: message`` for the rest."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"thinslice {self.command}: {level}{record.getMessage()}"
+
+
+def _setup_logging(verbose: int, quiet: bool, command: str) -> None:
+    """Library code logs; the command line shows its information and warnings as one line each (-q: errors only,
+    -v: debug)."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(command))
+    root = logging.getLogger("thinslice")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -49,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         command = args.command or "?"
+        _setup_logging(args.verbose, args.quiet, command)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -20,6 +20,7 @@ one, ``sigma / (sigma^2 + lambda)`` with ``lambda = (0.05 sigma_max)^2``, chosen
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -40,8 +41,11 @@ from thinslice.io.volume import Volume
 # The exact projection is used while the smallest singular value of A is at least this fraction of the largest
 # (every non-overlapping profile: 0.5-1.0); below it, the Tikhonov filter with lambda = (TIKHONOV_ALPHA sigma_max)^2.
 WELL_CONDITIONED = 0.1
+# Slice thickness / spacing above this is refused as implausible (clinical overlap is at most about 3-5x).
+MAX_THICKNESS_RATIO = 6.0
 TIKHONOV_ALPHA = 0.05
 _CHUNK_ROWS = 32
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,9 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
     ties to the lower one), so a volume degraded by thinslice is reproduced exactly.
     """
     check_profile(profile)
-    thickness = float(thickness_mm or thick.slice_thickness or thick.slice_spacing)
-    if not (math.isfinite(thickness) and thickness > 0):
-        raise ThinsliceError(f"slice thickness must be a positive number of mm, got {thickness}")
+    thickness = plausible_thickness(thick, thickness_mm)
+    # A slab cannot be resolved more finely than the output grid: a thinner one acts as a sample of one slice.
+    thickness = max(thickness, float(spacing_mm))
     centres = thick.slice_positions_mm()
     if profile == "decimate":
         # Offset sampling centre - nominal centre, from the same rule the simulation uses.
@@ -112,6 +116,24 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
     pad = int(math.ceil(beyond / s - 1e-6))
     extended = grid[0] + s * np.arange(-pad, grid.size + pad)
     return SlabOperator(profile_matrix(extended, centres, thickness, profile), pad)
+
+
+def plausible_thickness(thick: Volume, thickness_mm: float | None) -> float:
+    """The slice thickness to model: ``thickness_mm``, else the file's, else the slice spacing; implausible values
+    are refused, and a given value far from the file's own is reported."""
+    recorded = thick.slice_thickness
+    thickness = float(thickness_mm or recorded or thick.slice_spacing)
+    if not (math.isfinite(thickness) and thickness > 0):
+        raise ThinsliceError(f"slice thickness must be a positive number of mm, got {thickness}")
+    if thickness > MAX_THICKNESS_RATIO * thick.slice_spacing:
+        raise ThinsliceError(
+            f"slice thickness {thickness:.4g} mm is more than {MAX_THICKNESS_RATIO:g}x the slice spacing "
+            f"{thick.slice_spacing:.4g} mm, which no CT reconstruction uses; check --thickness"
+            + (f" (the file records {recorded:.4g} mm)" if recorded else ""))
+    if thickness_mm and recorded and abs(thickness_mm - recorded) > 0.25 * recorded:
+        log.warning("--thickness %.4g mm differs from the %.4g mm the file records; data consistency uses %.4g mm",
+                    thickness_mm, recorded, thickness_mm)
+    return thickness
 
 
 def _as_operator(weights: np.ndarray | SlabOperator) -> SlabOperator:

@@ -30,7 +30,25 @@ def thin_grid(thick: Volume, spacing_mm: float) -> tuple[int, float]:
             f"below {big:.4g} mm"
         )
     n = int(math.floor(thick.num_slices * big / s + _EPS))
+    check_output_size(n, thick.array.size // thick.num_slices, s)
     return n, -big / 2 + s / 2
+
+
+# Working copies of the output held at once by the upsampling paths (float32 output, float64 blocks, interpolation).
+_OUTPUT_COPIES = 3
+
+
+def check_output_size(n_slices: int, voxels_per_slice: int, spacing_mm: float) -> None:
+    """Refuse, before any work, an output grid that cannot fit in this machine's available memory."""
+    import psutil
+
+    need = n_slices * voxels_per_slice * 4 * _OUTPUT_COPIES
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ThinsliceError(
+            f"the output would have {n_slices} slices ({n_slices * voxels_per_slice * 4 / 2**30:.1f} GB as float32, "
+            f"about {need / 2**30:.1f} GB while computing) but {available / 2**30:.1f} GB of memory is available: "
+            f"choose a coarser --spacing than {spacing_mm:.4g} mm or crop the input")
 
 
 def thin_positions(thick: Volume, spacing_mm: float) -> np.ndarray:

@@ -20,8 +20,8 @@ Pipeline (timed per stage, see :class:`LDMResult`):
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +53,8 @@ from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.tiling import DEFAULT_TILE, decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.25
 # Peak sampling memory per latent voxel and UNet base channel (bytes), measured on CPU for the tiny and small
@@ -426,8 +428,8 @@ def upsample_ldm(
     if show:
         res = result.info.get("consistency_hu")
         if isinstance(res, dict):
-            print(f"ldm: data consistency |A x - thick| mean {res['before_mean_abs']:.2f} -> "
-                  f"{res['after_mean_abs']:.2g} HU", file=sys.stderr)
+            log.info(f"ldm: data consistency |A x - thick| mean {res['before_mean_abs']:.2f} -> "
+                  f"{res['after_mean_abs']:.2g} HU")
     if uncertainty_path is not None and result.std is not None:
         from thinslice.io.writers import is_folder_output, write_volume
 
@@ -435,7 +437,7 @@ def upsample_ldm(
         written = write_volume(result.std, uncertainty_path, dtype=dtype)
         result.volume.metadata["ldm_std_map"] = str(written)
         if show:
-            print(f"ldm: wrote standard-deviation map {written}", file=sys.stderr)
+            log.info(f"ldm: wrote standard-deviation map {written}")
     return result.volume
 
 

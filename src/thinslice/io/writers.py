@@ -96,7 +96,11 @@ def volume_to_image(volume: Volume, dtype: str = "float32") -> sitk.Image:
     """A SimpleITK image with the volume's values (as ``dtype``) and geometry."""
     array = volume.array
     if dtype == "int16":
-        array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+        low, high = float(array.min()), float(array.max())
+        if low < -32768.5 or high > 32767.5:
+            raise ThinsliceError(f"values from {low:.0f} to {high:.0f} do not fit the int16 output (-32768..32767 "
+                                 "HU); write with --dtype float32, or check the input and options that produced them")
+        array = np.rint(array).astype(np.int16)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing(tuple(float(s) for s in volume.spacing))
     image.SetOrigin(tuple(float(o) for o in volume.origin))

@@ -9,6 +9,7 @@ see :mod:`thinslice.train.adapt`). ``RUN_DIR/final`` and ``RUN_DIR/best`` hold `
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from thinslice.train.diffusion import (
 )
 from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.pairs import PairSampler, validation_pairs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -85,7 +88,7 @@ def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> R
 
         loaded = load_model("baseline", init, preset=preset)
         model.load_state_dict(loaded.state_dict())
-        print(f"train-baseline: initialised from {loaded.weights_path}")
+        log.info(f"train-baseline: initialised from {loaded.weights_path}")
     return model  # type: ignore[return-value]
 
 
@@ -100,14 +103,14 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
     check_run_record(run_dir, record, opts.resume, ("baseline",))
 
     if opts.gradient_checkpointing:
-        print("train-baseline: --gradient-checkpointing has no effect on the small CNN (its memory is small)")
+        log.warning("train-baseline: --gradient-checkpointing has no effect on the small CNN (its memory is small)")
     torch.manual_seed(seed)
     model = initial_baseline(preset, opts.init, opts.resume)
     patch = tuple(int(p) for p in tc.patch_size)
     sampler = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
     val_volumes = list(val) if val else list(train)
     if not val:
-        print("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")
+        log.warning("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")
     pairs = validation_pairs(val_volumes, opts.val_crop or default_val_crop(patch))
     if not pairs:
         raise ThinsliceError("no validation volumes")
@@ -132,6 +135,6 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
         write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
         best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
-        print(f"train-baseline: final weights {run_dir / 'final' / 'baseline.safetensors'} (best val PSNR {best} "
+        log.info(f"train-baseline: final weights {run_dir / 'final' / 'baseline.safetensors'} (best val PSNR {best} "
               f"at step {result.best_step})")
     return result

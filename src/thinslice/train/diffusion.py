@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,8 @@ from thinslice.presets import load_preset
 from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.latents import LatentCache
 from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VAL_CROP = (24, 96, 96)
 VAL_SEED = 20240
@@ -327,7 +330,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
 
     val_volumes = list(val) if val else list(train)
     if not val:
-        print("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
+        log.warning("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
     multiple = tuple(s * m for s, m in zip(stride, denoiser.size_multiple, strict=True))
     val_crop = opts.val_crop or default_val_crop(patch)
     validate = make_validate_fn(vae, fixed_validation_pairs(val_volumes, val_crop, multiple))  # type: ignore
@@ -361,5 +364,5 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
         write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
         best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
-        print(f"train: final bundle {run_dir / 'final'} (best val PSNR {best} at step {result.best_step})")
+        log.info(f"train: final bundle {run_dir / 'final'} (best val PSNR {best} at step {result.best_step})")
     return result

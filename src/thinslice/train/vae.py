@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from thinslice.presets import Preset, load_preset, preset_from_dict
 from thinslice.train.data import PatchSampler, _source_from
 from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator
+
+log = logging.getLogger(__name__)
 
 # Window for the TensorBoard slice images (HU): lung to bone.
 _IMG_WINDOW = (-1000.0, 1000.0)
@@ -141,14 +144,14 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
     vae.config.gradient_checkpointing = bool(opts.gradient_checkpointing)
     models: dict[str, nn.Module] = {"vae": vae}
     if opts.init and not opts.resume:
-        print(initialise_from(vae, opts.init))
+        log.info(initialise_from(vae, opts.init))
     if opts.loss.adversarial > 0:
         models["disc"] = make_discriminator(tc.patch_size)
 
     sampler = PatchSampler(train, tc.patch_size, tc.batch_size, seed=seed)
     val_volumes = list(val) if val else list(train)
     if not val:
-        print("train-vae: no --val volumes; validation PSNR is measured on crops of the training volumes")
+        log.warning("train-vae: no --val volumes; validation PSNR is measured on crops of the training volumes")
     crop = opts.val_crop or tuple(2 * p for p in tc.patch_size)
     validate = make_validate_fn(_val_crops(val_volumes, crop), tile=tc.patch_size)
 
@@ -185,6 +188,6 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
                    "best_val_psnr": result.best, "best_step": result.best_step,
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
         write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
-        print(f"train-vae: final weights {run_dir / 'final' / 'vae.safetensors'} (scaling factor {factor:.4f}, "
+        log.info(f"train-vae: final weights {run_dir / 'final' / 'vae.safetensors'} (scaling factor {factor:.4f}, "
               f"best val PSNR {result.best if result.best is not None else float('nan'):.2f} dB)")
     return result

@@ -125,3 +125,14 @@ def test_an_output_grid_that_cannot_fit_in_memory_is_refused_before_work(small, 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(ThinsliceError, match=r"available: choose a coarser --spacing"):
         upsample(small, 0.01, method="cubic")
+
+
+def test_the_command_line_parses_without_importing_torch() -> None:
+    """Heavy imports (torch, MONAI, SimpleITK) happen after argument parsing, so --help and --version are quick."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from thinslice.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'monai', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

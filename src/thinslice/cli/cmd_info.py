@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import numpy as np
-import SimpleITK as sitk
-
-from thinslice.io.readers import read_volume
-from thinslice.io.volume import Volume
+if TYPE_CHECKING:  # numpy, SimpleITK and the readers are imported where used, so that the CLI starts fast
+    from thinslice.io.volume import Volume
 
 _AXIS_NAMES = "ijk"
 
@@ -28,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def describe_volume(volume: Volume, name: str = "") -> str:
     """The compact text block that ``thinslice info`` prints."""
+    import numpy as np
+    import SimpleITK as sitk
+
     axis = volume.slice_axis
     direction = volume.direction
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
@@ -59,6 +60,8 @@ def describe_volume(volume: Volume, name: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinslice.io.readers import read_volume
+
     volume = read_volume(args.path, series_uid=args.series)
     print(describe_volume(volume, args.path))
     return 0

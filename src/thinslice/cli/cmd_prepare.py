@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from thinslice.errors import ThinsliceError
-from thinslice.io.prepare import prepare_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinslice.io.prepare import prepare_dataset
+
     report = prepare_dataset(args.src_dir, args.out_dir, min_slices=args.min_slices,
                              max_slice_spacing=args.max_slice_spacing, seed=args.seed, split=tuple(args.split),
                              progress=not args.no_progress)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from thinslice.presets import DEFAULT_PRESET
-
 
 def add_generic_options(p: argparse.ArgumentParser) -> None:
     """Options every trainer shares (``train``, ``train-baseline``, ``train-vae``); see :func:`run_options`."""
@@ -15,7 +13,7 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", nargs="+", default=None, metavar="SPLIT_OR_DIR",
                    help="held-out volumes for validation (central crops; for train and train-baseline degraded by "
                    "factor 4, gaussian); default: the training volumes")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help="tiny, small, paper or a preset .json (default small)")
+    p.add_argument("--preset", default=None, help="tiny, small, paper or a preset .json (default small)")
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, TensorBoard logs, weights)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (default: from the preset)")
@@ -35,9 +33,9 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
 
 def run_options(args: argparse.Namespace) -> dict[str, object]:
     """The parsed :func:`add_generic_options` as keyword arguments of the trainers' ``RunOptions``."""
-    from thinslice.presets import load_preset
+    from thinslice.presets import DEFAULT_PRESET, load_preset
 
-    return {"run_dir": args.out, "preset": load_preset(args.preset), "max_steps": args.max_steps,
+    return {"run_dir": args.out, "preset": load_preset(args.preset or DEFAULT_PRESET), "max_steps": args.max_steps,
             "device": args.device, "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, "resume": args.resume,
             "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "val_every": args.val_every,

@@ -165,3 +165,24 @@ def test_run_settings_apply_and_check_overrides(tmp_path):
         run_settings(base, RunOptions(run_dir=tmp_path, max_steps=0))
     with pytest.raises(ThinsliceError, match="--lr must be positive"):
         run_settings(base, RunOptions(run_dir=tmp_path, lr=-1.0))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_logs_no_row_twice(tmp_path, thin_phantom, capsys):
+    import json
+
+    vols = [thin_phantom]
+    straight = _trainer(tmp_path / "a", vols, lambda models, step: {"val/score": 1.0})
+    straight.fit()
+    first = _trainer(tmp_path / "b", vols, lambda models, step: {"val/score": 1.0})
+    first.fit(stop_at_step=5)  # checkpoints at steps 4 and 5; rows logged up to step 5
+    for weights in list_checkpoints(tmp_path / "b")[-1].glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    resumed = _trainer(tmp_path / "b", vols, lambda models, step: {"val/score": 1.0})
+    assert resumed.fit(resume=True).step == 6
+    printed = capsys.readouterr().out
+    assert "step_000005 is damaged" in printed and "resumed from" in printed and "step_000004" in printed
+    a, b = _flat_state(straight), _flat_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5 and 6 redone exactly
+    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps)) == [1, 2, 3, 4, 5, 6]

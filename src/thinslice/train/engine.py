@@ -350,6 +350,29 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
 
+    def _load_newest_intact(self, checkpoints: list[Path]) -> Path:
+        """Load the newest checkpoint that reads; a damaged one (a disk filled or a copy cut short) is skipped with a
+        one-line note, so ``--resume`` continues from the one before it instead of failing."""
+        for path in reversed(checkpoints):
+            try:
+                self.load_checkpoint(path)
+                return path
+            except Exception as exc:  # safetensors, torch.load and OS errors all mean "this one is unusable"
+                reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+                self.accelerator.print(f"--resume: checkpoint {path.name} is damaged ({reason}); trying the one "
+                                       "before it")
+        raise ThinsliceError(f"no intact checkpoint in {self.run_dir / 'checkpoints'}; start a new run (another --out)")
+
+    def _drop_logged_rows_after(self, step: int) -> None:
+        """metrics.jsonl rows past the resumed step were logged by the interrupted run and are logged again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not (self.is_main and path.is_file()):
+            return
+        rows = path.read_text().splitlines()
+        kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            write_text_atomic(path, "".join(row + "\n" for row in kept))
+
     # --------------------------------------------------------------------------------------------- logging
     def _log_scalars(self, values: dict[str, float], step: int) -> None:
         if not values:
@@ -412,8 +435,9 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         existing = list_checkpoints(self.run_dir)
         if resume and existing:
-            self.load_checkpoint(existing[-1])
-            acc.print(f"resumed from {existing[-1]} (step {self.state.step})")
+            loaded = self._load_newest_intact(existing)
+            acc.print(f"resumed from {loaded} (step {self.state.step})")
+            self._drop_logged_rows_after(self.state.step)
         elif existing and not resume:
             raise ThinsliceError(
                 f"{self.run_dir} already holds checkpoints (last: {existing[-1].name}); pass --resume to continue "

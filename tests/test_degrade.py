@@ -116,6 +116,10 @@ def test_slice_axis_not_last_numpy_axis() -> None:
 
 
 def test_bad_requests_are_clear_errors(thin_phantom: Volume) -> None:
+    with pytest.raises(ThinsliceError, match="finer than the input"):
+        degrade(thin_phantom, thickness=5.0, spacing=1.0)  # 1.25 mm slices: a "thick" stack finer than the input
+    with pytest.raises(ThinsliceError, match="only one"):
+        degrade(thin_phantom, thickness=40.0, spacing=30.0)  # 60 mm deep: a single 40 mm slab
     with pytest.raises(ThinsliceError, match="thinner than the input slice spacing"):
         degrade(thin_phantom, thickness=0.5, profile="box")
     with pytest.raises(ThinsliceError, match="either a factor"):

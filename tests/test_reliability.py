@@ -136,3 +136,13 @@ def test_the_command_line_parses_without_importing_torch() -> None:
             "print(sorted(m for m in ('torch', 'monai', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_values_that_are_not_ct_hu_are_reported(tmp_path, caplog) -> None:
+    from thinslice.io.volume import Volume
+
+    mr = Volume(np.random.default_rng(0).uniform(0, 4000, (8, 16, 16)).astype(np.float32), (1.0, 1.0, 2.0))
+    write_volume(mr, tmp_path / "mr.nii.gz", dtype="float32")
+    with caplog.at_level("WARNING", logger="thinslice"):
+        read_volume(tmp_path / "mr.nii.gz")
+    assert "does not look like CT in Hounsfield units" in caplog.text

@@ -95,6 +95,11 @@ def make_spec(
             f"slice thickness {spec.thickness_mm:.4g} mm is thinner than the input slice spacing "
             f"{thin_spacing_mm:.4g} mm: choose a thickness >= {thin_spacing_mm:.4g} mm (or a factor >= 1)"
         )
+    if spec.spacing_mm < thin_spacing_mm * (1 - _EPS):
+        raise ThinsliceError(
+            f"slice spacing {spec.spacing_mm:.4g} mm is finer than the input's {thin_spacing_mm:.4g} mm: the "
+            f"simulated stack would have more slices than the input; choose --spacing >= {thin_spacing_mm:.4g} mm"
+        )
     return spec
 
 
@@ -211,6 +216,11 @@ def degrade(
     s = volume.slice_spacing
     spec = make_spec(s, factor=factor, thickness=thickness, spacing=spacing, profile=profile)
     nominal, sampling = thick_grid(volume.num_slices, s, spec)
+    if nominal.size < 2:
+        raise ThinsliceError(
+            f"the volume ({volume.num_slices * s:.4g} mm deep) holds only one {spec.thickness_mm:.4g} mm slab every "
+            f"{spec.spacing_mm:.4g} mm: a single thick slice is no volume to upsample; use thinner or more closely "
+            "spaced slices")
     weights = profile_matrix(np.arange(volume.num_slices) * s, sampling, spec.thickness_mm, spec.profile)
     thick = apply_profile(volume.slices_first(), weights)
     out = volume.with_slices(thick, spec.spacing_mm, float(nominal[0]), slice_thickness=spec.thickness_mm)

@@ -9,6 +9,7 @@ uneven slice gaps) and CT-specific clean-up of padding values.
 from __future__ import annotations
 
 import gzip
+import logging
 import re
 import struct
 import warnings
@@ -22,6 +23,10 @@ import SimpleITK as sitk
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
 from thinslice.io.volume import Volume
+
+# A CT volume in HU has air; the lowest value of a volume above this is not HU (MR, 8-bit, rescaled).
+NOT_HU_ABOVE = -500.0
+log = logging.getLogger(__name__)
 
 # Extensions read as one file (compared in lower case). Anything else SimpleITK can read in 3D is accepted too.
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -372,9 +377,19 @@ def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickn
             array[mask] = AIR_HU
             rule = f"<= {PADDING_BELOW_HU:g} HU" + (" or at PixelPaddingValue" if padding_hu else "")
             metadata["padding_replaced"] = f"{count} voxels ({rule}) set to {AIR_HU:g} HU"
+    _warn_if_not_hu(array, source)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     return Volume(array=array, spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
                   direction=direction, slice_thickness=thickness, metadata=metadata)
+
+
+def _warn_if_not_hu(array: np.ndarray, source: Path) -> None:
+    """CT in Hounsfield units always holds air (about -1000 HU) around or inside the patient; a volume without any
+    value below -500 is MR, PET, a windowed 8-bit export or rescaled data, for which the CT models make no sense."""
+    low, high = float(array.min()), float(array.max())
+    if low > NOT_HU_ABOVE:
+        log.warning("%s: values %.0f..%.0f have no air (about -1000 HU): this does not look like CT in Hounsfield "
+                    "units; thinslice's models and defaults assume CT HU", source, low, high)
 
 
 def _positive_float(text: str | None) -> float | None:

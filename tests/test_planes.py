@@ -168,3 +168,26 @@ def test_adapt_fine_tunes_on_the_inputs_own_axial_slices(tmp_path, thin_phantom)
                    adapt_seconds=0.01, precision="fp32")
     operator = thick_profile_operator(thick, thin_phantom.slice_spacing, "gaussian")
     assert consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)["max_abs"] < 0.05
+
+
+def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_phantom) -> None:
+    """2.5D: each plane comes with its neighbours as channels; the output is still the middle plane's."""
+    import dataclasses
+
+    from thinslice.models.planes import PlanesNet
+
+    preset = load_preset("tiny")
+    cfg = dataclasses.replace(preset.planes, context=1)
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg.factors, 4, seed=1, context=1)
+    batch = next(sampler)
+    rows = preset.planes_data.rows
+    assert batch["thick"].shape[:3] == (4, 3, rows) and batch["hr"].shape[1] == 1
+    assert batch["base"].shape[1] == 3
+    model = PlanesNet(cfg).eval()
+    with torch.no_grad():
+        out = model(batch["thick"], batch["base"], batch["cond"])
+    assert torch.equal(out, batch["base"][:, 1:2])  # zero heads: the middle plane's cubic-dc
+    thick, _ = simulate_pair(thin_phantom, factor=3, profile="gaussian")
+    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
+    result = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32")
+    assert np.abs(result.array - ref.array).max() < 0.05

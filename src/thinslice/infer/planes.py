@@ -113,16 +113,21 @@ def refine_planes(
     total = np.zeros(base_hu.shape, np.float32)
     steps = sum(math.ceil(_orientation_views(base_hu, o).shape[0] / PLANES_PER_BATCH) for o in orientations)
     bar = tqdm(total=steps, desc="planes", unit="batch", disable=not progress, leave=False)
+    context = model.cfg.context
     for orientation in orientations:
         thick_v = _orientation_views(thick_hu, orientation)
         base_v = _orientation_views(base_hu, orientation)
         out_v = _orientation_views(total, orientation)
         for p0 in range(0, thick_v.shape[0], PLANES_PER_BATCH):
-            t = torch.from_numpy(np.ascontiguousarray(hu_to_model(thick_v[p0:p0 + PLANES_PER_BATCH]))).to(device)
-            b = torch.from_numpy(np.ascontiguousarray(hu_to_model(base_v[p0:p0 + PLANES_PER_BATCH]))).to(device)
+            # Each plane with its context neighbours (clamped at the edge): (planes, 1 + 2 context, rows, pixels).
+            index = np.clip(np.arange(p0, min(p0 + PLANES_PER_BATCH, thick_v.shape[0]))[:, None]
+                            + np.arange(-context, context + 1)[None, :], 0, thick_v.shape[0] - 1)
+            t = torch.from_numpy(np.ascontiguousarray(hu_to_model(thick_v[index]))).to(device)
+            b = torch.from_numpy(np.ascontiguousarray(hu_to_model(base_v[index]))).to(device)
             with autocast(device, amp):
-                y = model(t[:, None], b[:, None], cond_t.expand(t.shape[0], -1))
-                residual = (y - b[:, None]).float()[:, 0].cpu().numpy() * (HU_RANGE / 2)
+                y = model(t, b, cond_t.expand(t.shape[0], -1))
+                middle = b[:, context: context + 1]
+                residual = (y - middle).float()[:, 0].cpu().numpy() * (HU_RANGE / 2)
             # The residual goes onto the unclipped estimate: the network sees HU clipped to the model range, but
             # values outside it (air below -1024 after cubic overshoot, metal) keep what cubic-dc gave them.
             out_v[p0:p0 + PLANES_PER_BATCH] += base_v[p0:p0 + PLANES_PER_BATCH] + residual

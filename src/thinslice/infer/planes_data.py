@@ -43,9 +43,10 @@ class PlaneSampler:
 
     def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
                  degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0,
-                 acquisition: tuple[str, float] | None = None) -> None:
+                 acquisition: tuple[str, float] | None = None, context: int = 0) -> None:
         """``acquisition`` (profile, thickness / spacing) fixes what is otherwise drawn per example (adaptation to
-        one input)."""
+        one input); ``context`` neighbouring planes on each side come with every plane (2.5D networks)."""
+        self.context = int(context)
         self.sources = [_slices_int16(v) for v in volumes]
         if not self.sources:
             raise ThinsliceError("no training volumes")
@@ -93,55 +94,61 @@ class PlaneSampler:
         profile, ratio = self._acquisition()
         a, b, pad = cell_operators(k, rows, ratio, profile)
         x = self._plane(rows * k + 2 * pad, width)  # the slabs of the end cells reach `pad` rows beyond them
-        thick = a @ x
-        x = x[pad: pad + rows * k]
+        thick = np.einsum("mn,pnw->pmw", a, x)
+        x = x[:, pad: pad + rows * k]
         if self.cfg.noise_hu > 0:
             thick = thick + self.rng.normal(0.0, self.rng.uniform(0, self.cfg.noise_hu), thick.shape)
-        base = b @ thick
-        return {"thick": hu_to_model(thick[None]).astype(np.float32),
-                "base": hu_to_model(base[None]).astype(np.float32),
-                "hr": hu_to_model(x[None]).astype(np.float32),
+        base = np.einsum("nm,pmw->pnw", b, thick)
+        return {"thick": hu_to_model(thick).astype(np.float32),
+                "base": hu_to_model(base).astype(np.float32),
+                "hr": hu_to_model(x[self.context: self.context + 1]).astype(np.float32),
                 "cond": np.asarray(acquisition_vector(ratio, profile), np.float32)}
 
     def _plane(self, n: int, w: int) -> np.ndarray:
-        """A thin plane (n rows along the degraded axis, w pixels), mostly tissue, randomly flipped."""
+        """Thin planes (P, n rows along the degraded axis, w pixels): the plane and its context neighbours, mostly
+        tissue, randomly flipped."""
         best, best_tissue = None, -1.0
         for _ in range(10):
             src = self.sources[int(self.rng.choice(len(self.sources), p=self.volume_p))]
             x = self._crop(src, n, w)
-            tissue = float((x > AIR_THRESHOLD_HU).mean())
+            tissue = float((x[self.context] > AIR_THRESHOLD_HU).mean())
             if tissue > best_tissue:
                 best, best_tissue = x, tissue
             if tissue >= _MIN_TISSUE:
                 break
         assert best is not None
-        if self.rng.random() < 0.5:
-            best = best[::-1]
-        if self.rng.random() < 0.5:
-            best = best[:, ::-1]
+        for axis in (0, 1, 2):  # the order of the neighbours, the degraded axis, the pixels
+            if self.rng.random() < 0.5:
+                best = np.flip(best, axis)
         return np.ascontiguousarray(best, dtype=np.float32)
 
     def _crop(self, hu: np.ndarray, n: int, w: int) -> np.ndarray:
+        """(P, n, w) from a volume (D, A, B): P neighbouring planes along the axis the planes are stacked on."""
         rng = self.rng
         depth = hu.shape[0]
         if depth < n or rng.random() < self.cfg.inplane_fraction:
-            image = hu[int(rng.integers(depth))]
-            plane = image.T if rng.random() < 0.5 else image
-        else:
-            plane = hu[:, int(rng.integers(hu.shape[1])), :] if rng.random() < 0.5 else hu[:, :, int(
-                rng.integers(hu.shape[2]))]
-        plane = _pad_to(plane, n, w)
-        r0 = int(rng.integers(plane.shape[0] - n + 1))
-        c0 = int(rng.integers(plane.shape[1] - w + 1))
-        return plane[r0:r0 + n, c0:c0 + w]
+            stack = hu[self._neighbours(int(rng.integers(depth)), depth)]  # axial slices (P, A, B)
+            planes = stack.transpose(0, 2, 1) if rng.random() < 0.5 else stack
+        elif rng.random() < 0.5:  # coronal: (D, P, B) -> (P, D, B)
+            planes = hu[:, self._neighbours(int(rng.integers(hu.shape[1])), hu.shape[1]), :].transpose(1, 0, 2)
+        else:  # sagittal: (D, A, P) -> (P, D, A)
+            planes = hu[:, :, self._neighbours(int(rng.integers(hu.shape[2])), hu.shape[2])].transpose(2, 0, 1)
+        planes = _pad_to(planes, n, w)
+        r0 = int(rng.integers(planes.shape[1] - n + 1))
+        c0 = int(rng.integers(planes.shape[2] - w + 1))
+        return planes[:, r0:r0 + n, c0:c0 + w]
+
+    def _neighbours(self, index: int, size: int) -> np.ndarray:
+        """Indices of a plane and its context neighbours, clamped at the volume's edge."""
+        return np.clip(np.arange(index - self.context, index + self.context + 1), 0, size - 1)
 
 
-def _pad_to(plane: np.ndarray, n: int, w: int) -> np.ndarray:
-    """Pad a plane with air to at least (n, w) (small volumes, tiny tests)."""
-    pad = (max(0, n - plane.shape[0]), max(0, w - plane.shape[1]))
+def _pad_to(planes: np.ndarray, n: int, w: int) -> np.ndarray:
+    """Pad planes (P, rows, pixels) with air to at least (n, w) (small volumes, tiny tests)."""
+    pad = (max(0, n - planes.shape[1]), max(0, w - planes.shape[2]))
     if pad == (0, 0):
-        return plane
-    return np.pad(plane, ((0, pad[0]), (0, pad[1])), constant_values=-1024)
+        return planes
+    return np.pad(planes, ((0, 0), (0, pad[0]), (0, pad[1])), constant_values=-1024)
 
 
 def _slices_int16(item: Volume | str | Path) -> np.ndarray:
@@ -172,7 +179,7 @@ def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str
     sampling = dataclasses.replace(getattr(preset, "planes_data", PlaneSamplingConfig()), inplane_fraction=1.0)
     profile = acquisition[0]
     sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(profile,)), (k,),
-                           ADAPT_BATCH, seed=seed, acquisition=acquisition)
+                           ADAPT_BATCH, seed=seed, acquisition=acquisition, context=model.cfg.context)
     optimiser = torch.optim.AdamW(tuned.parameters(), lr=ADAPT_LR)
     amp = autocast_dtype(precision)
     deadline = time.perf_counter() + max_seconds

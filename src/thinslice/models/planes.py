@@ -31,6 +31,12 @@ class PlanesConfig:
     channels: int = 48
     num_blocks: int = 6
     factors: tuple[int, ...] = (2, 3, 4, 5, 6)
+    # Neighbouring planes on each side given as extra input channels (2.5D); 0 = the plane alone.
+    context: int = 0
+
+    @property
+    def planes(self) -> int:
+        return 1 + 2 * int(self.context)
 
 
 def acquisition_vector(thickness_ratio: float, profile: str) -> list[float]:
@@ -52,9 +58,10 @@ class _ResBlock2d(nn.Module):
 
 
 def space_to_depth(thin: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, 1, M*k, W) -> (B, k, M, W): thin row ``m*k + i`` becomes channel ``i`` of thick row ``m``."""
-    b, _, n, w = thin.shape
-    return thin.reshape(b, n // k, k, w).permute(0, 2, 1, 3)
+    """(B, P, M*k, W) -> (B, P*k, M, W): thin row ``m*k + i`` of plane ``p`` becomes channel ``p*k + i`` of thick
+    row ``m``."""
+    b, p, n, w = thin.shape
+    return thin.reshape(b, p, n // k, k, w).permute(0, 1, 3, 2, 4).reshape(b, p * k, n // k, w)
 
 
 def depth_to_space(cells: torch.Tensor) -> torch.Tensor:
@@ -64,14 +71,15 @@ def depth_to_space(cells: torch.Tensor) -> torch.Tensor:
 
 
 class PlanesNet(nn.Module):
-    """``forward(thick, base, cond)``: thick (B, 1, M, W), base = cubic-dc (B, 1, M*k, W), cond (B, COND_CHANNELS),
-    all in model range; returns base + a learned residual, (B, 1, M*k, W)."""
+    """``forward(thick, base, cond)``: thick (B, P, M, W), base = cubic-dc (B, P, M*k, W) for the plane and its
+    ``cfg.context`` neighbours on each side (P = ``cfg.planes``, the plane itself in the middle), cond
+    (B, COND_CHANNELS), all in model range; returns the middle plane's base + a learned residual, (B, 1, M*k, W)."""
 
     def __init__(self, cfg: PlanesConfig) -> None:
         super().__init__()
         self.cfg = cfg
         c = cfg.channels
-        self.heads_in = nn.ModuleDict({str(k): nn.Conv2d(1 + k + COND_CHANNELS, c, 3, padding=1)
+        self.heads_in = nn.ModuleDict({str(k): nn.Conv2d((1 + k) * cfg.planes + COND_CHANNELS, c, 3, padding=1)
                                        for k in cfg.factors})
         self.body = nn.Sequential(*[_ResBlock2d(c) for _ in range(cfg.num_blocks)])
         self.body_tail = nn.Conv2d(c, c, 3, padding=1)
@@ -93,4 +101,5 @@ class PlanesNet(nn.Module):
         planes = cond.to(thick.dtype)[:, :, None, None].expand(b, cond.shape[1], m, w)
         features = self.heads_in[str(k)](torch.cat([thick, cells, planes], dim=1))
         features = features + self.body_tail(self.body(features))
-        return base + depth_to_space(self.heads_out[str(k)](features))
+        middle = self.cfg.context
+        return base[:, middle: middle + 1] + depth_to_space(self.heads_out[str(k)](features))

@@ -118,7 +118,8 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
     torch.manual_seed(seed)
     model = build_planes(preset)
-    sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed)
+    sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed,
+                           context=preset.planes.context)
     cases = validation_cases(list(val) if val else list(train))
     if not cases:
         raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices")

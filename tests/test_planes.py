@@ -187,7 +187,7 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
     with torch.no_grad():
         out = model(batch["thick"], batch["base"], batch["cond"])
     assert torch.equal(out, batch["base"][:, 1:2])  # zero heads: the middle plane's cubic-dc
-    thick, _ = simulate_pair(thin_phantom, factor=3, profile="gaussian")
-    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
-    result = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32")
+    thick, _ = simulate_pair(thin_phantom, factor=3, profile="box")
+    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
+    result = run_planes(model, thick, thin_phantom.slice_spacing, "box", precision="fp32")
     assert np.abs(result.array - ref.array).max() < 0.05

@@ -45,7 +45,7 @@ ORIENTATIONS = ("coronal", "sagittal")
 # Planes per network call: bounds memory (48 channels x 75 rows x 512 px x 2 bytes = 3.7 MB per plane and layer).
 PLANES_PER_BATCH = 16
 OPTIONS = ("checkpoint", "device", "profile", "thickness", "precision", "orientations", "progress", "consistency",
-           "adapt", "adapt_steps", "adapt_seconds", "seed")
+           "adapt", "adapt_steps", "adapt_seconds", "seed", "preset")
 
 
 def integer_factor(thick_spacing_mm: float, thin_spacing_mm: float) -> int:
@@ -184,12 +184,13 @@ def upsample_planes(
     adapt_steps: int | str = 1500,
     adapt_seconds: float | str = 180.0,
     seed: int | str = 0,
+    preset: str | None = None,
 ) -> Volume:
     """Planes upsampling of ``thick`` to ``spacing_mm`` (a divisor of its slice spacing) with shipped or given
     weights. ``orientations``: coronal, sagittal or both (default; averaged). ``adapt`` first fine-tunes the
     network on the input's own axial slices (at most ``adapt_steps`` steps and ``adapt_seconds`` seconds)."""
     thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
-    model = load_planes(resolve_bundle(checkpoint, "planes"), resolve_device(device))
+    model = load_planes(resolve_bundle(checkpoint, "planes"), resolve_device(device), preset=preset)
     start = time.perf_counter()
     k = integer_factor(thick.slice_spacing, spacing_mm)
     if option_bool("adapt", adapt) and k in model.factors:
@@ -205,7 +206,7 @@ def upsample_planes(
                      parse_orientations(orientations), option_bool("consistency", consistency),
                      option_bool("progress", progress))
     out.metadata["planes"] = f"weights {getattr(model, 'weights_hash', '') or '?'}, {time.perf_counter() - start:.1f} s"
-    log.info("planes: %.1f s", time.perf_counter() - start)
+    log.debug("planes: %.1f s", time.perf_counter() - start)
     return out
 
 

@@ -1,0 +1,390 @@
+"""Re-run the reliability cases of docs/reliability.md as a user would: the real ``thinslice`` program on small
+synthetic volumes, each case checked (exit code, one-line message, no traceback, files left as they were).
+
+    .venv/bin/python benchmarks/reliability.py [--out docs/reliability.md]
+
+Cases that need a small or read-only disk mount tmpfs file systems (root only); without root they are reported as
+skipped. Prints one line per case and writes the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+THINSLICE = [sys.executable, "-m", "thinslice.cli.main"]
+
+
+@dataclass
+class Outcome:
+    rc: int
+    err: str
+    out: str
+    seconds: float
+
+    @property
+    def message(self) -> str:
+        lines = [line for line in self.err.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    @property
+    def clean(self) -> bool:
+        """No traceback, at most one error line."""
+        return "Traceback" not in self.err and sum("error:" in line for line in self.err.splitlines()) <= 1
+
+
+def run(*args: object, timeout: float = 300) -> Outcome:
+    start = time.perf_counter()
+    proc = subprocess.run([*THINSLICE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return Outcome(proc.returncode, proc.stderr, proc.stdout, time.perf_counter() - start)
+
+
+@dataclass
+class Case:
+    name: str
+    command: str
+    expected: str
+    check: Callable[[], tuple[bool, str]]
+
+
+def error_case(name: str, args: list[object], expect_text: str, unchanged: list[Path] = ()) -> Case:
+    """A case that must end with rc 2, one clean line containing ``expect_text``, and files left as they were."""
+    def check() -> tuple[bool, str]:
+        before = {p: p.read_bytes() if p.is_file() else None for p in unchanged}
+        res = run(*args)
+        same = all((p.read_bytes() if p.is_file() else None) == before[p] for p in unchanged)
+        ok = res.rc == 2 and res.clean and expect_text in res.message and same
+        return ok, f"rc {res.rc}: {res.message[:150]}" + ("" if same else " (FILES CHANGED)")
+
+    return Case(name, "thinslice " + " ".join(_short(a) for a in args), f"rc 2, one line: ...{expect_text}...",
+                check)
+
+
+def ok_case(name: str, args: list[object], expect_text: str = "", expect_file: Path | None = None) -> Case:
+    def check() -> tuple[bool, str]:
+        res = run(*args)
+        ok = res.rc == 0 and res.clean and expect_text in res.err + res.out
+        ok = ok and (expect_file is None or expect_file.exists())
+        return ok, f"rc {res.rc}: {(res.message or res.out.strip().splitlines()[-1])[:150]}"
+
+    return Case(name, "thinslice " + " ".join(_short(a) for a in args),
+                "rc 0" + (f", says ...{expect_text}..." if expect_text else ""), check)
+
+
+WORK = Path(tempfile.mkdtemp(prefix="thinslice-reliability-"))
+
+
+def _short(arg: object) -> str:
+    return str(arg).replace(str(WORK) + "/", "")
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+def make_inputs() -> dict[str, Path]:
+    from thinslice.data.phantom import make_chest_phantom
+    from thinslice.degrade.pairs import simulate_pair
+    from thinslice.infer.bundle import save_bundle_model
+    from thinslice.io import write_volume
+    from thinslice.io.volume import Volume
+    from thinslice.models.factory import build_planes
+
+    thin = make_chest_phantom(shape=(64, 96, 96), spacing=(1.0, 1.0, 2.0), seed=3)
+    thick, _ = simulate_pair(thin, factor=4, profile="gaussian")
+    p = {"thin": WORK / "thin.nii.gz", "thick": WORK / "thick.nii.gz"}
+    write_volume(thin, p["thin"])
+    write_volume(thick, p["thick"])
+    big = make_chest_phantom(shape=(40, 384, 384), spacing=(0.8, 0.8, 8.0), seed=4)
+    p["big"] = write_volume(big, WORK / "big.nii.gz")
+    raw = gzip.decompress(p["thin"].read_bytes())
+    (WORK / "thin.nii").write_bytes(raw)
+    p["cut_gz"] = WORK / "cut.nii.gz"
+    p["cut_gz"].write_bytes(p["thin"].read_bytes()[: p["thin"].stat().st_size // 2])
+    p["cut_nii"] = WORK / "cut.nii"
+    p["cut_nii"].write_bytes(raw[: len(raw) // 2])
+    broken = bytearray(gzip.compress(raw))
+    broken[-8] ^= 0xFF
+    p["crc"] = WORK / "crc.nii.gz"
+    p["crc"].write_bytes(bytes(broken))
+    nopix = bytearray(raw)
+    nopix[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1..3] = 0
+    p["nopix"] = WORK / "nopix.nii"
+    p["nopix"].write_bytes(bytes(nopix))
+    p["garbage"] = WORK / "garbage.nii.gz"
+    p["garbage"].write_bytes(os.urandom(4096))
+    _write_sitk(np.zeros((64, 64), np.int16), WORK / "slice2d.nii.gz")
+    _write_sitk(np.zeros((3, 8, 8, 8), np.int16), WORK / "four_d.nii.gz")
+    _write_sitk(np.zeros((1, 64, 64), np.int16), WORK / "one_slice.nii.gz")
+    nan = thin.array.copy()
+    nan[3, 3, 3] = np.nan
+    _write_sitk(nan, WORK / "nan.mha")  # ITK's NIfTI writer would store the NaN as 0
+    mr = Volume(np.random.default_rng(0).uniform(0, 4000, (16, 32, 32)).astype(np.float32), (1.0, 1.0, 8.0))
+    write_volume(mr, WORK / "mr.nii.gz", dtype="float32")
+    hot = thick.with_array(thick.array * 0 + 40000.0)
+    write_volume(hot, WORK / "hot.nii.gz", dtype="float32")
+    (WORK / "empty_dir").mkdir()
+    save_bundle_model(build_planes("tiny"), "planes", "tiny", WORK / "tiny_planes")
+    weights = (WORK / "tiny_planes" / "planes.safetensors").read_bytes()
+    (WORK / "cut_planes").mkdir()
+    (WORK / "cut_planes" / "planes.safetensors").write_bytes(weights[: len(weights) // 2])
+    thick6, _ = simulate_pair(thin, factor=6, profile="gaussian")
+    p["thick6"] = write_volume(thick6, WORK / "thick6.nii.gz")
+    (WORK / "series").mkdir()
+    (WORK / "series" / "keep.txt").write_text("a file the user had")
+    (WORK / "data").mkdir()
+    write_volume(thin, WORK / "data" / "ct.nii.gz")
+    return p
+
+
+def _write_sitk(array: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=False), str(path))
+
+
+# ---------------------------------------------------------------------------------------------- special cases
+def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def disk_full_case(ext: str) -> Case:
+    small = WORK / f"small{ext.replace('.', '_')}"
+
+    def check() -> tuple[bool, str]:
+        if not mount_tmpfs(small, "3m"):
+            return True, "skipped (mounting a tmpfs needs root)"
+        out = small / (f"prev{ext}" if ext != "/" else "series/")
+        if ext == "/":
+            res = run("upsample", WORK / "big.nii.gz", out, "--spacing", "0.5", "--method", "cubic")
+            left = sorted(p.name for p in small.iterdir())
+            return res.rc == 2 and res.clean and left == [], f"rc {res.rc}: {res.message[:140]}; left: {left}"
+        first = run("upsample", WORK / "thick.nii.gz", out, "--spacing", "8", "--method", "cubic")
+        before = out.read_bytes()
+        res = run("upsample", WORK / "big.nii.gz", out, "--spacing", "0.5", "--method", "cubic", "--dtype", "float32")
+        left = sorted(p.name for p in small.iterdir())
+        ok = first.rc == 0 and res.rc == 2 and res.clean and out.read_bytes() == before and left == [out.name]
+        return ok, f"rc {res.rc}: {res.message[:140]}; previous file intact: {out.read_bytes() == before}"
+
+    target = f"small/prev{ext}" if ext != "/" else "small/series/"
+    return Case(f"disk full while writing {ext if ext != '/' else 'a DICOM series'}",
+                f"thinslice upsample big.nii.gz {target} --spacing 0.5 (3 MB disk)",
+                "rc 2, one line, previous output untouched, no temporary left", check)
+
+
+def read_only_case() -> Case:
+    ro = WORK / "ro"
+
+    def check() -> tuple[bool, str]:
+        if not mount_tmpfs(ro, "1m", read_only=True):
+            return True, "skipped (mounting a tmpfs needs root)"
+        res = run("upsample", WORK / "thick.nii.gz", ro / "x.nii.gz", "--spacing", "2", "--method", "cubic")
+        return res.rc == 2 and res.clean and "Read-only" in res.message, f"rc {res.rc}: {res.message[:140]}"
+
+    return Case("read-only target folder", "thinslice upsample thick.nii.gz ro/x.nii.gz --spacing 2",
+                "rc 2, one line", check)
+
+
+def sigterm_case() -> Case:
+    def check() -> tuple[bool, str]:
+        out_dir = WORK / "term"
+        out_dir.mkdir()
+        proc = subprocess.Popen([*THINSLICE, "upsample", str(WORK / "big.nii.gz"), str(out_dir / "x.nii.gz"),
+                                 "--spacing", "0.5", "--method", "cubic-dc"], stderr=subprocess.PIPE, text=True)
+        time.sleep(6.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        left = sorted(p.name for p in out_dir.iterdir())
+        ok = proc.returncode in (143, 0) and "Traceback" not in err and left in ([], ["x.nii.gz"])
+        return ok, f"rc {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}; left: {left}"
+
+    return Case("SIGTERM during upsample", "kill -TERM <thinslice upsample big.nii.gz ...> after 6 s",
+                "rc 143 (or 0 if it had finished), no temporary left", check)
+
+
+def stale_temp_case() -> Case:
+    def check() -> tuple[bool, str]:
+        folder = WORK / "stale"
+        folder.mkdir()
+        stale = folder / ".thinslice-tmp-999999999-abcd"
+        stale.mkdir()
+        (stale / "half.nii.gz").write_bytes(b"\0" * 100)
+        res = run("upsample", WORK / "thick.nii.gz", folder / "x.nii.gz", "--spacing", "2", "--method", "cubic")
+        left = sorted(p.name for p in folder.iterdir())
+        return res.rc == 0 and left == ["x.nii.gz"], f"rc {res.rc}; left: {left}"
+
+    return Case("leftover of a killed run (kill -9) in the output folder",
+                "thinslice upsample thick.nii.gz stale/x.nii.gz (stale/.thinslice-tmp-<dead pid>-*/ present)",
+                "rc 0, the leftover removed", check)
+
+
+def broken_pipe_case() -> Case:
+    def check() -> tuple[bool, str]:
+        cmd = " ".join([*THINSLICE, "info", str(WORK / "thin.nii.gz")]) + " | head -c 20"
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
+        return "Traceback" not in proc.stderr, f"rc {proc.returncode}, stderr: {proc.stderr.strip()[:100]!r}"
+
+    return Case("reader of the output goes away", "thinslice info thin.nii.gz | head -c 20",
+                "no traceback", check)
+
+
+def resume_damaged_case() -> Case:
+    def check() -> tuple[bool, str]:
+        run_dir = WORK / "run"
+        base = ["train-planes", "--data", WORK / "data", "--preset", "tiny", "--out", run_dir, "--device", "cpu"]
+        first = run(*base, "--max-steps", "6")
+        ckpts = sorted((run_dir / "checkpoints").iterdir())
+        for weights in ckpts[-1].glob("*.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:64])
+        again = run(*base, "--max-steps", "9", "--resume")
+        text = again.err + again.out
+        ok = first.rc == 0 and again.rc == 0 and "is damaged" in text and "Traceback" not in again.err
+        return ok, f"rc {again.rc}: " + next((line for line in text.splitlines() if "damaged" in line), "")[:140]
+
+    return Case("--resume when the newest checkpoint is damaged", "thinslice train-planes ... --resume",
+                "rc 0, one note, continues from the checkpoint before", check)
+
+
+def overlap_case(thickness: float, spacing: float) -> Case:
+    def check() -> tuple[bool, str]:
+        thick = WORK / f"ov_{thickness:g}_{spacing:g}.nii.gz"
+        run("degrade", WORK / "thin.nii.gz", thick, "--thickness", thickness, "--spacing", spacing)
+        scores = {}
+        for method in ("cubic", "cubic-dc"):
+            out = WORK / f"ov_{thickness:g}_{method}.nii.gz"
+            run("upsample", thick, out, "--spacing", "2", "--method", method)
+            res = run("evaluate", out, WORK / "thin.nii.gz", "--overlap", "--json")
+            import json
+
+            scores[method] = json.loads(res.out)["psnr"]
+        ok = scores["cubic-dc"] >= scores["cubic"]
+        return ok, f"cubic {scores['cubic']:.2f} dB, cubic-dc {scores['cubic-dc']:.2f} dB"
+
+    return Case(f"overlapping slices: {thickness:g} mm every {spacing:g} mm -> 2 mm",
+                f"thinslice degrade thin.nii.gz ov.nii.gz --thickness {thickness:g} --spacing {spacing:g}; upsample "
+                "--method cubic / cubic-dc; evaluate --overlap", "cubic-dc >= cubic", check)
+
+
+def startup_case() -> Case:
+    def check() -> tuple[bool, str]:
+        res = run("--version")
+        return res.rc == 0 and res.seconds < 2.0, f"{res.seconds:.2f} s"
+
+    return Case("start-up", "thinslice --version", "under 1 s on an idle machine", check)
+
+
+# ------------------------------------------------------------------------------------------------------- all
+def cases(p: dict[str, Path]) -> list[Case]:
+    W = WORK  # noqa: N806
+    up = ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "2"]
+    return [
+        error_case("2D image", ["info", W / "slice2d.nii.gz"], "2D image"),
+        error_case("random bytes named .nii.gz", ["info", p["garbage"]], "cannot read"),
+        error_case("first half of a .nii.gz", ["info", p["cut_gz"]], "truncated"),
+        error_case("first half of a .nii", ["info", p["cut_nii"]], "truncated"),
+        error_case("gzip CRC damaged", ["info", p["crc"]], "corrupt"),
+        error_case("NIfTI without voxel size", ["info", p["nopix"]], "no voxel size"),
+        error_case("NaN voxels", ["info", W / "nan.mha"], "NaN"),
+        error_case("4D image", ["info", W / "four_d.nii.gz"], "4D image"),
+        error_case("one slice only", ["info", W / "one_slice.nii.gz"], "one slice"),
+        error_case("missing input", ["info", W / "nothing.nii.gz"], "does not exist"),
+        error_case("empty folder as input", ["info", W / "empty_dir"], "is empty"),
+        ok_case("MR-like values (0..4000)", ["info", W / "mr.nii.gz"], "does not look like CT"),
+        error_case("unknown method", [*up, "--method", "bicubic"], "unknown upsampling method"),
+        error_case("negative spacing", ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "-1"], "positive"),
+        error_case("spacing coarser than the input", ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "20"],
+                   "coarser"),
+        error_case("output grid too large for memory", ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "0.0005"],
+                   "available"),
+        error_case("implausible --thickness 1000", [*up, "--method", "cubic-dc", "--thickness", "1000"],
+                   "more than 6x"),
+        ok_case("--thickness 20 on an 8 mm stack (file says 8)", [*up, "--method", "cubic-dc", "--thickness", "20"],
+                "differs from the 8 mm"),
+        ok_case("--thickness 0.5 (gapped slices)", [*up, "--method", "cubic-dc", "--thickness", "0.5"]),
+        error_case("unknown profile", [*up, "--profile", "triangle"], "invalid choice"),
+        error_case("planes: spacing that does not divide the slices", [*up[:-1], "3", "--method", "planes",
+                   "--checkpoint", W / "tiny_planes"], "divides the slice spacing"),
+        error_case("planes: factor the weights were not trained for", ["upsample", p["thick6"], W / "o.nii.gz",
+                   "--spacing", "2", "--method", "planes", "--checkpoint", W / "tiny_planes"], "trained for factors"),
+        error_case("missing checkpoint folder", [*up, "--method", "planes", "--checkpoint", W / "no_such"],
+                   "not found"),
+        error_case("checkpoint is an unrelated file", [*up, "--method", "planes", "--checkpoint", p["thin"]],
+                   "is a file"),
+        error_case("truncated weights file", [*up, "--method", "planes", "--checkpoint", W / "cut_planes"],
+                   "not a safetensors"),
+        error_case("weights of another preset", [*up, "--method", "planes", "--checkpoint", W / "tiny_planes",
+                   "--preset", "small"], "pass --preset tiny"),
+        ok_case("a learned-method flag with cubic", [*up, "--method", "cubic", "--precision", "bf16"], "ignored"),
+        error_case("output = input", ["upsample", p["thick"], p["thick"], "--spacing", "2"], "is the input",
+                   unchanged=[p["thick"]]),
+        error_case("output folder holds the input", ["upsample", p["thick"], W, "--spacing", "2"], "contains the input",
+                   unchanged=[p["thick"]]),
+        error_case("DICOM output into a non-empty folder", ["upsample", p["thick"], W / "series/", "--spacing", "2"],
+                   "not empty", unchanged=[W / "series" / "keep.txt"]),
+        error_case("values beyond int16", ["upsample", W / "hot.nii.gz", W / "hot_out.nii.gz", "--spacing", "2",
+                   "--method", "cubic"], "--dtype float32"),
+        disk_full_case(".nii.gz"),
+        disk_full_case(".nii"),
+        disk_full_case("/"),
+        read_only_case(),
+        sigterm_case(),
+        stale_temp_case(),
+        broken_pipe_case(),
+        error_case("degrade: spacing finer than the input", ["degrade", p["thin"], W / "d.nii.gz", "--thickness", "5",
+                   "--spacing", "1"], "finer than the input"),
+        error_case("degrade: a single slab", ["degrade", p["thin"], W / "d.nii.gz", "--thickness", "100",
+                   "--spacing", "90"], "only one"),
+        error_case("train: --out is an input file", ["train-planes", "--data", W / "data", "--preset", "tiny", "--out",
+                   W / "data" / "ct.nii.gz"], "is a file"),
+        error_case("train: fp16 on a CPU", ["train-planes", "--data", W / "data", "--preset", "tiny", "--out",
+                   W / "fp16", "--device", "cpu", "--mixed-precision", "fp16"], "needs a GPU"),
+        resume_damaged_case(),
+        error_case("train: existing run without --resume", ["train-planes", "--data", W / "data", "--preset", "tiny",
+                   "--out", W / "run", "--device", "cpu"], "--resume"),
+        overlap_case(6.0, 2.0),
+        overlap_case(10.0, 2.0),
+        overlap_case(12.0, 4.0),
+        startup_case(),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/reliability.md")
+    args = parser.parse_args()
+    inputs = make_inputs()
+    rows = []
+    for index, case in enumerate(cases(inputs), 1):
+        try:
+            ok, observed = case.check()
+        except Exception as exc:  # a case that crashes the harness is a failed case, not a crashed report
+            ok, observed = False, f"harness error: {type(exc).__name__}: {exc}"
+        status = "ok" if ok else "FAIL"
+        print(f"{index:2d} {status:4s} {case.name}: {observed}", flush=True)
+        rows.append(f"| {index} | {case.name} | `{case.command}` | {case.expected} | {status} | "
+                    f"{observed.replace('|', '/')} |")
+    failed = sum("| FAIL |" in r for r in rows)
+    header = ("| # | case | command | expected | result | observed |\n|---|---|---|---|---|---|\n")
+    text = Path(args.out).read_text() if Path(args.out).exists() else ""
+    marker = "<!-- table -->"
+    table = f"{marker}\n{header}" + "\n".join(rows) + f"\n\n{len(rows) - failed} of {len(rows)} cases as expected.\n"
+    text = text.split(marker)[0] + table if marker in text else table
+    Path(args.out).write_text(text)
+    for mount in (WORK / "small_nii_gz", WORK / "small_nii", WORK / "small_", WORK / "ro"):
+        subprocess.run(["umount", str(mount)], capture_output=True)
+    print(f"{len(rows) - failed} of {len(rows)} cases as expected; wrote {args.out}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

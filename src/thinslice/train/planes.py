@@ -117,7 +117,7 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
               "planes_data": asdict(preset.planes_data), "train_planes": asdict(tc), "seed": seed, "loss": opts.loss}
     check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
     torch.manual_seed(seed)
-    model = build_planes(preset)
+    model = build_planes(preset).to(memory_format=torch.channels_last)  # ~25% faster steps on a CPU (bf16)
     sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed,
                            context=preset.planes.context)
     cases = validation_cases(list(val) if val else list(train))

@@ -9,8 +9,8 @@ import torch
 
 from thinslice.diffusion.ddim import DDIMSchedule
 from thinslice.diffusion.resshift import ResShiftConfig, ResShiftSchedule
-from thinslice.diffusion.sampler import diffusion_loss, sample_latent
 from thinslice.errors import ThinsliceError
+from thinslice.infer.sampler import diffusion_loss, sample_latent
 from thinslice.models.control import IRControlNet
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.unet import LatentUNet3D

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from thinslice.cli.main import main
-from thinslice.diffusion.sampler import make_schedule
 from thinslice.errors import ThinsliceError
 from thinslice.infer.bundle import load_denoiser, load_vae, save_bundle_model
+from thinslice.infer.sampler import make_schedule
 from thinslice.models.factory import build_denoiser, build_vae
 from thinslice.presets import load_preset
 from thinslice.train.diffusion import (

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from thinslice.degrade.grid import thin_grid
 from thinslice.degrade.profiles import (
     ThickSliceSpec,
     apply_profile,
@@ -24,7 +25,6 @@ from thinslice.degrade.profiles import (
     thick_grid,
 )
 from thinslice.errors import ThinsliceError
-from thinslice.infer.grid import thin_grid
 from thinslice.io.volume import Volume
 
 if TYPE_CHECKING:

@@ -18,58 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-PREDICTIONS = ("x0", "residual", "noise")
-METHODS = ("resshift", "ddim")
+from thinslice.presets import METHODS, PREDICTIONS, ResShiftConfig  # noqa: F401 (the schedule settings live with the presets)
 
 # model_fn(x_t_scaled, t, y) -> network output (x0, residual y - x0 or noise, see ResShiftConfig.prediction).
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class ResShiftConfig:
-    """Paper defaults (Yue et al., ResShift): T = 15, kappa = 2, p = 0.3, min_noise = 0.04.
-
-    ``method`` picks what the diffusion model is *trained* for: ``resshift`` (this module) or ``ddim`` (a standard
-    DDPM noise schedule with the LR latent concatenated, sampled with DDIM; see :mod:`thinslice.diffusion.ddim`).
-    A network trained for one cannot be sampled with the other.
-    """
-
-    num_steps: int = 15
-    kappa: float = 2.0
-    power: float = 0.3
-    min_noise: float = 0.04
-    eta_max_sqrt: float = 0.99
-    prediction: str = "x0"  # "x0" | "residual" | "noise"
-    cfg_dropout: float = 0.1
-    # Classifier-free guidance scale used at sampling time (1 = plain conditional, no extra network pass).
-    guidance_scale: float = 1.0
-    method: str = "resshift"  # "resshift" | "ddim"
-    # DDPM/DDIM option (method == "ddim").
-    ddim_train_steps: int = 1000
-    ddim_schedule: str = "scaled_linear_beta"  # MONAI schedule name: "linear_beta" | "scaled_linear_beta" | ...
-    ddim_prediction: str = "epsilon"  # "epsilon" | "v_prediction"
-    ddim_sample_steps: int = 50
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"diffusion.method must be one of {METHODS}, got {self.method!r}")
-        if self.num_steps < 2:
-            raise ValueError("diffusion.num_steps must be at least 2")
-
-    @classmethod
-    def fast(cls, **overrides: object) -> ResShiftConfig:
-        """The 4-step schedule of the paper (T = 4, min_noise = 0.2)."""
-        values: dict[str, object] = {"num_steps": 4, "min_noise": 0.2}
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
 
 
 def exponential_sqrt_etas(

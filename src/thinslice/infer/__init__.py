@@ -1,6 +1,6 @@
 """Upsampling a thick volume to thin slices: interpolation, CNN, latent diffusion."""
 
-from thinslice.infer.grid import target_grid_volume, thin_grid, thin_positions
+from thinslice.degrade.grid import target_grid_volume, thin_grid, thin_positions
 from thinslice.infer.interpolate import interpolate_slices
 from thinslice.infer.upsample import UPSAMPLERS, available_methods, get_method, register_method, upsample
 

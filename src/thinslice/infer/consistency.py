@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from thinslice.degrade.grid import thin_positions
 from thinslice.degrade.profiles import (
     FWHM_TO_SIGMA,
     GAUSSIAN_TRUNCATE,
@@ -35,7 +36,6 @@ from thinslice.degrade.profiles import (
     thick_grid,
 )
 from thinslice.errors import ThinsliceError
-from thinslice.infer.grid import thin_positions
 from thinslice.io.volume import Volume
 
 # The exact projection is used while the smallest singular value of A is at least this fraction of the largest

@@ -5,7 +5,7 @@ Pipeline (timed per stage, see :class:`LDMResult`):
 1. cubic B-spline upsampling to the thin grid (the LR image the model is conditioned on);
 2. VAE encoding, tiled (:func:`thinslice.models.tiling.encode_volume`); the image is edge-padded so that latent
    sizes are multiples of the denoiser's size multiple, and cropped back after decoding;
-3. sampling the HR latent with :func:`thinslice.diffusion.sampler.sample_latent`: the whole latent at once when it
+3. sampling the HR latent with :func:`thinslice.infer.sampler.sample_latent`: the whole latent at once when it
    fits in memory, else overlapping latent windows (MONAI ``sliding_window_inference``, Gaussian blending), each
    sampled with its own generator seeded from (seed, window position) so results are reproducible;
 4. VAE decoding, tiled. ``decode="residual"`` (default) returns ``cubic + D(x0) - D(y)`` instead of ``D(x0)``:
@@ -32,7 +32,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from thinslice.diffusion.sampler import sample_latent
+from thinslice.degrade.grid import thin_grid
 from thinslice.errors import ThinsliceError
 from thinslice.infer.bundle import (
     autocast,
@@ -47,7 +47,7 @@ from thinslice.infer.bundle import (
     resolve_device,
 )
 from thinslice.infer.consistency import consistency_residual_hu, enforce_consistency, thick_profile_operator
-from thinslice.infer.grid import thin_grid
+from thinslice.infer.sampler import sample_latent
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from thinslice.degrade.grid import thin_positions
 from thinslice.errors import ThinsliceError
 from thinslice.infer.bundle import (
     autocast,
@@ -32,7 +33,6 @@ from thinslice.infer.bundle import (
     resolve_device,
 )
 from thinslice.infer.consistency import consistency_matrix, make_consistent, thick_profile_operator
-from thinslice.infer.grid import thin_positions
 from thinslice.infer.interpolate import interpolate_slices
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume

@@ -3,7 +3,7 @@
 Methods register themselves with :func:`register_method`. Interpolation ("linear", "cubic", "cubic-dc") is
 registered here; learned methods (CNN baseline, latent diffusion) in their own modules, which are imported on first
 use from :data:`PLUGIN_MODULES` so that ``thinslice upsample`` lists them without importing torch models up front.
-Every method returns a volume on :func:`thinslice.infer.grid.thin_grid` of the input.
+Every method returns a volume on :func:`thinslice.degrade.grid.thin_grid` of the input.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from thinslice.degrade.grid import thin_grid, thin_positions
 from thinslice.errors import ThinsliceError
-from thinslice.infer.grid import thin_grid, thin_positions
 from thinslice.infer.interpolate import interpolate_slices
 from thinslice.io.volume import Volume
 

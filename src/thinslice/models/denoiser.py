@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.models.control import IRControlNet
 from thinslice.models.unet import LatentUNet3D
+from thinslice.presets import ResShiftConfig
 
 
 class LatentDenoiser(nn.Module):

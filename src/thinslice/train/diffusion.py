@@ -4,12 +4,12 @@ The VAE is frozen (eval mode, no gradients, outside the optimiser and the checkp
 batch's HR and cubic-upsampled LR patches (:class:`~thinslice.train.pairs.PairSampler`, a fresh degradation per
 example) to scaled latents, or reads random latent crops from a :class:`~thinslice.train.latents.LatentCache`
 (``--cache``, made by ``thinslice encode``; no VAE work per step, but only the cached factors/profiles). The loss is
-:func:`~thinslice.diffusion.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of the
+:func:`~thinslice.infer.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of the
 network's LR condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
 exact.
 
 Validation runs the whole inference pipeline on fixed held-out crops (factor 4, gaussian): encode the cubic LR, sample
-with :func:`~thinslice.diffusion.sampler.sample_latent` from a fixed seed, decode, PSNR in HU against the truth and
+with :func:`~thinslice.infer.sampler.sample_latent` from a fixed seed, decode, PSNR in HU against the truth and
 against cubic interpolation (``val/psnr_gain`` = model - cubic), plus the VAE's own reconstruction PSNR of the truth
 (the ceiling any latent model can reach).
 
@@ -38,10 +38,10 @@ from safetensors import safe_open
 from torch import nn
 
 from thinslice.diffusion.resshift import ResShiftConfig
-from thinslice.diffusion.sampler import diffusion_loss, make_schedule, sample_latent
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import FILES, save_bundle_denoiser
+from thinslice.infer.sampler import diffusion_loss, make_schedule, sample_latent
 from thinslice.io.atomic import atomic_output, write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser

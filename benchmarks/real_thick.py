@@ -1,7 +1,7 @@
-"""Upsample a real thick-slice scan (no thin truth) with cubic, cubic-dc and ldm; time each stage; save the views.
+"""Upsample a real thick-slice scan (no thin truth) with several methods; time each (ldm per stage); save the views.
 
     .venv/bin/python benchmarks/real_thick.py THICK.nii.gz --spacing 1.25 --out real_out \
-        [--checkpoint DIR] [--steps 4] [--precision bf16] [--threads 2] [--write]
+        [--methods cubic cubic-dc planes ldm] [--checkpoint DIR] [--steps 4] [--precision bf16] [--threads 2] [--write]
 
 Prints seconds per LDM stage (cubic, encode, decode of the LR latent, sampling, decode, consistency), the total and
 the peak resident memory, and writes ``views.png`` (axial, coronal and sagittal planes of the thick input and of each
@@ -22,6 +22,7 @@ from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.infer import upsample
 from thinslice.infer.bundle import load_denoiser, load_vae, resolve_bundle, resolve_device
 from thinslice.infer.ldm import run_ldm
+from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("input", help="thick-slice volume (file or DICOM folder)")
     parser.add_argument("--spacing", type=float, required=True, help="output slice spacing (mm)")
     parser.add_argument("--out", default="real_out")
+    parser.add_argument("--methods", nargs="+", default=["cubic", "cubic-dc", "ldm"])
     parser.add_argument("--checkpoint", default=None, help="model bundle (default: the shipped weights)")
     parser.add_argument("--steps", type=int, default=None, help="ResShift steps (default: the model's 15)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
@@ -50,27 +52,29 @@ def main() -> None:
 
     thick = read_volume(args.input)
     results, seconds = {}, {}
-    for method in ("cubic", "cubic-dc"):
+    report: dict[str, object] = {"input": str(args.input), "thick_shape": list(thick.slices_first().shape),
+                                 "threads": torch.get_num_threads(), "precision": args.precision}
+    for method in args.methods:
+        if method == "ldm":
+            device = resolve_device(args.device)
+            bundle = resolve_bundle(args.checkpoint, "ldm")
+            vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
+            start = time.perf_counter()
+            ldm = run_ldm(thick, args.spacing, vae, denoiser, steps=args.steps, profile=args.profile, progress=True,
+                          precision=args.precision)
+            seconds["ldm"] = time.perf_counter() - start
+            results[f"ldm {ldm.info['steps']} steps"] = ldm.volume
+            report.update({"ldm_stages_s": ldm.info["timings_s"], "consistency_hu": ldm.info.get("consistency_hu")})
+            continue
+        entry = get_method(method)
+        options: dict[str, object] = {"profile": args.profile} if entry.uses_profile else {}
+        if entry.needs_weights:
+            options.update({"checkpoint": args.checkpoint, "precision": args.precision, "progress": True})
         start = time.perf_counter()
-        options = {"profile": args.profile} if method == "cubic-dc" else {}
         results[method] = upsample(thick, args.spacing, method=method, **options)
         seconds[method] = time.perf_counter() - start
-
-    device = resolve_device(args.device)
-    bundle = resolve_bundle(args.checkpoint, "ldm")
-    vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
-    start = time.perf_counter()
-    ldm = run_ldm(thick, args.spacing, vae, denoiser, steps=args.steps, profile=args.profile, progress=True,
-                  precision=args.precision)
-    seconds["ldm"] = time.perf_counter() - start
-    label = f"ldm {ldm.info['steps']} steps"
-    results[label] = ldm.volume
-
-    report = {"input": str(args.input), "thick_shape": list(thick.slices_first().shape),
-              "thin_shape": list(ldm.volume.slices_first().shape), "threads": torch.get_num_threads(),
-              "precision": args.precision, "bundle": str(bundle), "seconds": seconds,
-              "ldm_stages_s": ldm.info["timings_s"], "consistency_hu": ldm.info.get("consistency_hu"),
-              "peak_rss_gb": peak_rss_gb()}
+    report.update({"thin_shape": list(next(iter(results.values())).slices_first().shape), "seconds": seconds,
+                   "peak_rss_gb": peak_rss_gb()})
     print(json.dumps(report, indent=1, default=str))
     panels = {f"thick input ({thick.slice_spacing:g} mm)": thick}
     panels.update({f"{name} ({args.spacing:g} mm)": vol for name, vol in results.items()})

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
             print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
             options = {k: v for k, v in options.items() if k in method.options}
+    if "progress" in (method.options or ()):
+        options.setdefault("progress", True)  # learned methods take seconds to minutes: show how far they are
     wants_std = int(options.get("samples") or 1) > 1 and "uncertainty_path" in (method.options or ())
     if wants_std and "uncertainty_path" not in options:
         from thinslice.infer.ldm import std_path_for

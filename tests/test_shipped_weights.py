@@ -69,3 +69,22 @@ def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
     if method == "ldm":  # data consistency holds for the real model too
         a = thick_profile_operator(thick, 1.25, "gaussian")
         assert consistency_residual_hu(out.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
+
+
+def test_a_preset_name_finds_the_shipped_weights_of_that_preset(tmp_path) -> None:
+    """`thinslice encode --vae small` (as its help says) loads the shipped VAE; another preset is a clear error."""
+    from thinslice.cli.main import main
+    from thinslice.errors import ThinsliceError
+    from thinslice.models.weights import load_model, resolve_weights_path
+
+    assert resolve_weights_path("small", "vae") == DEFAULT_BUNDLE_DIR / FILES["vae"]
+    assert load_model("vae", "small").weights_hash == load_vae(DEFAULT_BUNDLE_DIR).weights_hash
+    with pytest.raises(ThinsliceError, match="no shipped vae weights for preset 'paper'"):
+        resolve_weights_path("paper", "vae")
+    data = tmp_path / "data"
+    data.mkdir()
+    from thinslice.io import write_volume
+
+    write_volume(make_chest_phantom(shape=(24, 64, 64), spacing=(3.0, 3.0, 1.25), seed=2), data / "ct.nii.gz")
+    assert main(["encode", "--data", str(data), "--vae", "small", "--out", str(tmp_path / "cache"),
+                 "--factors", "2", "--profiles", "gaussian"]) == 0

@@ -133,13 +133,14 @@ def _describe(section: dict[str, Any]) -> str:
 
 
 def resolve_weights_path(path_or_preset: str | Path, kind: str) -> Path:
-    """A weights file from a path, or a preset name -> bundled file ``weights/<kind>_<preset>.safetensors``."""
+    """A weights file from a path, or a preset name -> the shipped ``weights/<kind>.safetensors`` when it was
+    trained with that preset (the one layout of the shipped folder, see :mod:`thinslice.infer.bundle`)."""
     text = str(path_or_preset)
     if text in PRESET_NAMES:
-        bundled = BUNDLED_DIR / f"{kind}_{text}.safetensors"
-        if not bundled.is_file():
+        bundled = BUNDLED_DIR / f"{kind}.safetensors"
+        if not (bundled.is_file() and read_metadata(bundled).get("preset") == text):
             raise ThinsliceError(
-                f"no bundled {kind} weights for preset '{text}'; train them (e.g. thinslice train-vae --preset "
+                f"no shipped {kind} weights for preset '{text}'; train them (e.g. thinslice train-vae --preset "
                 f"{text}) and pass the .safetensors file instead"
             )
         return bundled

@@ -191,3 +191,13 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
     ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
     result = run_planes(model, thick, thin_phantom.slice_spacing, "box", precision="fp32")
     assert np.abs(result.array - ref.array).max() < 0.05
+
+
+def test_auto_falls_back_to_cubic_dc_where_the_recommended_method_cannot_serve(thin_phantom, monkeypatch) -> None:
+    import thinslice.infer.bundle as bundle
+    from thinslice.infer.upsample import choose_auto
+
+    monkeypatch.setattr(bundle, "default_method", lambda: "planes")
+    thick, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")
+    method, note = choose_auto(thick, 2.0)  # 5 mm slices to 2 mm: not a whole number of thin slices per slice
+    assert method == "cubic-dc" and "planes cannot serve this input" in note and "divides" in note

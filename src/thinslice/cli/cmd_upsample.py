@@ -84,10 +84,16 @@ def run(args: argparse.Namespace) -> int:
     from thinslice.io import read_volume, write_volume
 
     refuse_same_path(args.output, args.input)
+    if args.method != "auto":
+        get_method(args.method)  # an unknown name fails before the volume is read
+    start = time.perf_counter()
+    thick = read_volume(args.input, series_uid=args.series)
     if args.method == "auto":
-        from thinslice.infer.bundle import default_method
+        from thinslice.infer.upsample import choose_auto
 
-        args.method = default_method()
+        args.method, note = choose_auto(thick, args.spacing)
+        if note:
+            print(f"thinslice upsample: note: {note}", file=sys.stderr)
     method = get_method(args.method)
     options = collect_options(args)
     if method.options is not None:
@@ -104,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
 
         options["uncertainty_path"] = str(std_path_for(args.output))
         refuse_same_path(options["uncertainty_path"], args.input)
-    start = time.perf_counter()
-    thick = read_volume(args.input, series_uid=args.series)
     thin = upsample(thick, args.spacing, method=method.name, **options)
     written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input)
     print(f"wrote {written}: {thick.num_slices} -> {thin.num_slices} slices, {summary(thin)}, "

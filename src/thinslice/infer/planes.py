@@ -213,8 +213,26 @@ def upsample_planes(
     return out
 
 
+def planes_applicable(thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
+    """Why planes cannot serve ``thick`` -> ``spacing_mm`` with these weights (None: it can); reads only the
+    weights' record, not the network."""
+    import json
+
+    from thinslice.models.weights import read_metadata
+
+    try:
+        k = integer_factor(thick.slice_spacing, spacing_mm)
+        meta = read_metadata(resolve_bundle(checkpoint, "planes") / "planes.safetensors")
+    except ThinsliceError as err:
+        return str(err)
+    factors = json.loads(meta.get("preset_config", "{}")).get("planes", {}).get("factors", [])
+    if k > 1 and k not in factors:
+        return f"its weights serve factors {', '.join(map(str, factors))}, not {k}"
+    return None
+
+
 register_method(
-    "planes", upsample_planes, options=OPTIONS,
+    "planes", upsample_planes, options=OPTIONS, applicable=planes_applicable,
     description="cubic-dc refined by a 2D network on coronal and sagittal planes, computed on the thick grid "
                 "(k thin rows per thick row), then data consistency; shipped weights or --checkpoint DIR",
     needs_weights=True,

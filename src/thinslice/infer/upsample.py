@@ -19,6 +19,8 @@ from thinslice.infer.interpolate import interpolate_slices
 from thinslice.io.volume import Volume
 
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
+# applicable(thick, spacing_mm, checkpoint) -> None, or why the method cannot serve this input (e.g. its factor).
+ApplicableFn = Callable[[Volume, float, "str | None"], "str | None"]
 
 # Modules that register further methods when imported (missing ones are skipped).
 PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm", "thinslice.infer.planes")
@@ -39,6 +41,11 @@ class UpsampleMethod:
     description: str = ""
     options: tuple[str, ...] | None = ()
     needs_weights: bool = False
+    applicable: ApplicableFn | None = None
+
+    def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
+        """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
+        return None if self.applicable is None else self.applicable(thick, float(spacing_mm), checkpoint)
 
     @property
     def uses_profile(self) -> bool:
@@ -52,11 +59,28 @@ _plugins_loaded = False
 
 def register_method(
     name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = (),
-    needs_weights: bool = False,
+    needs_weights: bool = False, applicable: ApplicableFn | None = None,
 ) -> None:
     """Make ``fn`` available as ``upsample(..., method=name)`` and ``thinslice upsample --method name``."""
     UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options),
-                                      needs_weights)
+                                      needs_weights, applicable)
+
+
+# What --method auto falls back to when the recommended method cannot serve an input.
+FALLBACK_METHOD = "cubic-dc"
+
+
+def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
+    """``(method, note)`` for ``--method auto``: the install's recommended method (see
+    :func:`thinslice.infer.bundle.default_method`), or cubic-dc with a note saying why when it cannot serve this
+    input (e.g. a factor its weights were not trained for)."""
+    from thinslice.infer.bundle import default_method
+
+    name = default_method()
+    reason = get_method(name).refuses(thick, spacing_mm)
+    if reason is None:
+        return name, None
+    return FALLBACK_METHOD, f"auto: {name} cannot serve this input ({reason}); using {FALLBACK_METHOD}"
 
 
 def _load_plugins() -> None:

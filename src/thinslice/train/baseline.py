@@ -8,7 +8,6 @@ see :mod:`thinslice.train.adapt`). ``RUN_DIR/final`` and ``RUN_DIR/best`` hold `
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,19 +22,21 @@ from torch import nn
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import save_bundle_model
-from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.factory import build_baseline
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.presets import Preset, load_preset
-from thinslice.train.diffusion import (
+from thinslice.train.diffusion import default_val_crop, through_plane_image
+from thinslice.train.engine import (
+    RunOptions,
+    Trainer,
+    TrainResult,
     check_run_record,
-    default_val_crop,
-    through_plane_image,
-    write_run_record,
+    engine_config,
+    fit_run,
+    run_settings,
 )
-from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.pairs import PairSampler, validation_pairs
 
 log = logging.getLogger(__name__)
@@ -118,23 +119,6 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         save_bundle_model(eval_models["baseline"], "baseline", preset, out_dir)
 
-    cfg = EngineConfig(
-        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
-        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
-        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
-        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
-    )
-    trainer = Trainer({"baseline": model}, l1_loss, sampler, cfg, validate_fn=make_validate_fn(pairs),
-                      export_fn=export)
-    if trainer.is_main:
-        write_run_record(run_dir, record)
-        write_text_atomic(run_dir / "preset.json", json.dumps(preset.to_dict(), indent=1))
-    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
-    if result.step >= tc.max_steps and trainer.is_main:
-        summary = {"step": result.step, "best_val_psnr": result.best, "best_step": result.best_step,
-                   **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
-        best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
-        log.info(f"train-baseline: final weights {run_dir / 'final' / 'baseline.safetensors'} (best val PSNR {best} "
-              f"at step {result.best_step})")
-    return result
+    trainer = Trainer({"baseline": model}, l1_loss, sampler, engine_config(run_dir, tc, opts, seed, ema_decay),
+                      validate_fn=make_validate_fn(pairs), export_fn=export)
+    return fit_run(trainer, opts, record, preset)

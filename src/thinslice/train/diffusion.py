@@ -23,7 +23,6 @@ denoiser (``upsample --steps T`` picks it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -42,14 +41,22 @@ from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.bundle import FILES, save_bundle_denoiser
 from thinslice.infer.sampler import diffusion_loss, make_schedule, sample_latent
-from thinslice.io.atomic import atomic_output, write_text_atomic
+from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.models.weights import load_model
 from thinslice.presets import load_preset
-from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
+from thinslice.train.engine import (
+    RunOptions,
+    Trainer,
+    TrainResult,
+    check_run_record,
+    engine_config,
+    fit_run,
+    run_settings,
+)
 from thinslice.train.latents import LatentCache
 from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
 
@@ -59,7 +66,6 @@ DEFAULT_VAL_CROP = (24, 96, 96)
 VAL_SEED = 20240
 # Window for TensorBoard slice images (HU): lung to bone.
 IMG_WINDOW = (-1000.0, 1000.0)
-TRAIN_RECORD = "train_config.json"
 _SEED_HIGH = 2**62
 
 
@@ -258,24 +264,6 @@ def copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def check_run_record(run_dir: Path, record: dict[str, Any], resume: bool, keys: Sequence[str]) -> None:
-    """A resumed run must use what it started with (VAE, schedule, control, preset architecture)."""
-    path = Path(run_dir) / TRAIN_RECORD
-    if not (resume and path.is_file()):
-        return
-    old = json.loads(path.read_text())
-    for key in keys:
-        if key in old and json.loads(json.dumps(record.get(key))) != old[key]:
-            raise ThinsliceError(
-                f"{run_dir} was started with {key} = {old[key]!r}, now {record.get(key)!r}; resume with the same "
-                "settings (--vae/--steps/--no-control/--preset) or choose another --out folder"
-            )
-
-
-def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
-    write_text_atomic(Path(run_dir) / TRAIN_RECORD, json.dumps(record, indent=1, default=str))
-
-
 # ------------------------------------------------------------------------------------------------- train
 def load_frozen_vae(vae: str | Path | AutoencoderKL3D) -> AutoencoderKL3D:
     """The VAE, frozen, with ``weights_hash``/``weights_path`` (from its file)."""
@@ -345,24 +333,9 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
             save_bundle_denoiser(denoiser_out, record_preset, out_dir / FILES["denoiser"], meta)  # type: ignore
         copy_atomic(vae_path, out_dir / FILES["vae"])
 
-    cfg = EngineConfig(
-        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
-        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
-        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
-        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
-    )
     loss_fn = DiffusionLoss(vae, make_schedule(denoiser), diffusion_cfg.cfg_dropout)
-    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, cfg, validate_fn=validate, export_fn=export)
+    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, engine_config(run_dir, tc, opts, seed, ema_decay),
+                      validate_fn=validate, export_fn=export)
     vae.to(trainer.device)
-    if trainer.is_main:
-        write_run_record(run_dir, record)
-        write_text_atomic(run_dir / "preset.json", json.dumps(build_preset.to_dict(), indent=1))
-    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
-    if result.step >= tc.max_steps and trainer.is_main:
-        summary = {"step": result.step, "steps": diffusion_cfg.num_steps, "control": control_cfg.enabled,
-                   "vae_hash": vae_hash, "best_val_psnr": result.best, "best_step": result.best_step,
-                   **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
-        best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
-        log.info(f"train: final bundle {run_dir / 'final'} (best val PSNR {best} at step {result.best_step})")
-    return result
+    summary = {"steps": diffusion_cfg.num_steps, "control": control_cfg.enabled, "vae_hash": vae_hash}
+    return fit_run(trainer, opts, record, build_preset, summary)

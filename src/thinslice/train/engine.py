@@ -22,12 +22,13 @@ process), so ``warmup_steps``/``max_steps`` always count optimiser steps.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from thinslice.presets import Preset, TrainConfig
 LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
 ExportFn = Callable[[dict[str, nn.Module], Path], None]
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -157,6 +160,53 @@ def run_settings(base: TrainConfig, opts: RunOptions) -> tuple[TrainConfig, int,
     seed = tc.seed if opts.seed is None else int(opts.seed)
     ema_decay = tc.ema_decay if opts.ema_decay is None else float(opts.ema_decay)
     return tc, seed, ema_decay
+
+
+TRAIN_RECORD = "train_config.json"
+
+
+def engine_config(run_dir: Path, tc: TrainConfig, opts: RunOptions, seed: int,
+                  ema_decay: float | None) -> EngineConfig:
+    """How every trainer runs the engine: the run's settings and command-line options, best weights by val PSNR."""
+    return EngineConfig(
+        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
+        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
+        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
+    )
+
+
+def check_run_record(run_dir: Path, record: dict[str, Any], resume: bool, keys: Sequence[str]) -> None:
+    """A resumed run must use what it started with (VAE, schedule, control, preset architecture)."""
+    path = Path(run_dir) / TRAIN_RECORD
+    if not (resume and path.is_file()):
+        return
+    old = json.loads(path.read_text())
+    for key in keys:
+        if key in old and json.loads(json.dumps(record.get(key))) != old[key]:
+            raise ThinsliceError(
+                f"{run_dir} was started with {key} = {old[key]!r}, now {record.get(key)!r}; resume with the same "
+                "settings (--vae/--steps/--no-control/--preset) or choose another --out folder"
+            )
+
+
+def fit_run(trainer: Trainer, opts: RunOptions, record: dict[str, Any], preset: Preset,
+            summary: dict[str, Any] | None = None) -> TrainResult:
+    """The shared tail of every trainer: record what the run was started with (``train_config.json``,
+    ``preset.json``), train, and once ``max_steps`` is reached write ``final/summary.json``."""
+    run_dir = trainer.run_dir
+    if trainer.is_main:
+        write_text_atomic(run_dir / TRAIN_RECORD, json.dumps(record, indent=1, default=str))
+        write_text_atomic(run_dir / "preset.json", json.dumps(preset.to_dict(), indent=1))
+    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
+    if result.step >= trainer.config.max_steps and trainer.is_main:
+        final = {"step": result.step, **(summary or {}), "best_val_psnr": result.best, "best_step": result.best_step,
+                 **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
+        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(final, indent=1))
+        best = f"{result.best:.2f} dB" if result.best is not None else "n/a"
+        log.info("%s: final weights in %s (best val PSNR %s at step %s)", record.get("kind", "train"),
+                 run_dir / "final", best, result.best_step)
+    return result
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:

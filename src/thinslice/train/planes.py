@@ -13,7 +13,6 @@ whole slices of the validation volumes, so the logged PSNR is what ``--method pl
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,12 +32,18 @@ from thinslice.infer.bundle import save_bundle_model
 from thinslice.infer.planes import run_planes
 from thinslice.infer.planes_data import PlaneSampler
 from thinslice.infer.upsample import get_method
-from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_planes
 from thinslice.presets import load_preset
-from thinslice.train.diffusion import check_run_record, write_run_record
-from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
+from thinslice.train.engine import (
+    RunOptions,
+    Trainer,
+    TrainResult,
+    check_run_record,
+    engine_config,
+    fit_run,
+    run_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +133,7 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         save_bundle_model(eval_models["planes"], "planes", preset, out_dir)
 
-    cfg = EngineConfig(
-        run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay,
-        warmup_steps=tc.warmup_steps, grad_clip=1.0, ema_decay=ema_decay or None, val_every=tc.val_every,
-        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=seed, device=opts.device,
-        mixed_precision=opts.mixed_precision, best_metric="val/psnr", best_mode="max", progress=opts.progress,
-    )
-    trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler, cfg,
+    trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler,
+                      engine_config(run_dir, tc, opts, seed, ema_decay),
                       validate_fn=make_validate_fn(cases, precision), export_fn=export)
-    if trainer.is_main:
-        write_run_record(run_dir, record)
-        write_text_atomic(run_dir / "preset.json", json.dumps(preset.to_dict(), indent=1))
-    result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
-    if result.step >= tc.max_steps and trainer.is_main:
-        summary = {"step": result.step, "best_val_psnr": result.best, "best_step": result.best_step,
-                   **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}
-        write_text_atomic(run_dir / "final" / "summary.json", json.dumps(summary, indent=1))
-        log.info("train-planes: final weights %s", run_dir / "final" / "planes.safetensors")
-    return result
+    return fit_run(trainer, opts, record, preset)

@@ -54,7 +54,7 @@ def test_every_shipped_network_loads_and_the_denoisers_match_the_vae() -> None:
         assert sum(p.numel() for p in load_baseline(DEFAULT_BUNDLE_DIR).parameters()) > 300_000
 
 
-@pytest.mark.parametrize("method", ["ldm", "cnn"])
+@pytest.mark.parametrize("method", ["ldm", "cnn", "planes"])
 def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
     if not has_weights(method):
         pytest.skip(f"no {method} weights shipped")
@@ -66,7 +66,7 @@ def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
     assert np.all(np.isfinite(out.array))
     cubic = upsample(thick, 1.25, method="cubic")
     assert np.abs(out.array - cubic.array).mean() < 100.0  # a trained model stays near the data, in HU
-    if method == "ldm":  # data consistency holds for the real model too
+    if method in ("ldm", "planes"):  # data consistency holds for the real model too
         a = thick_profile_operator(thick, 1.25, "gaussian")
         assert consistency_residual_hu(out.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
 

@@ -243,6 +243,11 @@ def save_bundle_model(model: nn.Module, kind: str, preset: str | Path | Preset, 
 
 # ------------------------------------------------------------------------------------------ option values
 # ``thinslice upsample --option KEY=VALUE`` passes strings; these accept both typed values and their text form.
+def _flag(name: str) -> str:
+    """How the user spelled the option: ``--adapt-steps`` (``--option adapt_steps=...`` for the rest)."""
+    return "--" + name.replace("_", "-")
+
+
 def option_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -251,16 +256,16 @@ def option_bool(name: str, value: object) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ThinsliceError(f"option {name} must be true or false, got '{value}'")
+    raise ThinsliceError(f"{_flag(name)} must be true or false, got '{value}'")
 
 
 def option_int(name: str, value: object, minimum: int | None = None) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, int) else value
     except ValueError:
-        raise ThinsliceError(f"option {name} must be a whole number, got '{value}'") from None
+        raise ThinsliceError(f"{_flag(name)} must be a whole number, got '{value}'") from None
     if minimum is not None and number < minimum:
-        raise ThinsliceError(f"option {name} must be at least {minimum}, got {number}")
+        raise ThinsliceError(f"{_flag(name)} must be at least {minimum}, got {number}")
     return number
 
 
@@ -268,9 +273,9 @@ def option_float(name: str, value: object, positive: bool = False) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ThinsliceError(f"option {name} must be a number, got '{value}'") from None
+        raise ThinsliceError(f"{_flag(name)} must be a number, got '{value}'") from None
     if not np.isfinite(number) or (positive and number <= 0):
-        raise ThinsliceError(f"option {name} must be a {'positive ' if positive else ''}finite number, got {value}")
+        raise ThinsliceError(f"{_flag(name)} must be a {'positive ' if positive else ''}finite number, got {value}")
     return number
 
 
@@ -282,7 +287,7 @@ def option_patch(name: str, value: object) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
-        raise ThinsliceError(f"option {name} must be three positive voxel counts D H W, got {value}")
+        raise ThinsliceError(f"{_flag(name)} must be three positive voxel counts D H W, got {value}")
     return sizes  # type: ignore[return-value]
 
 

@@ -369,6 +369,7 @@ def main() -> None:
             ok, observed = case.check()
         except Exception as exc:  # a case that crashes the harness is a failed case, not a crashed report
             ok, observed = False, f"harness error: {type(exc).__name__}: {exc}"
+        observed = observed.replace(str(WORK) + "/", "")
         status = "ok" if ok else "FAIL"
         print(f"{index:2d} {status:4s} {case.name}: {observed}", flush=True)
         rows.append(f"| {index} | {case.name} | `{case.command}` | {case.expected} | {status} | "

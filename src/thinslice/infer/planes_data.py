@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from thinslice.errors import ThinsliceError
 from thinslice.infer.planes import cell_operators
 from thinslice.io.volume import Volume
-from thinslice.models.intensity import hu_to_model
+from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_to_model
 from thinslice.models.planes import PlanesNet, acquisition_vector
 from thinslice.presets import DegradationConfig, PlaneSamplingConfig
 
-AIR_THRESHOLD_HU = -950.0  # below this a pixel counts as air (lung parenchyma is about -850)
 _MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
 # Adaptation: a tenth of the training learning rate keeps the network near what it learned from many volumes.
 ADAPT_LR = 5e-5

@@ -8,6 +8,7 @@ import torch
 HU_MIN = -1024.0
 HU_MAX = 3071.0
 HU_RANGE = HU_MAX - HU_MIN  # 4095: also the PSNR data range
+AIR_THRESHOLD_HU = -950.0  # below this a voxel counts as air (lung parenchyma is about -850)
 
 
 def hu_to_model(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

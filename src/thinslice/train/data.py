@@ -26,8 +26,7 @@ from thinslice.io import read_volume
 from thinslice.io.prepare import read_split_file
 from thinslice.io.readers import VOLUME_EXTENSIONS
 from thinslice.io.volume import Volume
-
-AIR_THRESHOLD_HU = -950.0  # below this a voxel counts as air (lung parenchyma is about -850)
+from thinslice.models.intensity import AIR_THRESHOLD_HU
 
 
 @dataclass

@@ -5,7 +5,7 @@ coronal and every sagittal plane (thick rows x pixels, k thin rows emitted per t
 averaged -> data consistency again, so the network can only add what the thick slices do not determine.
 
 The same functions serve training (:mod:`thinslice.train.planes` builds its inputs with :func:`cell_operators`,
-which is cubic-dc written as one matrix, and validates through :func:`refine_planes`), so validation scores are
+which is cubic-dc written as one matrix, and validates through :func:`run_planes`), so validation scores are
 what users get.
 """
 

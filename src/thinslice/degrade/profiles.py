@@ -118,14 +118,28 @@ def thick_grid(
             f"the volume is only {extent:.4g} mm deep along the slice axis ({n_thin} slices of {s:.4g} mm), "
             f"less than one {t:.4g} mm thick slice: use a thinner slice thickness"
         )
-    n_thick = int(math.floor((extent - t) / step + _EPS)) + 1
-    nominal = first_thin_position - s / 2 + t / 2 + step * np.arange(n_thick)
+    shift = 0.0 if spec.profile == "decimate" else lattice_shift(s, spec)
+    n_thick = int(math.floor((extent - shift - t) / step + _EPS)) + 1
+    nominal = first_thin_position - s / 2 + shift + t / 2 + step * np.arange(n_thick)
     if spec.profile != "decimate":
         return nominal, nominal.copy()
     # Round the first centre to the nearest thin slice, ties to the lower one (see module docstring).
     offset = (t - s) / 2 / s
     first = first_thin_position + s * math.floor(offset + 0.5 - _EPS)
     return nominal, first + step * np.arange(n_thick)
+
+
+def lattice_shift(thin_spacing: float, spec: ThickSliceSpec) -> float:
+    """How far (mm, less than one thin slice) the first slab starts above the lower edge of the thin stack.
+
+    The upsampling grid of a thick stack starts ``(thickness - spacing) / 2`` above its first slab's lower edge. When
+    that is not a whole number of thin slices (e.g. 4 mm slices every 2 mm from 2 mm slices: half a slice), the
+    slabs start later by the remainder, so that the grid lands on the thin slices and the result can be scored
+    against them without resampling. Zero for every non-overlapping and most overlapping cases.
+    """
+    offset = (spec.thickness_mm - spec.spacing_mm) / 2 / float(thin_spacing)
+    remainder = (-offset) % 1.0
+    return 0.0 if remainder < _EPS or remainder > 1 - _EPS else remainder * float(thin_spacing)
 
 
 def profile_matrix(

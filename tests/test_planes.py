@@ -132,7 +132,7 @@ def test_cli_train_then_upsample(tmp_path, thin_data_folder) -> None:
 
     out = tmp_path / "run"
     assert main(["train-planes", "--data", str(thin_data_folder), "--preset", "tiny", "--out", str(out),
-                 "--max-steps", "3", "--device", "cpu", "--loss", "mse"]) == 0
+                 "--max-steps", "3", "--device", "cpu", "--loss", "mse", "--precision", "fp32"]) == 0
     assert load_planes(out / "final").cfg == load_preset("tiny").planes
     thin = read_volume(thin_data_folder / "ct1.nii.gz")
     thick, _ = simulate_pair(thin, factor=2, profile="box")

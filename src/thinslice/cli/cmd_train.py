@@ -23,8 +23,10 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
                    help="EMA of the weights used for validation and export (0 = off; default: preset)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (0 = only at the end)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
-                   help="fp16 needs a GPU; bf16 works on recent GPUs and CPUs")
+    p.add_argument("--precision", "--mixed-precision", dest="mixed_precision", default="no",
+                   choices=["no", "fp32", "fp16", "bf16"],
+                   help="autocast precision, as for upsample --precision: fp32 (= no), bf16 (CPUs and recent GPUs), "
+                        "fp16 (GPUs only); --mixed-precision is the same option")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--time-limit-min", "--time-limit", dest="time_limit_min", type=float, default=None,
@@ -36,7 +38,7 @@ def run_options(args: argparse.Namespace) -> dict[str, object]:
     from thinslice.presets import DEFAULT_PRESET, load_preset
 
     return {"run_dir": args.out, "preset": load_preset(args.preset or DEFAULT_PRESET), "max_steps": args.max_steps,
-            "device": args.device, "mixed_precision": args.mixed_precision,
+            "device": args.device, "mixed_precision": "no" if args.mixed_precision == "fp32" else args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, "resume": args.resume,
             "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "val_every": args.val_every,
             "time_limit_s": args.time_limit_min * 60 if args.time_limit_min else None}

@@ -93,3 +93,33 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)
+
+
+@contextmanager
+def native_messages_to_log(logger_name: str = "thinslice.io") -> Iterator[None]:
+    """Route what native libraries (ITK, niftilib) print on the process's stderr into the log at debug level.
+
+    They report a failed write as "** ERROR: NWAD: wrote only 0 of ... bytes" on stderr and go on; thinslice checks
+    the result itself and says what went wrong in one line, so the raw text is kept for ``-v`` only.
+    """
+    import logging
+    import sys
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a test runner)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                logging.getLogger(logger_name).debug("native library said: %s", text)

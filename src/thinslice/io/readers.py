@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.atomic import native_messages_to_log
 from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
 from thinslice.io.volume import Volume
 
@@ -88,7 +89,8 @@ def _read_image_file(path: Path, ext: str) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with native_messages_to_log():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         if ext in VOLUME_EXTENSIONS:
             raise ThinsliceError(
@@ -102,7 +104,8 @@ def _read_image_file(path: Path, ext: str) -> Volume:
         _check_nifti_pixdim(path)
         _check_nifti_complete(path)
     try:
-        image = reader.Execute()
+        with native_messages_to_log():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read the voxels of {path}: the file is corrupt or truncated "
                              f"({_sitk_reason(exc)})") from None

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from thinslice.errors import ThinsliceError, os_reason
-from thinslice.io.atomic import current_umask, make_temp_dir
+from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to_log
 from thinslice.io.dicom import write_dicom_series
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
@@ -127,7 +127,8 @@ def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
         raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
     try:
         try:
-            sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
+            with native_messages_to_log():
+                sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
         except RuntimeError as exc:
             raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
         _verify_written(tmp_dir / path.name, image, path)
@@ -152,7 +153,8 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
     try:
         if file_extension(path) in (".nii", ".nii.gz"):
             _check_nifti_complete(tmp)
-        written = sitk.ReadImage(str(tmp))  # keep a reference: array views do not keep the image alive
+        with native_messages_to_log():
+            written = sitk.ReadImage(str(tmp))  # keep a reference: array views do not keep the image alive
         back, meant = sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)
         same = back.shape == meant.shape and np.array_equal(back, meant, equal_nan=back.dtype.kind == "f")
     except (RuntimeError, ThinsliceError):

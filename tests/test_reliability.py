@@ -146,3 +146,22 @@ def test_values_that_are_not_ct_hu_are_reported(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="thinslice"):
         read_volume(tmp_path / "mr.nii.gz")
     assert "does not look like CT in Hounsfield units" in caplog.text
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_is_read_by_its_sform(tmp_path, small, caplog) -> None:
+    """A negative slice voxel size flips the qform's slice axis; ITK would follow it silently (z reversed)."""
+    import struct
+
+    path = tmp_path / "v.nii"
+    write_volume(small, path)
+    header = bytearray(path.read_bytes())
+    header[88:92] = struct.pack("<f", -struct.unpack("<f", header[88:92])[0])  # pixdim[3] < 0
+    bad = tmp_path / "conflict.nii"
+    bad.write_bytes(bytes(header))
+    with caplog.at_level("WARNING", logger="thinslice"):
+        vol = read_volume(bad)
+    assert "qform and sform disagree" in caplog.text
+    good = read_volume(path)
+    np.testing.assert_allclose(vol.direction, good.direction, atol=1e-6)
+    np.testing.assert_allclose(vol.origin, good.origin, atol=1e-4)
+    np.testing.assert_array_equal(vol.array, good.array)

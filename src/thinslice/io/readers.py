@@ -111,6 +111,8 @@ def _read_image_file(path: Path, ext: str) -> Volume:
                              f"({_sitk_reason(exc)})") from None
     if image.GetDimension() == 4:  # a 4D file whose 4th axis has size 1
         image = image[:, :, :, 0]
+    if ext in (".nii", ".nii.gz"):
+        _prefer_sform(image, path)
     image = sitk.Cast(image, sitk.sitkFloat32)
     metadata = {"source": str(path)}
     thickness = None
@@ -194,6 +196,36 @@ def _check_nifti_complete(path: Path) -> None:
     if present < expected:
         raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected} bytes that its "
                              "header promises); copy or export it again")
+
+
+def _prefer_sform(image: sitk.Image, path: Path) -> None:
+    """Where a NIfTI-1 header's qform and sform disagree (e.g. a negative pixdim flips the qform's slice axis), use
+    the sform, as nibabel and most viewers do, and say so; ITK would silently follow the qform."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(348)
+    except (OSError, EOFError):
+        return
+    if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348:
+        return  # NIfTI-2 or big-endian: left to ITK
+    if struct.unpack("<h", header[254:256])[0] <= 0 or struct.unpack("<h", header[252:254])[0] <= 0:
+        return  # only one of the two is set: no conflict
+    rows = np.array(struct.unpack("<12f", header[280:328]), dtype=np.float64).reshape(3, 4)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    matrix, origin = ras_to_lps @ rows[:, :3], ras_to_lps @ rows[:, 3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.all(spacing > 0) or not np.all(np.isfinite(matrix)):
+        return
+    direction = matrix / spacing
+    itk_direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if np.allclose(direction, itk_direction, atol=1e-3) and np.allclose(origin, image.GetOrigin(), atol=1e-2):
+        return
+    log.warning("%s: the header's qform and sform disagree (e.g. a negative voxel size); using the sform, as nibabel "
+                "does (fix the header to silence this)", path)
+    image.SetDirection(tuple(direction.ravel()))
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing(tuple(spacing))
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:

@@ -119,6 +119,10 @@ def make_inputs() -> dict[str, Path]:
     nopix[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1..3] = 0
     p["nopix"] = WORK / "nopix.nii"
     p["nopix"].write_bytes(bytes(nopix))
+    conflict = bytearray(raw)
+    conflict[88:92] = np.array([-2.0], "<f4").tobytes()  # pixdim[3] < 0: the qform's slice axis flips
+    p["conflict"] = WORK / "conflict.nii"
+    p["conflict"].write_bytes(bytes(conflict))
     p["garbage"] = WORK / "garbage.nii.gz"
     p["garbage"].write_bytes(os.urandom(4096))
     _write_sitk(np.zeros((64, 64), np.int16), WORK / "slice2d.nii.gz")
@@ -300,6 +304,8 @@ def cases(p: dict[str, Path]) -> list[Case]:
         error_case("missing input", ["info", W / "nothing.nii.gz"], "does not exist"),
         error_case("empty folder as input", ["info", W / "empty_dir"], "is empty"),
         ok_case("MR-like values (0..4000)", ["info", W / "mr.nii.gz"], "does not look like CT"),
+        ok_case("NIfTI whose qform and sform disagree (negative pixdim)", ["info", p["conflict"]],
+                "using the sform"),
         error_case("unknown method", [*up, "--method", "bicubic"], "unknown upsampling method"),
         error_case("negative spacing", ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "-1"], "positive"),
         error_case("spacing coarser than the input", ["upsample", p["thick"], W / "o.nii.gz", "--spacing", "20"],
@@ -351,6 +357,7 @@ def cases(p: dict[str, Path]) -> list[Case]:
         resume_damaged_case(),
         error_case("train: existing run without --resume", ["train-planes", "--data", W / "data", "--preset", "tiny",
                    "--out", W / "run", "--device", "cpu"], "--resume"),
+        overlap_case(4.0, 2.0),
         overlap_case(6.0, 2.0),
         overlap_case(10.0, 2.0),
         overlap_case(12.0, 4.0),

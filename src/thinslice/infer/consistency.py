@@ -15,12 +15,11 @@ Overlapping slices (thickness well above the spacing, the usual clinical reconst
 its smallest singular values approach zero and the exact projection amplifies whatever the model ``A`` gets wrong
 (the ends of the stack, the true profile) by ``1/sigma``. There the pseudo-inverse is replaced by a Tikhonov-filtered
 one, ``sigma / (sigma^2 + lambda)`` with ``lambda = (0.05 sigma_max)^2``, chosen from the operator's own spectrum
-(docs/benchmark.md#overlapping-slices has the measurements behind these two numbers).
+(docs/reliability.md and docs/benchmark.md have the overlap cases behind these two numbers).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -45,7 +44,6 @@ WELL_CONDITIONED = 0.1
 MAX_THICKNESS_RATIO = 6.0
 TIKHONOV_ALPHA = 0.05
 _CHUNK_ROWS = 32
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,13 +77,9 @@ class SlabOperator:
         return self.extended[self.inside_rows][:, self.pad: self.extended.shape[1] - self.pad]
 
 
-def _profile_half_width(profile: str, thickness: float, spacing: float) -> float:
-    """How far (mm) a slab's weights reach from its sampling centre."""
-    if profile == "gaussian":
-        return GAUSSIAN_TRUNCATE * FWHM_TO_SIGMA * thickness
-    if profile == "box":
-        return thickness / 2
-    return spacing / 2
+def _profile_half_width(profile: str, thickness: float) -> float:
+    """How far (mm) a Gaussian or box slab's weights reach from its centre."""
+    return GAUSSIAN_TRUNCATE * FWHM_TO_SIGMA * thickness if profile == "gaussian" else thickness / 2
 
 
 def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gaussian",
@@ -111,7 +105,7 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
         return SlabOperator(profile_matrix(thin_positions(thick, spacing_mm), centres, thickness, profile), 0)
     s = float(spacing_mm)
     grid = thin_positions(thick, s)
-    reach = _profile_half_width(profile, thickness, thick.slice_spacing)
+    reach = _profile_half_width(profile, thickness)
     beyond = max(grid[0] - (centres[0] - reach), (centres[-1] + reach) - grid[-1], 0.0)
     pad = int(math.ceil(beyond / s - 1e-6))
     extended = grid[0] + s * np.arange(-pad, grid.size + pad)
@@ -120,7 +114,7 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
 
 def plausible_thickness(thick: Volume, thickness_mm: float | None) -> float:
     """The slice thickness to model: ``thickness_mm``, else the file's, else the slice spacing; implausible values
-    are refused, and a given value far from the file's own is reported."""
+    are refused. (A given value far from the file's own is reported once per call, by ``upsample``.)"""
     recorded = thick.slice_thickness
     thickness = float(thickness_mm or recorded or thick.slice_spacing)
     if not (math.isfinite(thickness) and thickness > 0):
@@ -130,9 +124,6 @@ def plausible_thickness(thick: Volume, thickness_mm: float | None) -> float:
             f"slice thickness {thickness:.4g} mm is more than {MAX_THICKNESS_RATIO:g}x the slice spacing "
             f"{thick.slice_spacing:.4g} mm, which no CT reconstruction uses; check --thickness"
             + (f" (the file records {recorded:.4g} mm)" if recorded else ""))
-    if thickness_mm and recorded and abs(thickness_mm - recorded) > 0.25 * recorded:
-        log.warning("--thickness %.4g mm differs from the %.4g mm the file records; data consistency uses %.4g mm",
-                    thickness_mm, recorded, thickness_mm)
     return thickness
 
 

@@ -32,7 +32,12 @@ from thinslice.infer.bundle import (
     resolve_bundle,
     resolve_device,
 )
-from thinslice.infer.consistency import consistency_matrix, make_consistent, thick_profile_operator
+from thinslice.infer.consistency import (
+    consistency_matrix,
+    make_consistent,
+    plausible_thickness,
+    thick_profile_operator,
+)
 from thinslice.infer.interpolate import interpolate_slices
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
@@ -155,7 +160,7 @@ def run_planes(model: PlanesNet, thick: Volume, spacing_mm: float, profile: str 
                progress: bool = False) -> Volume:
     """The whole pipeline with a loaded network: cubic-dc -> planes -> data consistency."""
     k = integer_factor(thick.slice_spacing, spacing_mm)
-    thickness = float(thickness_mm or thick.slice_thickness or thick.slice_spacing)
+    thickness = plausible_thickness(thick, thickness_mm)
     base = get_method("cubic-dc").fn(thick, spacing_mm, profile=profile, thickness=thickness)
     if k == 1:
         return base
@@ -199,8 +204,7 @@ def upsample_planes(
     if option_bool("adapt", adapt) and k in model.factors:
         from thinslice.infer.planes_data import adapt_planes
 
-        thickness_used = float(thick_mm or thick.slice_thickness or thick.slice_spacing)
-        acquisition = (profile or "gaussian", thickness_used / thick.slice_spacing)
+        acquisition = (profile or "gaussian", plausible_thickness(thick, thick_mm) / thick.slice_spacing)
         model = adapt_planes(model, thick, k, acquisition,
                              option_int("adapt_steps", adapt_steps, 1),
                              option_float("adapt_seconds", adapt_seconds, positive=True),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from thinslice.errors import ThinsliceError
 from thinslice.infer.planes import cell_operators
 from thinslice.io.volume import Volume
-from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_to_model
+from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16, hu_to_model
 from thinslice.models.planes import PlanesNet, acquisition_vector
 from thinslice.presets import DegradationConfig, PlaneSamplingConfig
 
@@ -151,11 +151,9 @@ def _pad_to(planes: np.ndarray, n: int, w: int) -> np.ndarray:
 
 
 def _slices_int16(item: Volume | str | Path) -> np.ndarray:
-    """A volume's HU, slices first, as int16 (a 512x512x300 CT takes 150 MB)."""
     from thinslice.io import read_volume
 
-    vol = item if isinstance(item, Volume) else read_volume(Path(item))
-    return np.ascontiguousarray(np.rint(np.clip(vol.slices_first(), -32768, 32767)).astype(np.int16))
+    return hu_int16((item if isinstance(item, Volume) else read_volume(Path(item))).slices_first())
 
 
 def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str, float], max_steps: int = 1500,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class UpsampleMethod:
         return self.options is None or "profile" in self.options
 
 
+log = logging.getLogger(__name__)
 UPSAMPLERS: dict[str, UpsampleMethod] = {}
 _plugins_loaded = False
 
@@ -129,9 +131,22 @@ def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options:
             accepted = ", ".join(entry.options) or "none"
             raise ThinsliceError(f"method '{method}' does not use option(s) {', '.join(unknown)} "
                                  f"(it accepts: {accepted})")
+    _report_thickness_contradiction(thick, given.get("thickness"))
     out = entry.fn(thick, float(spacing_mm), **given)
     out.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
     return out
+
+
+def _report_thickness_contradiction(thick: Volume, given: object) -> None:
+    """Say once (not at every data-consistency step) when a given slice thickness contradicts the file's own."""
+    recorded = thick.slice_thickness
+    try:
+        value = float(given)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # absent, or not a number: the method's own option check reports it
+    if recorded and abs(value - recorded) > 0.25 * recorded:
+        log.warning("--thickness %.4g mm differs from the %.4g mm the file records; data consistency uses %.4g mm",
+                    value, recorded, value)
 
 
 def _interpolation(method: str) -> UpsampleFn:

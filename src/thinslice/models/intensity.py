@@ -20,3 +20,8 @@ def hu_to_model(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
 def model_to_hu(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Exact inverse of :func:`hu_to_model` for values inside the HU range."""
     return (x + 1.0) * (HU_RANGE / 2.0) + HU_MIN
+
+
+def hu_int16(hu: np.ndarray) -> np.ndarray:
+    """HU rounded to int16 (contiguous): how the samplers keep whole volumes in memory (a 512x512x300 CT: 150 MB)."""
+    return np.ascontiguousarray(np.rint(np.clip(hu, -32768, 32767)).astype(np.int16))

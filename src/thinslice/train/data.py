@@ -26,7 +26,7 @@ from thinslice.io import read_volume
 from thinslice.io.prepare import read_split_file
 from thinslice.io.readers import VOLUME_EXTENSIONS
 from thinslice.io.volume import Volume
-from thinslice.models.intensity import AIR_THRESHOLD_HU
+from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16
 
 
 @dataclass
@@ -84,10 +84,9 @@ def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
 def _source_from(item: Volume | str | Path, index: int) -> _Source:
     vol = item if isinstance(item, Volume) else read_volume(Path(item))
     name = Path(item).name if not isinstance(item, Volume) else f"volume{index}"
-    hu = np.rint(np.clip(vol.slices_first(), -32768, 32767)).astype(np.int16)
     axis = vol.slice_axis
     inplane = tuple(float(s) for i, s in enumerate(vol.spacing) if i != axis)
-    return _Source(name, np.ascontiguousarray(hu), float(vol.slice_spacing), inplane)  # type: ignore[arg-type]
+    return _Source(name, hu_int16(vol.slices_first()), float(vol.slice_spacing), inplane)  # type: ignore[arg-type]
 
 
 class PatchSampler:

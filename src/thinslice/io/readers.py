@@ -101,8 +101,8 @@ def _read_image_file(path: Path, ext: str) -> Volume:
     size = reader.GetSize()
     _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
     if ext in (".nii", ".nii.gz"):
-        _check_nifti_pixdim(path)
-        _check_nifti_complete(path)
+        header = _check_nifti_complete(path)
+        _check_nifti_pixdim(path, header)
     try:
         with native_messages_to_log():
             image = reader.Execute()
@@ -112,7 +112,7 @@ def _read_image_file(path: Path, ext: str) -> Volume:
     if image.GetDimension() == 4:  # a 4D file whose 4th axis has size 1
         image = image[:, :, :, 0]
     if ext in (".nii", ".nii.gz"):
-        _prefer_sform(image, path)
+        _prefer_sform(image, path, header)
     image = sitk.Cast(image, sitk.sitkFloat32)
     metadata = {"source": str(path)}
     thickness = None
@@ -144,18 +144,12 @@ def _check_dimensions(path: Path, dim: int, size: tuple[int, ...], components: i
                              "(pass the whole series or volume)")
 
 
-def _check_nifti_pixdim(path: Path) -> None:
+def _check_nifti_pixdim(path: Path, header: bytes) -> None:
     """Refuse a NIfTI whose header has no voxel size.
 
     The NIfTI library inside ITK silently turns a zero pixdim into 1 mm, which would give a plausible-looking but
     wrong geometry, so the raw header is read here.
     """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            header = fh.read(540)
-    except (OSError, EOFError):
-        return  # SimpleITK read it; leave corruption messages to it
     if len(header) < 348:
         return
     for endian in ("<", ">"):
@@ -175,16 +169,17 @@ def _check_nifti_pixdim(path: Path) -> None:
             "in mm (e.g. nibabel: img.header.set_zooms(...)) or convert from the original DICOM")
 
 
-def _check_nifti_complete(path: Path) -> None:
+def _check_nifti_complete(path: Path) -> bytes:
     """Refuse a NIfTI file with fewer voxel bytes than its header promises, or a gzip stream that is cut short or
-    fails its CRC: ITK reads such files without error and fills the missing slices with zeros (0 HU)."""
+    fails its CRC: ITK reads such files without error and fills the missing slices with zeros (0 HU). Returns the
+    raw header (first 540 bytes) for the other header checks."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
             header = fh.read(540)
             expected = _nifti_expected_bytes(header)
             if expected is None:
-                return
+                return header
             present = len(header)
             while chunk := fh.read(1 << 22):
                 present += len(chunk)
@@ -196,17 +191,12 @@ def _check_nifti_complete(path: Path) -> None:
     if present < expected:
         raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected} bytes that its "
                              "header promises); copy or export it again")
+    return header
 
 
-def _prefer_sform(image: sitk.Image, path: Path) -> None:
+def _prefer_sform(image: sitk.Image, path: Path, header: bytes) -> None:
     """Where a NIfTI-1 header's qform and sform disagree (e.g. a negative pixdim flips the qform's slice axis), use
     the sform, as nibabel and most viewers do, and say so; ITK would silently follow the qform."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            header = fh.read(348)
-    except (OSError, EOFError):
-        return
     if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348:
         return  # NIfTI-2 or big-endian: left to ITK
     if struct.unpack("<h", header[254:256])[0] <= 0 or struct.unpack("<h", header[252:254])[0] <= 0:

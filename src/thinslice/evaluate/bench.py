@@ -21,7 +21,7 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.consistency import SlabOperator, consistency_residual_hu, thick_profile_operator
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
@@ -141,8 +141,7 @@ def run_benchmark(
             operator = thick_profile_operator(thick, thin.slice_spacing, profile)
             outputs: dict[str, Volume] = {}
             for spec in methods:
-                row, outputs[spec.label] = _score_method(spec, thick, truth, operator, profile)
-                row.volume, row.factor, row.thickness_ratio = name, float(factor), ratio
+                row, outputs[spec.label] = _score_method(spec, (name, factor, profile, ratio), thick, truth, operator)
                 rows.append(row)
                 log(f"{name} x{factor:g} {profile:<8} T/S {ratio:<4g} {spec.label:<9} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
@@ -153,9 +152,11 @@ def run_benchmark(
     return rows
 
 
-def _score_method(spec: MethodSpec, thick: Volume, truth: Volume, operator: np.ndarray,
-                  profile: str) -> tuple[BenchRow, Volume]:
-    """One method on one case: its output, scores, data-consistency residual, seconds and peak memory."""
+def _score_method(spec: MethodSpec, case: tuple[str, float, str, float], thick: Volume, truth: Volume,
+                  operator: SlabOperator) -> tuple[BenchRow, Volume]:
+    """One method on one case (volume name, factor, profile, thickness / spacing): its output, scores,
+    data-consistency residual, seconds and peak memory."""
+    name, factor, profile, ratio = case
     from thinslice.infer.upsample import get_method
 
     # Data-consistency steps must know the slice profile of their input (the method declares whether it uses it).
@@ -166,7 +167,7 @@ def _score_method(spec: MethodSpec, thick: Volume, truth: Volume, operator: np.n
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
-    row = BenchRow("", 0.0, profile, spec.label, 1.0, float(scores["psnr"]), float(scores["ssim"]),
+    row = BenchRow(name, float(factor), profile, spec.label, ratio, float(scores["psnr"]), float(scores["ssim"]),
                    float(scores["mae_hu_body"]), float(residual["mean_abs"]), seconds, memory.peak_mb)
     return row, out
 

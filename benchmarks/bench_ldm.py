@@ -17,9 +17,12 @@ import time
 
 import torch
 
+from thinslice.checkpoints.bundle import load_denoiser, load_vae
+from thinslice.checkpoints.device import resolve_device
 from thinslice.data.phantom import make_chest_phantom
-from thinslice.infer.bundle import build_denoiser, load_denoiser, load_vae, resolve_bundle, resolve_device
 from thinslice.infer.ldm import run_ldm
+from thinslice.infer.upsample import get_method
+from thinslice.models.factory import build_denoiser
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import load_preset
 
@@ -50,7 +53,7 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     if args.checkpoint:
-        bundle = resolve_bundle(args.checkpoint, "ldm")
+        bundle = get_method("ldm").bundle(args.checkpoint)
         vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
         source = str(bundle)
     else:

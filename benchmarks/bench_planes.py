@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
+from thinslice.checkpoints.bundle import load_planes
 from thinslice.data.phantom import make_chest_phantom
-from thinslice.infer.bundle import load_planes, resolve_bundle
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.planes import parse_orientations, refine_planes
 from thinslice.infer.upsample import get_method
@@ -56,7 +56,7 @@ def main() -> None:
     thin_spacing = 1.25
     d, h, w = args.shape
     thick = make_chest_phantom((d // args.factor, h, w), (0.7, 0.7, thin_spacing * args.factor), seed=0)
-    model = load_planes(resolve_bundle(args.checkpoint, "planes")) if args.checkpoint else build_planes(args.preset)
+    model = load_planes(get_method("planes").bundle(args.checkpoint)) if args.checkpoint else build_planes(args.preset)
     model.eval()
     orientations = parse_orientations(args.orientations)
     start = time.perf_counter()

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from thinslice.checkpoints.bundle import load_denoiser, load_vae
+from thinslice.checkpoints.device import resolve_device
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.infer import upsample
-from thinslice.infer.bundle import load_denoiser, load_vae, resolve_bundle, resolve_device
 from thinslice.infer.ldm import run_ldm
 from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume, write_volume
@@ -57,7 +58,7 @@ def main() -> None:
     for method in args.methods:
         if method == "ldm":
             device = resolve_device(args.device)
-            bundle = resolve_bundle(args.checkpoint, "ldm")
+            bundle = get_method("ldm").bundle(args.checkpoint)
             vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
             start = time.perf_counter()
             ldm = run_ldm(thick, args.spacing, vae, denoiser, steps=args.steps, profile=args.profile, progress=True,

@@ -91,9 +91,9 @@ def _short(arg: object) -> str:
 
 # ------------------------------------------------------------------------------------------------- fixtures
 def make_inputs() -> dict[str, Path]:
+    from thinslice.checkpoints.bundle import save_bundle_model
     from thinslice.data.phantom import make_chest_phantom
     from thinslice.degrade.pairs import simulate_pair
-    from thinslice.infer.bundle import save_bundle_model
     from thinslice.io import write_volume
     from thinslice.io.volume import Volume
     from thinslice.models.factory import build_planes

@@ -9,8 +9,14 @@ import torch
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.profiles import degrade
 from thinslice.errors import ThinsliceError
+from thinslice.infer.cnn_adapt import (
+    adapt_baseline,
+    adaptation_factor,
+    adaptation_sampler,
+    default_plan,
+    inplane_views,
+)
 from thinslice.models.factory import build_baseline
-from thinslice.train.adapt import adapt_baseline, adaptation_factor, adaptation_sampler, inplane_views
 from thinslice.train.baseline import l1_loss
 
 
@@ -49,11 +55,11 @@ def test_adaptation_changes_the_model_and_lowers_its_loss(thick) -> None:
             return float(np.mean([float(l1_loss({"baseline": model}, b, 0)[0]) for b in batches]))
 
     before = loss()
-    adapted = adapt_baseline(model, thick, 1.0, steps=25, device="cpu", seed=0, lr=1e-3, patch_size=(8, 16, 32),
-                             batch_size=4)
+    adapted = adapt_baseline(model, thick, 1.0, plan=default_plan(25, lr=1e-3), device="cpu", seed=0,
+                             sampling=((8, 16, 32), 4))
     assert adapted is model and not adapted.training
     assert any(not torch.equal(original[k], v) for k, v in adapted.state_dict().items())
     after = loss()
     assert after < 0.85 * before, (before, after)
     with pytest.raises(ThinsliceError, match="adapt-steps"):
-        adapt_baseline(model, thick, 1.0, steps=0)
+        adapt_baseline(model, thick, 1.0, plan=default_plan(0))

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
+from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.bench import MethodSpec, parse_methods, run_benchmark
-from thinslice.infer.bundle import save_bundle_model
 from thinslice.io import write_volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.presets import load_preset

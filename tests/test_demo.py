@@ -43,8 +43,9 @@ def test_demo_missing_input_is_one_line_error(tmp_path, capsys):
 def test_demo_runs_every_learned_method_of_a_bundle(tmp_path):
     import torch
 
-    from thinslice.infer.bundle import build_denoiser, save_bundle_denoiser, save_bundle_model
+    from thinslice.checkpoints.bundle import save_bundle_denoiser, save_bundle_model
     from thinslice.models.baseline import ResidualCNN3D
+    from thinslice.models.factory import build_denoiser
     from thinslice.models.vae import AutoencoderKL3D
     from thinslice.presets import load_preset
 

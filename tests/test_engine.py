@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from thinslice.checkpoints.files import load_model, save_weights
 from thinslice.errors import ThinsliceError
+from thinslice.infer.patches import PatchSampler
 from thinslice.models.factory import build_vae
-from thinslice.models.weights import load_model, save_weights
-from thinslice.train.data import PatchSampler
 from thinslice.train.engine import EngineConfig, Trainer, list_checkpoints, make_accelerator, warmup_cosine
 from thinslice.train.losses import VAELoss, VAELossWeights
 

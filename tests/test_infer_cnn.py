@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
 from thinslice.errors import ThinsliceError
 from thinslice.infer import target_grid_volume, upsample
-from thinslice.infer.bundle import load_baseline, save_bundle_model
 from thinslice.infer.cnn import refine_cnn
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
 from thinslice.models.baseline import ResidualCNN3D
@@ -104,23 +104,24 @@ def test_cli_cnn_with_adaptation(tmp_path, thick) -> None:
 
 
 def test_auto_method_prefers_shipped_weights(tmp_path, thick, monkeypatch, capsys) -> None:
+    from thinslice.checkpoints import bundle as bundle_mod
     from thinslice.cli.main import main
-    from thinslice.infer import bundle as bundle_mod
+    from thinslice.infer.upsample import default_method
     from thinslice.io import read_volume, write_volume
 
     monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE_DIR", tmp_path / "shipped")
     (tmp_path / "shipped").mkdir()
-    assert bundle_mod.default_method() == "cubic"  # nothing shipped: interpolation
+    assert default_method() == "cubic"  # nothing shipped: interpolation
     _bundle(tmp_path / "shipped", trained=True)
-    assert bundle_mod.default_method() == "cnn"
+    assert default_method() == "cnn"
     manifest = tmp_path / "shipped" / bundle_mod.MANIFEST_FILE
     manifest.write_text('{"default_method": "cubic", "why": "cnn did not beat cubic on the benchmark"}')
-    assert bundle_mod.default_method() == "cubic"  # weights shipped, but the benchmark says cubic
+    assert default_method() == "cubic"  # weights shipped, but the benchmark says cubic
     manifest.write_text('{"default_method": "ldm"}')
-    assert bundle_mod.default_method() == "cnn"  # recommended method without its weights: fall back
+    assert default_method() == "cnn"  # recommended method without its weights: fall back
     manifest.write_text("{not json")
     with pytest.raises(ThinsliceError, match="manifest.json"):
-        bundle_mod.default_method()
+        default_method()
     manifest.write_text('{"default_method": "cnn"}')
     src, out = tmp_path / "thick.nii.gz", tmp_path / "out.nii.gz"
     write_volume(thick, src)

@@ -6,26 +6,25 @@ import numpy as np
 import pytest
 import torch
 
+from thinslice.checkpoints.bundle import (
+    DEFAULT_BUNDLE_DIR,
+    load_denoiser,
+    load_vae,
+    save_bundle_denoiser,
+    save_bundle_model,
+)
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.infer import target_grid_volume, upsample
-from thinslice.infer.bundle import (
-    DEFAULT_BUNDLE_DIR,
-    build_denoiser,
-    has_weights,
-    load_denoiser,
-    load_vae,
-    resolve_bundle,
-    save_bundle_denoiser,
-    save_bundle_model,
-)
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
 from thinslice.infer.ldm import estimate_sampling_bytes, latent_window, run_ldm, std_path_for, upsample_ldm
+from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume, write_volume
 from thinslice.models.denoiser import LatentDenoiser
+from thinslice.models.factory import build_denoiser
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import load_preset
 
@@ -168,10 +167,10 @@ def test_wrong_preset_and_wrong_pairing_are_refused(bundle, thick, tmp_path) -> 
 
 def test_missing_weights_give_a_clear_error(tmp_path, thick) -> None:
     with pytest.raises(ThinsliceError, match="no trained weights for 'ldm'.*missing vae.safetensors"):
-        resolve_bundle(tmp_path, "ldm")
+        get_method("ldm").bundle(tmp_path)
     with pytest.raises(ThinsliceError, match="not found"):
         upsample_ldm(thick, SPACING, checkpoint=str(tmp_path / "nowhere"), progress=False)
-    if not has_weights("ldm"):
+    if not get_method("ldm").has_weights():
         with pytest.raises(ThinsliceError, match=f"no trained weights for 'ldm' found in {DEFAULT_BUNDLE_DIR}"):
             upsample(thick, SPACING, method="ldm")
 

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from thinslice.checkpoints.files import save_weights
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.errors import ThinsliceError
 from thinslice.io import write_volume
 from thinslice.models.factory import build_vae
-from thinslice.models.weights import save_weights
 from thinslice.train.latents import LatentCache, build_latent_cache
 
 

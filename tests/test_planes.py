@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from thinslice.checkpoints.bundle import load_planes, save_bundle_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
-from thinslice.infer.bundle import load_planes, save_bundle_model
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
 from thinslice.infer.planes import cell_operators, integer_factor, run_planes
-from thinslice.infer.planes_data import PlaneSampler
+from thinslice.infer.planes_data import PlaneSampler, adapt_plan
 from thinslice.infer.upsample import get_method, upsample
 from thinslice.models.factory import build_planes
 from thinslice.models.intensity import model_to_hu
@@ -148,7 +148,7 @@ def test_adapt_fine_tunes_on_the_inputs_own_axial_slices(tmp_path, thin_phantom)
 
     model = _perturbed(1).eval()
     thick, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")
-    tuned = adapt_planes(model, thick, 2, ("gaussian", 1.0), max_steps=30, max_seconds=60, precision="fp32")
+    tuned = adapt_planes(model, thick, 2, ("gaussian", 1.0), adapt_plan(30, 60, precision="fp32"))
     assert tuned is not model and not tuned.training
     # The copy moved, the original is untouched; fitting the input's own planes lowers their loss.
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
@@ -194,10 +194,44 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
 
 
 def test_auto_falls_back_to_cubic_dc_where_the_recommended_method_cannot_serve(thin_phantom, monkeypatch) -> None:
-    import thinslice.infer.bundle as bundle
-    from thinslice.infer.upsample import choose_auto
+    import importlib
 
-    monkeypatch.setattr(bundle, "default_method", lambda: "planes")
+    registry = importlib.import_module("thinslice.infer.upsample")  # the module, not the function of that name
+
+    monkeypatch.setattr(registry, "default_method", lambda: "planes")
     thick, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")
-    method, note = choose_auto(thick, 2.0)  # 5 mm slices to 2 mm: not a whole number of thin slices per slice
+    method, note = registry.choose_auto(thick, 2.0)  # 5 mm slices to 2 mm: not a whole number of thin slices per slice
     assert method == "cubic-dc" and "planes cannot serve this input" in note and "divides" in note
+
+
+def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeypatch) -> None:
+    """dims 3: thick-grid blocks in training follow the forward model; inference over in-plane tiles equals one pass
+    over the whole stack (the halo covers the receptive field); the saved bundle rebuilds a 3D network."""
+    import dataclasses
+
+    import thinslice.infer.planes as planes_infer
+    from thinslice.models.planes import PlanesNet
+
+    preset = load_preset("tiny")
+    cfg = dataclasses.replace(preset.planes, dims=3)
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg.factors, 3, seed=2, dims=3)
+    batch = next(sampler)
+    rows, size = preset.planes_data.rows, preset.planes_data.block
+    k = batch["base"].shape[2] // rows
+    assert batch["thick"].shape == (3, 1, rows, size, size) and batch["hr"].shape == (3, 1, rows * k, size, size)
+    assert float(model_to_hu(batch["thick"]).max()) <= float(model_to_hu(batch["hr"]).max()) + 1e-2
+    torch.manual_seed(0)
+    model = PlanesNet(cfg).eval()
+    for head in model.heads_out.values():
+        torch.nn.init.normal_(head.weight, std=0.05)
+    with torch.no_grad():
+        assert model(batch["thick"], batch["base"], batch["cond"]).shape == batch["hr"].shape
+    thick, _ = simulate_pair(thin_phantom, factor=3, profile="gaussian")
+    whole = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32", consistency=False)
+    monkeypatch.setattr(planes_infer, "BLOCK_TILE", 7)
+    tiled = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32", consistency=False)
+    assert np.abs(whole.array - tiled.array).max() < 1e-2
+    base = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
+    assert np.abs(whole.array - base.array).max() > 1.0
+    save_bundle_model(model, "planes", dataclasses.replace(preset, planes=cfg), tmp_path)
+    assert load_planes(tmp_path).cfg.dims == 3

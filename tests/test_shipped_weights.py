@@ -5,21 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thinslice.data.phantom import make_chest_phantom
-from thinslice.degrade import degrade
-from thinslice.infer import target_grid_volume, upsample
-from thinslice.infer.bundle import (
+from thinslice.checkpoints.bundle import (
     DEFAULT_BUNDLE_DIR,
     FILES,
-    default_method,
-    has_weights,
     load_baseline,
     load_denoiser,
     load_vae,
     read_manifest,
 )
+from thinslice.checkpoints.files import record_of, weights_hash
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.degrade import degrade
+from thinslice.infer import target_grid_volume, upsample
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
-from thinslice.models.weights import weights_hash
+from thinslice.infer.upsample import default_method, get_method
 
 SHIPPED_LIMIT_MB = 40.0
 manifest = read_manifest()
@@ -43,20 +42,20 @@ def test_size_manifest_and_default() -> None:
 
 
 def test_every_shipped_network_loads_and_the_denoisers_match_the_vae() -> None:
-    if has_weights("ldm"):
+    if get_method("ldm").has_weights():
         vae_hash = weights_hash(DEFAULT_BUNDLE_DIR / FILES["vae"])
-        assert load_vae(DEFAULT_BUNDLE_DIR).weights_hash == vae_hash
+        assert record_of(load_vae(DEFAULT_BUNDLE_DIR)).content_hash == vae_hash
         for path in DEFAULT_BUNDLE_DIR.glob("denoiser*.safetensors"):
             steps = None if path.name == FILES["denoiser"] else int(path.stem.split("-")[1].removesuffix("step"))
             denoiser = load_denoiser(DEFAULT_BUNDLE_DIR, steps=steps)
-            assert denoiser.weights_metadata["vae_hash"] == vae_hash
-    if has_weights("cnn"):
+            assert record_of(denoiser).metadata["vae_hash"] == vae_hash
+    if get_method("cnn").has_weights():
         assert sum(p.numel() for p in load_baseline(DEFAULT_BUNDLE_DIR).parameters()) > 300_000
 
 
 @pytest.mark.parametrize("method", ["ldm", "cnn", "planes"])
 def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
-    if not has_weights(method):
+    if not get_method(method).has_weights():
         pytest.skip(f"no {method} weights shipped")
     options = {"steps": 4} if method == "ldm" and (DEFAULT_BUNDLE_DIR / "denoiser-4step.safetensors").is_file() else {}
     if method == "ldm":
@@ -73,12 +72,12 @@ def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
 
 def test_a_preset_name_finds_the_shipped_weights_of_that_preset(tmp_path) -> None:
     """`thinslice encode --vae small` (as its help says) loads the shipped VAE; another preset is a clear error."""
+    from thinslice.checkpoints.files import load_model, resolve_weights_path
     from thinslice.cli.main import main
     from thinslice.errors import ThinsliceError
-    from thinslice.models.weights import load_model, resolve_weights_path
 
     assert resolve_weights_path("small", "vae") == DEFAULT_BUNDLE_DIR / FILES["vae"]
-    assert load_model("vae", "small").weights_hash == load_vae(DEFAULT_BUNDLE_DIR).weights_hash
+    assert record_of(load_model("vae", "small")).content_hash == record_of(load_vae(DEFAULT_BUNDLE_DIR)).content_hash
     with pytest.raises(ThinsliceError, match="no shipped vae weights for preset 'paper'"):
         resolve_weights_path("paper", "vae")
     data = tmp_path / "data"

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import torch
 
+from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
-from thinslice.infer.bundle import load_baseline, save_bundle_model
+from thinslice.infer.pairs import PairSampler
 from thinslice.infer.upsample import upsample
 from thinslice.models.factory import build_baseline
 from thinslice.presets import load_preset
 from thinslice.train.baseline import BaselineTrainOptions, l1_loss, train_baseline
-from thinslice.train.pairs import PairSampler
 
 
 def _fixed_l1(model, thin_phantom) -> float:

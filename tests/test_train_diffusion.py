@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from thinslice.checkpoints.bundle import load_denoiser, load_vae, save_bundle_model
+from thinslice.checkpoints.files import record_of
 from thinslice.cli.main import main
 from thinslice.errors import ThinsliceError
-from thinslice.infer.bundle import load_denoiser, load_vae, save_bundle_model
+from thinslice.infer.pairs import PairSampler, make_pair, pair_margin
 from thinslice.infer.sampler import make_schedule
 from thinslice.models.factory import build_denoiser, build_vae
 from thinslice.presets import load_preset
@@ -21,7 +23,6 @@ from thinslice.train.diffusion import (
     schedule_for_steps,
     train_diffusion,
 )
-from thinslice.train.pairs import PairSampler, make_pair, pair_margin
 
 VAL_CROP = (8, 32, 32)
 
@@ -145,7 +146,8 @@ def test_training_lowers_the_loss_and_writes_a_bundle(tmp_path, vae_file, thin_p
     assert after < 0.7 * before, (before, after)
     # RUN/final is a complete bundle: VAE copy + denoiser tied to it; best/ too.
     den = load_denoiser(run / "final")
-    assert den.weights_metadata["vae_hash"] == vae.weights_hash and den.weights_metadata["steps"] == "4"
+    meta = record_of(den).metadata
+    assert meta["vae_hash"] == record_of(vae).content_hash and meta["steps"] == "4"
     assert den.control is not None and den.cfg.num_steps == 4
     assert (run / "best" / "denoiser.safetensors").is_file() and (run / "best" / "vae.safetensors").is_file()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -167,13 +169,13 @@ def test_resume_gives_the_same_weights(tmp_path, vae_file, thin_phantom) -> None
 
 
 def test_fast_schedule_no_control_and_latent_cache(tmp_path, vae_file, thin_phantom) -> None:
-    from thinslice.models.weights import load_model, read_metadata
+    from thinslice.checkpoints.files import load_model, read_metadata
     from thinslice.train.latents import build_latent_cache
 
     vae = load_model("vae", vae_file)
     cache = tmp_path / "cache"
-    build_latent_cache([("thin", thin_phantom)], vae, vae.weights_hash, cache, factors=[2.0], tile=(16, 32, 32),
-                       progress=None)
+    build_latent_cache([("thin", thin_phantom)], vae, record_of(vae).content_hash, cache, factors=[2.0],
+                       tile=(16, 32, 32), progress=None)
     run = tmp_path / "fast"
     # tiny's own schedule has 4 steps, so 15 steps is the non-default one here (named denoiser-15step).
     train_diffusion([thin_phantom], None, _opts(run, vae_file, max_steps=2, steps=15, control=False, cache=cache,
@@ -197,6 +199,7 @@ def test_cli_end_to_end(tmp_path, vae_file, thin_data_folder) -> None:
     args = ["train", "--data", str(data), "--vae", str(vae_file), "--preset", "tiny", "--out", str(out),
             "--max-steps", "3", "--device", "cpu", "--seed", "1"]
     assert main(args) == 0
-    assert load_denoiser(out / "final").weights_metadata["vae_hash"] == load_vae(out / "final").weights_hash
+    vae_hash = record_of(load_vae(out / "final")).content_hash
+    assert record_of(load_denoiser(out / "final")).metadata["vae_hash"] == vae_hash
     assert main(args) == 2  # existing checkpoints without --resume: one-line error
     assert main([*args[:-2], "--steps", "4", "--resume"]) == 0  # tiny's default is 4 steps: same run

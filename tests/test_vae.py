@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from thinslice.checkpoints.files import convert_weights, load_model, read_metadata, save_weights, weights_hash
 from thinslice.cli.main import main
 from thinslice.errors import ThinsliceError
 from thinslice.models.factory import build_vae
 from thinslice.models.intensity import hu_to_model
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D, VAEConfig, count_parameters
-from thinslice.models.weights import convert_weights, load_model, read_metadata, save_weights, weights_hash
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

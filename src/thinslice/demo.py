@@ -15,8 +15,7 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.bundle import default_method, has_weights
-from thinslice.infer.upsample import WEIGHTLESS_METHODS, get_method, learned_methods, upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, default_method, get_method, learned_methods, upsample
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -51,7 +50,7 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if method is None:
-        learned = [m for m in learned_methods() if has_weights(m, checkpoint)]
+        learned = [m for m in learned_methods() if get_method(m).has_weights(checkpoint)]
         method = default_method() if checkpoint is None else (learned[-1] if learned else "cubic")
         methods = ["cubic", "cubic-dc", *learned]
     else:

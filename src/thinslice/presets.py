@@ -100,11 +100,13 @@ class DegradationConfig:
 class PlaneSamplingConfig:
     """Training planes for ``train-planes``: ``rows`` thick rows x ``width`` pixels, drawn from the through-plane
     planes of thin volumes and, with probability ``inplane_fraction``, from axial slices degraded along one in-plane
-    axis (SMORE/SR4ZCT self-supervision). Gaussian/box thickness = spacing x U(1 - jitter, 1 + jitter), or with
-    probability ``overlap_fraction`` x U(1.2, ``max_overlap``) (overlapping slices)."""
+    axis (SMORE/SR4ZCT self-supervision); a 3D network gets ``rows`` x ``block`` x ``block`` blocks instead, the
+    in-plane examples with one in-plane axis as the slice axis. Gaussian/box thickness = spacing x U(1 - jitter,
+    1 + jitter), or with probability ``overlap_fraction`` x U(1.2, ``max_overlap``) (overlapping slices)."""
 
     rows: int = 12
     width: int = 96
+    block: int = 32  # in-plane size of the thick-grid blocks of a 3D (``planes.dims`` 3) network
     inplane_fraction: float = 0.5
     thickness_jitter: float = 0.15
     overlap_fraction: float = 0.25

@@ -35,13 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from thinslice.evaluate.bench import markdown_table, parse_methods, run_benchmark, write_results
-    from thinslice.infer.bundle import has_weights
+    from thinslice.infer.patches import resolve_data_paths
     from thinslice.infer.upsample import get_method
-    from thinslice.train.data import resolve_data_paths
 
     specs = []
     for spec in parse_methods(args.methods, args.checkpoint, args.device, args.precision):
-        if get_method(spec.method).needs_weights and not has_weights(spec.method, args.checkpoint):
+        if get_method(spec.method).needs_weights and not get_method(spec.method).has_weights(args.checkpoint):
             print(f"thinslice bench: note: no weights for '{spec.label}' "
                   f"({'--checkpoint ' + args.checkpoint if args.checkpoint else 'shipped'}); skipped")
             continue

@@ -41,10 +41,10 @@ def _device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinslice.checkpoints.files import load_model, record_of
     from thinslice.errors import ThinsliceError
+    from thinslice.infer.patches import resolve_data_paths
     from thinslice.models.tiling import DEFAULT_TILE
-    from thinslice.models.weights import load_model, read_metadata
-    from thinslice.train.data import resolve_data_paths
     from thinslice.train.latents import build_latent_cache
 
     sources = resolve_data_paths(args.data)
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if any(p.resolve() == out for p in sources):
         raise ThinsliceError(f"--out {out} is one of the input files; choose a cache folder")
     vae = load_model("vae", args.vae, device=_device(args.device))
-    meta = read_metadata(vae.weights_path)
+    record = record_of(vae)
+    assert record is not None  # load_model records every network it loads
+    meta = record.metadata
     cache = build_latent_cache(sources, vae, meta["content_hash"], out, factors=args.factors,
                                profiles=args.profiles, preset_name=meta.get("preset", ""),
                                tile=tuple(args.tile) if args.tile else DEFAULT_TILE)

@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.train.data import resolve_data_paths
+    from thinslice.infer.patches import resolve_data_paths
     from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
 
     train = resolve_data_paths(args.data)

@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinslice.infer.patches import resolve_data_paths
     from thinslice.train.baseline import BaselineTrainOptions, train_baseline
-    from thinslice.train.data import resolve_data_paths
 
     train = resolve_data_paths(args.data)
     val = resolve_data_paths(args.val) if args.val else None

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.train.data import resolve_data_paths
+    from thinslice.infer.patches import resolve_data_paths
     from thinslice.train.planes import PlanesTrainOptions, train_planes
 
     train = resolve_data_paths(args.data)

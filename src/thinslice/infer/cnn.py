@@ -13,19 +13,12 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from thinslice.checkpoints.bundle import load_baseline
+from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
+from thinslice.checkpoints.files import loaded_preset, weights_label
 from thinslice.errors import ThinsliceError
-from thinslice.infer.bundle import (
-    autocast,
-    autocast_dtype,
-    load_baseline,
-    option_bool,
-    option_float,
-    option_int,
-    option_patch,
-    resolve_bundle,
-    resolve_device,
-)
 from thinslice.infer.consistency import make_consistent
+from thinslice.infer.options import option_bool, option_float, option_int, option_patch
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
@@ -39,7 +32,7 @@ OPTIONS = ("checkpoint", "device", "patch_size", "profile", "consistency", "prog
 
 
 def default_roi(model: ResidualCNN3D) -> tuple[int, int, int]:
-    preset = getattr(model, "preset", None)
+    preset = loaded_preset(model)
     patch = getattr(getattr(preset, "train_baseline", None), "patch_size", (32, 64, 64))
     return tuple(int(p) * k for p, k in zip(patch, ROI_SCALE, strict=True))  # type: ignore[return-value]
 
@@ -108,15 +101,15 @@ def upsample_cnn(
     if profile is not None and not (use_dc or use_adapt):
         raise ThinsliceError("--option profile=... is only used with consistency=true or --adapt for the cnn method")
     thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
-    bundle = resolve_bundle(checkpoint, "cnn")
+    bundle = get_method("cnn").bundle(checkpoint)
     model = load_baseline(bundle, resolve_device(device), preset=preset)
     if use_adapt:
-        from thinslice.train.adapt import adapt_baseline
+        from thinslice.infer.cnn_adapt import adapt_baseline, default_plan
 
-        model = adapt_baseline(model, thick, spacing_mm, steps=option_int("adapt_steps", adapt_steps, 1),
-                               device=resolve_device(device), seed=option_int("seed", seed),
-                               profile=profile or "gaussian", progress=option_bool("progress", progress),
-                               precision=str(precision))
+        plan = default_plan(option_int("adapt_steps", adapt_steps, 1), precision=str(precision),
+                            progress=option_bool("progress", progress))
+        model = adapt_baseline(model, thick, spacing_mm, profile or "gaussian", plan, resolve_device(device),
+                               option_int("seed", seed))
     start = time.perf_counter()
     lr = get_method("cubic").fn(thick, spacing_mm)
     refined = refine_cnn(model, lr.slices_first(), roi, progress=option_bool("progress", progress),
@@ -127,7 +120,7 @@ def upsample_cnn(
         out.metadata["cnn_consistency_hu"] = (
             f"{profile or 'gaussian'} profile; |A x - thick| mean {report['before_mean_abs']:.3g} -> "
             f"{report['after_mean_abs']:.3g}")
-    out.metadata["cnn"] = f"weights {getattr(model, 'weights_hash', '') or '?'}, {time.perf_counter() - start:.1f} s"
+    out.metadata["cnn"] = f"weights {weights_label(model)}, {time.perf_counter() - start:.1f} s"
     return out
 
 
@@ -136,5 +129,5 @@ register_method(
     description="residual 3D CNN baseline refining cubic interpolation; needs trained weights (--checkpoint DIR or "
                 "shipped)",
     options=OPTIONS,
-    needs_weights=True,
+    weights=("baseline",), train_hint="thinslice train-baseline ...", preference=1,
 )

@@ -32,21 +32,13 @@ import torch
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
+from thinslice.checkpoints.bundle import load_denoiser, load_vae
+from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
+from thinslice.checkpoints.files import loaded_preset, record_of
 from thinslice.degrade.grid import thin_grid
 from thinslice.errors import ThinsliceError
-from thinslice.infer.bundle import (
-    autocast,
-    autocast_dtype,
-    load_denoiser,
-    load_vae,
-    option_bool,
-    option_float,
-    option_int,
-    option_patch,
-    resolve_bundle,
-    resolve_device,
-)
 from thinslice.infer.consistency import consistency_residual_hu, enforce_consistency, thick_profile_operator
+from thinslice.infer.options import option_bool, option_float, option_int, option_patch
 from thinslice.infer.sampler import sample_latent
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
@@ -140,8 +132,8 @@ def _check_pair(vae: AutoencoderKL3D, denoiser: LatentDenoiser) -> None:
             f"the VAE makes {vae.config.latent_channels}-channel latents but the denoiser expects "
             f"{denoiser.unet.cfg.latent_channels}: use the VAE the denoiser was trained with (same bundle)"
         )
-    want = getattr(denoiser, "weights_metadata", {}).get("vae_hash", "")
-    have = getattr(vae, "weights_hash", "")
+    want = getattr(record_of(denoiser), "metadata", {}).get("vae_hash", "")
+    have = getattr(record_of(vae), "content_hash", "")
     if want and have and want != have:
         raise ThinsliceError(
             f"the denoiser was trained on latents of VAE {want} but the bundle's VAE is {have}: put the matching "
@@ -150,7 +142,7 @@ def _check_pair(vae: AutoencoderKL3D, denoiser: LatentDenoiser) -> None:
 
 
 def _warn_factor(factor: float, denoiser: LatentDenoiser) -> None:
-    preset = getattr(denoiser, "preset", None)
+    preset = loaded_preset(denoiser)
     factors = tuple(getattr(getattr(preset, "degradation", None), "factors", ()) or ())
     if factors and not (min(factors) * 0.9 <= factor <= max(factors) * 1.1):
         warnings.warn(
@@ -215,7 +207,7 @@ def latent_window(denoiser: LatentDenoiser, vae_stride: tuple[int, int, int], la
         return tuple(min(w, n) for w, n in zip(win, latent_shape, strict=True))  # type: ignore[return-value]
     if estimate_sampling_bytes(denoiser, latent_shape, guidance_scale) <= budget_bytes:
         return None
-    preset = getattr(denoiser, "preset", None)
+    preset = loaded_preset(denoiser)
     train_patch = getattr(getattr(preset, "train_diffusion", None), "patch_size", (48, 128, 128))
     smallest = [min(n, _round_down(p // s, m))
                 for p, s, m, n in zip(train_patch, vae_stride, mult, latent_shape, strict=True)]
@@ -417,7 +409,7 @@ def upsample_ldm(
     show = option_bool("progress", progress)
     if uncertainty_path is not None and n_samples < 2:
         raise ThinsliceError("an uncertainty (standard deviation) map needs --samples 2 or more")
-    bundle = resolve_bundle(checkpoint, "ldm")
+    bundle = get_method("ldm").bundle(checkpoint)
     dev = resolve_device(device)
     vae = load_vae(bundle, dev, preset=preset)
     denoiser = load_denoiser(bundle, dev, steps=steps_n, preset=preset)
@@ -446,5 +438,5 @@ register_method(
     description="3D latent diffusion (ResShift + IRControlNet) with data consistency; needs trained weights "
                 "(--checkpoint DIR or shipped)",
     options=OPTIONS,
-    needs_weights=True,
+    weights=("vae", "denoiser"), train_hint="thinslice train-vae ... and thinslice train ...", preference=2,
 )

@@ -20,18 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from thinslice.checkpoints.bundle import load_planes
+from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
+from thinslice.checkpoints.files import weights_label
 from thinslice.degrade.grid import thin_positions
 from thinslice.errors import ThinsliceError
-from thinslice.infer.bundle import (
-    autocast,
-    autocast_dtype,
-    load_planes,
-    option_bool,
-    option_float,
-    option_int,
-    resolve_bundle,
-    resolve_device,
-)
 from thinslice.infer.consistency import (
     consistency_matrix,
     make_consistent,
@@ -39,6 +32,7 @@ from thinslice.infer.consistency import (
     thick_profile_operator,
 )
 from thinslice.infer.interpolate import interpolate_slices
+from thinslice.infer.options import option_bool, option_float, option_int
 from thinslice.infer.upsample import get_method, register_method
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
@@ -145,6 +139,39 @@ def refine_planes(
     return total
 
 
+# 3D networks run on in-plane tiles of the whole thick stack; the halo covers the receptive field (two 3-wide
+# convolutions per block plus head, body tail and output: 2 * num_blocks + 3 pixels), so tiles join exactly.
+BLOCK_TILE = 160
+
+
+@torch.no_grad()
+def refine_blocks(model: PlanesNet, thick_hu: np.ndarray, base_hu: np.ndarray, cond: Sequence[float],
+                  precision: str = "bf16", progress: bool = False) -> np.ndarray:
+    """:func:`refine_planes` for a 3D (``dims`` 3) network: one pass over in-plane tiles of the whole stack."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model = model.to(memory_format=torch.channels_last_3d)
+    amp = autocast_dtype(precision)
+    cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
+    halo = 2 * model.cfg.num_blocks + 3
+    out = np.empty(base_hu.shape, np.float32)
+    starts = [(a, b) for a in range(0, base_hu.shape[1], BLOCK_TILE) for b in range(0, base_hu.shape[2], BLOCK_TILE)]
+    for a0, b0 in tqdm(starts, desc="planes", unit="tile", disable=not progress, leave=False):
+        a1, b1 = min(a0 + BLOCK_TILE, base_hu.shape[1]), min(b0 + BLOCK_TILE, base_hu.shape[2])
+        ea, eb = max(0, a0 - halo), max(0, b0 - halo)
+        window = (slice(None), slice(ea, min(a1 + halo, base_hu.shape[1])), slice(eb, min(b1 + halo, base_hu.shape[2])))
+        t = torch.from_numpy(hu_to_model(thick_hu[window]))[None, None].to(device)
+        b = torch.from_numpy(hu_to_model(base_hu[window]))[None, None].to(device)
+        with autocast(device, amp):
+            y = model(t, b, cond_t)
+            residual = (y - b).float()[0, 0].cpu().numpy() * (HU_RANGE / 2)
+        inner = (slice(None), slice(a0 - ea, a0 - ea + a1 - a0), slice(b0 - eb, b0 - eb + b1 - b0))
+        # As in refine_planes: the residual goes onto the unclipped estimate.
+        out[:, a0:a1, b0:b1] = base_hu[:, a0:a1, b0:b1] + residual[inner]
+    return out
+
+
 def parse_orientations(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None or value == "both":
         return ORIENTATIONS
@@ -168,7 +195,11 @@ def run_planes(model: PlanesNet, thick: Volume, spacing_mm: float, profile: str 
         raise ThinsliceError(f"the planes network was trained for factors {', '.join(map(str, model.factors))}, "
                              f"not {k}; use --method cubic-dc or train it for that factor")
     cond = acquisition_vector(thickness / thick.slice_spacing, profile)
-    refined = refine_planes(model, thick.slices_first(), base.slices_first(), cond, orientations, precision, progress)
+    if model.cfg.dims == 3:
+        refined = refine_blocks(model, thick.slices_first(), base.slices_first(), cond, precision, progress)
+    else:
+        refined = refine_planes(model, thick.slices_first(), base.slices_first(), cond, orientations, precision,
+                                progress)
     out = base.with_slices(refined, base.slice_spacing, 0.0, base.slice_thickness)
     if consistency:
         out, report = make_consistent(out, thick, profile, thickness)
@@ -198,21 +229,21 @@ def upsample_planes(
     weights. ``orientations``: coronal, sagittal or both (default; averaged). ``adapt`` first fine-tunes the
     network on the input's own axial slices (at most ``adapt_steps`` steps and ``adapt_seconds`` seconds)."""
     thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
-    model = load_planes(resolve_bundle(checkpoint, "planes"), resolve_device(device), preset=preset)
+    model = load_planes(get_method("planes").bundle(checkpoint), resolve_device(device), preset=preset)
     start = time.perf_counter()
     k = integer_factor(thick.slice_spacing, spacing_mm)
     if option_bool("adapt", adapt) and k in model.factors:
-        from thinslice.infer.planes_data import adapt_planes
+        from thinslice.infer.planes_data import adapt_plan, adapt_planes
 
         acquisition = (profile or "gaussian", plausible_thickness(thick, thick_mm) / thick.slice_spacing)
-        model = adapt_planes(model, thick, k, acquisition,
-                             option_int("adapt_steps", adapt_steps, 1),
-                             option_float("adapt_seconds", adapt_seconds, positive=True),
-                             option_int("seed", seed), str(precision), option_bool("progress", progress))
+        plan = adapt_plan(option_int("adapt_steps", adapt_steps, 1),
+                          option_float("adapt_seconds", adapt_seconds, positive=True), str(precision),
+                          option_bool("progress", progress))
+        model = adapt_planes(model, thick, k, acquisition, plan, option_int("seed", seed))
     out = run_planes(model, thick, spacing_mm, profile or "gaussian", thick_mm, str(precision),
                      parse_orientations(orientations), option_bool("consistency", consistency),
                      option_bool("progress", progress))
-    out.metadata["planes"] = f"weights {getattr(model, 'weights_hash', '') or '?'}, {time.perf_counter() - start:.1f} s"
+    out.metadata["planes"] = f"weights {weights_label(model)}, {time.perf_counter() - start:.1f} s"
     log.debug("planes: %.1f s", time.perf_counter() - start)
     return out
 
@@ -222,11 +253,11 @@ def planes_applicable(thick: Volume, spacing_mm: float, checkpoint: str | None =
     weights' record, not the network."""
     import json
 
-    from thinslice.models.weights import read_metadata
+    from thinslice.checkpoints.files import read_metadata
 
     try:
         k = integer_factor(thick.slice_spacing, spacing_mm)
-        meta = read_metadata(resolve_bundle(checkpoint, "planes") / "planes.safetensors")
+        meta = read_metadata(get_method("planes").bundle(checkpoint) / "planes.safetensors")
     except ThinsliceError as err:
         return str(err)
     factors = json.loads(meta.get("preset_config", "{}")).get("planes", {}).get("factors", [])
@@ -239,5 +270,5 @@ register_method(
     "planes", upsample_planes, options=OPTIONS, applicable=planes_applicable,
     description="cubic-dc refined by a 2D network on coronal and sagittal planes, computed on the thick grid "
                 "(k thin rows per thick row), then data consistency; shipped weights or --checkpoint DIR",
-    needs_weights=True,
+    weights=("planes",), train_hint="thinslice train-planes ...", preference=3,
 )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from thinslice.checkpoints.files import keep_record, loaded_preset
 from thinslice.errors import ThinsliceError
+from thinslice.infer.finetune import FineTune, fine_tune
 from thinslice.infer.planes import cell_operators
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16, hu_to_model
@@ -42,10 +44,12 @@ class PlaneSampler:
 
     def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
                  degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0,
-                 acquisition: tuple[str, float] | None = None, context: int = 0) -> None:
+                 acquisition: tuple[str, float] | None = None, context: int = 0, dims: int = 2) -> None:
         """``acquisition`` (profile, thickness / spacing) fixes what is otherwise drawn per example (adaptation to
-        one input); ``context`` neighbouring planes on each side come with every plane (2.5D networks)."""
+        one input); ``context`` neighbouring planes on each side come with every plane (2.5D networks); ``dims`` 3
+        draws thick-grid blocks instead of planes."""
         self.context = int(context)
+        self.dims = int(dims)
         self.sources = [_slices_int16(v) for v in volumes]
         if not self.sources:
             raise ThinsliceError("no training volumes")
@@ -89,15 +93,16 @@ class PlaneSampler:
         return profile, round(float(ratio) * 20) / 20  # quantised: operators are cached per ratio
 
     def _example(self, k: int) -> dict[str, np.ndarray]:
-        rows, width = self.cfg.rows, self.cfg.width
+        rows = self.cfg.rows
         profile, ratio = self._acquisition()
         a, b, pad = cell_operators(k, rows, ratio, profile)
-        x = self._plane(rows * k + 2 * pad, width)  # the slabs of the end cells reach `pad` rows beyond them
-        thick = np.einsum("mn,pnw->pmw", a, x)
+        # the slabs of the end cells reach `pad` rows beyond them
+        x = self._plane(rows * k + 2 * pad, self.cfg.width) if self.dims == 2 else self._block(rows * k + 2 * pad)
+        thick = np.moveaxis(np.tensordot(a, x, axes=([1], [1])), 0, 1)  # A along axis 1 of (P, n, *R)
         x = x[:, pad: pad + rows * k]
         if self.cfg.noise_hu > 0:
             thick = thick + self.rng.normal(0.0, self.rng.uniform(0, self.cfg.noise_hu), thick.shape)
-        base = np.einsum("nm,pmw->pnw", b, thick)
+        base = np.moveaxis(np.tensordot(b, thick, axes=([1], [1])), 0, 1)
         return {"thick": hu_to_model(thick).astype(np.float32),
                 "base": hu_to_model(base).astype(np.float32),
                 "hr": hu_to_model(x[self.context: self.context + 1]).astype(np.float32),
@@ -120,6 +125,30 @@ class PlaneSampler:
             if self.rng.random() < 0.5:
                 best = np.flip(best, axis)
         return np.ascontiguousarray(best, dtype=np.float32)
+
+    def _block(self, n: int) -> np.ndarray:
+        """A thin block (1, n rows along the degraded axis, block, block), mostly tissue, randomly flipped and with
+        its in-plane axes randomly swapped: through-plane, or (``inplane_fraction``) with one in-plane axis as the
+        degraded axis."""
+        size, rng = self.cfg.block, self.rng
+        best, best_tissue = None, -1.0
+        for _ in range(10):
+            hu = self.sources[int(rng.choice(len(self.sources), p=self.volume_p))]
+            if hu.shape[0] < n or rng.random() < self.cfg.inplane_fraction:
+                hu = hu.transpose(1, 0, 2) if rng.random() < 0.5 else hu.transpose(2, 0, 1)
+            x = _crop_block(_pad_block(hu, n, size), n, size, rng)
+            tissue = float((x > AIR_THRESHOLD_HU).mean())
+            if tissue > best_tissue:
+                best, best_tissue = x, tissue
+            if tissue >= _MIN_TISSUE:
+                break
+        assert best is not None
+        for axis in (0, 1, 2):
+            if rng.random() < 0.5:
+                best = np.flip(best, axis)
+        if rng.random() < 0.5:
+            best = best.transpose(0, 2, 1)
+        return np.ascontiguousarray(best, dtype=np.float32)[None]
 
     def _crop(self, hu: np.ndarray, n: int, w: int) -> np.ndarray:
         """(P, n, w) from a volume (D, A, B): P neighbouring planes along the axis the planes are stacked on."""
@@ -150,46 +179,49 @@ def _pad_to(planes: np.ndarray, n: int, w: int) -> np.ndarray:
     return np.pad(planes, ((0, 0), (0, pad[0]), (0, pad[1])), constant_values=-1024)
 
 
+def _pad_block(hu: np.ndarray, n: int, size: int) -> np.ndarray:
+    """Extend a volume (n', a, b) to at least (n, size, size) by repeating its edges (a 20-slice slab as a block's
+    in-plane axis); air padding would put an artificial body outline inside the block."""
+    pad = [(0, max(0, want - have)) for want, have in zip((n, size, size), hu.shape, strict=True)]
+    return hu if not any(p[1] for p in pad) else np.pad(hu, pad, mode="edge")
+
+
+def _crop_block(hu: np.ndarray, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    starts = [int(rng.integers(have - want + 1)) for want, have in zip((n, size, size), hu.shape, strict=True)]
+    return hu[starts[0]:starts[0] + n, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+
+
 def _slices_int16(item: Volume | str | Path) -> np.ndarray:
     from thinslice.io import read_volume
 
     return hu_int16((item if isinstance(item, Volume) else read_volume(Path(item))).slices_first())
 
 
-def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str, float], max_steps: int = 1500,
-                 max_seconds: float = 180.0, seed: int = 0, precision: str = "bf16",
-                 progress: bool = False) -> PlanesNet:
+def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str, float],
+                 plan: FineTune | None = None, seed: int = 0) -> PlanesNet:
     """A copy of ``model`` fine-tuned on ``thick``'s own axial slices, each degraded along one in-plane axis with the
     input's factor and profile (SR4ZCT / SMORE): the only thin-resolution planes a thick scan holds.
 
-    Stops after ``max_steps`` steps or ``max_seconds`` seconds. A plain loop rather than the training engine: no
-    checkpoints, EMA or logging are wanted for a few minutes of fitting inside an inference call.
+    ``plan`` defaults to :func:`adapt_plan` (at most 1500 steps or 180 s at a constant tenth of the training rate).
     """
-    from tqdm.auto import tqdm
-
-    from thinslice.infer.bundle import autocast, autocast_dtype
-
     torch.manual_seed(seed)
-    tuned = copy.deepcopy(model).train()
-    device = next(tuned.parameters()).device
-    preset = getattr(model, "preset", None)
-    sampling = dataclasses.replace(getattr(preset, "planes_data", PlaneSamplingConfig()), inplane_fraction=1.0)
-    profile = acquisition[0]
-    sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(profile,)), (k,),
-                           ADAPT_BATCH, seed=seed, acquisition=acquisition, context=model.cfg.context)
-    optimiser = torch.optim.AdamW(tuned.parameters(), lr=ADAPT_LR)
-    amp = autocast_dtype(precision)
-    deadline = time.perf_counter() + max_seconds
-    bar = tqdm(range(max_steps), desc="adapt", unit="step", disable=not progress, leave=False)
-    for _ in bar:
-        batch = {key: value.to(device) for key, value in next(sampler).items()}
-        with autocast(device, amp):
-            pred = tuned(batch["thick"], batch["base"], batch["cond"])
-        loss = F.l1_loss(pred.float(), batch["hr"])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if time.perf_counter() > deadline:
-            break
-    bar.close()
-    return tuned.eval()
+    tuned = keep_record(model, copy.deepcopy(model))
+    sampling = dataclasses.replace(getattr(loaded_preset(model), "planes_data", PlaneSamplingConfig()),
+                                   inplane_fraction=1.0)
+    batch = ADAPT_BATCH if model.cfg.dims == 2 else ADAPT_BATCH // 4  # a block holds ~4 planes' pixels
+    sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(acquisition[0],)),
+                           (k,), batch, seed=seed, acquisition=acquisition, context=model.cfg.context,
+                           dims=model.cfg.dims)
+    return fine_tune(tuned, sampler, _l1, plan or adapt_plan())  # type: ignore[return-value]
+
+
+def adapt_plan(steps: int = 1500, max_seconds: float = 180.0, precision: str = "bf16",
+               progress: bool = False) -> FineTune:
+    """Adaptation schedule of planes: a tenth of the training learning rate keeps the network near what it learned
+    from many volumes."""
+    return FineTune(steps=int(steps), lr=ADAPT_LR, max_seconds=float(max_seconds), precision=precision,
+                    progress=progress)
+
+
+def _l1(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.l1_loss(model(batch["thick"], batch["base"], batch["cond"]).float(), batch["hr"])

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from thinslice.degrade.grid import thin_grid, thin_positions
 from thinslice.errors import ThinsliceError
@@ -31,8 +32,9 @@ WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
 
 @dataclass(frozen=True)
 class UpsampleMethod:
-    """A registered upsampler, the keyword options it accepts (``None``: anything, passed through) and whether it
-    needs trained weights (a bundle of that method's name, see :mod:`thinslice.infer.bundle`).
+    """A registered upsampler: the keyword options it accepts (``None``: anything, passed through), the weights
+    kinds it loads from a bundle (see :mod:`thinslice.checkpoints.bundle`), the command that trains them, and its
+    rank among learned methods for ``--method auto`` when no manifest says which.
 
     The CLI, ``bench`` and ``demo`` read these facts from here instead of keeping their own lists of methods.
     """
@@ -41,8 +43,25 @@ class UpsampleMethod:
     fn: UpsampleFn
     description: str = ""
     options: tuple[str, ...] | None = ()
-    needs_weights: bool = False
+    weights: tuple[str, ...] = ()
     applicable: ApplicableFn | None = None
+    train_hint: str = "thinslice train ..."
+    preference: int = 0
+
+    @property
+    def needs_weights(self) -> bool:
+        return bool(self.weights)
+
+    def bundle(self, checkpoint: str | Path | None) -> Path:
+        """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error."""
+        from thinslice.checkpoints.bundle import resolve_bundle
+
+        return resolve_bundle(checkpoint, self.weights, self.name, self.train_hint)
+
+    def has_weights(self, checkpoint: str | Path | None = None) -> bool:
+        from thinslice.checkpoints.bundle import has_weights
+
+        return self.needs_weights and has_weights(self.weights, checkpoint)
 
     def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
         """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
@@ -61,23 +80,38 @@ _plugins_loaded = False
 
 def register_method(
     name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = (),
-    needs_weights: bool = False, applicable: ApplicableFn | None = None,
+    weights: Sequence[str] = (), applicable: ApplicableFn | None = None, train_hint: str = "thinslice train ...",
+    preference: int = 0,
 ) -> None:
     """Make ``fn`` available as ``upsample(..., method=name)`` and ``thinslice upsample --method name``."""
     UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options),
-                                      needs_weights, applicable)
+                                      tuple(weights), applicable, train_hint, preference)
 
 
 # What --method auto falls back to when the recommended method cannot serve an input.
 FALLBACK_METHOD = "cubic-dc"
 
 
-def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
-    """``(method, note)`` for ``--method auto``: the install's recommended method (see
-    :func:`thinslice.infer.bundle.default_method`), or cubic-dc with a note saying why when it cannot serve this
-    input (e.g. a factor its weights were not trained for)."""
-    from thinslice.infer.bundle import default_method
+def default_method() -> str:
+    """What ``--method auto`` means in this install.
 
+    The shipped manifest's ``default_method`` (the method that scored best on the benchmark for its time, so shipped
+    weights that do not beat cubic interpolation are available with ``--method`` but not used by default), else the
+    learned method of highest ``preference`` with shipped weights, else ``cubic``.
+    """
+    from thinslice.checkpoints.bundle import read_manifest
+
+    chosen = read_manifest().get("default_method")
+    if chosen in WEIGHTLESS_METHODS or (chosen in learned_methods() and get_method(chosen).has_weights()):
+        return str(chosen)
+    ranked = sorted(learned_methods(), key=lambda name: -get_method(name).preference)
+    return next((name for name in ranked if get_method(name).has_weights()), "cubic")
+
+
+def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
+    """``(method, note)`` for ``--method auto``: the install's recommended method (see :func:`default_method`), or
+    cubic-dc with a note saying why when it cannot serve this input (e.g. a factor its weights were not trained
+    for)."""
     name = default_method()
     reason = get_method(name).refuses(thick, spacing_mm)
     if reason is None:
@@ -173,8 +207,8 @@ def _cubic_consistent(thick: Volume, spacing_mm: float, profile: str = "gaussian
     averaging operator A) restores what the slab averaging removed, as far as the thick slices determine it. It is
     the fair reference for the learned methods, which end with the same projection.
     """
-    from thinslice.infer.bundle import option_float
     from thinslice.infer.consistency import make_consistent
+    from thinslice.infer.options import option_float
 
     thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
     cubic = _interpolation("cubic")(thick, spacing_mm)

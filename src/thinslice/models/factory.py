@@ -1,6 +1,6 @@
 """The one place that builds networks from a preset (name, JSON path or :class:`~thinslice.presets.Preset`).
 
-Weights files record the preset they were trained with (see :mod:`thinslice.models.weights`), and loading rebuilds
+Weights files record the preset they were trained with (see :mod:`thinslice.checkpoints.files`), and loading rebuilds
 the network here from that record, so the architecture always comes from one code path.
 """
 

@@ -34,6 +34,15 @@ class PlanesConfig:
     factors: tuple[int, ...] = (2, 3, 4, 5, 6)
     # Neighbouring planes on each side given as extra input channels (2.5D); 0 = the plane alone.
     context: int = 0
+    # 2: planes (coronal and sagittal, averaged); 3: thick-grid blocks with 3x3x3 convolutions, one pass that sees
+    # both in-plane axes at once (a learned fusion of the orientations).
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise ValueError(f"planes dims must be 2 or 3, not {self.dims}")
+        if self.dims == 3 and self.context:
+            raise ValueError("planes context (2.5D neighbours) applies to dims 2 only")
 
     @property
     def planes(self) -> int:
@@ -46,12 +55,17 @@ def acquisition_vector(thickness_ratio: float, profile: str) -> list[float]:
     return [ratio, *(1.0 if profile == p else 0.0 for p in PROFILE_CHANNELS)]
 
 
-class _ResBlock2d(nn.Module):
-    def __init__(self, channels: int) -> None:
+def _conv(dims: int, c_in: int, c_out: int) -> nn.Module:
+    """3-wide convolution over the slice axis and the in-plane axes (2D planes or 3D thick-grid blocks)."""
+    return (nn.Conv2d if dims == 2 else nn.Conv3d)(c_in, c_out, 3, padding=1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = _conv(dims, channels, channels)
         self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = _conv(dims, channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # EDSR-style residual scaling keeps training stable without normalisation layers.
@@ -59,32 +73,35 @@ class _ResBlock2d(nn.Module):
 
 
 def space_to_depth(thin: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, P, M*k, W) -> (B, P*k, M, W): thin row ``m*k + i`` of plane ``p`` becomes channel ``p*k + i`` of thick
-    row ``m``."""
-    b, p, n, w = thin.shape
-    return thin.reshape(b, p, n // k, k, w).permute(0, 1, 3, 2, 4).reshape(b, p * k, n // k, w)
+    """(B, P, M*k, *R) -> (B, P*k, M, *R): thin row ``m*k + i`` of plane ``p`` becomes channel ``p*k + i`` of thick
+    row ``m`` (R: the in-plane axes, one for planes, two for blocks)."""
+    b, p, n, *rest = thin.shape
+    cells = thin.reshape(b, p, n // k, k, *rest).transpose(2, 3)
+    return cells.reshape(b, p * k, n // k, *rest)
 
 
 def depth_to_space(cells: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`space_to_depth`: (B, k, M, W) -> (B, 1, M*k, W)."""
-    b, k, m, w = cells.shape
-    return cells.permute(0, 2, 1, 3).reshape(b, 1, m * k, w)
+    """Inverse of :func:`space_to_depth`: (B, k, M, *R) -> (B, 1, M*k, *R)."""
+    b, k, m, *rest = cells.shape
+    return cells.transpose(1, 2).reshape(b, 1, m * k, *rest)
 
 
 class PlanesNet(nn.Module):
-    """``forward(thick, base, cond)``: thick (B, P, M, W), base = cubic-dc (B, P, M*k, W) for the plane and its
+    """``forward(thick, base, cond)``: thick (B, P, M, *R), base = cubic-dc (B, P, M*k, *R) for the plane and its
     ``cfg.context`` neighbours on each side (P = ``cfg.planes``, the plane itself in the middle), cond
-    (B, COND_CHANNELS), all in model range; returns the middle plane's base + a learned residual, (B, 1, M*k, W)."""
+    (B, COND_CHANNELS), all in model range; returns the middle plane's base + a learned residual, (B, 1, M*k, *R).
+    R is one in-plane axis (W) for ``dims`` 2 and two (H, W) for ``dims`` 3."""
 
     def __init__(self, cfg: PlanesConfig) -> None:
         super().__init__()
         self.cfg = cfg
         c = cfg.channels
-        self.heads_in = nn.ModuleDict({str(k): nn.Conv2d((1 + k) * cfg.planes + COND_CHANNELS, c, 3, padding=1)
+        d = cfg.dims
+        self.heads_in = nn.ModuleDict({str(k): _conv(d, (1 + k) * cfg.planes + COND_CHANNELS, c)
                                        for k in cfg.factors})
-        self.body = nn.Sequential(*[_ResBlock2d(c) for _ in range(cfg.num_blocks)])
-        self.body_tail = nn.Conv2d(c, c, 3, padding=1)
-        self.heads_out = nn.ModuleDict({str(k): nn.Conv2d(c, k, 3, padding=1) for k in cfg.factors})
+        self.body = nn.Sequential(*[_ResBlock(c, d) for _ in range(cfg.num_blocks)])
+        self.body_tail = _conv(d, c, c)
+        self.heads_out = nn.ModuleDict({str(k): _conv(d, c, k) for k in cfg.factors})
         for head in self.heads_out.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -94,12 +111,12 @@ class PlanesNet(nn.Module):
         return tuple(int(k) for k in self.cfg.factors)
 
     def forward(self, thick: torch.Tensor, base: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        b, _, m, w = thick.shape
+        b, _, m, *rest = thick.shape
         k = base.shape[2] // m
         if base.shape[2] != m * k or str(k) not in self.heads_in:
             raise ValueError(f"base has {base.shape[2]} rows for {m} thick rows; supported factors {self.factors}")
         cells = space_to_depth(base, k)
-        planes = cond.to(thick.dtype)[:, :, None, None].expand(b, cond.shape[1], m, w)
+        planes = cond.to(thick.dtype).reshape(b, -1, *([1] * (1 + len(rest)))).expand(b, cond.shape[1], m, *rest)
         features = self.heads_in[str(k)](torch.cat([thick, cells, planes], dim=1))
         features = features + self.body_tail(self.body(features))
         middle = self.cfg.context

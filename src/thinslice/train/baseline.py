@@ -3,7 +3,7 @@
 :class:`~thinslice.models.baseline.ResidualCNN3D` maps the cubic-upsampled simulated thick patch to the thin patch
 (L1 in model range). It shows what a plain supervised network achieves through the same data pipeline as the
 diffusion model, and is the network ``thinslice upsample --method cnn`` runs (optionally adapted to each input,
-see :mod:`thinslice.train.adapt`). ``RUN_DIR/final`` and ``RUN_DIR/best`` hold ``baseline.safetensors``.
+see :mod:`thinslice.infer.cnn_adapt`). ``RUN_DIR/final`` and ``RUN_DIR/best`` hold ``baseline.safetensors``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.bundle import save_bundle_model
+from thinslice.infer.pairs import PairSampler, validation_pairs
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.factory import build_baseline
@@ -37,7 +38,6 @@ from thinslice.train.engine import (
     fit_run,
     run_settings,
 )
-from thinslice.train.pairs import PairSampler, validation_pairs
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> R
     """A fresh network, or ``init`` weights (a baseline.safetensors or a folder holding one) when not resuming."""
     model = build_baseline(preset)
     if init and not resume:
-        from thinslice.models.weights import load_model
+        from thinslice.checkpoints.files import load_model, record_of
 
         loaded = load_model("baseline", init, preset=preset)
         model.load_state_dict(loaded.state_dict())
-        log.info(f"train-baseline: initialised from {loaded.weights_path}")
+        log.info("train-baseline: initialised from %s", getattr(record_of(loaded), "path", init))
     return model  # type: ignore[return-value]
 
 

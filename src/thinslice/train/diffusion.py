@@ -1,7 +1,7 @@
 """Train the latent diffusion model (``thinslice train``): ResShift + IRControlNet on VAE latents, on the shared engine.
 
 The VAE is frozen (eval mode, no gradients, outside the optimiser and the checkpoints). Each step either encodes the
-batch's HR and cubic-upsampled LR patches (:class:`~thinslice.train.pairs.PairSampler`, a fresh degradation per
+batch's HR and cubic-upsampled LR patches (:class:`~thinslice.infer.pairs.PairSampler`, a fresh degradation per
 example) to scaled latents, or reads random latent crops from a :class:`~thinslice.train.latents.LatentCache`
 (``--cache``, made by ``thinslice encode``; no VAE work per step, but only the cached factors/profiles). The loss is
 :func:`~thinslice.infer.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of the
@@ -13,7 +13,7 @@ with :func:`~thinslice.infer.sampler.sample_latent` from a fixed seed, decode, P
 against cubic interpolation (``val/psnr_gain`` = model - cubic), plus the VAE's own reconstruction PSNR of the truth
 (the ceiling any latent model can reach).
 
-The exported folders ``RUN_DIR/final`` and ``RUN_DIR/best`` are model bundles (:mod:`thinslice.infer.bundle`):
+The exported folders ``RUN_DIR/final`` and ``RUN_DIR/best`` are model bundles (:mod:`thinslice.checkpoints.bundle`):
 ``denoiser.safetensors`` recording the preset, the steps and the VAE's content hash, plus a copy of the VAE as
 ``vae.safetensors``. A schedule other than the preset's (e.g. ``--steps 4`` with the 15-step small preset) is
 also written as ``denoiser-<T>step.safetensors``, the name under which it sits next to another bundle's default
@@ -36,17 +36,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from thinslice.checkpoints.bundle import FILES, save_bundle_denoiser
+from thinslice.checkpoints.files import load_model, record_of
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.bundle import FILES, save_bundle_denoiser
+from thinslice.infer.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
 from thinslice.infer.sampler import diffusion_loss, make_schedule, sample_latent
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.models.weights import load_model
 from thinslice.presets import load_preset
 from thinslice.train.engine import (
     RunOptions,
@@ -58,7 +59,6 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
-from thinslice.train.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,10 @@ def copy_atomic(src: Path, dst: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- train
 def load_frozen_vae(vae: str | Path | AutoencoderKL3D) -> AutoencoderKL3D:
-    """The VAE, frozen, with ``weights_hash``/``weights_path`` (from its file)."""
+    """The VAE, frozen; it must have been loaded from a weights file (its record ties the denoiser to it)."""
     model = vae if isinstance(vae, AutoencoderKL3D) else load_model("vae", vae)
-    if not getattr(model, "weights_hash", ""):
+    record = record_of(model)
+    if record is None or not record.content_hash:
         raise ThinsliceError("the VAE must come from a thinslice weights file (its hash ties the denoiser to it)")
     model.requires_grad_(False)
     return model.eval()
@@ -282,7 +283,9 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     run_dir = Path(opts.run_dir)
 
     vae = load_frozen_vae(opts.vae)
-    vae_hash, vae_path = vae.weights_hash, Path(vae.weights_path)
+    vae_record = record_of(vae)
+    assert vae_record is not None  # load_frozen_vae checked it
+    vae_hash, vae_path = vae_record.content_hash, vae_record.path
     diffusion_cfg = schedule_for_steps(preset.diffusion, opts.steps)
     control_cfg = preset.control if opts.control else dataclasses.replace(preset.control, enabled=False)
     # The record keeps the preset's own diffusion section, so the bundle names a non-default schedule's file

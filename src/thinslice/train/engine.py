@@ -9,8 +9,8 @@ best/final weights as self-describing safetensors files (``run_dir/best/<name>.s
 
 Exact resume: a checkpoint holds models, optimiser, LR scheduler, EMA, step/best metric, the Python/numpy/torch RNG
 states (Accelerate's ``save_state``) and the state of the batch iterator when it has ``state_dict``/
-``load_state_dict`` (e.g. :class:`thinslice.train.data.PatchSampler` with its own numpy Generator). So N steps straight
-and N/2 + resume + N/2 give the same weights on CPU (tested).
+``load_state_dict`` (e.g. :class:`thinslice.infer.patches.PatchSampler` with its own numpy Generator). So N steps
+straight and N/2 + resume + N/2 give the same weights on CPU (tested).
 
 Multi-GPU: start any trainer with ``accelerate launch -m thinslice.cli.main train-... `` (or ``accelerate launch
 $(which thinslice) train-...``); models and optimiser go through ``accelerator.prepare`` and each process draws its

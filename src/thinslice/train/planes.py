@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.bundle import save_bundle_model
 from thinslice.infer.planes import run_planes
 from thinslice.infer.planes_data import PlaneSampler
 from thinslice.infer.upsample import get_method
@@ -122,9 +122,10 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
               "planes_data": asdict(preset.planes_data), "train_planes": asdict(tc), "seed": seed, "loss": opts.loss}
     check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
     torch.manual_seed(seed)
-    model = build_planes(preset).to(memory_format=torch.channels_last)  # ~25% faster steps on a CPU (bf16)
+    layout = torch.channels_last if preset.planes.dims == 2 else torch.channels_last_3d
+    model = build_planes(preset).to(memory_format=layout)  # ~25% faster steps on a CPU (bf16)
     sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed,
-                           context=preset.planes.context)
+                           context=preset.planes.context, dims=preset.planes.dims)
     cases = validation_cases(list(val) if val else list(train))
     if not cases:
         raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices")

@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from thinslice.checkpoints.files import load_state_strict, read_metadata, save_weights
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
+from thinslice.infer.patches import PatchSampler, _source_from
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_vae
 from thinslice.models.intensity import hu_to_model
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import NON_ARCHITECTURE_FIELDS, AutoencoderKL3D
-from thinslice.models.weights import load_state_strict, read_metadata, save_weights
 from thinslice.presets import Preset, load_preset, preset_from_dict
-from thinslice.train.data import PatchSampler, _source_from
 from thinslice.train.engine import EngineConfig, RunOptions, Trainer, TrainResult, run_settings
 from thinslice.train.losses import VAELoss, VAELossWeights, make_discriminator
 
@@ -179,7 +179,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
         digest = save_weights(run_dir / "final" / "vae.safetensors", final_vae, "vae", preset)
         best_path = run_dir / "best" / "vae.safetensors"
         if best_path.is_file():  # the best weights get their own scaling factor
-            from thinslice.models.weights import load_model
+            from thinslice.checkpoints.files import load_model
 
             best_vae = load_model("vae", best_path).to(next(final_vae.parameters()).device)
             best_vae.set_scaling_factor(estimate_scaling_factor(best_vae, sampler, opts.scaling_patches, seed))

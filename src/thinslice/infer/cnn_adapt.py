@@ -11,26 +11,27 @@ the same factor ``thick spacing / spacing_mm`` as the through-plane problem the 
 ``spacing_mm`` equal to the pixel spacing, this is SMORE's factor thick spacing / in-plane spacing.) The thick axis
 becomes the patch's second axis, so the network also sees the real thick-slice texture across it.
 
-The fine-tuning runs through the shared engine (:class:`~thinslice.train.engine.Trainer`, same L1 loss as
-:mod:`thinslice.train.baseline`) in a temporary run folder, no validation and no intermediate checkpoints.
+The fine-tuning runs through :func:`thinslice.infer.finetune.fine_tune` (L1 loss as in
+:mod:`thinslice.train.baseline`, warm-up, cosine decay to a tenth, gradient clipping), not the training engine:
+inference does not import training code.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
+from thinslice.checkpoints.device import resolve_device
+from thinslice.checkpoints.files import loaded_preset
 from thinslice.errors import ThinsliceError
+from thinslice.infer.finetune import FineTune, fine_tune
+from thinslice.infer.pairs import PairSampler, pair_margin
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.presets import DegradationConfig
-from thinslice.train.baseline import l1_loss
-from thinslice.train.engine import EngineConfig, Trainer
-from thinslice.train.pairs import PairSampler, pair_margin
 
 DEFAULT_ADAPT_STEPS = 200
 DEFAULT_ADAPT_LR = 1e-4
@@ -96,50 +97,41 @@ def adaptation_sampler(
     return PairSampler(views, patch, batch_size, DegradationConfig(factors=(factor,), profiles=(profile,)), seed=seed)
 
 
-def _engine_device(device: str | torch.device | None) -> str:
-    if device is None:
-        return "auto"
-    kind = torch.device(str(device)).type if str(device) != "auto" else "auto"
-    if kind not in ("auto", "cpu", "cuda", "mps"):
-        raise ThinsliceError(f"adaptation cannot run on device '{device}': use cpu, cuda or mps")
-    return kind
+def _l1(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.l1_loss(model(batch["lr"]).float(), batch["hr"].float())
 
 
 def adapt_baseline(
     model: ResidualCNN3D,
     thick: Volume,
     spacing_mm: float,
-    steps: int = DEFAULT_ADAPT_STEPS,
+    profile: str = "gaussian",
+    plan: FineTune | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
-    profile: str = "gaussian",
-    lr: float = DEFAULT_ADAPT_LR,
-    patch_size: tuple[int, int, int] | None = None,
-    batch_size: int | None = None,
-    progress: bool = False,
-    precision: str = "fp32",
+    sampling: tuple[tuple[int, int, int], int] | None = None,
 ) -> ResidualCNN3D:
-    """``model`` fine-tuned for ``steps`` on self-supervised pairs from ``thick`` (in place); returned in eval mode
-    on ``device``. ``profile`` is the thick slices' assumed slice profile (gaussian, box or decimate).
-    ``precision="bf16"`` trains under bf16 autocast (about twice as fast on a CPU).
+    """``model`` fine-tuned on self-supervised pairs from ``thick`` (in place); returned in eval mode on ``device``.
+    ``profile`` is the thick slices' assumed slice profile (gaussian, box or decimate). ``plan`` defaults to
+    200 steps at lr 1e-4 (warm-up, cosine to a tenth, clipping, fp32); bf16 is about twice as fast on a CPU.
 
-    Patch and batch size default to the model's training settings (``model.preset.train_baseline``, set when it
-    was loaded from a bundle).
+    ``sampling`` (patch size, batch size) defaults to the model's training settings (its preset's
+    ``train_baseline`` when it was loaded from a bundle).
     """
-    if steps < 1:
-        raise ThinsliceError(f"--adapt-steps must be at least 1, got {steps}")
-    train_cfg = getattr(getattr(model, "preset", None), "train_baseline", None)
-    patch = tuple(patch_size or getattr(train_cfg, "patch_size", DEFAULT_PATCH))
-    batch = int(batch_size or getattr(train_cfg, "batch_size", DEFAULT_BATCH))
+    plan = plan or default_plan()
+    if plan.steps < 1:
+        raise ThinsliceError(f"--adapt-steps must be at least 1, got {plan.steps}")
+    train_cfg = getattr(loaded_preset(model), "train_baseline", None)
+    patch, batch = sampling or (tuple(getattr(train_cfg, "patch_size", DEFAULT_PATCH)),
+                                int(getattr(train_cfg, "batch_size", DEFAULT_BATCH)))
     sampler = adaptation_sampler(thick, spacing_mm, profile, patch, batch, seed)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory(prefix="thinslice-adapt-") as tmp:
-        cfg = EngineConfig(
-            run_dir=Path(tmp), max_steps=int(steps), lr=float(lr), warmup_steps=min(10, int(steps) // 10),
-            min_lr_ratio=0.1, grad_clip=1.0, ema_decay=None, val_every=0, checkpoint_every=0, log_every=0,
-            seed=seed, device=_engine_device(device), progress=progress,
-            mixed_precision="bf16" if precision == "bf16" else "no",
-        )
-        trainer = Trainer({"baseline": model}, l1_loss, sampler, cfg)
-        result = trainer.fit()
-    adapted = result.models["baseline"]
-    return adapted.eval()  # type: ignore[return-value]
+    torch.manual_seed(seed)
+    model.to(resolve_device(device))
+    return fine_tune(model, iter(sampler), _l1, plan)  # type: ignore[return-value]
+
+
+def default_plan(steps: int = DEFAULT_ADAPT_STEPS, lr: float = DEFAULT_ADAPT_LR, precision: str = "fp32",
+                 progress: bool = False) -> FineTune:
+    """The CNN's adaptation schedule: warm-up over a tenth (at most 10 steps), cosine decay to a tenth, clipping."""
+    return FineTune(steps=int(steps), lr=float(lr), warmup=min(10, int(steps) // 10), min_lr_ratio=0.1,
+                    grad_clip=1.0, precision=precision, progress=progress)

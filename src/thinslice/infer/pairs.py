@@ -1,7 +1,7 @@
 """Training pairs made on the fly: (cubic-upsampled simulated thick patch, thin patch), shared by every trainer.
 
 From a thin (HR) patch in HU, slices first, drawn a little deeper than the training depth by
-:class:`~thinslice.train.data.PatchSampler`, each example gets its own degradation (factor, profile) from the
+:class:`~thinslice.infer.patches.PatchSampler`, each example gets its own degradation (factor, profile) from the
 preset's :class:`~thinslice.presets.DegradationConfig`: the patch is degraded along the slice axis
 (:func:`~thinslice.degrade.pairs.degrade_slices`, thin spacing 1), interpolated back onto the thin positions with
 the cubic B-spline of :func:`~thinslice.infer.interpolate.interpolate_slices` (what ``--method cubic`` does at
@@ -27,10 +27,10 @@ from thinslice.degrade.pairs import degrade_slices, random_degradation
 from thinslice.degrade.profiles import make_spec, thick_grid
 from thinslice.errors import ThinsliceError
 from thinslice.infer.interpolate import interpolate_slices
+from thinslice.infer.patches import PatchInfo, PatchSampler, _source_from
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import hu_to_model
 from thinslice.presets import DegradationConfig
-from thinslice.train.data import PatchInfo, PatchSampler, _source_from
 
 # Validation pairs use one fixed, common degradation so that scores are comparable across steps and runs.
 VAL_FACTOR = 4.0

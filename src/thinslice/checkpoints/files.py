@@ -1,4 +1,4 @@
-"""Model weights as safetensors files that describe themselves.
+"""Model weights as safetensors files that describe themselves (the checkpoint layer's file format).
 
 Metadata (all strings, as safetensors requires) holds: ``thinslice_kind`` ('vae', 'unet', 'control', 'baseline'),
 ``preset`` (name), ``preset_config`` (the whole preset as JSON, so the network can be rebuilt exactly, including a
@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,49 @@ from thinslice.models.factory import MODEL_KINDS, build_model
 from thinslice.presets import CONFIG_DIR, PRESET_NAMES, Preset, load_preset, preset_from_dict
 
 FORMAT_VERSION = "1"
-BUNDLED_DIR = CONFIG_DIR.parent / "weights"
+BUNDLED_DIR = CONFIG_DIR.parent / "weights"  # shipped weights (see bundle.py)
 # Config fields that may differ between a file and a request without changing the architecture.
 _NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """Where a loaded network's weights came from: kept beside the module (see :func:`record_of`) rather than as
+    attributes patched onto it, so the module stays a plain ``nn.Module`` and callers get typed fields."""
+
+    kind: str
+    path: Path
+    preset: Preset
+    content_hash: str
+    metadata: dict[str, str]
+
+
+_RECORDS: weakref.WeakKeyDictionary[nn.Module, WeightsRecord] = weakref.WeakKeyDictionary()
+
+
+def record_of(model: nn.Module) -> WeightsRecord | None:
+    """The record of the file ``model`` was loaded from (None: built or trained here, never loaded)."""
+    return _RECORDS.get(model)
+
+
+def loaded_preset(model: nn.Module) -> Preset | None:
+    """The preset ``model``'s weights file was trained with (None: not loaded from a file)."""
+    record = record_of(model)
+    return None if record is None else record.preset
+
+
+def weights_label(model: nn.Module) -> str:
+    """Short provenance for reports: the content hash of the loaded weights, or '?'."""
+    record = record_of(model)
+    return record.content_hash if record is not None and record.content_hash else "?"
+
+
+def keep_record(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` (e.g. an adapted copy of ``source``) the record of ``source``; returns ``target``."""
+    record = record_of(source)
+    if record is not None:
+        _RECORDS[target] = record
+    return target
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -134,7 +176,7 @@ def _describe(section: dict[str, Any]) -> str:
 
 def resolve_weights_path(path_or_preset: str | Path, kind: str) -> Path:
     """A weights file from a path, or a preset name -> the shipped ``weights/<kind>.safetensors`` when it was
-    trained with that preset (the one layout of the shipped folder, see :mod:`thinslice.infer.bundle`)."""
+    trained with that preset (the one layout of the shipped folder, see :mod:`thinslice.checkpoints.bundle`)."""
     text = str(path_or_preset)
     if text in PRESET_NAMES:
         bundled = BUNDLED_DIR / f"{kind}.safetensors"
@@ -189,11 +231,9 @@ def load_model(
     model = build_model(kind, file_preset)
     state = load_file(str(path), device="cpu")
     load_state_strict(model, state, str(path))
-    model.weights_hash = meta.get("content_hash", "")  # type: ignore[assignment]
-    model.weights_path = str(path)  # type: ignore[assignment]
-    model.weights_metadata = meta  # type: ignore[assignment]
-    model.preset = file_preset  # type: ignore[assignment]
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    _RECORDS[model] = WeightsRecord(kind, path, file_preset, meta.get("content_hash", ""), meta)
+    return model
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,68 @@
+"""The small fitting loop behind ``--adapt`` (test-time fine-tuning on the input itself), shared by the methods.
+
+A plain loop rather than the training engine of :mod:`thinslice.train`: inference must not import training code,
+and a few minutes of fitting inside an inference call want no checkpoints, EMA, logging or Accelerate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from thinslice.checkpoints.device import autocast, autocast_dtype
+
+# loss(model, batch on the model's device) -> scalar tensor
+LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How to fit: at most ``steps`` AdamW steps and ``max_seconds`` seconds; linear warm-up, then cosine decay to
+    ``min_lr_ratio`` x ``lr`` (1.0: constant); gradient norm clipped at ``grad_clip`` (None: not clipped)."""
+
+    steps: int
+    lr: float
+    warmup: int = 0
+    min_lr_ratio: float = 1.0
+    grad_clip: float | None = None
+    max_seconds: float = math.inf
+    precision: str = "fp32"
+    progress: bool = False
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup) / span)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+def fine_tune(model: nn.Module, batches: Iterator[dict[str, Any]], loss_fn: LossFn, plan: FineTune) -> nn.Module:
+    """Fit ``model`` in place on ``batches`` as ``plan`` says; returns it in eval mode."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    amp = autocast_dtype(plan.precision)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=plan.lr)
+    deadline = time.perf_counter() + plan.max_seconds
+    model.train()
+    for step in tqdm(range(plan.steps), desc="adapt", unit="step", disable=not plan.progress, leave=False):
+        for group in optimiser.param_groups:
+            group["lr"] = plan.lr_at(step)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+        with autocast(device, amp):
+            loss = loss_fn(model, batch)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if plan.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
+        optimiser.step()
+        if time.perf_counter() > deadline:
+            break
+    return model.eval()

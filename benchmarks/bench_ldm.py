@@ -20,7 +20,7 @@ import torch
 from thinslice.checkpoints.bundle import load_denoiser, load_vae
 from thinslice.checkpoints.device import resolve_device
 from thinslice.data.phantom import make_chest_phantom
-from thinslice.infer.ldm import run_ldm
+from thinslice.infer.ldm import LdmOptions, run_ldm
 from thinslice.infer.upsample import get_method
 from thinslice.models.factory import build_denoiser
 from thinslice.models.vae import AutoencoderKL3D
@@ -62,7 +62,6 @@ def main() -> None:
             preset.diffusion.num_steps = args.steps
         vae = AutoencoderKL3D(preset.vae).to(device).eval()
         denoiser = build_denoiser(preset).to(device).eval()
-        denoiser.preset = preset
         source = f"random {preset.name} weights"
 
     d, h, w = args.shape
@@ -70,9 +69,10 @@ def main() -> None:
     thick = make_chest_phantom(shape=(d // args.factor, h, w), spacing=(0.7, 0.7, thin_mm * args.factor), seed=0)
     rss_input = peak_rss_gb()
     start = time.perf_counter()
-    result = run_ldm(thick, thin_mm, vae, denoiser, steps=args.steps, progress=True,
-                     patch_size=tuple(args.patch_size) if args.patch_size else None,
-                     memory_limit_gb=args.memory_limit_gb, precision=args.precision, decode=args.decode)
+    patch = tuple(args.patch_size) if args.patch_size else None
+    options = LdmOptions(steps=args.steps, progress=True, patch_size=patch, memory_limit_gb=args.memory_limit_gb,
+                         precision=args.precision, decode=args.decode)
+    result = run_ldm(thick, thin_mm, vae, denoiser, options)
     total = time.perf_counter() - start
     out = result.volume.slices_first()
     info = result.info

@@ -22,7 +22,8 @@ from thinslice.checkpoints.bundle import load_denoiser, load_vae
 from thinslice.checkpoints.device import resolve_device
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.infer import upsample
-from thinslice.infer.ldm import run_ldm
+from thinslice.infer.ldm import LdmOptions, run_ldm
+from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
@@ -61,8 +62,8 @@ def main() -> None:
             bundle = get_method("ldm").bundle(args.checkpoint)
             vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
             start = time.perf_counter()
-            ldm = run_ldm(thick, args.spacing, vae, denoiser, steps=args.steps, profile=args.profile, progress=True,
-                          precision=args.precision)
+            options = LdmOptions(steps=args.steps, progress=True, precision=args.precision)
+            ldm = run_ldm(thick, args.spacing, vae, denoiser, options, Acquisition.of(thick, args.profile))
             seconds["ldm"] = time.perf_counter() - start
             results[f"ldm {ldm.info['steps']} steps"] = ldm.volume
             report.update({"ldm_stages_s": ldm.info["timings_s"], "consistency_hu": ldm.info.get("consistency_hu")})

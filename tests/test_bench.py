@@ -65,14 +65,13 @@ def test_every_method_that_models_the_profile_receives_the_cases_profile(thin, m
     registry = importlib.import_module("thinslice.infer.upsample")
 
     seen = []
-    original = registry.UPSAMPLERS["cubic-dc"]
+    original = registry.CubicDC.__call__
 
-    def spy(thick, spacing_mm, **options):
-        seen.append((options.get("profile"), round(thick.slice_thickness / thick.slice_spacing, 3)))
-        return original.fn(thick, spacing_mm, **options)
+    def spy(self, thick, spacing_mm, acquisition=None):
+        seen.append((acquisition.profile, round(acquisition.ratio_to(thick.slice_spacing), 3)))
+        return original(self, thick, spacing_mm, acquisition)
 
-    monkeypatch.setitem(registry.UPSAMPLERS, "cubic-dc",
-                        registry.UpsampleMethod("cubic-dc", spy, options=original.options))
+    monkeypatch.setattr(registry.CubicDC, "__call__", spy)
     rows = run_benchmark([thin], factors=[2.0], profiles=["box", "decimate"], overlaps=[2.0],
                          methods=[MethodSpec("cubic-dc", "cubic-dc"), MethodSpec("cubic", "cubic")],
                          log=lambda _: None)

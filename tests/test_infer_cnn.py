@@ -69,19 +69,19 @@ def test_sliding_windows_cover_the_volume(tmp_path, thick) -> None:
 
 def test_cnn_with_data_consistency(tmp_path, thick) -> None:
     folder = _bundle(tmp_path, trained=True)
-    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder), consistency="true", profile="box",
+    out = upsample(thick, SPACING, method="cnn", checkpoint=str(folder), consistency=True, profile="box",
                    patch_size=(16, 16, 16))
     a = thick_profile_operator(thick, SPACING, "box")
     assert consistency_residual_hu(out.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
-    assert "cnn_consistency_hu" in out.metadata
+    assert "box profile" in out.metadata["consistency_hu"]
 
 
 def test_cnn_errors(tmp_path, thick) -> None:
     with pytest.raises(ThinsliceError, match="no trained weights for 'cnn'.*baseline.safetensors"):
         upsample(thick, SPACING, method="cnn", checkpoint=str(tmp_path))
     folder = _bundle(tmp_path, trained=False)
-    with pytest.raises(ThinsliceError, match="only used with consistency"):
-        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), profile="box", consistency=False)
+    with pytest.raises(ThinsliceError, match="option consistency must be bool"):  # text is the CLI's to parse
+        upsample(thick, SPACING, method="cnn", checkpoint=str(folder), consistency="false")
     with pytest.raises(ThinsliceError, match="preset 'tiny'"):
         upsample(thick, SPACING, method="cnn", checkpoint=str(folder), preset="small")
     with pytest.raises(ThinsliceError, match="does not use option"):

@@ -13,6 +13,7 @@ from thinslice.checkpoints.bundle import (
     save_bundle_denoiser,
     save_bundle_model,
 )
+from thinslice.cli.cmd_upsample import std_path_for
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
@@ -20,8 +21,8 @@ from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.infer import target_grid_volume, upsample
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
-from thinslice.infer.ldm import estimate_sampling_bytes, latent_window, run_ldm, std_path_for, upsample_ldm
-from thinslice.infer.upsample import get_method
+from thinslice.infer.ldm import LdmOptions, estimate_sampling_bytes, latent_window, run_ldm
+from thinslice.infer.upsample import get_method, run_method
 from thinslice.io import read_volume, write_volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_denoiser
@@ -63,7 +64,7 @@ def thick():
 
 @pytest.fixture(scope="module")
 def whole(bundle, thick):
-    return upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=0, progress=False)
+    return upsample(thick, SPACING, "ldm", checkpoint=str(bundle), seed=0, progress=False)
 
 
 def test_output_is_on_the_thin_grid_and_consistent(whole, thick) -> None:
@@ -71,25 +72,28 @@ def test_output_is_on_the_thin_grid_and_consistent(whole, thick) -> None:
     assert np.all(np.isfinite(whole.array))
     a = thick_profile_operator(thick, SPACING, "gaussian")
     assert consistency_residual_hu(whole.slices_first(), thick.slices_first(), a)["max_abs"] < 1.0
-    assert "whole latent" in whole.metadata["ldm"] and "after mean" in whole.metadata["ldm_consistency_hu"]
+    assert "whole latent" in whole.metadata["ldm"] and "after mean" in whole.metadata["consistency_hu"]
 
 
 def test_seed_reproducibility(bundle, thick, whole) -> None:
     again = upsample(thick, SPACING, method="ldm", checkpoint=str(bundle), seed=0, progress=False)
     np.testing.assert_array_equal(again.array, whole.array)
-    other = upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=1, progress=False)
+    other = upsample(thick, SPACING, "ldm", checkpoint=str(bundle), seed=1, progress=False)
     assert np.abs(other.array - whole.array).max() > 1.0
 
 
-def test_samples_write_a_std_map(bundle, thick, tmp_path) -> None:
-    std_path = tmp_path / "out_std.nii.gz"
-    mean = upsample_ldm(thick, SPACING, checkpoint=str(bundle), samples=2, uncertainty_path=std_path,
-                        progress=False)
-    std = read_volume(std_path)
-    assert std.grid_differences(mean) == []
+def test_samples_give_a_std_map_that_the_cli_writes(bundle, thick, tmp_path) -> None:
+    result = run_method(thick, SPACING, "ldm", checkpoint=str(bundle), samples=2, progress=False)
+    std = result.extras["std"]
+    assert std.grid_differences(result.volume) == []
     assert std.array.min() >= 0 and std.array.max() > 0
-    with pytest.raises(ThinsliceError, match="samples 2"):
-        upsample_ldm(thick, SPACING, checkpoint=str(bundle), uncertainty_path=std_path, progress=False)
+    assert "std" not in run_method(thick, SPACING, "ldm", checkpoint=str(bundle), progress=False).extras
+    src, out = tmp_path / "thick.nii.gz", tmp_path / "out.nii.gz"
+    write_volume(thick, src)
+    assert main(["upsample", str(src), str(out), "--spacing", str(SPACING), "--method", "ldm", "--checkpoint",
+                 str(bundle), "--samples", "2", "--option", "progress=false"]) == 0
+    written = read_volume(tmp_path / "out_std.nii.gz")
+    assert written.grid_differences(read_volume(out)) == [] and written.array.max() > 0
 
 
 class _ConditionCopy(LatentDenoiser):
@@ -103,12 +107,12 @@ def test_windowed_sampling_matches_whole_for_a_deterministic_model(bundle, thick
     vae = load_vae(bundle)
     base = load_denoiser(bundle)
     copy = _ConditionCopy(base.unet, base.control, base.cfg)
-    whole = run_ldm(thick, SPACING, vae, copy, consistency=False)
-    windows = run_ldm(thick, SPACING, vae, copy, patch_size=(16, 16, 32), consistency=False)
+    whole = run_ldm(thick, SPACING, vae, copy, LdmOptions(consistency=False))
+    windows = run_ldm(thick, SPACING, vae, copy, LdmOptions(patch_size=(16, 16, 32), consistency=False))
     assert windows.info["window"] != "whole" and whole.info["window"] == "whole"
     np.testing.assert_allclose(windows.volume.array, whole.volume.array, atol=0.05)
     # With the real (random) model, windows run with per-window seeds and give a finite volume on the same grid.
-    real = run_ldm(thick, SPACING, vae, base, patch_size=(16, 16, 32), seed=3)
+    real = run_ldm(thick, SPACING, vae, base, LdmOptions(patch_size=(16, 16, 32), seed=3))
     assert real.volume.grid_differences(whole.volume) == [] and np.all(np.isfinite(real.volume.array))
     assert real.info["consistency_hu"]["after_max_abs"] < 1.0
 
@@ -119,38 +123,40 @@ def test_residual_decode_gives_cubic_when_the_model_adds_nothing(bundle, thick) 
     base = load_denoiser(bundle)
     copy = _ConditionCopy(base.unet, base.control, base.cfg)
     cubic = upsample(thick, SPACING, method="cubic")
-    residual = run_ldm(thick, SPACING, vae, copy, consistency=False, decode="residual")
-    direct = run_ldm(thick, SPACING, vae, copy, consistency=False, decode="direct")
+    residual = run_ldm(thick, SPACING, vae, copy, LdmOptions(consistency=False, decode="residual"))
+    direct = run_ldm(thick, SPACING, vae, copy, LdmOptions(consistency=False, decode="direct"))
     np.testing.assert_allclose(residual.volume.array, cubic.array, atol=1e-2)
     assert np.abs(direct.volume.array - cubic.array).mean() > 10.0  # an untrained VAE is far from identity
     assert "residual decode" in residual.volume.metadata["ldm"] and "decode_lr" in residual.info["timings_s"]
     with pytest.raises(ThinsliceError, match="unknown decode mode"):
-        run_ldm(thick, SPACING, vae, copy, decode="sideways")
+        run_ldm(thick, SPACING, vae, copy, LdmOptions(decode="sideways"))
 
 
 def test_bf16_precision_is_close_to_fp32(bundle, thick) -> None:
-    fp32 = upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=1, progress=False, decode="direct")
-    bf16 = upsample_ldm(thick, SPACING, checkpoint=str(bundle), seed=1, progress=False, decode="direct",
+    fp32 = upsample(thick, SPACING, "ldm", checkpoint=str(bundle), seed=1, progress=False, decode="direct")
+    bf16 = upsample(thick, SPACING, "ldm", checkpoint=str(bundle), seed=1, progress=False, decode="direct",
                         precision="bf16")
     assert "bf16" in bf16.metadata["ldm"]
     spread = float(np.abs(fp32.array - fp32.array.mean()).mean())
     assert np.abs(bf16.array - fp32.array).mean() < 0.1 * spread
     with pytest.raises(ThinsliceError, match="unknown precision"):
-        upsample_ldm(thick, SPACING, checkpoint=str(bundle), progress=False, precision="fp8")
+        upsample(thick, SPACING, "ldm", checkpoint=str(bundle), progress=False, precision="fp8")
 
 
 def test_steps_pick_the_matching_denoiser(bundle, thick) -> None:
     assert load_denoiser(bundle, steps=3).cfg.num_steps == 3
     assert load_denoiser(bundle).cfg.num_steps == load_preset("tiny").diffusion.num_steps
-    out = upsample_ldm(thick, SPACING, checkpoint=str(bundle), steps="3", progress=False)
+    out = upsample(thick, SPACING, "ldm", checkpoint=str(bundle), steps=3, progress=False)
     assert "3 steps" in out.metadata["ldm"]
+    with pytest.raises(ThinsliceError, match="option steps must be int"):  # text is parsed by the CLI only
+        upsample(thick, SPACING, "ldm", checkpoint=str(bundle), steps="3", progress=False)
     with pytest.raises(ThinsliceError, match="no denoiser for 15 steps"):
-        upsample_ldm(thick, SPACING, checkpoint=str(bundle), steps=15, progress=False)
+        upsample(thick, SPACING, "ldm", checkpoint=str(bundle), steps=15, progress=False)
 
 
 def test_wrong_preset_and_wrong_pairing_are_refused(bundle, thick, tmp_path) -> None:
     with pytest.raises(ThinsliceError, match="preset 'tiny'"):
-        upsample_ldm(thick, SPACING, checkpoint=str(bundle), preset="small", progress=False)
+        upsample(thick, SPACING, "ldm", checkpoint=str(bundle), preset="small", progress=False)
     # A denoiser trained on another VAE's latents.
     other = tmp_path / "other"
     preset = load_preset("tiny")
@@ -158,7 +164,7 @@ def test_wrong_preset_and_wrong_pairing_are_refused(bundle, thick, tmp_path) -> 
     save_bundle_model(AutoencoderKL3D(preset.vae), "vae", preset, other)
     save_bundle_denoiser(build_denoiser(preset), preset, other, {"vae_hash": "0123456789abcdef"})
     with pytest.raises(ThinsliceError, match="trained on latents of VAE"):
-        upsample_ldm(thick, SPACING, checkpoint=str(other), progress=False)
+        upsample(thick, SPACING, "ldm", checkpoint=str(other), progress=False)
     # A file of the wrong kind under the denoiser's name.
     (other / "denoiser.safetensors").write_bytes((other / "vae.safetensors").read_bytes())
     with pytest.raises(ThinsliceError, match="'vae' weights, but 'denoiser'"):
@@ -169,7 +175,7 @@ def test_missing_weights_give_a_clear_error(tmp_path, thick) -> None:
     with pytest.raises(ThinsliceError, match="no trained weights for 'ldm'.*missing vae.safetensors"):
         get_method("ldm").bundle(tmp_path)
     with pytest.raises(ThinsliceError, match="not found"):
-        upsample_ldm(thick, SPACING, checkpoint=str(tmp_path / "nowhere"), progress=False)
+        upsample(thick, SPACING, "ldm", checkpoint=str(tmp_path / "nowhere"), progress=False)
     if not get_method("ldm").has_weights():
         with pytest.raises(ThinsliceError, match=f"no trained weights for 'ldm' found in {DEFAULT_BUNDLE_DIR}"):
             upsample(thick, SPACING, method="ldm")

@@ -13,7 +13,8 @@ from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
-from thinslice.infer.planes import cell_operators, integer_factor, run_planes
+from thinslice.infer.pipeline import Acquisition
+from thinslice.infer.planes import Planes, cell_operators, integer_factor
 from thinslice.infer.planes_data import PlaneSampler, adapt_plan
 from thinslice.infer.upsample import get_method, upsample
 from thinslice.models.factory import build_planes
@@ -46,7 +47,8 @@ def test_untrained_network_returns_cubic_dc(thin_phantom) -> None:
     """The output heads start at zero: before training, planes is exactly cubic-dc (then projected again)."""
     thick, _ = simulate_pair(thin_phantom, factor=4, profile="box")
     model = build_planes("tiny").eval()
-    out = run_planes(model, thick, thin_phantom.slice_spacing, "box", precision="fp32")
+    pipeline = Planes.from_model(model, precision="fp32")
+    out = pipeline(thick, thin_phantom.slice_spacing, Acquisition.of(thick, "box")).volume
     ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
     assert out.grid_differences(ref) == []
     assert np.abs(out.array - ref.array).max() < 0.05
@@ -189,7 +191,8 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
     assert torch.equal(out, batch["base"][:, 1:2])  # zero heads: the middle plane's cubic-dc
     thick, _ = simulate_pair(thin_phantom, factor=3, profile="box")
     ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
-    result = run_planes(model, thick, thin_phantom.slice_spacing, "box", precision="fp32")
+    pipeline = Planes.from_model(model, precision="fp32")
+    result = pipeline(thick, thin_phantom.slice_spacing, Acquisition.of(thick, "box")).volume
     assert np.abs(result.array - ref.array).max() < 0.05
 
 
@@ -227,9 +230,10 @@ def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeyp
     with torch.no_grad():
         assert model(batch["thick"], batch["base"], batch["cond"]).shape == batch["hr"].shape
     thick, _ = simulate_pair(thin_phantom, factor=3, profile="gaussian")
-    whole = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32", consistency=False)
+    pipeline = Planes.from_model(model, precision="fp32", consistency=False)
+    whole = pipeline(thick, thin_phantom.slice_spacing).volume
     monkeypatch.setattr(planes_infer, "BLOCK_TILE", 7)
-    tiled = run_planes(model, thick, thin_phantom.slice_spacing, precision="fp32", consistency=False)
+    tiled = pipeline(thick, thin_phantom.slice_spacing).volume
     assert np.abs(whole.array - tiled.array).max() < 1e-2
     base = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
     assert np.abs(whole.array - base.array).max() > 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
 from thinslice.errors import ThinsliceError
@@ -79,8 +80,24 @@ def collect_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def method_options(method, args: argparse.Namespace) -> dict[str, object]:
+    """The options ``method`` uses, typed (the one place command-line text becomes option values); a note names the
+    flags it ignores."""
+    from thinslice.infer.options import coerce_options, option_types
+
+    options = collect_options(args)
+    ignored = sorted(set(options) - set(method.options))
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
+    options = {k: v for k, v in options.items() if k in method.options}
+    if "progress" in method.options:
+        options.setdefault("progress", True)  # learned methods take seconds to minutes: show how far they are
+    return coerce_options(options, option_types(method.pipeline.Options))
+
+
 def run(args: argparse.Namespace) -> int:
-    from thinslice.infer.upsample import get_method, upsample
+    from thinslice.infer.upsample import get_method, run_method
     from thinslice.io import read_volume, write_volume
 
     refuse_same_path(args.output, args.input)
@@ -95,23 +112,45 @@ def run(args: argparse.Namespace) -> int:
         if note:
             print(f"thinslice upsample: note: {note}", file=sys.stderr)
     method = get_method(args.method)
-    options = collect_options(args)
-    if method.options is not None:
-        ignored = sorted(set(options) - set(method.options))
-        if ignored:
-            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-            print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
-            options = {k: v for k, v in options.items() if k in method.options}
-    if "progress" in (method.options or ()):
-        options.setdefault("progress", True)  # learned methods take seconds to minutes: show how far they are
-    wants_std = int(options.get("samples") or 1) > 1 and "uncertainty_path" in (method.options or ())
-    if wants_std and "uncertainty_path" not in options:
-        from thinslice.infer.ldm import std_path_for
-
-        options["uncertainty_path"] = str(std_path_for(args.output))
-        refuse_same_path(options["uncertainty_path"], args.input)
-    thin = upsample(thick, args.spacing, method=method.name, **options)
+    options = method_options(method, args)
+    std_path = _std_path(args, options)
+    result = run_method(thick, args.spacing, method=method.name, **options)
+    thin = result.volume
+    if std_path is not None and "std" in result.extras:
+        written_std = write_volume(result.extras["std"], std_path, dtype=_std_dtype(std_path))
+        thin.metadata["std_map"] = str(written_std)
+        print(f"wrote {written_std}: per-voxel standard deviation over {options['samples']} samples")
     written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input)
     print(f"wrote {written}: {thick.num_slices} -> {thin.num_slices} slices, {summary(thin)}, "
           f"{method.name}, {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _std_path(args: argparse.Namespace, options: dict[str, object]):
+    """Where the uncertainty map goes (``--samples`` >= 2): beside the output, ``ct.nii.gz`` -> ``ct_std.nii.gz``;
+    checked against the input before any work."""
+    if int(options.get("samples") or 1) < 2:  # type: ignore[call-overload]
+        return None
+    path = std_path_for(args.output)
+    refuse_same_path(str(path), args.input)
+    return path
+
+
+def std_path_for(output: str | Path) -> Path:
+    """Where the uncertainty map of ``output`` goes: ``ct.nii.gz`` -> ``ct_std.nii.gz``, folder ``out/`` ->
+    ``out_std/``."""
+    from thinslice.io.readers import file_extension
+
+    text = str(output).rstrip("/\\")
+    path = Path(text)
+    ext = file_extension(path)
+    if ext and path.name.lower().endswith(ext) and len(path.name) > len(ext):
+        return path.with_name(path.name[: -len(ext)] + "_std" + path.name[-len(ext):])
+    return path.with_name(path.name + "_std")
+
+
+
+def _std_dtype(path) -> str:
+    from thinslice.io.writers import is_folder_output
+
+    return "int16" if is_folder_output(path) else "float32"

@@ -49,7 +49,7 @@ def fine_tune(model: nn.Module, batches: Iterator[dict[str, Any]], loss_fn: Loss
 
     device = next(model.parameters()).device
     amp = autocast_dtype(plan.precision)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=plan.lr)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)  # as the training engine
     deadline = time.perf_counter() + plan.max_seconds
     model.train()
     for step in tqdm(range(plan.steps), desc="adapt", unit="step", disable=not plan.progress, leave=False):

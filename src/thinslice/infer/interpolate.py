@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from thinslice.degrade.grid import thin_grid, thin_positions
 from thinslice.errors import ThinsliceError
+from thinslice.io.volume import Volume
 
 METHODS = ("linear", "cubic")
 # Edge padding before the prefilter, as scipy does for mode="nearest": the influence of the boundary condition
@@ -84,3 +86,11 @@ def _bspline3_weights(frac: np.ndarray) -> np.ndarray:
     w2 = (-3 * f**3 + 3 * f**2 + 3 * f + 1) / 6
     w3 = f**3 / 6
     return np.stack([w0, w1, w2, w3], axis=1).astype(np.float32)
+
+
+def interpolate_volume(thick: Volume, spacing_mm: float, method: str = "cubic") -> Volume:
+    """``thick`` interpolated along its slice axis onto :func:`thinslice.degrade.grid.thin_grid` at ``spacing_mm``."""
+    _, first_offset = thin_grid(thick, spacing_mm)
+    values = interpolate_slices(thick.slices_first(), thick.slice_positions_mm(), thin_positions(thick, spacing_mm),
+                                method=method)
+    return thick.with_slices(values, spacing_mm, first_offset, slice_thickness=spacing_mm)

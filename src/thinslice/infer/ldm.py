@@ -15,7 +15,8 @@ Pipeline (timed per stage, see :class:`LDMResult`):
    learnt nothing (x0 = y) then gives exactly cubic;
 5. data consistency: projection onto ``{x : A x = thick}`` for the input's slice profile (:mod:`.consistency`).
 
-``samples > 1`` averages several seeds and can write the per-voxel standard deviation (an uncertainty map).
+``samples > 1`` averages several seeds; their per-voxel standard deviation (an uncertainty map) comes back as
+``Result.extras["std"]`` for the caller to write (``thinslice upsample`` writes it beside the output).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,10 +37,16 @@ from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_devic
 from thinslice.checkpoints.files import loaded_preset, record_of
 from thinslice.degrade.grid import thin_grid
 from thinslice.errors import ThinsliceError
-from thinslice.infer.consistency import consistency_residual_hu, enforce_consistency, thick_profile_operator
-from thinslice.infer.options import option_bool, option_float, option_int, option_patch
+from thinslice.infer.consistency import (
+    SlabOperator,
+    consistency_residual_hu,
+    enforce_consistency,
+    thick_profile_operator,
+)
+from thinslice.infer.interpolate import interpolate_volume
+from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.sampler import sample_latent
-from thinslice.infer.upsample import get_method, register_method
+from thinslice.infer.upsample import register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.tiling import DEFAULT_TILE, decode_volume, encode_volume
@@ -53,9 +59,6 @@ DEFAULT_OVERLAP = 0.25
 # presets with the control net (float32, no gradients), with a safety margin; used to pick whole vs windowed sampling.
 BYTES_PER_VOXEL_CHANNEL = 120.0
 
-OPTIONS = ("checkpoint", "device", "steps", "samples", "guidance_scale", "sampler", "seed", "patch_size", "profile",
-           "consistency", "progress", "uncertainty_path", "preset", "thickness", "memory_limit_gb", "decode",
-           "precision")
 DECODE_MODES = ("residual", "direct")
 
 
@@ -69,19 +72,6 @@ class LDMResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def std_path_for(output: str | Path) -> Path:
-    """Where the uncertainty map of ``output`` goes: ``ct.nii.gz`` -> ``ct_std.nii.gz``, folder ``out/`` ->
-    ``out_std/``."""
-    from thinslice.io.readers import file_extension
-
-    text = str(output).rstrip("/\\")
-    path = Path(text)
-    ext = file_extension(path)
-    if ext and path.name.lower().endswith(ext) and len(path.name) > len(ext):
-        return path.with_name(path.name[: -len(ext)] + "_std" + path.name[-len(ext):])
-    return path.with_name(path.name + "_std")
-
-
 def available_memory_bytes(device: torch.device) -> int:
     """Memory the sampler may use: 70% of free GPU memory, or half the available RAM on CPU."""
     if device.type == "cuda":
@@ -227,126 +217,188 @@ def latent_window(denoiser: LatentDenoiser, vae_stride: tuple[int, int, int], la
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-def run_ldm(
-    thick: Volume,
-    spacing_mm: float,
-    vae: AutoencoderKL3D,
-    denoiser: LatentDenoiser,
-    *,
-    steps: int | None = None,
-    samples: int = 1,
-    guidance_scale: float | None = None,
-    sampler: str | None = None,
-    seed: int = 0,
-    patch_size: tuple[int, int, int] | None = None,
-    profile: str = "gaussian",
-    thickness: float | None = None,
-    consistency: bool = True,
-    progress: bool = False,
-    memory_limit_gb: float | None = None,
-    vae_tile: tuple[int, int, int] = DEFAULT_TILE,
-    decode: str = "residual",
-    precision: str = "fp32",
-) -> LDMResult:
-    """The LDM pipeline with given (loaded) models; see the module docstring. ``samples`` seeds are
-    ``seed, seed + 1, ...``; the result is their mean, ``std`` their per-voxel standard deviation."""
-    if samples < 1:
-        raise ThinsliceError(f"--samples must be at least 1, got {samples}")
-    if decode not in DECODE_MODES:
-        raise ThinsliceError(f"unknown decode mode '{decode}': use one of {', '.join(DECODE_MODES)}")
-    amp = autocast_dtype(precision)
-    _check_pair(vae, denoiser)
-    device = next(denoiser.parameters()).device
-    timings: dict[str, float] = {}
-    info: dict[str, object] = {"timings_s": timings}
+@dataclass(frozen=True)
+class LdmOptions(LearnedOptions):
+    progress: bool = True
+    steps: int | None = None  # None: the model's schedule; 4 picks denoiser-4step.safetensors
+    samples: int = 1  # > 1: mean of seeds seed, seed + 1, ...; their per-voxel std comes back as extras["std"]
+    guidance_scale: float | None = None  # classifier-free guidance (None: the model's)
+    sampler: str | None = None  # resshift or ddim (None: the model's)
+    patch_size: tuple[int, int, int] | None = None  # image voxels per latent window (None: by memory)
+    consistency: bool = True  # data-consistency projection of every sample
+    memory_limit_gb: float | None = None  # sampling memory budget (None: 70% free GPU / half the free RAM)
+    decode: str = "residual"  # residual (cubic + D(x0) - D(y)) or direct (D(x0))
+    vae_tile: tuple[int, int, int] = DEFAULT_TILE
 
+
+@dataclass
+class _Encoded:
+    """The conditioning image in latent space, and what residual decoding adds back."""
+
+    y_hu: np.ndarray
+    padded_shape: tuple[int, ...]
+    latent: torch.Tensor
+    lr_detail: np.ndarray | None
+    vae_tile: tuple[int, int, int]
+
+
+def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, cubic: Volume, o: LdmOptions,
+            timings: dict[str, float]) -> _Encoded:
+    """Encode the cubic image (edge-padded to the size multiple), and for residual decoding keep cubic - D(y)."""
+    amp = autocast_dtype(o.precision)
     t0 = time.perf_counter()
-    n_thin, first_offset = thin_grid(thick, spacing_mm)
-    lr = get_method("cubic").fn(thick, spacing_mm)
-    y_hu = lr.slices_first()
+    y_hu = cubic.slices_first()
+    mult = tuple(s * m for s, m in zip(vae.total_stride, denoiser.size_multiple, strict=True))
+    padded = _pad_to(np.ascontiguousarray(y_hu), mult)  # type: ignore[arg-type]
+    # Tiles no larger than the (stride-aligned) volume: tiling pads small volumes up to a whole tile otherwise.
+    tile = tuple(min(int(t), n) for t, n in zip(o.vae_tile, padded.shape, strict=True))
+    latent = encode_volume(vae, padded, tile=tile, progress=o.progress, autocast_dtype=amp)[None]
+    timings["encode"] = time.perf_counter() - t0
+    lr_detail = None
+    if o.decode == "residual":
+        # cubic - D(y): what the VAE loses of the cubic image; added back to every decoded sample.
+        t0 = time.perf_counter()
+        lr_detail = decode_volume(vae, latent[0], out_shape=padded.shape, tile=tile, progress=o.progress,
+                                  autocast_dtype=amp)[: y_hu.shape[0], : y_hu.shape[1], : y_hu.shape[2]]
+        np.subtract(y_hu, lr_detail, out=lr_detail)
+        timings["decode_lr"] = time.perf_counter() - t0
+    return _Encoded(y_hu, padded.shape, latent, lr_detail, tile)  # type: ignore[arg-type]
+
+
+class _Welford:
+    """Running mean and sum of squares in place (float32 accumulators of the output size):
+    delta = x - mean_old; mean += delta / n; m2 += delta * (x - mean_new) = delta^2 (n - 1) / n."""
+
+    def __init__(self, shape: tuple[int, ...], with_var: bool) -> None:
+        self.n = 0
+        self.mean = np.zeros(shape, np.float32)
+        self.m2 = np.zeros(shape, np.float32) if with_var else None
+
+    def add(self, x: np.ndarray) -> None:
+        self.n += 1
+        delta = np.subtract(x, self.mean, dtype=np.float32)
+        self.mean += delta / self.n
+        if self.m2 is not None and self.n > 1:
+            np.multiply(delta, delta, out=delta)
+            delta *= (self.n - 1) / self.n
+            self.m2 += delta
+
+    def std(self) -> np.ndarray | None:
+        if self.m2 is None:
+            return None
+        return np.sqrt(np.maximum(self.m2 / (self.n - 1), 0.0)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor."""
+
+    window: tuple[int, int, int] | None
+    scale: float
+    factor: float
+
+
+def _sample(vae: AutoencoderKL3D, denoiser: LatentDenoiser, enc: _Encoded, plan: _Plan, o: LdmOptions, seed: int,
+            timings: dict[str, float]) -> np.ndarray:
+    """One seed's HR latent, decoded to HU on the thin grid (plus the residual-decoding detail)."""
+    device, amp = next(denoiser.parameters()).device, autocast_dtype(o.precision)
+    t0 = time.perf_counter()
+    with autocast(device, amp):
+        hr_latent = sample_hr_latent(denoiser, enc.latent, plan.factor, seed=seed, window=plan.window,
+                                     sampler=o.sampler, steps=o.steps, guidance_scale=plan.scale, device=device,
+                                     progress=o.progress)
+    timings["sampling"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    x = decode_volume(vae, hr_latent[0].float(), out_shape=enc.padded_shape, tile=enc.vae_tile, progress=o.progress,
+                      autocast_dtype=amp)
+    x = x[: enc.y_hu.shape[0], : enc.y_hu.shape[1], : enc.y_hu.shape[2]]
+    if enc.lr_detail is not None:
+        x += enc.lr_detail
+    timings["decode"] += time.perf_counter() - t0
+    return x
+
+
+def _plan(denoiser: LatentDenoiser, vae: AutoencoderKL3D, enc: _Encoded, o: LdmOptions,
+          info: dict[str, object]) -> _Plan:
+    """Latent window (None: whole) and guidance scale of the run, recorded in ``info``."""
+    device = next(denoiser.parameters()).device
+    latent_shape = tuple(int(n) for n in enc.latent.shape[2:])
+    scale = denoiser.cfg.guidance_scale if o.guidance_scale is None else float(o.guidance_scale)
+    budget = int(o.memory_limit_gb * 1024**3) if o.memory_limit_gb else available_memory_bytes(device)
+    window = latent_window(denoiser, vae.total_stride, latent_shape, o.patch_size, budget, scale)  # type: ignore[arg-type]
+    info.update(latent_shape=latent_shape, window=window or "whole", samples=o.samples, seed=o.seed,
+                steps=o.steps or (denoiser.cfg.num_steps if denoiser.cfg.method == "resshift"
+                                  else denoiser.cfg.ddim_sample_steps),
+                sampler=denoiser.cfg.method, guidance_scale=scale, decode=o.decode, precision=o.precision)
+    return _Plan(window, scale, float(info["factor"]))  # type: ignore[arg-type]
+
+
+def run_ldm(thick: Volume, spacing_mm: float, vae: AutoencoderKL3D, denoiser: LatentDenoiser,
+            options: LdmOptions | None = None, acquisition: Acquisition | None = None,
+            prior: Volume | None = None) -> LDMResult:
+    """The LDM pipeline with given (loaded) models; see the module docstring. ``prior`` is the cubic image (computed
+    when not given). The result is the mean of ``options.samples`` seeds, ``std`` their per-voxel deviation."""
+    o = options or LdmOptions()
+    if o.samples < 1:
+        raise ThinsliceError(f"--samples must be at least 1, got {o.samples}")
+    if o.decode not in DECODE_MODES:
+        raise ThinsliceError(f"unknown decode mode '{o.decode}': use one of {', '.join(DECODE_MODES)}")
+    autocast_dtype(o.precision)  # an unknown precision fails before any work
+    _check_pair(vae, denoiser)
+    acquisition = acquisition or Acquisition.of(thick)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cubic = prior if prior is not None else interpolate_volume(thick, spacing_mm, "cubic")
     factor = thick.slice_spacing / float(spacing_mm)
     _warn_factor(factor, denoiser)
     timings["cubic"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    stride = vae.total_stride
-    mult = tuple(s * m for s, m in zip(stride, denoiser.size_multiple, strict=True))
-    padded = _pad_to(np.ascontiguousarray(y_hu), mult)  # type: ignore[arg-type]
-    # Tiles no larger than the (stride-aligned) volume: tiling pads small volumes up to a whole tile otherwise.
-    vae_tile = tuple(min(int(t), n) for t, n in zip(vae_tile, padded.shape, strict=True))  # type: ignore[assignment]
-    y_latent = encode_volume(vae, padded, tile=vae_tile, progress=progress, autocast_dtype=amp)[None]
-    timings["encode"] = time.perf_counter() - t0
-    lr_detail = None
-    if decode == "residual":
-        # cubic - D(y): what the VAE loses of the cubic image; added back to every decoded sample.
-        t0 = time.perf_counter()
-        lr_detail = decode_volume(vae, y_latent[0], out_shape=padded.shape, tile=vae_tile, progress=progress,
-                                  autocast_dtype=amp)[:n_thin, : y_hu.shape[1], : y_hu.shape[2]]
-        np.subtract(y_hu, lr_detail, out=lr_detail)
-        timings["decode_lr"] = time.perf_counter() - t0
-    latent_shape = tuple(int(n) for n in y_latent.shape[2:])
-    scale = denoiser.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-    budget = int(memory_limit_gb * 1024**3) if memory_limit_gb else available_memory_bytes(device)
-    window = latent_window(denoiser, stride, latent_shape, patch_size, budget, scale)  # type: ignore[arg-type]
-    info.update(factor=factor, latent_shape=latent_shape, window=window or "whole", samples=samples, seed=seed,
-                steps=steps or (denoiser.cfg.num_steps if denoiser.cfg.method == "resshift"
-                                else denoiser.cfg.ddim_sample_steps),
-                sampler=denoiser.cfg.method, guidance_scale=scale, decode=decode, precision=precision)
-
-    weights = thick_profile_operator(thick, spacing_mm, profile, thickness) if consistency else None
-    mean = np.zeros((n_thin, *y_hu.shape[1:]), np.float32)
-    m2 = np.zeros_like(mean) if samples > 1 else None
+    enc = _encode(vae, denoiser, cubic, o, timings)
+    info: dict[str, object] = {"timings_s": timings, "factor": factor}
+    plan = _plan(denoiser, vae, enc, o, info)
+    weights = (thick_profile_operator(thick, spacing_mm, acquisition.profile, acquisition.thickness_mm)
+               if o.consistency else None)
+    acc = _Welford(enc.y_hu.shape, o.samples > 1)
     timings.update(sampling=0.0, decode=0.0, consistency=0.0)
-    residual_before: list[dict[str, float]] = []
-    residual_after: list[dict[str, float]] = []
-    seeds = tqdm(range(samples), desc="samples", disable=not progress or samples == 1, leave=False)
-    for index in seeds:
-        t0 = time.perf_counter()
-        with autocast(device, amp):
-            hr_latent = sample_hr_latent(denoiser, y_latent, factor, seed=seed + index, window=window,
-                                         sampler=sampler, steps=steps, guidance_scale=scale, device=device,
-                                         progress=progress)
-        timings["sampling"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x = decode_volume(vae, hr_latent[0].float(), out_shape=padded.shape, tile=vae_tile, progress=progress,
-                          autocast_dtype=amp)
-        x = x[:n_thin, : y_hu.shape[1], : y_hu.shape[2]]
-        if lr_detail is not None:
-            x += lr_detail
-        timings["decode"] += time.perf_counter() - t0
+    residuals: list[tuple[dict[str, float], dict[str, float]]] = []
+    for index in tqdm(range(o.samples), desc="samples", disable=not o.progress or o.samples == 1, leave=False):
+        x = _sample(vae, denoiser, enc, plan, o, o.seed + index, timings)
         if weights is not None:
-            t0 = time.perf_counter()
-            thick_hu = thick.slices_first()
-            residual_before.append(consistency_residual_hu(x, thick_hu, weights))
-            x = enforce_consistency(x, thick_hu, weights)
-            residual_after.append(consistency_residual_hu(x, thick_hu, weights))
-            timings["consistency"] += time.perf_counter() - t0
-        # Welford's running mean / sum of squares in place (float32 accumulators of the output size):
-        # delta = x - mean_old; mean += delta / n; m2 += delta * (x - mean_new) = delta^2 (n - 1) / n.
-        n = index + 1
-        delta = np.subtract(x, mean, dtype=np.float32)
-        del x
-        mean += delta / n
-        if m2 is not None and n > 1:
-            np.multiply(delta, delta, out=delta)
-            delta *= (n - 1) / n
-            m2 += delta
-        del delta
+            x = _project(x, thick, weights, residuals, timings)
+        acc.add(x)
+    return _finish(thick, cubic, acc, residuals, acquisition, info)
 
-    out = thick.with_slices(mean, float(spacing_mm), first_offset, slice_thickness=float(spacing_mm))
+
+def _project(x: np.ndarray, thick: Volume, weights: SlabOperator,
+             residuals: list[tuple[dict[str, float], dict[str, float]]], timings: dict[str, float]) -> np.ndarray:
+    """One sample projected onto consistency with the thick slices; its residuals before/after recorded."""
+    t0 = time.perf_counter()
+    thick_hu = thick.slices_first()
+    before = consistency_residual_hu(x, thick_hu, weights)
+    x = enforce_consistency(x, thick_hu, weights)
+    residuals.append((before, consistency_residual_hu(x, thick_hu, weights)))
+    timings["consistency"] += time.perf_counter() - t0
+    return x
+
+
+def _finish(thick: Volume, cubic: Volume, acc: _Welford, residuals: list, acquisition: Acquisition,
+            info: dict[str, object]) -> LDMResult:
+    """The mean volume on the thin grid, the std map, and the run facts in ``info`` and the volume's metadata."""
+    spacing = cubic.slice_spacing
+    _, offset = thin_grid(thick, spacing)
+    out = thick.with_slices(acc.mean, spacing, offset, slice_thickness=spacing)
     std = None
-    if m2 is not None:
-        std_arr = np.sqrt(np.maximum(m2 / (samples - 1), 0.0)).astype(np.float32)
-        std = thick.with_slices(std_arr, float(spacing_mm), first_offset, slice_thickness=float(spacing_mm))
-        std.metadata["content"] = f"per-voxel standard deviation (HU) over {samples} ldm samples"
+    std_arr = acc.std()
+    if std_arr is not None:
+        std = thick.with_slices(std_arr, spacing, offset, slice_thickness=spacing)
+        std.metadata["content"] = f"per-voxel standard deviation (HU) over {acc.n} ldm samples"
         info["std_mean_hu"] = float(std_arr.mean())
-    if residual_before:
+    if residuals:
         info["consistency_hu"] = {
-            "before_mean_abs": float(np.mean([r["mean_abs"] for r in residual_before])),
-            "before_max_abs": float(max(r["max_abs"] for r in residual_before)),
-            "after_mean_abs": float(np.mean([r["mean_abs"] for r in residual_after])),
-            "after_max_abs": float(max(r["max_abs"] for r in residual_after)),
-            "profile": profile,
+            "before_mean_abs": float(np.mean([b["mean_abs"] for b, _ in residuals])),
+            "before_max_abs": float(max(b["max_abs"] for b, _ in residuals)),
+            "after_mean_abs": float(np.mean([a["mean_abs"] for _, a in residuals])),
+            "after_max_abs": float(max(a["max_abs"] for _, a in residuals)),
+            "profile": acquisition.profile,
         }
     _annotate(out, info)
     return LDMResult(out, std, info)
@@ -362,81 +414,38 @@ def _annotate(out: Volume, info: dict[str, object]) -> None:
                            f"{mode}")
     res = info.get("consistency_hu")
     if isinstance(res, dict):
-        out.metadata["ldm_consistency_hu"] = (
+        out.metadata["consistency_hu"] = (
             f"{res['profile']} profile; |A x - thick| before mean {res['before_mean_abs']:.3g} max "
             f"{res['before_max_abs']:.3g}, after mean {res['after_mean_abs']:.3g} max {res['after_max_abs']:.3g}")
     timings = info["timings_s"]
     out.metadata["ldm_timing_s"] = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())  # type: ignore[union-attr]
 
 
-def upsample_ldm(
-    thick: Volume,
-    spacing_mm: float,
-    checkpoint: str | None = None,
-    device: str | None = None,
-    steps: int | str | None = None,
-    samples: int | str = 1,
-    guidance_scale: float | str | None = None,
-    sampler: str | None = None,
-    seed: int | str = 0,
-    patch_size: tuple[int, int, int] | str | None = None,
-    profile: str = "gaussian",
-    consistency: bool | str = True,
-    progress: bool | str = True,
-    uncertainty_path: str | Path | None = None,
-    preset: str | None = None,
-    thickness: float | str | None = None,
-    memory_limit_gb: float | str | None = None,
-    decode: str = "residual",
-    precision: str = "fp32",
-) -> Volume:
-    """Latent-diffusion upsampling of ``thick`` to ``spacing_mm`` slices on ``thin_grid(thick, spacing_mm)``.
+@register_pipeline
+class Ldm(Pipeline):
+    """cubic -> VAE latent -> ResShift/DDIM sampling (IRControlNet, CFG) -> decode -> consistency per sample."""
 
-    ``checkpoint``: bundle folder (default: the shipped weights). ``steps``: None = the model's schedule; 4 picks
-    ``denoiser-4step.safetensors``. ``samples`` > 1 averages seeds; with ``uncertainty_path`` their per-voxel
-    standard deviation is written there (float32 file, or int16 DICOM folder). ``profile``/``thickness`` describe
-    the input's slices for data consistency (thickness default: the file's slice thickness, else its spacing).
-    ``preset`` only checks that the weights have that preset's architecture. ``decode``: residual (cubic + D(x0) -
-    D(y), default) or direct (D(x0)). ``precision``: fp32 or bf16 (autocast; about twice as fast on a CPU).
-    """
-    steps_n = None if steps is None else option_int("steps", steps, 1)
-    n_samples = option_int("samples", samples, 1)
-    seed_n = option_int("seed", seed)
-    scale = None if guidance_scale is None else option_float("guidance_scale", guidance_scale)
-    patch = None if patch_size is None else option_patch("patch_size", patch_size)
-    thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
-    limit = None if memory_limit_gb is None else option_float("memory_limit_gb", memory_limit_gb, positive=True)
-    show = option_bool("progress", progress)
-    if uncertainty_path is not None and n_samples < 2:
-        raise ThinsliceError("an uncertainty (standard deviation) map needs --samples 2 or more")
-    bundle = get_method("ldm").bundle(checkpoint)
-    dev = resolve_device(device)
-    vae = load_vae(bundle, dev, preset=preset)
-    denoiser = load_denoiser(bundle, dev, steps=steps_n, preset=preset)
-    result = run_ldm(thick, spacing_mm, vae, denoiser, steps=steps_n, samples=n_samples, guidance_scale=scale,
-                     sampler=sampler, seed=seed_n, patch_size=patch, profile=str(profile), thickness=thick_mm,
-                     consistency=option_bool("consistency", consistency), progress=show, memory_limit_gb=limit,
-                     decode=str(decode), precision=str(precision))
-    if show:
-        res = result.info.get("consistency_hu")
-        if isinstance(res, dict):
-            log.info(f"ldm: data consistency |A x - thick| mean {res['before_mean_abs']:.2f} -> "
-                  f"{res['after_mean_abs']:.2g} HU")
-    if uncertainty_path is not None and result.std is not None:
-        from thinslice.io.writers import is_folder_output, write_volume
+    name = "ldm"
+    description = ("3D latent diffusion (ResShift + IRControlNet) with data consistency; needs trained weights "
+                   "(--checkpoint DIR or shipped)")
+    Options = LdmOptions
+    weights = ("vae", "denoiser")
+    train_hint = "thinslice train-vae ... and thinslice train ..."
+    preference = 2
+    consistent = False  # type: ignore[assignment]  (every sample is projected inside, before averaging)
+    vae: AutoencoderKL3D
+    denoiser: LatentDenoiser
 
-        dtype = "int16" if is_folder_output(uncertainty_path) else "float32"
-        written = write_volume(result.std, uncertainty_path, dtype=dtype)
-        result.volume.metadata["ldm_std_map"] = str(written)
-        if show:
-            log.info(f"ldm: wrote standard-deviation map {written}")
-    return result.volume
+    def load(self) -> None:
+        o = self.options
+        bundle, device = self.bundle(), resolve_device(o.device)
+        self.vae = load_vae(bundle, device, preset=o.preset)
+        self.denoiser = load_denoiser(bundle, device, steps=o.steps, preset=o.preset)
 
-
-register_method(
-    "ldm", upsample_ldm,
-    description="3D latent diffusion (ResShift + IRControlNet) with data consistency; needs trained weights "
-                "(--checkpoint DIR or shipped)",
-    options=OPTIONS,
-    weights=("vae", "denoiser"), train_hint="thinslice train-vae ... and thinslice train ...", preference=2,
-)
+    def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
+        run = run_ldm(thick, prior.slice_spacing, self.vae, self.denoiser, self.options, acquisition, prior)
+        res = run.info.get("consistency_hu")
+        if self.options.progress and isinstance(res, dict):
+            log.info("ldm: data consistency |A x - thick| mean %.2f -> %.2g HU", res["before_mean_abs"],
+                     res["after_mean_abs"])
+        return Result(run.volume, extras={} if run.std is None else {"std": run.std})

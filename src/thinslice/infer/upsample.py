@@ -1,28 +1,30 @@
 """One entry point for every upsampler: ``upsample(thick, spacing_mm, method, **options)``.
 
-Methods register themselves with :func:`register_method`. Interpolation ("linear", "cubic", "cubic-dc") is
-registered here; learned methods (CNN baseline, latent diffusion) in their own modules, which are imported on first
-use from :data:`PLUGIN_MODULES` so that ``thinslice upsample`` lists them without importing torch models up front.
-Every method returns a volume on :func:`thinslice.degrade.grid.thin_grid` of the input.
+Every method is a :class:`~thinslice.infer.pipeline.Pipeline` class registered with :func:`register_pipeline`.
+Interpolation ("linear", "cubic", "cubic-dc") is registered here; learned methods (planes, CNN baseline, latent
+diffusion) in their own modules, which are imported on first use from :data:`PLUGIN_MODULES` so that ``thinslice
+upsample`` lists them without importing torch models up front. Every method returns a volume on
+:func:`thinslice.degrade.grid.thin_grid` of the input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from thinslice.degrade.grid import thin_grid, thin_positions
 from thinslice.errors import ThinsliceError
-from thinslice.infer.interpolate import interpolate_slices
+from thinslice.infer.interpolate import interpolate_volume
+from thinslice.infer.options import check_option_types
+from thinslice.infer.pipeline import Acquisition, Pipeline, Result, make_options
 from thinslice.io.volume import Volume
 
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
-# applicable(thick, spacing_mm, checkpoint) -> None, or why the method cannot serve this input (e.g. its factor).
-ApplicableFn = Callable[[Volume, float, "str | None"], "str | None"]
 
 # Modules that register further methods when imported (missing ones are skipped).
 PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm", "thinslice.infer.planes")
@@ -32,45 +34,61 @@ WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
 
 @dataclass(frozen=True)
 class UpsampleMethod:
-    """A registered upsampler: the keyword options it accepts (``None``: anything, passed through), the weights
-    kinds it loads from a bundle (see :mod:`thinslice.checkpoints.bundle`), the command that trains them, and its
-    rank among learned methods for ``--method auto`` when no manifest says which.
+    """A registered method: its :class:`~thinslice.infer.pipeline.Pipeline` class and the facts derived from it
+    (options, weights kinds, whether it models the slice profile, training command, rank for ``--method auto``).
 
     The CLI, ``bench`` and ``demo`` read these facts from here instead of keeping their own lists of methods.
     """
 
-    name: str
-    fn: UpsampleFn
-    description: str = ""
-    options: tuple[str, ...] | None = ()
-    weights: tuple[str, ...] = ()
-    applicable: ApplicableFn | None = None
-    train_hint: str = "thinslice train ..."
-    preference: int = 0
+    pipeline: type[Pipeline]
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.name
+
+    @property
+    def description(self) -> str:
+        return self.pipeline.description
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self.pipeline.option_names()
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        return self.pipeline.weights
 
     @property
     def needs_weights(self) -> bool:
-        return bool(self.weights)
+        return bool(self.pipeline.weights)
+
+    @property
+    def uses_profile(self) -> bool:
+        """Whether the method models the input's slice profile (data consistency), so callers must pass it."""
+        return self.pipeline.uses_profile
+
+    @property
+    def preference(self) -> int:
+        return self.pipeline.preference
+
+    def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
+        """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
+        return self.pipeline.applicable(thick, float(spacing_mm), checkpoint)
 
     def bundle(self, checkpoint: str | Path | None) -> Path:
         """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error."""
         from thinslice.checkpoints.bundle import resolve_bundle
 
-        return resolve_bundle(checkpoint, self.weights, self.name, self.train_hint)
+        return resolve_bundle(checkpoint, self.weights, self.name, self.pipeline.train_hint)
 
     def has_weights(self, checkpoint: str | Path | None = None) -> bool:
         from thinslice.checkpoints.bundle import has_weights
 
         return self.needs_weights and has_weights(self.weights, checkpoint)
 
-    def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
-        """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
-        return None if self.applicable is None else self.applicable(thick, float(spacing_mm), checkpoint)
-
-    @property
-    def uses_profile(self) -> bool:
-        """Whether the method models the input's slice profile (data consistency), so callers must pass it."""
-        return self.options is None or "profile" in self.options
+    def fn(self, thick: Volume, spacing_mm: float, **options: object) -> Volume:
+        """Run the method (as :func:`upsample` with this method)."""
+        return upsample(thick, spacing_mm, self.name, **options)
 
 
 log = logging.getLogger(__name__)
@@ -78,14 +96,33 @@ UPSAMPLERS: dict[str, UpsampleMethod] = {}
 _plugins_loaded = False
 
 
-def register_method(
-    name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] | None = (),
-    weights: Sequence[str] = (), applicable: ApplicableFn | None = None, train_hint: str = "thinslice train ...",
-    preference: int = 0,
-) -> None:
-    """Make ``fn`` available as ``upsample(..., method=name)`` and ``thinslice upsample --method name``."""
-    UPSAMPLERS[name] = UpsampleMethod(name, fn, description, None if options is None else tuple(options),
-                                      tuple(weights), applicable, train_hint, preference)
+def register_pipeline(pipeline: type[Pipeline]) -> type[Pipeline]:
+    """Make a pipeline class available as ``upsample(..., method=cls.name)`` and ``--method NAME`` (usable as a
+    class decorator: the one registration line of a method)."""
+    UPSAMPLERS[pipeline.name] = UpsampleMethod(pipeline)
+    return pipeline
+
+
+def register_method(name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] = ()) -> None:
+    """Register a plain function ``fn(thick, spacing_mm, **options)`` as a method without weights (quick
+    experiments and tests); it receives ``profile``/``thickness`` when ``options`` lists ``profile``."""
+    fields = [(o, Any, None) for o in options if o not in ("profile", "thickness")]
+    function_options = dataclasses.make_dataclass(f"{name}_options", fields, frozen=True)
+
+    class FunctionPipeline(Pipeline):
+        Options = function_options
+        uses_profile = "profile" in options
+
+        def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
+            given = {k: v for k, v in dataclasses.asdict(self.options).items() if v is not None}
+            if self.uses_profile:
+                acquisition = acquisition or Acquisition.of(thick)
+                given.update(profile=acquisition.profile, thickness=acquisition.thickness_mm)
+            return Result(fn(thick, float(spacing_mm), **given))
+
+    FunctionPipeline.name = name
+    FunctionPipeline.description = description
+    register_pipeline(FunctionPipeline)
 
 
 # What --method auto falls back to when the recommended method cannot serve an input.
@@ -155,20 +192,33 @@ def get_method(name: str) -> UpsampleMethod:
 def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Volume:
     """``thick`` resampled along its slice axis to ``spacing_mm`` slices on the thin grid, by ``method``.
 
-    Options whose value is ``None`` are dropped (not given); others must be ones the method accepts.
+    Options whose value is ``None`` are dropped (not given); others must be ones the method accepts, with typed
+    values (the CLI parses its strings with :func:`thinslice.infer.options.coerce_options`). ``profile`` and
+    ``thickness`` (mm) describe the input's slices for the methods that model them. :func:`run_method` also returns
+    the method's extra outputs (e.g. the ldm std map).
     """
+    return run_method(thick, spacing_mm, method, **options).volume
+
+
+def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Result:
+    """:func:`upsample`, returning the whole :class:`~thinslice.infer.pipeline.Result`."""
     entry = get_method(method)
     given = {k: v for k, v in options.items() if v is not None}
-    if entry.options is not None:
-        unknown = sorted(set(given) - set(entry.options))
-        if unknown:
-            accepted = ", ".join(entry.options) or "none"
-            raise ThinsliceError(f"method '{method}' does not use option(s) {', '.join(unknown)} "
-                                 f"(it accepts: {accepted})")
-    _report_thickness_contradiction(thick, given.get("thickness"))
-    out = entry.fn(thick, float(spacing_mm), **given)
-    out.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
-    return out
+    unknown = sorted(set(given) - set(entry.options))
+    if unknown:
+        raise ThinsliceError(f"method '{method}' does not use option(s) {', '.join(unknown)} "
+                             f"(it accepts: {', '.join(entry.options) or 'none'})")
+    profile, thickness = given.pop("profile", None), given.pop("thickness", None)
+    acquisition = None
+    if entry.uses_profile:
+        check_option_types({"profile": profile, "thickness": thickness}, {"profile": str, "thickness": float})
+        _report_thickness_contradiction(thick, thickness)
+        acquisition = Acquisition.of(thick, profile, thickness)  # type: ignore[arg-type]
+    pipeline = entry.pipeline(make_options(entry.pipeline, given))
+    pipeline.load()
+    result = pipeline(thick, float(spacing_mm), acquisition)
+    result.volume.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
+    return result
 
 
 def _report_thickness_contradiction(thick: Volume, given: object) -> None:
@@ -183,41 +233,35 @@ def _report_thickness_contradiction(thick: Volume, given: object) -> None:
                     value, recorded, value)
 
 
-def _interpolation(method: str) -> UpsampleFn:
-    def run(thick: Volume, spacing_mm: float) -> Volume:
-        _, first_offset = thin_grid(thick, spacing_mm)
-        values = interpolate_slices(thick.slices_first(), thick.slice_positions_mm(),
-                                    thin_positions(thick, spacing_mm), method=method)
-        return thick.with_slices(values, spacing_mm, first_offset, slice_thickness=spacing_mm)
+class Linear(Pipeline):
+    name = "linear"
+    description = "linear interpolation between neighbouring slices (clamped at the ends)"
+    uses_profile = False
 
-    return run
-
-
-register_method("linear", _interpolation("linear"),
-                description="linear interpolation between neighbouring slices (clamped at the ends)")
-register_method("cubic", _interpolation("cubic"),
-                description="cubic B-spline interpolation through the slices (clamped at the ends)")
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
+        return interpolate_volume(thick, spacing_mm, "linear")
 
 
-def _cubic_consistent(thick: Volume, spacing_mm: float, profile: str = "gaussian",
-                      thickness: float | str | None = None) -> Volume:
+class Cubic(Pipeline):
+    name = "cubic"
+    description = "cubic B-spline interpolation through the slices (clamped at the ends)"
+    uses_profile = False
+
+
+class CubicDC(Pipeline):
     """Cubic B-spline, then the data-consistency projection for the input's slice profile.
 
     Cubic interpolation treats thick slices as point samples; projecting it onto {x : A x = thick} (the profile's
     averaging operator A) restores what the slab averaging removed, as far as the thick slices determine it. It is
     the fair reference for the learned methods, which end with the same projection.
     """
-    from thinslice.infer.consistency import make_consistent
-    from thinslice.infer.options import option_float
 
-    thick_mm = None if thickness is None else option_float("thickness", thickness, positive=True)
-    cubic = _interpolation("cubic")(thick, spacing_mm)
-    out, report = make_consistent(cubic, thick, str(profile), thick_mm)
-    out.metadata["consistency_hu"] = (f"{profile} profile; |A x - thick| mean {report['before_mean_abs']:.3g} -> "
-                                      f"{report['after_mean_abs']:.3g}")
-    return out
+    name = "cubic-dc"
+    description = ("cubic B-spline, then data consistency with the thick slices (assumed slice profile: --profile "
+                   "gaussian|box|decimate, default gaussian with FWHM = slice thickness)")
+    consistent = True  # type: ignore[assignment]  (always: the projection is the method)
 
 
-register_method("cubic-dc", _cubic_consistent, options=("profile", "thickness"),
-                description="cubic B-spline, then data consistency with the thick slices (assumed slice profile: "
-                            "--profile gaussian|box|decimate, default gaussian with FWHM = slice thickness)")
+register_pipeline(Linear)
+register_pipeline(Cubic)
+register_pipeline(CubicDC)

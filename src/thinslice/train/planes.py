@@ -7,7 +7,7 @@ slice with one in-plane axis playing the slice axis (the SMORE / SR4ZCT self-sup
 higher than through-plane, and every volume has hundreds of such planes). X is degraded with a random profile,
 thickness (jitter, overlap) and factor k as ``thick = A X`` and turned into cubic-dc as ``base = B thick``, with
 the very operators inference uses (:func:`thinslice.infer.planes.cell_operators`). The loss compares the
-network's output with X. Validation runs the shipped pipeline (:func:`thinslice.infer.planes.run_planes`) on
+network's output with X. Validation runs the shipped pipeline (:class:`thinslice.infer.planes.Planes`) on
 whole slices of the validation volumes, so the logged PSNR is what ``--method planes`` gives.
 """
 
@@ -29,9 +29,10 @@ from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.planes import run_planes
+from thinslice.infer.pipeline import Acquisition
+from thinslice.infer.planes import Planes
 from thinslice.infer.planes_data import PlaneSampler
-from thinslice.infer.upsample import get_method
+from thinslice.infer.upsample import upsample
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_planes
 from thinslice.presets import load_preset
@@ -92,7 +93,7 @@ def validation_cases(volumes: Sequence[Volume | str | Path]) -> list[tuple[Volum
         if thin.num_slices < 3 * VAL_FACTOR:
             continue
         thick, truth = simulate_pair(thin, factor=VAL_FACTOR, profile=VAL_PROFILE)
-        base = get_method("cubic-dc").fn(thick, thin.slice_spacing, profile=VAL_PROFILE)
+        base = upsample(thick, thin.slice_spacing, "cubic-dc", profile=VAL_PROFILE)
         cases.append((thick, truth, psnr(base.slices_first(), truth.slices_first())))
     return cases
 
@@ -103,7 +104,8 @@ def make_validate_fn(cases: list[tuple[Volume, Volume, float]], precision: str):
     def validate(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
         scores = []
         for thick, truth, _ in cases:
-            out = run_planes(models["planes"], thick, truth.slice_spacing, VAL_PROFILE, precision=precision)
+            pipeline = Planes.from_model(models["planes"], precision=precision)
+            out = pipeline(thick, truth.slice_spacing, Acquisition.of(thick, VAL_PROFILE)).volume
             scores.append(psnr(out.slices_first(), truth.slices_first()))
         base = float(np.mean([c[2] for c in cases]))
         return {"val/psnr": float(np.mean(scores)), "val/psnr_cubic_dc": base,

@@ -1,0 +1,165 @@
+"""The method contract: every upsampling method is a small :class:`Pipeline` class.
+
+A pipeline declares what it needs as class attributes (its options dataclass, the weights kinds it loads, whether it
+models the input's slice profile, the command that trains its weights) and runs one shared skeleton::
+
+    prior (an interpolation) -> refine (the method's own step) -> data consistency (optional) -> Result
+
+``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.upsample`) derives
+"needs weights", "uses the profile", the accepted option names and the training hint from the class, so the CLI,
+bench, demo and ``--method auto`` read one source. Option values are typed here; the CLI turns its strings into them
+with :func:`thinslice.infer.options.coerce_options` (the only place that parses text).
+
+The input's acquisition (slice profile and thickness) is resolved once, as an :class:`Acquisition`, and every method
+receives the same one; extra outputs (the std map of ``ldm``) go back to the caller in ``Result.extras``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from thinslice.degrade.profiles import check_profile
+from thinslice.errors import ThinsliceError
+from thinslice.infer.consistency import make_consistent, plausible_thickness
+from thinslice.infer.options import check_option_types, option_types
+from thinslice.io.volume import Volume
+
+DEFAULT_PROFILE = "gaussian"
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How the thick input was acquired, as the inverse problem models it: the slice profile and the slice thickness
+    in mm (the inverse-side twin of :class:`~thinslice.degrade.profiles.ThickSliceSpec`)."""
+
+    profile: str = DEFAULT_PROFILE
+    thickness_mm: float = 0.0
+
+    @classmethod
+    def of(cls, thick: Volume, profile: str | None = None, thickness_mm: float | None = None) -> Acquisition:
+        """Resolved once from the command line (``profile``, ``thickness_mm``) and the file: the thickness is the
+        given one, else the file's, else the slice spacing; an implausible one is refused."""
+        name = profile or DEFAULT_PROFILE
+        check_profile(name)
+        return cls(name, plausible_thickness(thick, thickness_mm))
+
+    def ratio_to(self, slice_spacing_mm: float) -> float:
+        """Thickness / slice spacing (1: contiguous slices, > 1: overlapping)."""
+        return self.thickness_mm / float(slice_spacing_mm)
+
+
+@dataclass
+class Result:
+    """What a pipeline returns: the thin volume, extra volumes for the caller to write (e.g. ``std``) and short
+    report lines (also copied into the volume's metadata, which NRRD/MHA headers keep)."""
+
+    volume: Volume
+    extras: dict[str, Volume] = field(default_factory=dict)
+    report: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that takes none."""
+
+
+@dataclass(frozen=True)
+class LearnedOptions:
+    """Options every learned method shares: where its weights are, where it runs, how fast."""
+
+    checkpoint: str | None = None  # bundle folder (None: the shipped weights)
+    device: str | None = None  # cpu, cuda, cuda:N, mps (None: CUDA when present, else CPU)
+    preset: str | None = None  # only checks that the weights have this preset's architecture
+    precision: str = "fp32"  # fp32, or bf16 autocast (about twice as fast on a CPU)
+    progress: bool = False
+    seed: int = 0
+
+
+class Pipeline:
+    """Base of every method. Subclasses set the class attributes and override :meth:`prior`, :meth:`refine` and,
+    for learned methods, :meth:`load`; the skeleton in :meth:`__call__` is shared."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    weights: ClassVar[tuple[str, ...]] = ()  # weights kinds loaded from a bundle (checkpoints.bundle.KINDS)
+    uses_profile: ClassVar[bool] = True  # models the input's slice profile (data consistency)
+    train_hint: ClassVar[str] = "thinslice train ..."
+    preference: ClassVar[int] = 0  # rank among learned methods for --method auto without a manifest
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}")
+        check_option_types(dataclasses.asdict(self.options), option_types(self.Options))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path | None = None, **options: Any) -> Pipeline:
+        """The pipeline with its networks loaded from ``checkpoint`` (a bundle folder; None: the shipped one)."""
+        if checkpoint is not None:
+            options["checkpoint"] = str(checkpoint)
+        pipeline = cls(cls.Options(**options))
+        pipeline.load()
+        return pipeline
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """What ``upsample(..., **options)`` accepts: the options' fields, plus the acquisition when modelled."""
+        names = tuple(f.name for f in dataclasses.fields(cls.Options))
+        return (*names, "profile", "thickness") if cls.uses_profile else names
+
+    @classmethod
+    def applicable(cls, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
+        """Why this method cannot serve ``thick`` -> ``spacing_mm`` (None: it can); cheap, loads no network."""
+        return None
+
+    def load(self) -> None:
+        """Load the networks (learned methods); called once by :meth:`from_pretrained`."""
+
+    def bundle(self) -> Path:
+        """The folder holding this method's weights (the ``checkpoint`` option or the shipped one), or a one-line
+        error that says how to train them."""
+        from thinslice.checkpoints.bundle import resolve_bundle
+
+        return resolve_bundle(getattr(self.options, "checkpoint", None), self.weights, self.name, self.train_hint)
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the skeleton ends with the data-consistency projection."""
+        return bool(getattr(self.options, "consistency", False))
+
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
+        """The estimate the method starts from (an interpolation on the thin grid)."""
+        from thinslice.infer.interpolate import interpolate_volume
+
+        return interpolate_volume(thick, spacing_mm, "cubic")
+
+    def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
+        """The method's own step (identity for interpolation)."""
+        return Result(prior)
+
+    def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
+        """Run the skeleton; ``acquisition`` defaults to the file's (Gaussian profile, its slice thickness)."""
+        if acquisition is None:
+            acquisition = Acquisition.of(thick) if self.uses_profile else Acquisition()
+        result = self.refine(thick, self.prior(thick, float(spacing_mm), acquisition), acquisition)
+        if self.consistent:
+            result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
+            result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "
+                                               f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
+        result.volume.metadata.update(result.report)
+        return result
+
+
+def make_options(cls: type[Pipeline], values: Mapping[str, Any]) -> Any:
+    """``cls.Options`` from keyword values, refusing names it does not have with a one-line error."""
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ThinsliceError(f"method '{cls.name}' does not use option(s) {', '.join(unknown)} "
+                             f"(it accepts: {', '.join(cls.option_names()) or 'none'})")
+    return cls.Options(**values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -56,7 +57,8 @@ def test_untrained_network_returns_cubic_dc(thin_phantom) -> None:
 
 def test_sampler_examples_follow_the_forward_model_and_resume_exactly(thin_phantom) -> None:
     preset = load_preset("tiny")
-    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, (2, 3, 4), 6, seed=3)
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation,
+                           dataclasses.replace(preset.planes, factors=(2, 3, 4)), 6, seed=3)
     batch = next(sampler)
     rows, width = preset.planes_data.rows, preset.planes_data.width
     k = batch["base"].shape[2] // rows
@@ -83,7 +85,7 @@ def _perturbed(seed: int = 0):
 
 def _fixed_loss(model, volume) -> float:
     preset = load_preset("tiny")
-    sampler = PlaneSampler([volume], preset.planes_data, preset.degradation, model.factors, 8, seed=99)
+    sampler = PlaneSampler([volume], preset.planes_data, preset.degradation, model.cfg, 8, seed=99)
     loss = make_loss("l1")
     with torch.no_grad():
         return float(np.mean([float(loss({"planes": model}, next(sampler), 0)[0]) for _ in range(4)]))
@@ -157,7 +159,8 @@ def test_adapt_fine_tunes_on_the_inputs_own_axial_slices(tmp_path, thin_phantom)
     assert any(k.startswith("heads_out.2") for k in changed) and not any(k.startswith("heads_out.3") for k in changed)
     preset = load_preset("tiny")
     sampling = __import__("dataclasses").replace(preset.planes_data, inplane_fraction=1.0)
-    sampler = PlaneSampler([thick], sampling, preset.degradation, (2,), 8, seed=5, acquisition=("gaussian", 1.0))
+    sampler = PlaneSampler([thick], sampling, preset.degradation, dataclasses.replace(preset.planes, factors=(2,)), 8,
+                           seed=5, acquisition=("gaussian", 1.0))
     batches = [next(sampler) for _ in range(3)]
     loss = make_loss("l1")
     with torch.no_grad():
@@ -180,7 +183,7 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
 
     preset = load_preset("tiny")
     cfg = dataclasses.replace(preset.planes, context=1)
-    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg.factors, 4, seed=1, context=1)
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg, 4, seed=1)
     batch = next(sampler)
     rows = preset.planes_data.rows
     assert batch["thick"].shape[:3] == (4, 3, rows) and batch["hr"].shape[1] == 1
@@ -217,7 +220,7 @@ def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeyp
 
     preset = load_preset("tiny")
     cfg = dataclasses.replace(preset.planes, dims=3)
-    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg.factors, 3, seed=2, dims=3)
+    sampler = PlaneSampler([thin_phantom], preset.planes_data, preset.degradation, cfg, 3, seed=2)
     batch = next(sampler)
     rows, size = preset.planes_data.rows, preset.planes_data.block
     k = batch["base"].shape[2] // rows

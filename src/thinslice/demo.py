@@ -6,6 +6,7 @@ thin user volume it does the same on it; with a thick one (no thin truth) it ups
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,72 +35,31 @@ class DemoResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def run_demo(
-    out_dir: str | Path,
-    input_path: str | Path | None = None,
-    method: str | None = None,
-    factor: float = 4.0,
-    profile: str = "gaussian",
-    seed: int = 0,
-    log=print,
-    checkpoint: str | Path | None = None,
-    precision: str | None = None,
-) -> DemoResult:
+@dataclass(frozen=True)
+class DemoOptions:
+    input_path: str | Path | None = None  # None: the synthetic chest phantom
+    method: str | None = None  # None: cubic, cubic-dc and every learned method with weights
+    factor: float = 4.0
+    profile: str = "gaussian"
+    seed: int = 0
+    checkpoint: str | Path | None = None
+    precision: str | None = None
+
+
+def run_demo(out_dir: str | Path, options: DemoOptions | None = None, log=print, **fields: object) -> DemoResult:
     """Without ``method``: cubic, cubic-dc and every learned method whose weights ship (or are in ``checkpoint``),
-    so the demo shows the real models next to interpolation; ``method`` names one method to compare with cubic."""
+    so the demo shows the real models next to interpolation; ``method`` names one method to compare with cubic.
+    ``options`` (or its fields as keywords) say what to run on."""
+    o = dataclasses.replace(options or DemoOptions(), **fields)  # type: ignore[arg-type]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if method is None:
-        learned = [m for m in learned_methods() if get_method(m).has_weights(checkpoint)]
-        method = default_method() if checkpoint is None else (learned[-1] if learned else "cubic")
-        methods = ["cubic", "cubic-dc", *learned]
-    else:
-        methods = [method] if method == "cubic" else ["cubic", method]
+    method, methods = _methods(o)
     result = DemoResult(out_dir=out, method=method)
-
-    if input_path is None:
-        log(f"demo: generating a synthetic chest CT phantom {DEMO_PHANTOM_SHAPE} (slices, rows, cols)")
-        source: Volume = make_chest_phantom(DEMO_PHANTOM_SHAPE, DEMO_PHANTOM_SPACING, seed=seed)
-    else:
-        source = read_volume(input_path)
-        log(f"demo: read {input_path}: {source}")
-
-    truth: Volume | None
-    if source.slice_spacing <= THIN_ENOUGH_MM:
-        thick, truth = simulate_pair(source, factor=factor, profile=profile)
-        thin_spacing = source.slice_spacing
-        log(f"demo: simulated {thick.slice_spacing:.2f} mm thick slices ({profile}) from {thin_spacing:.2f} mm")
-        result.files["truth"] = _write(truth, out / "thin_truth.nii.gz", input_path)
-    else:
-        thick, truth = source, None
-        thin_spacing = source.slice_spacing / factor
-        log(f"demo: input is already thick ({thick.slice_spacing:.2f} mm): upsampling to {thin_spacing:.2f} mm")
-    result.files["input"] = _write(thick, out / "thick_input.nii.gz", input_path)
-
-    outputs: dict[str, Volume] = {}
-    for name in methods:
-        start = time.perf_counter()
-        options: dict[str, object] = {}
-        if name not in WEIGHTLESS_METHODS:
-            options["seed"] = seed
-            if checkpoint is not None:
-                options["checkpoint"] = str(checkpoint)
-            if precision is not None:
-                options["precision"] = precision
-        if get_method(name).uses_profile:  # data consistency must use the profile the input was made with
-            options["profile"] = profile
-        outputs[name] = upsample(thick, thin_spacing, method=name, **options)
-        seconds = time.perf_counter() - start
-        result.files[name] = _write(outputs[name], out / f"result_{name}.nii.gz", input_path)
-        if truth is not None:
-            scores = evaluate_volumes(outputs[name], truth)
-            scores["seconds"] = seconds
-            result.scores[name] = scores
-            log(f"demo: {name:>6}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "
-                f"HU-MAE {scores['mae_hu']:.1f} (body {scores['mae_hu_body']:.1f})  {seconds:.1f} s")
-        else:
-            log(f"demo: {name:>6}: done in {seconds:.1f} s")
-
+    thick, truth, thin_spacing = _thick_and_truth(o, log)
+    if truth is not None:
+        result.files["truth"] = _write(truth, out / "thin_truth.nii.gz", o.input_path)
+    result.files["input"] = _write(thick, out / "thick_input.nii.gz", o.input_path)
+    outputs = {name: _run_one(name, thick, truth, thin_spacing, o, result, log) for name in methods}
     panels: dict[str, Volume] = {}
     if truth is not None:
         panels["thin truth"] = truth
@@ -111,6 +71,57 @@ def run_demo(
     result.files["metrics"] = out / "metrics.json"
     log(f"demo: wrote {', '.join(str(p) for p in result.files.values())}")
     return result
+
+
+def _methods(o: DemoOptions) -> tuple[str, list[str]]:
+    """The headline method and every method the demo runs."""
+    if o.method is not None:
+        return o.method, [o.method] if o.method == "cubic" else ["cubic", o.method]
+    learned = [m for m in learned_methods() if get_method(m).has_weights(o.checkpoint)]
+    method = default_method() if o.checkpoint is None else (learned[-1] if learned else "cubic")
+    return method, ["cubic", "cubic-dc", *learned]
+
+
+def _thick_and_truth(o: DemoOptions, log) -> tuple[Volume, Volume | None, float]:
+    """The thick input, the thin truth when there is one, and the output spacing."""
+    if o.input_path is None:
+        log(f"demo: generating a synthetic chest CT phantom {DEMO_PHANTOM_SHAPE} (slices, rows, cols)")
+        source: Volume = make_chest_phantom(DEMO_PHANTOM_SHAPE, DEMO_PHANTOM_SPACING, seed=o.seed)
+    else:
+        source = read_volume(o.input_path)
+        log(f"demo: read {o.input_path}: {source}")
+    if source.slice_spacing <= THIN_ENOUGH_MM:
+        thick, truth = simulate_pair(source, factor=o.factor, profile=o.profile)
+        log(f"demo: simulated {thick.slice_spacing:.2f} mm thick slices ({o.profile}) from "
+            f"{source.slice_spacing:.2f} mm")
+        return thick, truth, source.slice_spacing
+    log(f"demo: input is already thick ({source.slice_spacing:.2f} mm): upsampling to "
+        f"{source.slice_spacing / o.factor:.2f} mm")
+    return source, None, source.slice_spacing / o.factor
+
+
+def _run_one(name: str, thick: Volume, truth: Volume | None, thin_spacing: float, o: DemoOptions,
+             result: DemoResult, log) -> Volume:
+    """One method on the input: written, scored against the truth when there is one, logged."""
+    start = time.perf_counter()
+    options: dict[str, object] = {}
+    if name not in WEIGHTLESS_METHODS:
+        options.update(seed=o.seed, checkpoint=None if o.checkpoint is None else str(o.checkpoint),
+                       precision=o.precision)
+    if get_method(name).uses_profile:  # data consistency must use the profile the input was made with
+        options["profile"] = o.profile
+    out = upsample(thick, thin_spacing, method=name, **options)
+    seconds = time.perf_counter() - start
+    result.files[name] = _write(out, result.out_dir / f"result_{name}.nii.gz", o.input_path)
+    if truth is None:
+        log(f"demo: {name:>6}: done in {seconds:.1f} s")
+        return out
+    scores = evaluate_volumes(out, truth)
+    scores["seconds"] = seconds
+    result.scores[name] = scores
+    log(f"demo: {name:>6}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "
+        f"HU-MAE {scores['mae_hu']:.1f} (body {scores['mae_hu_body']:.1f})  {seconds:.1f} s")
+    return out
 
 
 def _write(vol: Volume, path: Path, input_path: str | Path | None) -> Path:

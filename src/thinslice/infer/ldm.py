@@ -140,23 +140,22 @@ def _warn_factor(factor: float, denoiser: LatentDenoiser) -> None:
             f"({min(factors):g}-{max(factors):g}); results may be poor", stacklevel=3)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor."""
+
+    window: tuple[int, int, int] | None
+    scale: float
+    factor: float
+
+
 # ------------------------------------------------------------------------------------------------ sampling
-def sample_hr_latent(
-    denoiser: LatentDenoiser,
-    y_latent: torch.Tensor,
-    factor: float,
-    *,
-    seed: int = 0,
-    window: tuple[int, int, int] | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """HR latent (1, C, d, h, w) on CPU for ``y_latent`` (1, C, d, h, w): whole, or in latent ``window``s."""
-    device = device or next(denoiser.parameters()).device
-    kwargs = {"method": sampler, "steps": steps, "guidance_scale": guidance_scale}
+def sample_hr_latent(denoiser: LatentDenoiser, y_latent: torch.Tensor, plan: _Plan, o: LdmOptions,
+                     seed: int = 0) -> torch.Tensor:
+    """HR latent (1, C, d, h, w) on CPU for ``y_latent`` (1, C, d, h, w): whole, or in the plan's latent windows
+    (each seeded from ``seed`` and its position)."""
+    device, factor, window, progress = next(denoiser.parameters()).device, plan.factor, plan.window, o.progress
+    kwargs = {"method": o.sampler, "steps": o.steps, "guidance_scale": plan.scale}
     if window is None or all(w >= s for w, s in zip(window, y_latent.shape[2:], strict=True)):
         out = sample_latent(denoiser, y_latent.to(device), factor, generator=_generator(seed), progress=progress,
                             **kwargs)
@@ -289,24 +288,13 @@ class _Welford:
         return np.sqrt(np.maximum(self.m2 / (self.n - 1), 0.0)).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor."""
-
-    window: tuple[int, int, int] | None
-    scale: float
-    factor: float
-
-
 def _sample(vae: AutoencoderKL3D, denoiser: LatentDenoiser, enc: _Encoded, plan: _Plan, o: LdmOptions, seed: int,
             timings: dict[str, float]) -> np.ndarray:
     """One seed's HR latent, decoded to HU on the thin grid (plus the residual-decoding detail)."""
     device, amp = next(denoiser.parameters()).device, autocast_dtype(o.precision)
     t0 = time.perf_counter()
     with autocast(device, amp):
-        hr_latent = sample_hr_latent(denoiser, enc.latent, plan.factor, seed=seed, window=plan.window,
-                                     sampler=o.sampler, steps=o.steps, guidance_scale=plan.scale, device=device,
-                                     progress=o.progress)
+        hr_latent = sample_hr_latent(denoiser, enc.latent, plan, o, seed)
     timings["sampling"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     x = decode_volume(vae, hr_latent[0].float(), out_shape=enc.padded_shape, tile=enc.vae_tile, progress=o.progress,

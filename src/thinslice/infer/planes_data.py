@@ -26,7 +26,7 @@ from thinslice.infer.finetune import FineTune, fine_tune
 from thinslice.infer.planes import cell_operators
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16, hu_to_model
-from thinslice.models.planes import PlanesNet, acquisition_vector
+from thinslice.models.planes import PlanesConfig, PlanesNet, acquisition_vector
 from thinslice.presets import DegradationConfig, PlaneSamplingConfig
 
 _MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
@@ -43,13 +43,14 @@ class PlaneSampler:
     """
 
     def __init__(self, volumes: Sequence[Volume | str | Path], sampling: PlaneSamplingConfig,
-                 degradation: DegradationConfig, factors: Sequence[int], batch_size: int, seed: int = 0,
-                 acquisition: tuple[str, float] | None = None, context: int = 0, dims: int = 2) -> None:
-        """``acquisition`` (profile, thickness / spacing) fixes what is otherwise drawn per example (adaptation to
-        one input); ``context`` neighbouring planes on each side come with every plane (2.5D networks); ``dims`` 3
-        draws thick-grid blocks instead of planes."""
-        self.context = int(context)
-        self.dims = int(dims)
+                 degradation: DegradationConfig, network: PlanesConfig, batch_size: int, seed: int = 0,
+                 acquisition: tuple[str, float] | None = None) -> None:
+        """Examples for ``network``: its factors, its 2.5D ``context`` neighbouring planes on each side, and
+        thick-grid blocks instead of planes for ``dims`` 3. ``acquisition`` (profile, thickness / spacing) fixes
+        what is otherwise drawn per example (adaptation to one input)."""
+        self.context = int(network.context)
+        self.dims = int(network.dims)
+        factors = tuple(int(k) for k in network.factors)
         self.sources = [_slices_int16(v) for v in volumes]
         if not self.sources:
             raise ThinsliceError("no training volumes")
@@ -210,8 +211,7 @@ def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str
                                    inplane_fraction=1.0)
     batch = ADAPT_BATCH if model.cfg.dims == 2 else ADAPT_BATCH // 4  # a block holds ~4 planes' pixels
     sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(acquisition[0],)),
-                           (k,), batch, seed=seed, acquisition=acquisition, context=model.cfg.context,
-                           dims=model.cfg.dims)
+                           dataclasses.replace(model.cfg, factors=(k,)), batch, seed, acquisition)
     return fine_tune(tuned, sampler, _l1, plan or adapt_plan())  # type: ignore[return-value]
 
 

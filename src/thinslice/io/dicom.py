@@ -8,6 +8,8 @@ per-slice writer does not.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,106 +131,113 @@ def _right_handed_grid(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return array, origin, direction
 
 
-def write_dicom_series(
-    volume: Volume,
-    folder: str | Path,
-    *,
-    series_description: str | None = None,
-    modality: str = "CT",
-    patient_id: str | None = None,
-    patient_name: str | None = None,
-    series_uid: str | None = None,
-    study_uid: str | None = None,
-    series_number: int = 1,
-    unsigned: bool = False,
-    rescale_intercept: float = 0.0,
-    pixel_padding_value: int | None = None,
-) -> list[Path]:
+@dataclass(frozen=True)
+class DicomSeriesOptions:
+    """What a written DICOM series says about itself. Values are HU rounded to integers and stored as int16 (or
+    uint16 with ``rescale_intercept``, e.g. -1024, when ``unsigned``); RescaleSlope is 1. Unset UIDs are generated;
+    the study is the source's (metadata ``study_uid``) unless given."""
+
+    series_description: str | None = None
+    modality: str = "CT"
+    patient_id: str | None = None
+    patient_name: str | None = None
+    series_uid: str | None = None
+    study_uid: str | None = None
+    series_number: int = 1
+    unsigned: bool = False
+    rescale_intercept: float = 0.0
+    pixel_padding_value: int | None = None
+
+
+def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesOptions | None = None,
+                       **fields: object) -> list[Path]:
     """Write ``volume`` as one DICOM file per slice (along index axis k) into the existing empty ``folder``.
 
-    Values are HU rounded to integers and stored as int16 (or uint16 with ``rescale_intercept``, e.g. -1024, when
-    ``unsigned``); RescaleSlope is 1. New Series/SOP UIDs are generated; the study is the source's (metadata
-    ``study_uid``) unless given. Callers that want an
-    atomic write use :func:`thinslice.io.writers.write_volume`, which wraps this.
+    ``options`` (or its fields as keywords) describe the series. Callers that want an atomic write use
+    :func:`thinslice.io.writers.write_volume`, which wraps this.
     """
-    folder = Path(folder)
+    o = dataclasses.replace(options or DicomSeriesOptions(), **fields)  # type: ignore[arg-type]
     array, origin, direction = _right_handed_grid(volume)
-    si, sj, sk = volume.spacing
-    stored = np.rint(array - np.float32(rescale_intercept))  # float32 holds every int16/uint16 value exactly
-    lo, hi = (0, 65535) if unsigned else (-32768, 32767)
-    stored = np.clip(stored, lo, hi).astype(np.uint16 if unsigned else np.int16)
-
-    meta = volume.metadata
-    now = _dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    # A derived series (e.g. the thin-slice result) belongs to the study of the series it was computed from.
-    study_uid = study_uid or meta.get("study_uid") or generate_uid()
-    series_uid = series_uid or generate_uid()
-    frame_uid = generate_uid()
-    sop_class = CTImageStorage if modality == "CT" else SecondaryCaptureImageStorage
-    # SliceThickness is the nominal thickness along the stacking axis (k); leave it empty when unknown so that a
-    # round trip does not invent one.
-    thickness = volume.slice_thickness if volume.slice_axis == 2 else None
-    iop = [format_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
-    description = series_description if series_description is not None else meta.get(
-        "series_description", "thinslice")
-    window = (-600, 1500) if modality == "CT" else None
-
+    stored = np.rint(array - np.float32(o.rescale_intercept))  # float32 holds every int16/uint16 value exactly
+    lo, hi = (0, 65535) if o.unsigned else (-32768, 32767)
+    stored = np.clip(stored, lo, hi).astype(np.uint16 if o.unsigned else np.int16)
+    header = _series_header(volume, o, direction, stored.shape[1:])
+    sk = volume.spacing[2]
     paths: list[Path] = []
     for k in range(stored.shape[0]):
-        sop_uid = generate_uid()
-        file_meta = FileMetaDataset()
-        file_meta.MediaStorageSOPClassUID = sop_class
-        file_meta.MediaStorageSOPInstanceUID = sop_uid
-        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = file_meta
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = modality
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.PatientID = patient_id if patient_id is not None else meta.get("patient_id", "anonymous")
-        ds.PatientName = patient_name if patient_name is not None else ds.PatientID
-        ds.PatientBirthDate = ""
-        ds.PatientSex = ""
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
-        ds.StudyID = ""
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.Manufacturer = "thinslice"
-        ds.SeriesDescription = description[:64]
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.KVP = ""
-        ds.PositionReferenceIndicator = ""
         position = origin + direction[:, 2] * sk * k
-        ds.ImagePositionPatient = [format_ds(v) for v in position]
-        ds.ImageOrientationPatient = iop
-        ds.SliceLocation = format_ds(float(np.dot(position, direction[:, 2])))
-        ds.PixelSpacing = [format_ds(sj), format_ds(si)]  # (between rows, between columns)
-        ds.SliceThickness = format_ds(thickness) if thickness else ""
-        ds.SpacingBetweenSlices = format_ds(sk)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(stored.shape[1]), int(stored.shape[2])
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0 if unsigned else 1
-        ds.RescaleIntercept = format_ds(rescale_intercept)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU" if modality == "CT" else "US"
-        if window:
-            ds.WindowCenter, ds.WindowWidth = str(window[0]), str(window[1])
-        if pixel_padding_value is not None:
-            ds.add_new(0x00280120, "US" if unsigned else "SS", int(pixel_padding_value))
-        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2" if unsigned else "<i2").tobytes()
-        path = folder / f"slice_{k + 1:05d}.dcm"
+        ds = _slice_dataset(header, k, position, direction[:, 2])
+        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2" if o.unsigned else "<i2").tobytes()
+        path = Path(folder) / f"slice_{k + 1:05d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
+                   rows_columns: tuple[int, ...]) -> Dataset:
+    """The attributes every slice of the series shares (UIDs, patient, geometry, pixel format)."""
+    meta = volume.metadata
+    now = _dt.datetime.now()
+    ds = Dataset()
+    # A derived series (e.g. the thin-slice result) belongs to the study of the series it was computed from.
+    ds.StudyInstanceUID = o.study_uid or meta.get("study_uid") or generate_uid()
+    ds.SeriesInstanceUID = o.series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.SOPClassUID = CTImageStorage if o.modality == "CT" else SecondaryCaptureImageStorage
+    ds.Modality = o.modality
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.PatientID = o.patient_id if o.patient_id is not None else meta.get("patient_id", "anonymous")
+    ds.PatientName = o.patient_name if o.patient_name is not None else ds.PatientID
+    ds.PatientBirthDate = ds.PatientSex = ds.StudyID = ds.AccessionNumber = ds.ReferringPhysicianName = ""
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.Manufacturer = "thinslice"
+    description = o.series_description if o.series_description is not None else meta.get(
+        "series_description", "thinslice")
+    ds.SeriesDescription = description[:64]
+    ds.SeriesNumber = o.series_number
+    ds.AcquisitionNumber = 1
+    ds.KVP = ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [format_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
+    si, sj, sk = volume.spacing
+    ds.PixelSpacing = [format_ds(sj), format_ds(si)]  # (between rows, between columns)
+    # SliceThickness is the nominal thickness along the stacking axis (k); empty when unknown so that a round trip
+    # does not invent one.
+    thickness = volume.slice_thickness if volume.slice_axis == 2 else None
+    ds.SliceThickness = format_ds(thickness) if thickness else ""
+    ds.SpacingBetweenSlices = format_ds(sk)
+    _pixel_format(ds, o, rows_columns)
+    return ds
+
+
+def _pixel_format(ds: Dataset, o: DicomSeriesOptions, rows_columns: tuple[int, ...]) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(rows_columns[0]), int(rows_columns[1])
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0 if o.unsigned else 1
+    ds.RescaleIntercept = format_ds(o.rescale_intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU" if o.modality == "CT" else "US"
+    if o.modality == "CT":
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+    if o.pixel_padding_value is not None:
+        ds.add_new(0x00280120, "US" if o.unsigned else "SS", int(o.pixel_padding_value))
+
+
+def _slice_dataset(header: Dataset, k: int, position: np.ndarray, normal: np.ndarray) -> Dataset:
+    """Slice ``k`` of the series: a copy of the shared header with its own SOP UID and position."""
+    ds = copy.deepcopy(header)
+    sop_uid = generate_uid()
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = header.SOPClassUID
+    file_meta.MediaStorageSOPInstanceUID = sop_uid
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = file_meta
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [format_ds(v) for v in position]
+    ds.SliceLocation = format_ds(float(np.dot(position, normal)))
+    return ds

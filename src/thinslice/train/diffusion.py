@@ -275,6 +275,22 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D) -> AutoencoderKL3D:
     return model.eval()
 
 
+def _batches(opts: DiffusionTrainOptions, train: Sequence[Volume | str | Path], tc: Any, vae: AutoencoderKL3D,
+             patch: tuple[int, ...], seed: int) -> Any:
+    """Training batches: latent crops from ``opts.cache`` (made with this VAE), else pairs encoded on the fly."""
+    if not opts.cache:
+        return PairSampler(train, patch, tc.batch_size, load_preset(opts.preset).degradation, seed=seed)  # type: ignore[arg-type]
+    record = record_of(vae)
+    cache = LatentCache.load(opts.cache, record.content_hash if record else "")
+    if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
+        raise ThinsliceError(
+            f"latent cache {opts.cache} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
+            f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
+        )
+    latent_crop = tuple(p // s for p, s in zip(patch, vae.total_stride, strict=True))
+    return LatentCropSampler(cache, latent_crop, tc.batch_size, seed=seed)  # type: ignore[arg-type]
+
+
 def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
                     opts: DiffusionTrainOptions) -> TrainResult:
     """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
@@ -307,17 +323,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     check_patch_fits(patch, vae, denoiser.size_multiple)  # type: ignore[arg-type]
     stride = vae.total_stride
 
-    if opts.cache:
-        cache = LatentCache.load(opts.cache, vae_hash)
-        if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
-            raise ThinsliceError(
-                f"latent cache {opts.cache} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
-                f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
-            )
-        latent_crop = tuple(p // s for p, s in zip(patch, stride, strict=True))
-        batches: Any = LatentCropSampler(cache, latent_crop, tc.batch_size, seed=seed)  # type: ignore[arg-type]
-    else:
-        batches = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
+    batches = _batches(opts, train, tc, vae, patch, seed)
 
     val_volumes = list(val) if val else list(train)
     if not val:

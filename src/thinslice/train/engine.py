@@ -294,6 +294,31 @@ def warmup_ema_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tens
     return update
 
 
+class _Meter:
+    """Training scalars averaged over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[float]] = {}
+        self.since = time.time()
+        self.last: dict[str, float] = {}
+
+    def add(self, loss: float, logs: dict[str, float], grad_norm: float | None) -> None:
+        self.window.setdefault("loss", []).append(loss)
+        for k, v in logs.items():
+            self.window.setdefault(k, []).append(v)
+        if grad_norm is not None:
+            self.window.setdefault("grad_norm", []).append(grad_norm)
+
+    def flush(self, lr: float) -> dict[str, float]:
+        now = time.time()
+        n = len(self.window.get("loss", []))
+        self.last = {f"train/{k}": float(np.mean(v)) for k, v in self.window.items()}
+        self.last["train/lr"] = lr
+        self.last["train/sec_per_step"] = (now - self.since) / max(1, n)
+        self.window, self.since = {}, now
+        return dict(self.last)
+
+
 class Trainer:
     """Generic optimisation loop. See the module docstring for what it does and how resume works."""
 
@@ -323,24 +348,14 @@ class Trainer:
         self.device = acc.device
         self.is_main = acc.is_main_process
 
-        # Models + one AdamW over all trainable parameters (per-model LR scale as parameter groups).
         names = list(models)
         prepared = acc.prepare(*[models[n] for n in names])
         prepared = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
         self.models: dict[str, nn.Module] = dict(zip(names, prepared, strict=True))
-        groups = []
-        for name in self.trainable:
-            params = [p for p in self.models[name].parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": config.lr * config.lr_scales.get(name, 1.0), "name": name})
-        if not groups:
-            raise ValueError("no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        self.optimizer = acc.prepare(optimizer)
+        self.optimizer = acc.prepare(self._make_optimizer())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
             warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
-
         # EMA copies of the trainable networks (on the same device).
         self.ema: dict[str, AveragedModel] = {}
         if config.ema_decay:
@@ -348,7 +363,6 @@ class Trainer:
                 self.ema[name] = AveragedModel(acc.unwrap_model(self.models[name]),
                                                multi_avg_fn=warmup_ema_fn(config.ema_decay), use_buffers=True)
                 self.ema[name].requires_grad_(False)
-
         self.state = _TrainState()
         self.batches = batches
         self._iter: Iterator[Any] | None = None
@@ -359,6 +373,17 @@ class Trainer:
                 acc.register_for_checkpointing(self.ema[name])
         if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
             acc.register_for_checkpointing(batches)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """One AdamW over all trainable parameters (per-model LR scale as parameter groups)."""
+        config, groups = self.config, []
+        for name in self.trainable:
+            params = [p for p in self.models[name].parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": config.lr * config.lr_scales.get(name, 1.0), "name": name})
+        if not groups:
+            raise ValueError("no trainable parameters")
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
     # ------------------------------------------------------------------------------------------- accessors
     def unwrapped(self, name: str) -> nn.Module:
@@ -483,6 +508,44 @@ class Trainer:
             time_limit_s: float | None = None) -> TrainResult:
         """Train to ``config.max_steps`` (or stop early at ``stop_at_step``/after ``time_limit_s``, checkpointing)."""
         cfg, acc = self.config, self.accelerator
+        self._start(resume)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, desc="train")
+        meter = _Meter()
+        t_start, saved_at = time.time(), -1
+        try:
+            while self.state.step < end:
+                meter.add(*self._train_step(params))
+                self.state.step += 1
+                step = self.state.step
+                bar.update(1)
+                if cfg.log_every and (step % cfg.log_every == 0 or step == end):
+                    logs = meter.flush(self.scheduler.get_last_lr()[0])
+                    self._log_scalars(logs, step)
+                    bar.set_postfix(loss=f"{logs['train/loss']:.4g}")
+                if cfg.val_every and step % cfg.val_every == 0:
+                    meter.last.update(self._validate(step))
+                timed_out = time_limit_s is not None and time.time() - t_start > time_limit_s
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or timed_out:
+                    self.save_checkpoint()
+                    saved_at = step
+                if timed_out:
+                    acc.print(f"time limit reached at step {step}; continue with --resume")
+                    break
+        except KeyboardInterrupt:
+            if self.state.step != saved_at and self.state.step > 0:
+                acc.print(f"interrupted: saving a checkpoint at step {self.state.step}")
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        return self._finish(meter.last)
+
+    def _start(self, resume: bool) -> None:
+        """Resume from the newest intact checkpoint, or refuse to overwrite one, or seed a fresh run."""
+        cfg, acc = self.config, self.accelerator
         existing = list_checkpoints(self.run_dir)
         if resume and existing:
             loaded = self._load_newest_intact(existing)
@@ -501,80 +564,43 @@ class Trainer:
             set_seed(cfg.seed + acc.process_index)
         if self.is_main:
             write_text_atomic(self.run_dir / "engine_config.json",
-                               json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-                                          indent=1))
+                              json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                                         indent=1))
         acc.init_trackers("tensorboard")
         self._iter = iter(self.batches)
         for m in self.models.values():
             m.train()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (self.is_main and cfg.progress),
-                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, desc="train")
-        window: dict[str, list[float]] = {}
-        t_start, t_window = time.time(), time.time()
-        last_logs: dict[str, float] = {}
-        saved_at = -1
-        try:
-            while self.state.step < end:
-                step = self.state.step
-                batch = _to_device(next(self._iter), self.device)
-                with acc.autocast():
-                    loss, logs = self.loss_fn(self.models, batch, step)
-                if not torch.isfinite(loss):
-                    raise ThinsliceError(
-                        f"loss became {loss.item()} at step {step}; lower the learning rate (--lr) or use "
-                        "--mixed-precision no, then --resume from the last checkpoint"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                grad_norm = None
-                if cfg.grad_clip and acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
-                self.optimizer.step()
-                if not acc.optimizer_step_was_skipped:
-                    self.scheduler.step()
-                for name, ema in self.ema.items():
-                    ema.update_parameters(self.unwrapped(name))
-                self.state.step += 1
-                step = self.state.step
-                bar.update(1)
 
-                window.setdefault("loss", []).append(float(loss.detach()))
-                for k, v in logs.items():
-                    window.setdefault(k, []).append(float(v))
-                if grad_norm is not None:
-                    window.setdefault("grad_norm", []).append(float(grad_norm))
-                if cfg.log_every and (step % cfg.log_every == 0 or step == end):
-                    now = time.time()
-                    n = len(window["loss"])
-                    last_logs = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
-                    last_logs["train/lr"] = self.scheduler.get_last_lr()[0]
-                    last_logs["train/sec_per_step"] = (now - t_window) / max(1, n)
-                    self._log_scalars(last_logs, step)
-                    bar.set_postfix(loss=f"{last_logs['train/loss']:.4g}")
-                    window, t_window = {}, now
-                if cfg.val_every and step % cfg.val_every == 0:
-                    last_logs.update(self._validate(step))
-                timed_out = time_limit_s is not None and time.time() - t_start > time_limit_s
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or timed_out:
-                    self.save_checkpoint()
-                    saved_at = step
-                if timed_out:
-                    acc.print(f"time limit reached at step {step}; continue with --resume")
-                    break
-        except KeyboardInterrupt:
-            if self.state.step != saved_at and self.state.step > 0:
-                acc.print(f"interrupted: saving a checkpoint at step {self.state.step}")
-                self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
+    def _train_step(self, params: list[torch.Tensor]) -> tuple[float, dict[str, float], float | None]:
+        """One optimiser step (loss, backward, clipping, scheduler, EMA); returns loss, logs and grad norm."""
+        cfg, acc, step = self.config, self.accelerator, self.state.step
+        assert self._iter is not None
+        batch = _to_device(next(self._iter), self.device)
+        with acc.autocast():
+            loss, logs = self.loss_fn(self.models, batch, step)
+        if not torch.isfinite(loss):
+            raise ThinsliceError(f"loss became {loss.item()} at step {step}; lower the learning rate (--lr) or use "
+                                 "--mixed-precision no, then --resume from the last checkpoint")
+        self.optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        grad_norm = None
+        if cfg.grad_clip and acc.sync_gradients:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip))
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        for name, ema in self.ema.items():
+            ema.update_parameters(self.unwrapped(name))
+        return float(loss.detach()), {k: float(v) for k, v in logs.items()}, grad_norm
+
+    def _finish(self, last_logs: dict[str, float]) -> TrainResult:
+        """At max_steps: a last validation when the step is off the grid, then the final export."""
+        cfg = self.config
         if self.state.step >= cfg.max_steps:
             if cfg.val_every and self.state.step % cfg.val_every != 0 and self.validate_fn is not None:
                 last_logs.update(self._validate(self.state.step))
             self._export(self.run_dir / "final")
-        acc.end_training()
+        self.accelerator.end_training()
         models = self.eval_models()
         for m in models.values():
             m.eval()

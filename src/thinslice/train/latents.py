@@ -12,6 +12,7 @@ and :func:`build_latent_cache` re-encodes only what is stale.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -176,70 +177,91 @@ class LatentCache:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
-def build_latent_cache(
-    sources: Sequence[str | Path | tuple[str, Volume]],
-    vae: AutoencoderKL3D,
-    vae_hash: str,
-    out_dir: str | Path,
-    factors: Sequence[float] = (),
-    profiles: Sequence[str] = ("gaussian",),
-    preset_name: str = "",
-    tile: tuple[int, int, int] = DEFAULT_TILE,
-    pair_fn: PairFn | None = None,
-    read_fn: Callable[[Path], Volume] | None = None,
-    progress: Callable[[str], None] | None = print,
-) -> LatentCache:
-    """Encode ``sources`` (files or (name, Volume)) into ``out_dir``; reuse entries that are still valid."""
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a latent cache holds: an HR entry per source plus one pair entry per factor x profile, encoded in
+    ``tile``-sized pieces; ``pair_fn`` makes the pairs, ``read_fn`` reads files, ``progress`` reports lines."""
+
+    factors: Sequence[float] = ()
+    profiles: Sequence[str] = ("gaussian",)
+    preset_name: str = ""
+    tile: tuple[int, int, int] = DEFAULT_TILE
+    pair_fn: PairFn | None = None
+    read_fn: Callable[[Path], Volume] | None = None
+    progress: Callable[[str], None] | None = print
+
+
+def build_latent_cache(sources: Sequence[str | Path | tuple[str, Volume]], vae: AutoencoderKL3D, vae_hash: str,
+                       out_dir: str | Path, spec: CacheSpec | None = None, **fields: object) -> LatentCache:
+    """Encode ``sources`` (files or (name, Volume)) into ``out_dir``; reuse entries that are still valid.
+    ``spec`` (or its fields as keywords) says what to encode."""
+    spec = dataclasses.replace(spec or CacheSpec(), **fields)  # type: ignore[arg-type]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pair_fn = pair_fn or default_pair
-    if read_fn is None:
-        from thinslice.io import read_volume as read_fn  # type: ignore[no-redef]
-    old: dict[str, CacheEntry] = {}
-    index_path = out / INDEX_NAME
-    if index_path.is_file():
-        prev = json.loads(index_path.read_text())
-        if prev.get("vae_hash") == vae_hash:
-            old = {e.file: e for e in LatentCache(out, prev).entries}
-        elif progress:
-            progress(f"encode: cache {out} was made with another VAE ({prev.get('vae_hash')}); re-encoding all")
+    old = _reusable_entries(out, vae_hash, spec)
     entries: list[CacheEntry] = []
     for src in sources:
         if isinstance(src, tuple):
-            name, vol = src
-            sid = SourceId.of_volume(name, vol)
-            stem = name
+            stem, vol = src
+            sid = SourceId.of_volume(stem, vol)
         else:
-            path = Path(src)
-            sid = SourceId.of_file(path)
-            stem, vol = _stem(path), None
+            sid, stem, vol = SourceId.of_file(Path(src)), _stem(Path(src)), None
         wanted = [(f"{stem}__hr.safetensors", "hr", None, None)]
-        wanted += [(_pair_file(stem, float(f), p), "pair", float(f), p) for f in factors for p in profiles]
+        wanted += [(_pair_file(stem, float(f), p), "pair", float(f), p) for f in spec.factors for p in spec.profiles]
         for file, kind, factor, profile in wanted:
             prev_entry = old.get(file)
             if prev_entry is not None and prev_entry.source.sha256 == sid.sha256 and (out / file).is_file():
                 entries.append(prev_entry)
                 continue
             if vol is None:
-                vol = read_fn(Path(src))  # type: ignore[arg-type]
-            thin_hu = vol.slices_first()
-            meta = {"format": CACHE_FORMAT, "preset": preset_name, "vae_hash": vae_hash,
-                    "scaling_factor": repr(vae.scaling_factor), "source": json.dumps(asdict(sid)), "kind": kind,
-                    "hr_shape": json.dumps(list(thin_hu.shape))}
-            if kind == "hr":
-                tensors = {"hr": encode_volume(vae, thin_hu, tile=tile)}
-            else:
-                lr, target = pair_fn(vol, factor, profile)  # type: ignore[arg-type]
-                meta.update({"factor": repr(factor), "profile": str(profile),
-                             "pair_shape": json.dumps(list(target.slices_first().shape))})
-                tensors = {"hr": encode_volume(vae, target.slices_first(), tile=tile),
-                           "lr": encode_volume(vae, lr.slices_first(), tile=tile)}
-            _save_atomic(out / file, tensors, meta)
-            if progress:
-                progress(f"encode: {file}")
-            entries.append(CacheEntry(stem, file, kind, factor, profile, sid, tuple(thin_hu.shape)))  # type: ignore
-    index = {"format": CACHE_FORMAT, "preset": preset_name, "vae_hash": vae_hash,
-             "scaling_factor": vae.scaling_factor, "tile": list(tile),
+                vol = _read(spec, Path(src))  # type: ignore[arg-type]
+            shape = _encode_entry(vae, vae_hash, vol, sid, out / file, (kind, factor, profile), spec)
+            entries.append(CacheEntry(stem, file, kind, factor, profile, sid, shape))  # type: ignore[arg-type]
+    index = {"format": CACHE_FORMAT, "preset": spec.preset_name, "vae_hash": vae_hash,
+             "scaling_factor": vae.scaling_factor, "tile": list(spec.tile),
              "entries": [{**asdict(e), "hr_shape": list(e.hr_shape)} for e in entries]}
-    write_text_atomic(index_path, json.dumps(index, indent=1))
+    write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=1))
     return LatentCache(out, index)
+
+
+def _read(spec: CacheSpec, path: Path) -> Volume:
+    if spec.read_fn is not None:
+        return spec.read_fn(path)
+    from thinslice.io import read_volume
+
+    return read_volume(path)
+
+
+def _reusable_entries(out: Path, vae_hash: str, spec: CacheSpec) -> dict[str, CacheEntry]:
+    """Entries of an existing cache made with the same VAE (file name -> entry); none for another VAE."""
+    index_path = out / INDEX_NAME
+    if not index_path.is_file():
+        return {}
+    prev = json.loads(index_path.read_text())
+    if prev.get("vae_hash") == vae_hash:
+        return {e.file: e for e in LatentCache(out, prev).entries}
+    if spec.progress:
+        spec.progress(f"encode: cache {out} was made with another VAE ({prev.get('vae_hash')}); re-encoding all")
+    return {}
+
+
+def _encode_entry(vae: AutoencoderKL3D, vae_hash: str, vol: Volume, sid: SourceId, path: Path,
+                  what: tuple[str, float | None, str | None], spec: CacheSpec) -> tuple[int, ...]:
+    """Encode one entry (``what`` = kind, factor, profile) into ``path``; returns the thin volume's shape."""
+    kind, factor, profile = what
+    thin_hu = vol.slices_first()
+    meta = {"format": CACHE_FORMAT, "preset": spec.preset_name, "vae_hash": vae_hash,
+            "scaling_factor": repr(vae.scaling_factor), "source": json.dumps(asdict(sid)), "kind": kind,
+            "hr_shape": json.dumps(list(thin_hu.shape))}
+    if kind == "hr":
+        tensors = {"hr": encode_volume(vae, thin_hu, tile=spec.tile)}
+    else:
+        lr, target = (spec.pair_fn or default_pair)(vol, factor, profile)  # type: ignore[arg-type]
+        meta.update({"factor": repr(factor), "profile": str(profile),
+                     "pair_shape": json.dumps(list(target.slices_first().shape))})
+        tensors = {"hr": encode_volume(vae, target.slices_first(), tile=spec.tile),
+                   "lr": encode_volume(vae, lr.slices_first(), tile=spec.tile)}
+    _save_atomic(path, tensors, meta)
+    if spec.progress:
+        spec.progress(f"encode: {path.name}")
+    return tuple(thin_hu.shape)

@@ -126,8 +126,7 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     torch.manual_seed(seed)
     layout = torch.channels_last if preset.planes.dims == 2 else torch.channels_last_3d
     model = build_planes(preset).to(memory_format=layout)  # ~25% faster steps on a CPU (bf16)
-    sampler = PlaneSampler(train, preset.planes_data, preset.degradation, model.factors, tc.batch_size, seed,
-                           context=preset.planes.context, dims=preset.planes.dims)
+    sampler = PlaneSampler(train, preset.planes_data, preset.degradation, preset.planes, tc.batch_size, seed)
     cases = validation_cases(list(val) if val else list(train))
     if not cases:
         raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices")

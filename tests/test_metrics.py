@@ -112,3 +112,21 @@ def test_cli_chain_degrade_upsample_evaluate(thin_phantom: Volume, tmp_path, cap
     assert main(["evaluate", str(up), str(up)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["PSNR", "(dB)", "inf"] and "HU-MAE body    0.00" in table
+
+
+def test_through_plane_sharpness_is_one_for_the_truth_and_low_for_interpolation(thin_phantom: Volume) -> None:
+    """Truth scores 1; cubic from 4x thicker slices has far less power above the thick Nyquist; adding the truth's
+    own fine detail back restores it."""
+    from thinslice.degrade.pairs import simulate_pair
+    from thinslice.evaluate.metrics import through_plane_sharpness
+    from thinslice.infer.upsample import upsample
+
+    thick, truth = simulate_pair(thin_phantom, factor=4, profile="gaussian")
+    ref = truth.slices_first()
+    cubic = upsample(thick, truth.slice_spacing, "cubic").slices_first()
+    assert through_plane_sharpness(ref, ref, 4) == pytest.approx(1.0)
+    blurred = through_plane_sharpness(cubic, ref, 4)
+    assert blurred < 0.5
+    assert through_plane_sharpness(cubic + (ref - cubic), ref, 4) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ThinsliceError, match="one shape"):
+        through_plane_sharpness(cubic[:-1], ref, 4)

@@ -20,7 +20,7 @@ import numpy as np
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
-from thinslice.evaluate.metrics import evaluate_volumes
+from thinslice.evaluate.metrics import evaluate_volumes, through_plane_sharpness
 from thinslice.infer.consistency import SlabOperator, consistency_residual_hu, thick_profile_operator
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume
@@ -108,6 +108,7 @@ class BenchRow:
     ssim: float
     mae_hu_body: float
     dc_residual_hu: float
+    sharpness: float  # through-plane power above the thick Nyquist / the truth's (1 = as sharp as the truth)
     seconds: float
     peak_rss_mb: float
 
@@ -167,8 +168,9 @@ def _score_method(spec: MethodSpec, case: tuple[str, float, str, float], thick: 
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
+    sharpness = through_plane_sharpness(out.slices_first(), truth.slices_first(), factor)
     row = BenchRow(name, float(factor), profile, spec.label, ratio, float(scores["psnr"]), float(scores["ssim"]),
-                   float(scores["mae_hu_body"]), float(residual["mean_abs"]), seconds, memory.peak_mb)
+                   float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness, seconds, memory.peak_mb)
     return row, out
 
 
@@ -183,13 +185,14 @@ def _short_name(path: Path) -> str:
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     lines = [
         "| volume | factor | profile | thickness / spacing | method | PSNR (dB) | SSIM | HU-MAE body "
-        "| DC residual (HU) | seconds | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| DC residual (HU) | sharpness | seconds | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.volume} | {r.factor:g} | {r.profile} | {r.thickness_ratio:g} | {r.method} | {r.psnr:.2f} | "
                      f"{r.ssim:.4f} | "
-                     f"{r.mae_hu_body:.1f} | {r.dc_residual_hu:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
+                     f"{r.mae_hu_body:.1f} | {r.dc_residual_hu:.2f} | {r.sharpness:.3f} | {r.seconds:.1f} | "
+                     f"{r.peak_rss_mb:.0f} |")
     return "\n".join(lines) + "\n"
 
 

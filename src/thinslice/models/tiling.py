@@ -51,7 +51,10 @@ def _overlaps(tile: tuple[int, ...], stride: tuple[int, ...], overlap: float) ->
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where a first stage runs: its parameters', else its buffers' (a parameter-free wavelet stage), else CPU."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -242,3 +242,21 @@ def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeyp
     assert np.abs(whole.array - base.array).max() > 1.0
     save_bundle_model(model, "planes", dataclasses.replace(preset, planes=cfg), tmp_path)
     assert load_planes(tmp_path).cfg.dims == 3
+
+
+def test_validation_scores_what_inference_gives_with_the_saved_weights(tmp_path, thin_phantom) -> None:
+    """The trainer's val/psnr is the shipped pipeline's PSNR: upsampling the validation case with the exported
+    weights gives the same number."""
+    from thinslice.evaluate.metrics import psnr
+    from thinslice.train.validation import VAL_PROFILE, validation_cases
+
+    run = tmp_path / "run"
+    opts = PlanesTrainOptions(run_dir=run, preset="tiny", max_steps=6, lr=2e-3, ema_decay=0.0, device="cpu",
+                              progress=False, seed=0, val_every=6, mixed_precision="no")
+    train_planes([thin_phantom], [thin_phantom], opts)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val_psnr = [r["val/psnr"] for r in logged if "val/psnr" in r][-1]
+    case = validation_cases([thin_phantom], 256)[0]
+    out = upsample(case.thick, case.truth.slice_spacing, "planes", checkpoint=str(run / "final"), precision="fp32",
+                   profile=VAL_PROFILE)
+    assert psnr(out.slices_first(), case.truth.slices_first()) == pytest.approx(val_psnr, abs=1e-3)

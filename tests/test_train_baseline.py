@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
@@ -43,7 +44,7 @@ def test_training_lowers_the_loss_and_the_bundle_upsamples(tmp_path, thin_phanto
     assert after < 0.7 * before, (before, after)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/psnr" in r]
-    assert len(val) == 1 and np.isfinite(val[0]["val/psnr"]) and np.isfinite(val[0]["val/psnr_cubic"])
+    assert len(val) == 1 and np.isfinite(val[0]["val/psnr"]) and np.isfinite(val[0]["val/psnr_cubic_dc"])
     # The exported bundle is what --method cnn loads.
     model = load_baseline(run / "final")
     for k, v in result.models["baseline"].state_dict().items():
@@ -66,3 +67,20 @@ def test_cli_end_to_end(tmp_path, thin_data_folder) -> None:
     assert main([*args[:-6], "--out", str(tmp_path / "ft"), "--init", str(out / "final"), "--max-steps", "2",
                  "--device", "cpu"]) == 0
     assert main([*args[:-6], "--out", str(tmp_path / "fp16"), "--device", "cpu", "--mixed-precision", "fp16"]) == 2
+
+
+def test_cnn_validation_scores_what_inference_gives(tmp_path, thin_phantom) -> None:
+    """val/psnr of the CNN trainer is the cnn pipeline's PSNR (cubic -> network -> data consistency) with the
+    exported weights on the same validation case."""
+    from thinslice.evaluate.metrics import psnr
+    from thinslice.train.validation import VAL_PROFILE, validation_cases
+
+    run = tmp_path / "run"
+    opts = BaselineTrainOptions(run_dir=run, preset="tiny", max_steps=4, ema_decay=0.0, device="cpu",
+                                progress=False, seed=0, val_every=4, val_crop=(12, 32, 32))
+    train_baseline([thin_phantom], [thin_phantom], opts)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val_psnr = [r["val/psnr"] for r in logged if "val/psnr" in r][-1]
+    case = validation_cases([thin_phantom], 32, depth=12)[0]
+    out = upsample(case.thick, case.truth.slice_spacing, "cnn", checkpoint=str(run / "final"), profile=VAL_PROFILE)
+    assert psnr(out.slices_first(), case.truth.slices_first()) == pytest.approx(val_psnr, abs=1e-3)

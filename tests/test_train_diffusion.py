@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_writes_a_bundle(tmp_path, vae_file, thin_p
     assert (run / "best" / "denoiser.safetensors").is_file() and (run / "best" / "vae.safetensors").is_file()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/psnr" in r]
-    assert [r["step"] for r in val] == [7, 14] and all(np.isfinite(r["val/psnr_cubic"]) for r in val)
+    assert [r["step"] for r in val] == [7, 14] and all(np.isfinite(r["val/psnr_cubic_dc"]) for r in val)
 
 
 def test_resume_gives_the_same_weights(tmp_path, vae_file, thin_phantom) -> None:

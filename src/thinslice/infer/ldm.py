@@ -424,6 +424,13 @@ class Ldm(Pipeline):
     vae: AutoencoderKL3D
     denoiser: LatentDenoiser
 
+    @classmethod
+    def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None) -> Ldm:
+        """The pipeline around networks in hand (training validates through this)."""
+        pipeline = cls(options)
+        pipeline.vae, pipeline.denoiser = vae, denoiser
+        return pipeline
+
     def load(self) -> None:
         o = self.options
         bundle, device = self.bundle(), resolve_device(o.device)

@@ -14,21 +14,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.errors import ThinsliceError
-from thinslice.evaluate.metrics import psnr
-from thinslice.infer.pairs import PairSampler, validation_pairs
+from thinslice.infer.cnn import Cnn
+from thinslice.infer.pairs import PairSampler
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.factory import build_baseline
-from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.presets import Preset, load_preset
-from thinslice.train.diffusion import default_val_crop, through_plane_image
+from thinslice.train.diffusion import default_val_crop
 from thinslice.train.engine import (
     RunOptions,
     Trainer,
@@ -38,6 +36,7 @@ from thinslice.train.engine import (
     fit_run,
     run_settings,
 )
+from thinslice.train.validation import VAL_FACTOR, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +54,6 @@ def l1_loss(models: dict[str, nn.Module], batch: dict[str, Any], step: int) -> t
     pred = models["baseline"](batch["lr"])
     loss = F.l1_loss(pred.float(), batch["hr"].float())
     return loss, {"l1_cubic": float(F.l1_loss(batch["lr"], batch["hr"]).detach())}
-
-
-def make_validate_fn(pairs: list[tuple[str, np.ndarray, np.ndarray]]):
-    """PSNR (HU) of the refined cubic crops against the truth and of cubic alone."""
-
-    @torch.no_grad()
-    def validate(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
-        model = models["baseline"]
-        device = next(model.parameters()).device
-        scores, cubic, image = [], [], None
-        for _name, hr, lr in pairs:
-            x = torch.from_numpy(hu_to_model(lr))[None, None].to(device)
-            out = model_to_hu(model(x)[0, 0].float().cpu().numpy())
-            scores.append(psnr(out, hr))
-            cubic.append(psnr(lr, hr))
-            if image is None:
-                image = through_plane_image(hr, lr, out)
-        results: dict[str, Any] = {"val/psnr": float(np.mean(scores)), "val/psnr_cubic": float(np.mean(cubic)),
-                                   "val/psnr_gain": float(np.mean(scores) - np.mean(cubic))}
-        if image is not None:
-            results["val/truth_cubic_cnn"] = image
-        return results
-
-    return validate
 
 
 def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> ResidualCNN3D:
@@ -112,13 +87,18 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")
-    pairs = validation_pairs(val_volumes, opts.val_crop or default_val_crop(patch))
-    if not pairs:
-        raise ThinsliceError("no validation volumes")
+    crop = opts.val_crop or default_val_crop(patch)
+    cases = validation_cases(val_volumes, size=max(crop[1:]), depth=crop[0])
+    if not cases:
+        raise ThinsliceError(f"no validation crop has {3 * VAL_FACTOR} or more slices; pass --val-crop with a larger "
+                             "depth or longer --val volumes")
+    precision = "bf16" if opts.mixed_precision == "bf16" else "fp32"
+    validate = make_pipeline_validate(cases, lambda models: Cnn.from_model(models["baseline"], precision=precision),
+                                      "val/truth_cubic-dc_cnn")
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         save_bundle_model(eval_models["baseline"], "baseline", preset, out_dir)
 
     trainer = Trainer({"baseline": model}, l1_loss, sampler, engine_config(run_dir, tc, opts, seed, ema_decay),
-                      validate_fn=make_validate_fn(pairs), export_fn=export)
+                      validate_fn=validate, export_fn=export)
     return fit_run(trainer, opts, record, preset)

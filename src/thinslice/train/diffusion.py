@@ -8,10 +8,10 @@ example) to scaled latents, or reads random latent crops from a :class:`~thinsli
 network's LR condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
 exact.
 
-Validation runs the whole inference pipeline on fixed held-out crops (factor 4, gaussian): encode the cubic LR, sample
-with :func:`~thinslice.infer.sampler.sample_latent` from a fixed seed, decode, PSNR in HU against the truth and
-against cubic interpolation (``val/psnr_gain`` = model - cubic), plus the VAE's own reconstruction PSNR of the truth
-(the ceiling any latent model can reach).
+Validation runs the shipped ldm pipeline (:class:`thinslice.infer.ldm.Ldm`: residual decoding, data consistency,
+one fixed seed) on fixed held-out crops (factor 4, gaussian; :mod:`thinslice.train.validation`), so "best" is picked
+on the number users get: PSNR in HU against the truth and against cubic-dc (``val/psnr_gain`` = model - cubic-dc),
+plus the VAE's own reconstruction PSNR of the truth (its ceiling under direct decoding).
 
 The exported folders ``RUN_DIR/final`` and ``RUN_DIR/best`` are model bundles (:mod:`thinslice.checkpoints.bundle`):
 ``denoiser.safetensors`` recording the preset, the steps and the VAE's content hash, plus a copy of the VAE as
@@ -41,12 +41,13 @@ from thinslice.checkpoints.files import load_model, record_of
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.pairs import VAL_FACTOR, PairSampler, crop_to_multiple, validation_pairs
-from thinslice.infer.sampler import diffusion_loss, make_schedule, sample_latent
+from thinslice.infer.ldm import Ldm, LdmOptions
+from thinslice.infer.pairs import PairSampler
+from thinslice.infer.sampler import diffusion_loss, make_schedule
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
-from thinslice.models.intensity import hu_to_model, model_to_hu
+from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import load_preset
 from thinslice.train.engine import (
@@ -59,13 +60,13 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
+from thinslice.train.validation import VAL_FACTOR, ValCase, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VAL_CROP = (24, 96, 96)
 VAL_SEED = 20240
 # Window for TensorBoard slice images (HU): lung to bone.
-IMG_WINDOW = (-1000.0, 1000.0)
 _SEED_HIGH = 2**62
 
 
@@ -199,59 +200,24 @@ class DiffusionLoss:
 
 
 # ------------------------------------------------------------------------------------------- validation
-def window_image(img: np.ndarray) -> np.ndarray:
-    lo, hi = IMG_WINDOW
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+def make_validate_fn(vae: AutoencoderKL3D, cases: list[ValCase], seed: int = VAL_SEED):
+    """Validation through the shipped ldm pipeline (residual decoding, data consistency; one fixed seed), plus the
+    VAE's own reconstruction PSNR of the truths (its ceiling under direct decoding; fixed, as the VAE is frozen)."""
+    options = LdmOptions(seed=seed, progress=False)
+    validate = make_pipeline_validate(cases, lambda models: Ldm.from_models(vae, models["denoiser"], options),
+                                      "val/truth_cubic-dc_ldm")
+    ceiling = float(np.mean([_vae_psnr(vae, case.truth.slices_first()) for case in cases]))
+
+    def with_ceiling(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
+        return {**validate(models, step), "val/psnr_vae_ceiling": ceiling}
+
+    return with_ceiling
 
 
-def through_plane_image(*volumes_hu: np.ndarray) -> np.ndarray:
-    """Coronal-like cuts (slice axis vertical, through the middle row) side by side: where through-plane detail
-    shows."""
-    return np.concatenate([window_image(v[:, v.shape[1] // 2, :]) for v in volumes_hu], axis=1)
-
-
-def make_validate_fn(vae: AutoencoderKL3D, pairs: list[tuple[str, np.ndarray, np.ndarray]],
-                     factor: float = VAL_FACTOR, seed: int = VAL_SEED):
-    """Validation on fixed pairs through encode -> sample -> decode (see the module docstring)."""
-    ceiling: dict[str, float] = {}
-
-    @torch.no_grad()
-    def validate(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
-        denoiser = models["denoiser"]
-        device = next(denoiser.parameters()).device
-        scores, cubic, vae_only, image = [], [], [], None
-        for name, hr, lr in pairs:
-            x = torch.from_numpy(hu_to_model(lr))[None, None].to(device)
-            y = vae.encode_latent(x)
-            z = sample_latent(denoiser, y, factor, generator=torch.Generator(device="cpu").manual_seed(seed))
-            out = model_to_hu(vae.decode_latent(z)[0, 0].float().cpu().numpy())
-            scores.append(psnr(out, hr))
-            cubic.append(psnr(lr, hr))
-            if name not in ceiling:  # the VAE is frozen: its reconstruction PSNR never changes
-                rec = vae.decode_latent(vae.encode_latent(torch.from_numpy(hu_to_model(hr))[None, None].to(device)))
-                ceiling[name] = psnr(model_to_hu(rec[0, 0].float().cpu().numpy()), hr)
-            vae_only.append(ceiling[name])
-            if image is None:
-                image = through_plane_image(hr, lr, out)
-        results: dict[str, Any] = {"val/psnr": float(np.mean(scores)), "val/psnr_cubic": float(np.mean(cubic)),
-                                   "val/psnr_gain": float(np.mean(scores) - np.mean(cubic)),
-                                   "val/psnr_vae_ceiling": float(np.mean(vae_only))}
-        if image is not None:
-            results["val/truth_cubic_ldm"] = image
-        return results
-
-    return validate
-
-
-def fixed_validation_pairs(volumes: Sequence[Volume | str | Path], crop: tuple[int, int, int],
-                           multiple: tuple[int, int, int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Held-out pairs cropped to sizes the networks accept (multiples of ``multiple``)."""
-    out = []
-    for name, hr, lr in validation_pairs(volumes, crop):
-        if any(n < m for n, m in zip(hr.shape, multiple, strict=True)):
-            raise ThinsliceError(f"validation volume {name} is too small ({hr.shape}) for size multiple {multiple}")
-        out.append((name, crop_to_multiple(hr, multiple), crop_to_multiple(lr, multiple)))
-    return out
+@torch.no_grad()
+def _vae_psnr(vae: AutoencoderKL3D, hu: np.ndarray) -> float:
+    latent = encode_volume(vae, hu)
+    return psnr(decode_volume(vae, latent, out_shape=hu.shape), hu)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -321,16 +287,18 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
         denoiser.set_gradient_checkpointing(True)
     patch = tuple(int(p) for p in tc.patch_size)
     check_patch_fits(patch, vae, denoiser.size_multiple)  # type: ignore[arg-type]
-    stride = vae.total_stride
 
     batches = _batches(opts, train, tc, vae, patch, seed)
 
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
-    multiple = tuple(s * m for s, m in zip(stride, denoiser.size_multiple, strict=True))
     val_crop = opts.val_crop or default_val_crop(patch)
-    validate = make_validate_fn(vae, fixed_validation_pairs(val_volumes, val_crop, multiple))  # type: ignore
+    cases = validation_cases(val_volumes, size=max(val_crop[1:]), depth=val_crop[0])
+    if not cases:
+        raise ThinsliceError(f"no validation crop has {3 * VAL_FACTOR} or more slices; pass --val-crop with a larger "
+                             "depth or longer --val volumes")
+    validate = make_validate_fn(vae, cases)
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         denoiser_out = eval_models["denoiser"]

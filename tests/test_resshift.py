@@ -10,7 +10,7 @@ import torch
 from thinslice.diffusion.ddim import DDIMSchedule
 from thinslice.diffusion.resshift import ResShiftConfig, ResShiftSchedule
 from thinslice.errors import ThinsliceError
-from thinslice.infer.sampler import diffusion_loss, sample_latent
+from thinslice.infer.sampler import diffusion_loss, reverse_process, sample_latent
 from thinslice.models.control import IRControlNet
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.unet import LatentUNet3D
@@ -117,7 +117,7 @@ def test_sampling_with_oracle_recovers_x0(cfg: ResShiftConfig) -> None:
     sched = ResShiftSchedule(cfg)
     g = torch.Generator().manual_seed(2)
     x0, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 8, 8, generator=g)
-    states = sched.sample(oracle(sched, x0), y, generator=g, progress=False, return_all=True)
+    states = reverse_process(sched, oracle(sched, x0), y, g, return_all=True)
     assert len(states) == cfg.num_steps + 1
     assert torch.allclose(states[-1], x0, atol=1e-4)
     assert not torch.allclose(states[-2], x0, atol=1e-2)  # the last step is what lands on x0
@@ -130,9 +130,9 @@ def test_resshift_sampling_is_seeded() -> None:
     def model_fn(x, t, yy):
         return 0.5 * x + 0.1 * yy
 
-    a = sched.sample(model_fn, y, generator=torch.Generator().manual_seed(3), progress=False)
-    b = sched.sample(model_fn, y, generator=torch.Generator().manual_seed(3), progress=False)
-    c = sched.sample(model_fn, y, generator=torch.Generator().manual_seed(4), progress=False)
+    a = reverse_process(sched, model_fn, y, torch.Generator().manual_seed(3))
+    b = reverse_process(sched, model_fn, y, torch.Generator().manual_seed(3))
+    c = reverse_process(sched, model_fn, y, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -148,7 +148,7 @@ def test_ddim_with_oracle_recovers_x0(prediction: str) -> None:
         eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()
         return eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
-    out = sched.sample(model_fn, y, generator=g, progress=False, steps=10)
+    out = reverse_process(sched, model_fn, y, g, steps=10)
     assert torch.allclose(out, x0, atol=1e-4)
     t = torch.tensor([500])
     noise = torch.randn_like(x0)

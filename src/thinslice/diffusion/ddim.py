@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-from tqdm.auto import tqdm
 
 from thinslice.diffusion.resshift import ModelFn, ResShiftConfig
 
@@ -63,39 +62,29 @@ class DDIMSchedule:
         per_sample = ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)
         return per_sample.mean() if reduction == "mean" else per_sample
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        y: torch.Tensor,
-        generator: torch.Generator | None = None,
-        progress: bool = True,
-        return_all: bool = False,
-        steps: int | None = None,
-        eta: float = 0.0,
-    ) -> torch.Tensor | list[torch.Tensor]:
-        """DDIM with ``steps`` (default cfg.ddim_sample_steps) from x_T ~ N(0, I); eta = 0 is deterministic."""
-        steps = steps or self.cfg.ddim_sample_steps
-        scheduler = DDIMScheduler(
-            num_train_timesteps=self.num_train_steps,
-            schedule=self.cfg.ddim_schedule,
-            prediction_type=self.cfg.ddim_prediction,
-            clip_sample=False,
-        )
-        scheduler.set_timesteps(steps)
-        gen_device = generator.device if generator is not None else y.device
+    # ---- step API (the loop is thinslice.infer.sampler.reverse_process) --------------------------------------------
+    def set_timesteps(self, steps: int | None = None) -> list[int]:
+        """DDIM timesteps for ``steps`` (default cfg.ddim_sample_steps), any number up to the training steps."""
+        self.sampler = DDIMScheduler(num_train_timesteps=self.num_train_steps, schedule=self.cfg.ddim_schedule,
+                                     prediction_type=self.cfg.ddim_prediction, clip_sample=False)
+        self.sampler.set_timesteps(steps or self.cfg.ddim_sample_steps)
+        self.timesteps = [int(t) for t in self.sampler.timesteps.tolist()]
+        return self.timesteps
 
-        def randn() -> torch.Tensor:
-            return torch.randn(y.shape, generator=generator, device=gen_device, dtype=torch.float32).to(y)
+    def init_latent(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Where sampling starts: pure noise (y enters only through the network's conditioning)."""
+        return noise
 
-        x = randn()
-        states = [x] if return_all else []
-        for step in tqdm(scheduler.timesteps.tolist(), desc="ddim", disable=not progress, leave=False):
-            t = torch.full((y.shape[0],), step, device=y.device, dtype=torch.long)
-            output = model_fn(x, t, y)
-            # MONAI draws the eta > 0 step noise on the output's device: the generator must live there too.
-            x, _ = scheduler.step(output.float(), step, x.float(), eta=eta, generator=generator)
-            x = x.to(y.dtype)
-            if return_all:
-                states.append(x)
-        return states if return_all else x
+    def scale_model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t
+
+    def step_needs_noise(self, step: int) -> bool:
+        return False  # deterministic DDIM (eta = 0)
+
+    def step(self, output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor,
+             noise: torch.Tensor | None) -> torch.Tensor:
+        x, _ = self.sampler.step(output.float(), int(t[0]), x_t.float(), eta=0.0)
+        return x.to(y.dtype)
+
+    def add_noise(self, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.q_sample(x0, t, noise)

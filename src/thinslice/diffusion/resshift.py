@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from thinslice.presets import METHODS, PREDICTIONS, ResShiftConfig  # noqa: F401 (the schedule settings live with the presets)
 
@@ -146,41 +145,34 @@ class ResShiftSchedule:
         variance = self._coef(self.posterior_variance, t, x_t)
         return mean, variance
 
-    def p_mean_variance(
-        self, model_fn: ModelFn, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, variance, predicted x0) of p(x_{t-1} | x_t): the posterior with x0 replaced by the network's."""
-        output = model_fn(self.scale_input(x_t, t), t, y)
+    # ---- step API (the MONAI/diffusers scheduler shape; the loop is thinslice.infer.sampler.reverse_process) ------
+    def set_timesteps(self, steps: int | None = None) -> list[int]:
+        """The reverse timesteps T-1 .. 0; a ResShift model samples with exactly the T steps it was trained with."""
+        if steps is not None and int(steps) != self.num_steps:
+            raise ValueError(f"this ResShift model was trained with {self.num_steps} steps; it cannot sample with "
+                             f"{steps} (leave --steps out)")
+        self.timesteps = list(range(self.num_steps - 1, -1, -1))
+        return self.timesteps
+
+    def init_latent(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Where sampling starts: x_T = y + kappa sqrt(eta_T) noise (the LR latent, shifted)."""
+        return self.prior_sample(y, noise)
+
+    def scale_model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scale_input(x_t, t)
+
+    def step_needs_noise(self, step: int) -> bool:
+        """Whether :meth:`step` at ``step`` adds noise (all but the last step)."""
+        return step > 0
+
+    def step(self, output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor,
+             noise: torch.Tensor | None) -> torch.Tensor:
+        """x_{t-1} from the network output: the posterior mean with x0 replaced by the network's estimate, plus
+        ``noise`` times its standard deviation (none at the last step)."""
         x0_pred = self.x0_from_output(output, x_t, y, t)
         mean, variance = self.q_posterior_mean_variance(x0_pred, x_t, t)
-        return mean, variance, x0_pred
+        return mean + torch.sqrt(variance) * noise if noise is not None else mean
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        y: torch.Tensor,
-        generator: torch.Generator | None = None,
-        progress: bool = True,
-        return_all: bool = False,
-    ) -> torch.Tensor | list[torch.Tensor]:
-        """T reverse steps from x_T = y + noise; no noise is added at the last step (t index 0).
-
-        Noise is drawn on the generator's device and moved to ``y``'s so a seed gives the same result anywhere.
-        ``return_all`` returns [x_T, x_{T-1}, ..., x_0].
-        """
-
-        def randn() -> torch.Tensor:
-            gen_device = generator.device if generator is not None else y.device
-            return torch.randn(y.shape, generator=generator, device=gen_device, dtype=torch.float32).to(y)
-
-        x = self.prior_sample(y, randn())
-        states = [x] if return_all else []
-        steps = range(self.num_steps - 1, -1, -1)
-        for step in tqdm(steps, desc="resshift", disable=not progress, leave=False):
-            t = torch.full((y.shape[0],), step, device=y.device, dtype=torch.long)
-            mean, variance, _ = self.p_mean_variance(model_fn, x, y, t)
-            x = mean + torch.sqrt(variance) * randn() if step > 0 else mean
-            if return_all:
-                states.append(x)
-        return states if return_all else x
+    def add_noise(self, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process x_t (training): :meth:`q_sample`."""
+        return self.q_sample(x0, y, t, noise)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from thinslice.diffusion.ddim import DDIMSchedule
-from thinslice.diffusion.resshift import METHODS, ResShiftSchedule
+from thinslice.diffusion.resshift import METHODS, ModelFn, ResShiftSchedule
 from thinslice.errors import ThinsliceError
 from thinslice.models.denoiser import LatentDenoiser
 
@@ -53,19 +53,41 @@ def sample_latent(
         return denoiser.guided(x, t, y, factor, guidance_scale=scale)
 
     try:
-        if isinstance(schedule, ResShiftSchedule):
-            if steps is not None and steps != schedule.num_steps:
-                raise ThinsliceError(
-                    f"this ResShift model was trained with {schedule.num_steps} steps; it cannot sample with {steps} "
-                    "(leave --steps out)"
-                )
-            out = schedule.sample(model_fn, y_latent, generator=generator, progress=progress)
-        else:
-            out = schedule.sample(model_fn, y_latent, generator=generator, progress=progress, steps=steps)
+        out = reverse_process(schedule, model_fn, y_latent, generator, steps, progress)
+    except ValueError as err:  # a step count the schedule cannot sample with
+        raise ThinsliceError(str(err)) from None
     finally:
         denoiser.train(was_training)
     assert isinstance(out, torch.Tensor)
     return out
+
+
+Schedule = ResShiftSchedule | DDIMSchedule
+
+
+@torch.no_grad()
+def reverse_process(schedule: Schedule, model_fn: ModelFn, y: torch.Tensor, generator: torch.Generator | None = None,
+                    steps: int | None = None, progress: bool = False,
+                    return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """The one sampling loop, for ResShift and DDIM alike, through the schedules' step API (set_timesteps,
+    init_latent, scale_model_input, step). Noise is drawn on the generator's device and moved to ``y``'s, so a seed
+    gives the same result anywhere. ``return_all`` returns [x_T, ..., x_0]."""
+    from tqdm.auto import tqdm
+
+    def randn() -> torch.Tensor:
+        gen_device = generator.device if generator is not None else y.device
+        return torch.randn(y.shape, generator=generator, device=gen_device, dtype=torch.float32).to(y)
+
+    timesteps = schedule.set_timesteps(steps)
+    x = schedule.init_latent(y, randn())
+    states = [x] if return_all else []
+    for step in tqdm(timesteps, desc=schedule.cfg.method, disable=not progress, leave=False):
+        t = torch.full((y.shape[0],), step, device=y.device, dtype=torch.long)
+        output = model_fn(schedule.scale_model_input(x, t), t, y)
+        x = schedule.step(output, t, x, y, randn() if schedule.step_needs_noise(step) else None)
+        if return_all:
+            states.append(x)
+    return states if return_all else x
 
 
 

@@ -122,3 +122,11 @@ def test_cli_upsample(thin_phantom: Volume, tmp_path, capsys) -> None:
     assert "is the input" in capsys.readouterr().err
     assert main(["upsample", str(src), str(out), "--spacing", "1.25", "--method", "nope"]) == 2
     assert "available methods are" in capsys.readouterr().err
+
+
+def test_method_modules_are_found_by_their_registration_line() -> None:
+    """Adding a method is its module plus the decorator: the registry finds every such module in thinslice.infer."""
+    from thinslice.infer.upsample import method_modules
+
+    assert method_modules() == ["thinslice.infer.cnn", "thinslice.infer.ldm", "thinslice.infer.planes"]
+    assert {"cnn", "ldm", "planes"} <= set(available_methods())

@@ -2,7 +2,7 @@
 
 Every method is a :class:`~thinslice.infer.pipeline.Pipeline` class registered with :func:`register_pipeline`.
 Interpolation ("linear", "cubic", "cubic-dc") is registered here; learned methods (planes, CNN baseline, latent
-diffusion) in their own modules, which are imported on first use from :data:`PLUGIN_MODULES` so that ``thinslice
+diffusion) in their own modules, which are found and imported on first use (:func:`method_modules`) so that ``thinslice
 upsample`` lists them without importing torch models up front. Every method returns a volume on
 :func:`thinslice.degrade.grid.thin_grid` of the input.
 """
@@ -26,8 +26,10 @@ from thinslice.io.volume import Volume
 
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
 
-# Modules that register further methods when imported (missing ones are skipped).
-PLUGIN_MODULES: tuple[str, ...] = ("thinslice.infer.cnn", "thinslice.infer.ldm", "thinslice.infer.planes")
+# Further modules (outside thinslice.infer) that register methods when imported; missing ones are skipped. The
+# package's own method modules are found by :func:`method_modules`.
+PLUGIN_MODULES: tuple[str, ...] = ()
+REGISTRATION_MARK = "@register_pipeline"
 # Methods that need no trained weights (registered below).
 WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
 
@@ -156,12 +158,20 @@ def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
     return FALLBACK_METHOD, f"auto: {name} cannot serve this input ({reason}); using {FALLBACK_METHOD}"
 
 
+def method_modules() -> list[str]:
+    """The modules of ``thinslice.infer`` that register a method: those whose source holds the registration
+    decorator, found by reading the files (not importing them, which would import torch and the networks)."""
+    folder = Path(__file__).resolve().parent
+    return [f"thinslice.infer.{path.stem}" for path in sorted(folder.glob("*.py"))
+            if path.name != Path(__file__).name and REGISTRATION_MARK in path.read_text(encoding="utf-8")]
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for module in PLUGIN_MODULES:
+    for module in (*method_modules(), *PLUGIN_MODULES):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from thinslice.errors import ThinsliceError
-from thinslice.models.baseline import BaselineConfig
-from thinslice.models.control import ControlConfig
-from thinslice.models.planes import PlanesConfig
-from thinslice.models.unet import UNetConfig
-from thinslice.models.vae import VAEConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESET_NAMES = ("tiny", "small", "paper")
@@ -69,6 +65,124 @@ class ResShiftConfig:
         values: dict[str, object] = {"num_steps": 4, "min_noise": 0.2}
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+# The networks' configurations: here, in the base layer, so that models/ and diffusion/ import them and this
+# module imports neither (no cycle); each network's module re-exports its own.
+@dataclass
+class VAEConfig:
+    """Shape of the 3D VAE. Tensors are (B, C, D, H, W) with D the slice axis."""
+
+    in_channels: int = 1
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (16, 32, 64)
+    num_res_blocks: int = 1
+    # One stride per down-sampling step (len(channels) - 1 entries), (d, h, w): (1, 2, 2) keeps the slice axis.
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2))
+    attention_at_lowest: bool = False
+    norm_num_groups: int = 8
+    # Multiplies latents so that they have roughly unit variance for the diffusion model (set after training).
+    scaling_factor: float = 1.0
+    norm_eps: float = 1e-6
+    # Channels per attention head at the lowest level; 0 = one head (as in the diffusers/SD VAE).
+    attention_head_channels: int = 0
+    # Recompute activations in the backward pass (less memory, ~30% slower); training only.
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.strides = tuple(tuple(int(s) for s in st) for st in self.strides)  # type: ignore[assignment]
+        if len(self.strides) != len(self.channels) - 1:
+            raise ThinsliceError(
+                f"VAE config: {len(self.channels)} channel levels need {len(self.channels) - 1} strides, got "
+                f"{len(self.strides)}; fix the 'vae' section of the preset"
+            )
+        for st in self.strides:
+            if len(st) != 3 or any(s not in (1, 2) for s in st):
+                raise ThinsliceError(f"VAE config: strides must be (d, h, w) tuples of 1 or 2, got {st}")
+        for c in self.channels:
+            if c % self.norm_num_groups:
+                raise ThinsliceError(
+                    f"VAE config: channels {self.channels} must be divisible by norm_num_groups={self.norm_num_groups}"
+                )
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        """Down-sampling factor image -> latent per axis (d, h, w)."""
+        return tuple(math.prod(st[a] for st in self.strides) for a in range(3))  # type: ignore[return-value]
+
+
+@dataclass
+class UNetConfig:
+    """Shape of the latent denoiser. Input = noisy latent concatenated with the LR latent."""
+
+    latent_channels: int = 4
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    # One stride per down-sampling step (d, h, w); (1, 2, 2) where the slice axis must not shrink.
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2))
+    # Self-attention at the coarsest ``attention_levels`` levels (2 = the two coarsest) and in the middle block.
+    attention_levels: int = 2
+    num_head_channels: int = 32
+    norm_num_groups: int = 8
+    gradient_checkpointing: bool = False
+    # Condition on the degradation factor (thick/thin spacing ratio, e.g. 2..6), added to the time embedding.
+    factor_conditioning: bool = True
+    # The factor is multiplied by this before its sinusoidal embedding (factor 2..6 -> 200..600 "timesteps").
+    factor_embed_scale: float = 100.0
+    # Self-attention within non-overlapping (d, h, w) windows of latent voxels at each attention level (None =
+    # global). Global attention over a whole-volume latent is quadratic in the number of voxels, so presets that
+    # run on full volumes set a window about the size of the training patch at that level.
+    attention_window: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.channel_mult) - 1:
+            raise ValueError(
+                f"unet.strides needs one (d, h, w) stride per down-sampling step: {len(self.channel_mult) - 1} "
+                f"for channel_mult {self.channel_mult}, got {len(self.strides)}"
+            )
+        if any(len(s) != 3 or min(s) < 1 for s in self.strides):
+            raise ValueError(f"unet.strides must be positive (d, h, w) triples, got {self.strides}")
+        for mult in self.channel_mult:
+            if (self.base_channels * mult) % self.norm_num_groups:
+                raise ValueError("unet.norm_num_groups must divide base_channels * every channel_mult")
+
+
+@dataclass
+class ControlConfig:
+    enabled: bool = True
+    scale: float = 1.0
+    # Start from the UNet's encoder weights (DiffBIR) rather than a random initialisation.
+    init_from_unet: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    channels: int = 32
+    num_blocks: int = 6
+
+
+@dataclass
+class PlanesConfig:
+    channels: int = 48
+    num_blocks: int = 6
+    factors: tuple[int, ...] = (2, 3, 4, 5, 6)
+    # Neighbouring planes on each side given as extra input channels (2.5D); 0 = the plane alone.
+    context: int = 0
+    # 2: planes (coronal and sagittal, averaged); 3: thick-grid blocks with 3x3x3 convolutions, one pass that sees
+    # both in-plane axes at once (a learned fusion of the orientations).
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise ValueError(f"planes dims must be 2 or 3, not {self.dims}")
+        if self.dims == 3 and self.context:
+            raise ValueError("planes context (2.5D neighbours) applies to dims 2 only")
+
+    @property
+    def planes(self) -> int:
+        return 1 + 2 * int(self.context)
 
 
 @dataclass

@@ -7,16 +7,10 @@ network gets through the same pipeline as the diffusion model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass
-class BaselineConfig:
-    channels: int = 32
-    num_blocks: int = 6
+from thinslice.presets import BaselineConfig  # noqa: F401 (configured by it; re-exported)
 
 
 class _ResBlock(nn.Module):

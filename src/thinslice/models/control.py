@@ -9,20 +9,11 @@ disturbing it. ``ControlConfig.enabled = False`` means no control net at all (th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from thinslice.models.unet import ConditionEmbedding, LatentUNet3D, UNetConfig, UNetEncoder, zero_module
-
-
-@dataclass
-class ControlConfig:
-    enabled: bool = True
-    scale: float = 1.0
-    # Start from the UNet's encoder weights (DiffBIR) rather than a random initialisation.
-    init_from_unet: bool = True
+from thinslice.presets import ControlConfig  # noqa: F401 (configured by it; re-exported)
 
 
 class IRControlNet(nn.Module):

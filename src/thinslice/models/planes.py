@@ -17,36 +17,14 @@ isotropic and works on the fine grid's channel layout, not on a thick-slice cell
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from thinslice.presets import PlanesConfig  # noqa: F401 (configured by it; re-exported)
 
 # Order of the one-hot profile channels; the first conditioning channel is thickness / spacing - 1.
 PROFILE_CHANNELS = ("gaussian", "box", "decimate")
 COND_CHANNELS = 1 + len(PROFILE_CHANNELS)
-
-
-@dataclass
-class PlanesConfig:
-    channels: int = 48
-    num_blocks: int = 6
-    factors: tuple[int, ...] = (2, 3, 4, 5, 6)
-    # Neighbouring planes on each side given as extra input channels (2.5D); 0 = the plane alone.
-    context: int = 0
-    # 2: planes (coronal and sagittal, averaged); 3: thick-grid blocks with 3x3x3 convolutions, one pass that sees
-    # both in-plane axes at once (a learned fusion of the orientations).
-    dims: int = 2
-
-    def __post_init__(self) -> None:
-        if self.dims not in (2, 3):
-            raise ValueError(f"planes dims must be 2 or 3, not {self.dims}")
-        if self.dims == 3 and self.context:
-            raise ValueError("planes context (2.5D neighbours) applies to dims 2 only")
-
-    @property
-    def planes(self) -> int:
-        return 1 + 2 * int(self.context)
 
 
 def acquisition_vector(thickness_ratio: float, profile: str) -> list[float]:

@@ -12,7 +12,6 @@ with the LR latent (``2 * latent_channels`` channels); the output has ``latent_c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,42 +20,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, g
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class UNetConfig:
-    """Shape of the latent denoiser. Input = noisy latent concatenated with the LR latent."""
-
-    latent_channels: int = 4
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 1
-    # One stride per down-sampling step (d, h, w); (1, 2, 2) where the slice axis must not shrink.
-    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2))
-    # Self-attention at the coarsest ``attention_levels`` levels (2 = the two coarsest) and in the middle block.
-    attention_levels: int = 2
-    num_head_channels: int = 32
-    norm_num_groups: int = 8
-    gradient_checkpointing: bool = False
-    # Condition on the degradation factor (thick/thin spacing ratio, e.g. 2..6), added to the time embedding.
-    factor_conditioning: bool = True
-    # The factor is multiplied by this before its sinusoidal embedding (factor 2..6 -> 200..600 "timesteps").
-    factor_embed_scale: float = 100.0
-    # Self-attention within non-overlapping (d, h, w) windows of latent voxels at each attention level (None =
-    # global). Global attention over a whole-volume latent is quadratic in the number of voxels, so presets that
-    # run on full volumes set a window about the size of the training patch at that level.
-    attention_window: tuple[int, int, int] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.strides) != len(self.channel_mult) - 1:
-            raise ValueError(
-                f"unet.strides needs one (d, h, w) stride per down-sampling step: {len(self.channel_mult) - 1} "
-                f"for channel_mult {self.channel_mult}, got {len(self.strides)}"
-            )
-        if any(len(s) != 3 or min(s) < 1 for s in self.strides):
-            raise ValueError(f"unet.strides must be positive (d, h, w) triples, got {self.strides}")
-        for mult in self.channel_mult:
-            if (self.base_channels * mult) % self.norm_num_groups:
-                raise ValueError("unet.norm_num_groups must divide base_channels * every channel_mult")
+from thinslice.presets import UNetConfig  # noqa: F401 (configured by it; re-exported)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

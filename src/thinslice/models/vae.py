@@ -16,7 +16,6 @@ Tensors are (B, C, D, H, W) with D the slice axis, values in model range (``hu_t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,53 +25,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from thinslice.errors import ThinsliceError
+from thinslice.presets import VAEConfig  # noqa: F401 (configured by it; re-exported)
 
 # Fields of VAEConfig that do not change the architecture (weights of two configs differing only here are
 # interchangeable).
 NON_ARCHITECTURE_FIELDS = ("scaling_factor", "gradient_checkpointing")
-
-
-@dataclass
-class VAEConfig:
-    """Shape of the 3D VAE. Tensors are (B, C, D, H, W) with D the slice axis."""
-
-    in_channels: int = 1
-    latent_channels: int = 4
-    channels: tuple[int, ...] = (16, 32, 64)
-    num_res_blocks: int = 1
-    # One stride per down-sampling step (len(channels) - 1 entries), (d, h, w): (1, 2, 2) keeps the slice axis.
-    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2))
-    attention_at_lowest: bool = False
-    norm_num_groups: int = 8
-    # Multiplies latents so that they have roughly unit variance for the diffusion model (set after training).
-    scaling_factor: float = 1.0
-    norm_eps: float = 1e-6
-    # Channels per attention head at the lowest level; 0 = one head (as in the diffusers/SD VAE).
-    attention_head_channels: int = 0
-    # Recompute activations in the backward pass (less memory, ~30% slower); training only.
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        self.strides = tuple(tuple(int(s) for s in st) for st in self.strides)  # type: ignore[assignment]
-        if len(self.strides) != len(self.channels) - 1:
-            raise ThinsliceError(
-                f"VAE config: {len(self.channels)} channel levels need {len(self.channels) - 1} strides, got "
-                f"{len(self.strides)}; fix the 'vae' section of the preset"
-            )
-        for st in self.strides:
-            if len(st) != 3 or any(s not in (1, 2) for s in st):
-                raise ThinsliceError(f"VAE config: strides must be (d, h, w) tuples of 1 or 2, got {st}")
-        for c in self.channels:
-            if c % self.norm_num_groups:
-                raise ThinsliceError(
-                    f"VAE config: channels {self.channels} must be divisible by norm_num_groups={self.norm_num_groups}"
-                )
-
-    @property
-    def total_stride(self) -> tuple[int, int, int]:
-        """Down-sampling factor image -> latent per axis (d, h, w)."""
-        return tuple(math.prod(st[a] for st in self.strides) for a in range(3))  # type: ignore[return-value]
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int | tuple[int, ...] = 1, padding: int = 0) -> Convolution:

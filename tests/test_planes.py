@@ -260,3 +260,17 @@ def test_validation_scores_what_inference_gives_with_the_saved_weights(tmp_path,
     out = upsample(case.thick, case.truth.slice_spacing, "planes", checkpoint=str(run / "final"), precision="fp32",
                    profile=VAL_PROFILE)
     assert psnr(out.slices_first(), case.truth.slices_first()) == pytest.approx(val_psnr, abs=1e-3)
+
+
+def test_init_starts_training_from_existing_weights(tmp_path) -> None:
+    """--init: fine-tuning starts from a bundle's weights; a bundle of another architecture is refused."""
+    from thinslice.train.planes import initial_planes
+
+    source = _perturbed(seed=3)
+    save_bundle_model(source, "planes", "tiny", tmp_path / "bundle")
+    model = initial_planes(load_preset("tiny"), str(tmp_path / "bundle"), resume=False)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    fresh = initial_planes(load_preset("tiny"), str(tmp_path / "bundle"), resume=True)  # resume: own checkpoint
+    assert not all(torch.equal(v, source.state_dict()[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(ThinsliceError, match="preset"):
+        initial_planes(load_preset("small"), str(tmp_path / "bundle"), resume=False)

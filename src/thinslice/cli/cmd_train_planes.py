@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_generic_options(p)
     p.add_argument("--loss", default="l1", choices=["l1", "mse"], help="training loss (default l1)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from these planes weights (a bundle folder, e.g. the shipped thinslice/weights or "
+                        "a run's final/) instead of a fresh network: fine-tuning on your own data")
     p.set_defaults(func=run)
 
 
@@ -28,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
     train = resolve_data_paths(args.data)
     val = resolve_data_paths(args.val) if args.val else None
     check_out_folder(args.out, [*train, *(val or [])])
-    train_planes(train, val, PlanesTrainOptions(**run_options(args), loss=args.loss))
+    train_planes(train, val, PlanesTrainOptions(**run_options(args), loss=args.loss, init=args.init))
     return 0

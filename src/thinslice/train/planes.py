@@ -29,7 +29,7 @@ from thinslice.infer.planes import Planes
 from thinslice.infer.planes_data import PlaneSampler
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_planes
-from thinslice.presets import load_preset
+from thinslice.presets import Preset, load_preset
 from thinslice.train.engine import (
     RunOptions,
     Trainer,
@@ -50,6 +50,7 @@ VAL_INPLANE = 256  # central in-plane crop of each validation volume (whole slic
 @dataclass(kw_only=True)
 class PlanesTrainOptions(RunOptions):
     loss: str = "l1"
+    init: str | None = None  # start from these planes weights (a bundle folder) instead of a fresh network
 
 
 def make_loss(kind: str):
@@ -65,6 +66,20 @@ def make_loss(kind: str):
     return loss
 
 
+def initial_planes(preset: Preset, init: str | None, resume: bool) -> nn.Module:
+    """A fresh network, or the ``init`` bundle's weights (refused when their architecture is not the preset's) when
+    not resuming (a resumed run continues from its own checkpoint)."""
+    model = build_planes(preset)
+    if init and not resume:
+        from thinslice.checkpoints.bundle import load_planes
+        from thinslice.infer.planes import Planes
+
+        loaded = load_planes(Planes(Planes.Options(checkpoint=init)).bundle(), preset=preset)
+        model.load_state_dict(loaded.state_dict())
+        log.info("train-planes: initialised from %s", init)
+    return model
+
+
 def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
                  opts: PlanesTrainOptions) -> TrainResult:
     """Train the planes network; ``result.models['planes']`` holds the final (EMA) weights."""
@@ -72,11 +87,12 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     tc, seed, ema_decay = run_settings(preset.train_planes, opts)
     run_dir = Path(opts.run_dir)
     record = {"kind": "planes", "preset": preset.name, "planes": asdict(preset.planes),
-              "planes_data": asdict(preset.planes_data), "train_planes": asdict(tc), "seed": seed, "loss": opts.loss}
+              "planes_data": asdict(preset.planes_data), "train_planes": asdict(tc), "seed": seed, "loss": opts.loss,
+              "init": opts.init}
     check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
     torch.manual_seed(seed)
     layout = torch.channels_last if preset.planes.dims == 2 else torch.channels_last_3d
-    model = build_planes(preset).to(memory_format=layout)  # ~25% faster steps on a CPU (bf16)
+    model = initial_planes(preset, opts.init, opts.resume).to(memory_format=layout)  # ~25% faster on a CPU (bf16)
     sampler = PlaneSampler(train, preset.planes_data, preset.degradation, preset.planes, tc.batch_size, seed)
     cases = validation_cases(list(val) if val else list(train), VAL_INPLANE)
     if not cases:

@@ -274,3 +274,17 @@ def test_init_starts_training_from_existing_weights(tmp_path) -> None:
     assert not all(torch.equal(v, source.state_dict()[k]) for k, v in fresh.state_dict().items())
     with pytest.raises(ThinsliceError, match="preset"):
         initial_planes(load_preset("small"), str(tmp_path / "bundle"), resume=False)
+
+
+def test_weights_saved_before_a_config_field_existed_still_match_their_preset(tmp_path) -> None:
+    """A file whose preset record lacks a newer field (e.g. planes.dims) has that field's default: --preset with the
+    same architecture is accepted, not refused as another preset."""
+    from thinslice.checkpoints.files import convert_weights, read_metadata
+
+    save_bundle_model(build_planes("tiny"), "planes", "tiny", tmp_path / "new")
+    record = json.loads(read_metadata(tmp_path / "new" / "planes.safetensors")["preset_config"])
+    del record["planes"]["dims"]
+    (tmp_path / "old").mkdir()
+    convert_weights(tmp_path / "new" / "planes.safetensors", tmp_path / "old" / "planes.safetensors",
+                    dtype=torch.float32, metadata={"preset_config": json.dumps(record)})
+    assert load_planes(tmp_path / "old", preset="tiny").cfg.dims == 2

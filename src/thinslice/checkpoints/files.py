@@ -222,11 +222,16 @@ def load_model(
     if preset is not None:
         wanted = load_preset(preset)
         for section in MODEL_KINDS[kind]:
-            have, want = record.get(section, {}), dataclasses.asdict(getattr(wanted, section))
+            # Both sides as the current dataclass (a file saved before a field existed gets its default), so a
+            # newer option that the file's network does not use is not a different architecture.
+            have = dataclasses.asdict(getattr(file_preset, section))
+            want = dataclasses.asdict(getattr(wanted, section))
             if _arch(have) != _arch(want):
+                fields = ", ".join(k for k in _arch(want) if _arch(have).get(k) != _arch(want)[k])
                 raise ThinsliceError(
                     f"checkpoint {path.name} is for preset '{file_preset.name}' ({section}: {_describe(have)}), but "
-                    f"preset '{wanted.name}' ({_describe(want)}) was requested; pass --preset {file_preset.name}"
+                    f"preset '{wanted.name}' ({_describe(want)}) was requested (they differ in {fields}); pass "
+                    f"--preset {file_preset.name}"
                 )
     model = build_model(kind, file_preset)
     state = load_file(str(path), device="cpu")

@@ -189,6 +189,12 @@ class PlanesOptions(LearnedOptions):
     adapt_steps: int = 1500
     adapt_seconds: float = 180.0
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.adapt_steps, int) and self.adapt_steps >= 1):
+            raise ThinsliceError(f"--adapt-steps must be at least 1, got {self.adapt_steps}")
+        if not (isinstance(self.adapt_seconds, (int, float)) and self.adapt_seconds > 0):
+            raise ThinsliceError(f"--option adapt_seconds must be a positive number, got {self.adapt_seconds}")
+
 
 @register_pipeline
 class Planes(Pipeline):

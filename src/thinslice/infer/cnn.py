@@ -7,6 +7,7 @@ then data consistency with the thick input, on by default (:mod:`thinslice.infer
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from monai.inferers import sliding_window_inference
 
 from thinslice.checkpoints.bundle import load_baseline
 from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
-from thinslice.checkpoints.files import loaded_preset, weights_label
+from thinslice.checkpoints.files import keep_record, loaded_preset, weights_label
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.upsample import register_pipeline
 from thinslice.io.volume import Volume
@@ -102,15 +103,15 @@ class Cnn(Pipeline):
         self.model = load_baseline(self.bundle(), resolve_device(o.device), preset=o.preset)
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
-        o = self.options
-        if o.adapt:
+        o, model = self.options, self.model
+        if o.adapt:  # on a copy: the pipeline's own weights stay those it loaded, whatever input comes next
             from thinslice.infer.cnn_adapt import adapt_baseline, default_plan
 
             plan = default_plan(o.adapt_steps, precision=o.precision, progress=o.progress)
-            self.model = adapt_baseline(self.model, thick, prior.slice_spacing, acquisition.profile, plan,
-                                        resolve_device(o.device), o.seed)
+            model = adapt_baseline(keep_record(self.model, copy.deepcopy(self.model)), thick, prior.slice_spacing,
+                                   acquisition.profile, plan, resolve_device(o.device), o.seed)
         start = time.perf_counter()
-        refined = refine_cnn(self.model, prior.slices_first(), o.patch_size, o.progress, o.precision)
+        refined = refine_cnn(model, prior.slices_first(), o.patch_size, o.progress, o.precision)
         out = prior.with_slices(refined, prior.slice_spacing, 0.0, prior.slice_thickness)
         return Result(out, report={"cnn": f"weights {weights_label(self.model)}, "
                                           f"{time.perf_counter() - start:.1f} s"})

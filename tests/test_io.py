@@ -347,3 +347,18 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     except RuntimeError:
         pass
     assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a", "b.bin"]  # no temp left
+
+
+def test_simpleitk_is_loaded_only_when_a_file_is_read_or_written(tmp_path) -> None:
+    """Importing the package (training and inference on arrays) does not need SimpleITK; reading a file does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, thinslice.io, thinslice.infer.upsample, thinslice.train.planes\n"
+            "assert 'SimpleITK' not in sys.modules, 'imported at package import'\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    from thinslice.io.lazy import lazy_import
+
+    missing = lazy_import("thinslice_no_such_package")
+    with pytest.raises(ThinsliceError, match="pip install thinslice_no_such_package"):
+        missing.ReadImage("x")

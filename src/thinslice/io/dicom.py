@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
+
+sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+pydicom = lazy_import("pydicom")
 
 # DICOM decimal strings (DS) hold at most 16 characters.
 _DS_MAX_LEN = 16
@@ -55,17 +54,17 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def read_header(path: Path, tags: list[str] | None = None) -> Dataset | None:
+def read_header(path: Path, tags: list[str] | None = None) -> pydicom.Dataset | None:
     """The DICOM header of ``path`` without pixel data, or None when the file is not DICOM."""
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
-    except InvalidDicomError:
+    except pydicom.errors.InvalidDicomError:
         return None
     except Exception:  # noqa: BLE001 - any other file found while scanning a tree may make pydicom fail oddly
         return None
 
 
-def header_text(ds: Dataset | None, keyword: str) -> str:
+def header_text(ds: pydicom.Dataset | None, keyword: str) -> str:
     """A header element as a stripped one-line string ('' when absent)."""
     if ds is None:
         return ""
@@ -175,16 +174,17 @@ def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesO
 
 
 def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
-                   rows_columns: tuple[int, ...]) -> Dataset:
+                   rows_columns: tuple[int, ...]) -> pydicom.Dataset:
     """The attributes every slice of the series shares (UIDs, patient, geometry, pixel format)."""
     meta = volume.metadata
     now = _dt.datetime.now()
-    ds = Dataset()
+    ds = pydicom.dataset.Dataset()
     # A derived series (e.g. the thin-slice result) belongs to the study of the series it was computed from.
-    ds.StudyInstanceUID = o.study_uid or meta.get("study_uid") or generate_uid()
-    ds.SeriesInstanceUID = o.series_uid or generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.SOPClassUID = CTImageStorage if o.modality == "CT" else SecondaryCaptureImageStorage
+    ds.StudyInstanceUID = o.study_uid or meta.get("study_uid") or pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = o.series_uid or pydicom.uid.generate_uid()
+    ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = (pydicom.uid.CTImageStorage if o.modality == "CT"
+                       else pydicom.uid.SecondaryCaptureImageStorage)
     ds.Modality = o.modality
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.PatientID = o.patient_id if o.patient_id is not None else meta.get("patient_id", "anonymous")
@@ -211,7 +211,7 @@ def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
     return ds
 
 
-def _pixel_format(ds: Dataset, o: DicomSeriesOptions, rows_columns: tuple[int, ...]) -> None:
+def _pixel_format(ds: pydicom.Dataset, o: DicomSeriesOptions, rows_columns: tuple[int, ...]) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = int(rows_columns[0]), int(rows_columns[1])
@@ -227,14 +227,15 @@ def _pixel_format(ds: Dataset, o: DicomSeriesOptions, rows_columns: tuple[int, .
         ds.add_new(0x00280120, "US" if o.unsigned else "SS", int(o.pixel_padding_value))
 
 
-def _slice_dataset(header: Dataset, k: int, position: np.ndarray, normal: np.ndarray) -> Dataset:
+def _slice_dataset(header: pydicom.Dataset, k: int, position: np.ndarray,
+                   normal: np.ndarray) -> pydicom.Dataset:
     """Slice ``k`` of the series: a copy of the shared header with its own SOP UID and position."""
     ds = copy.deepcopy(header)
-    sop_uid = generate_uid()
-    file_meta = FileMetaDataset()
+    sop_uid = pydicom.uid.generate_uid()
+    file_meta = pydicom.dataset.FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = header.SOPClassUID
     file_meta.MediaStorageSOPInstanceUID = sop_uid
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.file_meta = file_meta
     ds.SOPInstanceUID = sop_uid
     ds.InstanceNumber = k + 1

@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import native_messages_to_log
 from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
+from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
+
+sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 # A CT volume in HU has air; the lowest value of a volume above this is not HU (MR, 8-bit, rescaled).
 NOT_HU_ABOVE = -500.0

@@ -13,13 +13,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to_log
 from thinslice.io.dicom import write_dicom_series
+from thinslice.io.lazy import lazy_import
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
+
+sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 DTYPES = ("int16", "float32")
 _META_PREFIX = "thinslice_"  # same prefix the reader restores metadata from

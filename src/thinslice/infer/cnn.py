@@ -91,13 +91,6 @@ class Cnn(Pipeline):
     preference = 1
     model: ResidualCNN3D
 
-    @classmethod
-    def from_model(cls, model: ResidualCNN3D, **options: object) -> Cnn:
-        """The pipeline around a network in hand (training validates through this)."""
-        pipeline = cls(CnnOptions(**options))  # type: ignore[arg-type]
-        pipeline.model = model
-        return pipeline
-
     def load(self) -> None:
         o = self.options
         self.model = load_baseline(self.bundle(), resolve_device(o.device), preset=o.preset)

@@ -27,14 +27,12 @@ from thinslice.degrade.pairs import degrade_slices, random_degradation
 from thinslice.degrade.profiles import make_spec, thick_grid
 from thinslice.errors import ThinsliceError
 from thinslice.infer.interpolate import interpolate_slices
-from thinslice.infer.patches import PatchInfo, PatchSampler, _source_from
+from thinslice.infer.patches import PatchInfo, PatchSampler
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import hu_to_model
 from thinslice.presets import DegradationConfig
 
 # Validation pairs use one fixed, common degradation so that scores are comparable across steps and runs.
-VAL_FACTOR = 4.0
-VAL_PROFILE = "gaussian"
 _SEED_HIGH = 2**62
 
 
@@ -122,42 +120,3 @@ class PairSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.patches.load_state_dict(state)
-
-
-def validation_pairs(
-    volumes: Sequence[Volume | str | Path],
-    crop: tuple[int, int, int],
-    factor: float = VAL_FACTOR,
-    profile: str = VAL_PROFILE,
-    max_volumes: int = 4,
-) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Fixed held-out pairs ``(name, hr_hu, lr_hu)``: the central ``crop`` of each volume (body, not air),
-    degraded with one fixed ``factor``/``profile`` and cubic-upsampled back (phase 0). Volumes smaller than the
-    crop give smaller pairs (their own size minus the margins)."""
-    margin = pair_margin(factor)
-    out = []
-    for i, item in enumerate(list(volumes)[:max_volumes]):
-        src = _source_from(item, i)
-        hu = src.hu
-        want = (crop[0] + 2 * margin, crop[1], crop[2])
-        size = [min(n, c) for n, c in zip(hu.shape, want, strict=True)]
-        starts = [(n - c) // 2 for n, c in zip(hu.shape, size, strict=True)]
-        block = hu[tuple(slice(s, s + c) for s, c in zip(starts, size, strict=True))].astype(np.float32)
-        depth = min(crop[0], block.shape[0] - 2 * margin)
-        if depth < 1:
-            raise ThinsliceError(
-                f"validation volume {src.name} has only {hu.shape[0]} slices; need more than {2 * margin} for "
-                f"factor {factor:g} validation pairs"
-            )
-        hr, lr = make_pair(block, factor, profile, depth)
-        out.append((src.name, hr, lr))
-    return out
-
-
-def crop_to_multiple(array: np.ndarray, multiple: tuple[int, int, int]) -> np.ndarray:
-    """Centre crop each axis down to a multiple of ``multiple`` (networks with strides need such sizes)."""
-    sizes = [(n // m) * m for n, m in zip(array.shape, multiple, strict=True)]
-    if min(sizes) < 1:
-        raise ThinsliceError(f"array of shape {array.shape} is smaller than the size multiple {multiple}")
-    starts = [(n - s) // 2 for n, s in zip(array.shape, sizes, strict=True)]
-    return array[tuple(slice(a, a + s) for a, s in zip(starts, sizes, strict=True))]

@@ -120,12 +120,25 @@ class Pipeline:
     def load(self) -> None:
         """Load the networks (learned methods); called once by :meth:`from_pretrained`."""
 
-    def bundle(self) -> Path:
-        """The folder holding this method's weights (the ``checkpoint`` option or the shipped one), or a one-line
-        error that says how to train them."""
+    @classmethod
+    def from_model(cls, model: Any, **options: Any) -> Pipeline:
+        """The pipeline around a network in hand, kept as ``model`` (trainers validate through this, so they score
+        what ships)."""
+        pipeline = cls(cls.Options(**options))
+        pipeline.model = model  # type: ignore[attr-defined]
+        return pipeline
+
+    @classmethod
+    def locate_weights(cls, checkpoint: str | Path | None) -> Path:
+        """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error that
+        says how to train them."""
         from thinslice.checkpoints.bundle import resolve_bundle
 
-        return resolve_bundle(getattr(self.options, "checkpoint", None), self.weights, self.name, self.train_hint)
+        return resolve_bundle(checkpoint, cls.weights, cls.name, cls.train_hint)
+
+    def bundle(self) -> Path:
+        """:meth:`locate_weights` for the ``checkpoint`` option."""
+        return self.locate_weights(getattr(self.options, "checkpoint", None))
 
     @property
     def consistent(self) -> bool:

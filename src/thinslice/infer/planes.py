@@ -209,13 +209,6 @@ class Planes(Pipeline):
     preference = 3
     model: PlanesNet
 
-    @classmethod
-    def from_model(cls, model: PlanesNet, **options: object) -> Planes:
-        """The pipeline around a network in hand (training validates through this, so it scores what ships)."""
-        pipeline = cls(PlanesOptions(**options))  # type: ignore[arg-type]
-        pipeline.model = model
-        return pipeline
-
     def load(self) -> None:
         o = self.options
         self.model = load_planes(self.bundle(), resolve_device(o.device), preset=o.preset)
@@ -226,7 +219,7 @@ class Planes(Pipeline):
         weights' record, not the network."""
         try:
             k = integer_factor(thick.slice_spacing, spacing_mm)
-            meta = read_metadata(cls(PlanesOptions(checkpoint=checkpoint)).bundle() / weights_file("planes"))
+            meta = read_metadata(cls.locate_weights(checkpoint) / weights_file("planes"))
         except ThinsliceError as err:
             return str(err)
         factors = json.loads(meta.get("preset_config", "{}")).get("planes", {}).get("factors", [])

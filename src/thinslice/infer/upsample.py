@@ -79,9 +79,7 @@ class UpsampleMethod:
 
     def bundle(self, checkpoint: str | Path | None) -> Path:
         """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error."""
-        from thinslice.checkpoints.bundle import resolve_bundle
-
-        return resolve_bundle(checkpoint, self.weights, self.name, self.pipeline.train_hint)
+        return self.pipeline.locate_weights(checkpoint)
 
     def has_weights(self, checkpoint: str | Path | None = None) -> bool:
         from thinslice.checkpoints.bundle import has_weights

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinslice.checkpoints.bundle import save_bundle_model
-from thinslice.errors import ThinsliceError
 from thinslice.infer.cnn import Cnn
 from thinslice.infer.pairs import PairSampler
 from thinslice.io.volume import Volume
@@ -36,7 +35,7 @@ from thinslice.train.engine import (
     fit_run,
     run_settings,
 )
-from thinslice.train.validation import VAL_FACTOR, make_pipeline_validate, validation_cases
+from thinslice.train.validation import make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +88,6 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
         log.warning("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")
     crop = opts.val_crop or default_val_crop(patch)
     cases = validation_cases(val_volumes, size=max(crop[1:]), depth=crop[0])
-    if not cases:
-        raise ThinsliceError(f"no validation crop has {3 * VAL_FACTOR} or more slices; pass --val-crop with a larger "
-                             "depth or longer --val volumes")
     precision = "bf16" if opts.mixed_precision == "bf16" else "fp32"
     validate = make_pipeline_validate(cases, lambda models: Cnn.from_model(models["baseline"], precision=precision),
                                       "val/truth_cubic-dc_cnn")

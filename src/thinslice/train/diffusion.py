@@ -60,7 +60,7 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
-from thinslice.train.validation import VAL_FACTOR, ValCase, make_pipeline_validate, validation_cases
+from thinslice.train.validation import ValCase, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,6 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
         log.warning("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
     val_crop = opts.val_crop or default_val_crop(patch)
     cases = validation_cases(val_volumes, size=max(val_crop[1:]), depth=val_crop[0])
-    if not cases:
-        raise ThinsliceError(f"no validation crop has {3 * VAL_FACTOR} or more slices; pass --val-crop with a larger "
-                             "depth or longer --val volumes")
     validate = make_validate_fn(vae, cases)
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.upsample import upsample
@@ -50,7 +51,7 @@ def central_crop(volume: Volume, size: int, depth: int | None = None) -> Volume:
 def validation_cases(volumes: Sequence[Volume | str | Path], size: int, depth: int | None = None,
                      max_volumes: int = 4) -> list[ValCase]:
     """Fixed held-out cases: x4 Gaussian thick slices of each volume's central crop, at least 3 thick slices deep
-    (volumes with fewer slices are skipped)."""
+    (volumes with fewer slices are skipped; none left is a one-line error)."""
     from thinslice.io import read_volume
 
     depth = None if depth is None else max(int(depth), 3 * VAL_FACTOR)
@@ -64,6 +65,8 @@ def validation_cases(volumes: Sequence[Volume | str | Path], size: int, depth: i
         base = upsample(thick, thin.slice_spacing, "cubic-dc", profile=VAL_PROFILE)
         name = Path(item).name if not isinstance(item, Volume) else f"volume{i}"
         cases.append(ValCase(name, thick, truth, psnr(base.slices_first(), truth.slices_first())))
+    if not cases:
+        raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices; pass longer --val volumes")
     return cases
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
-from thinslice.evaluate.metrics import evaluate_volumes, through_plane_sharpness
+from thinslice.evaluate.metrics import evaluate_volumes, high_band_power, through_plane_sharpness
 from thinslice.infer.consistency import SlabOperator, consistency_residual_hu, thick_profile_operator
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume
@@ -140,9 +140,11 @@ def run_benchmark(
             spacing = factor * thin.slice_spacing
             thick, truth = simulate_pair(thin, thickness=ratio * spacing, spacing=spacing, profile=profile)
             operator = thick_profile_operator(thick, thin.slice_spacing, profile)
+            truth_power = high_band_power(truth.slices_first(), factor)  # once per case, not per method
             outputs: dict[str, Volume] = {}
             for spec in methods:
-                row, outputs[spec.label] = _score_method(spec, (name, factor, profile, ratio), thick, truth, operator)
+                row, outputs[spec.label] = _score_method(spec, (name, factor, profile, ratio), thick, truth, operator,
+                                                         truth_power)
                 rows.append(row)
                 log(f"{name} x{factor:g} {profile:<8} T/S {ratio:<4g} {spec.label:<9} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
@@ -154,7 +156,7 @@ def run_benchmark(
 
 
 def _score_method(spec: MethodSpec, case: tuple[str, float, str, float], thick: Volume, truth: Volume,
-                  operator: SlabOperator) -> tuple[BenchRow, Volume]:
+                  operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
     """One method on one case (volume name, factor, profile, thickness / spacing): its output, scores,
     data-consistency residual, seconds and peak memory."""
     name, factor, profile, ratio = case
@@ -168,7 +170,7 @@ def _score_method(spec: MethodSpec, case: tuple[str, float, str, float], thick: 
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
-    sharpness = through_plane_sharpness(out.slices_first(), truth.slices_first(), factor)
+    sharpness = through_plane_sharpness(out.slices_first(), truth_power, factor)
     row = BenchRow(name, float(factor), profile, spec.label, ratio, float(scores["psnr"]), float(scores["ssim"]),
                    float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness, seconds, memory.peak_mb)
     return row, out

@@ -127,30 +127,30 @@ def _common_slices(pred: Volume, ref: Volume) -> tuple[int, int, int] | None:
     return start, start - shift_i, stop - start
 
 
-def through_plane_sharpness(pred_hu: np.ndarray, ref_hu: np.ndarray, factor: float) -> float:
-    """Through-plane detail of ``pred`` relative to the truth: the power of the slice-axis spectrum (axis 0) above the
-    thick grid's Nyquist frequency (1 / (2 factor) cycles per thin slice), where thick slices hold no information,
-    divided by the truth's power there. 1.0: as much fine through-plane detail as the truth; interpolation gives far
-    less; a diffusion sample should come closer to 1 than the MMSE estimate even when its PSNR is lower.
-
-    Columns are mean-removed and Hann-windowed along the slice axis (volumes are not periodic), and HU clipped to the
-    metric range as PSNR is.
-    """
-    n = pred_hu.shape[0]
-    if n < 4 or ref_hu.shape != pred_hu.shape:
-        raise ThinsliceError(f"sharpness needs two volumes of one shape with 4+ slices, got {pred_hu.shape}, "
-                             f"{ref_hu.shape}")
-    window = np.hanning(n).astype(np.float32)[:, None, None]
+def high_band_power(hu: np.ndarray, factor: float) -> float:
+    """Power of the slice-axis spectrum (axis 0) above the thick grid's Nyquist frequency (1 / (2 factor) cycles per
+    thin slice), where thick slices hold no information. Columns are mean-removed and Hann-windowed along the slice
+    axis (volumes are not periodic), HU clipped to the metric range as PSNR is; nan when the band is empty."""
+    n = hu.shape[0]
+    if n < 4:
+        raise ThinsliceError(f"sharpness needs 4 or more slices, got {n}")
     band = np.fft.rfftfreq(n) > 0.5 / float(factor)
     if not band.any():
         return math.nan
-    power = []
-    for arr in (pred_hu, ref_hu):
-        x = _clip(arr)
-        x = (x - x.mean(axis=0, keepdims=True)) * window
-        spectrum = np.abs(np.fft.rfft(x, axis=0)) ** 2
-        power.append(float(spectrum[band].sum(dtype=np.float64)))
-    return power[0] / power[1] if power[1] > 0 else math.nan
+    x = _clip(hu)
+    x = (x - x.mean(axis=0, keepdims=True)) * np.hanning(n).astype(np.float32)[:, None, None]
+    return float((np.abs(np.fft.rfft(x, axis=0)) ** 2)[band].sum(dtype=np.float64))
+
+
+def through_plane_sharpness(pred_hu: np.ndarray, ref_hu: np.ndarray | float, factor: float) -> float:
+    """Through-plane detail of ``pred`` relative to the truth: :func:`high_band_power` of ``pred`` divided by the
+    truth's (``ref_hu`` may be that power already, computed once for several predictions). 1.0: as much fine
+    through-plane detail as the truth; interpolation gives far less; a diffusion sample should come closer to 1 than
+    the MMSE estimate even when its PSNR is lower."""
+    if isinstance(ref_hu, np.ndarray) and ref_hu.shape != pred_hu.shape:
+        raise ThinsliceError(f"sharpness needs two volumes of one shape, got {pred_hu.shape}, {ref_hu.shape}")
+    ref_power = high_band_power(ref_hu, factor) if isinstance(ref_hu, np.ndarray) else float(ref_hu)
+    return high_band_power(pred_hu, factor) / ref_power if ref_power > 0 else math.nan
 
 
 def evaluate_volumes(pred: Volume, ref: Volume, trim_slices: int = 0, overlap: bool = False) -> dict[str, object]:

@@ -36,11 +36,22 @@ class FineTune:
     progress: bool = False
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup) / span)))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+        return self.lr * warmup_cosine(self.warmup, self.steps, self.min_lr_ratio)(step)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``max_steps``.
+    Here rather than in the training engine, which uses it too, so that ``--adapt`` shares it without importing
+    training code."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def fine_tune(model: nn.Module, batches: Iterator[dict[str, Any]], loss_fn: LossFn, plan: FineTune) -> nn.Module:

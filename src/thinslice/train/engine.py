@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
+from thinslice.infer.finetune import warmup_cosine  # the LR schedule, shared with --adapt
 from thinslice.io.atomic import write_text_atomic
 from thinslice.presets import Preset, TrainConfig
 
@@ -207,19 +207,6 @@ def fit_run(trainer: Trainer, opts: RunOptions, record: dict[str, Any], preset: 
         log.info("%s: final weights in %s (best val PSNR %s at step %s)", record.get("kind", "train"),
                  run_dir / "final", best, result.best_step)
     return result
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``max_steps``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def make_accelerator(device: str, mixed_precision: str, project_dir: Path | None,

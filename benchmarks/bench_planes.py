@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from thinslice.checkpoints.bundle import load_planes
+from thinslice.checkpoints.bundle import load_planes, specialist_factors
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.planes import parse_orientations, refine_planes
@@ -56,7 +56,12 @@ def main() -> None:
     thin_spacing = 1.25
     d, h, w = args.shape
     thick = make_chest_phantom((d // args.factor, h, w), (0.7, 0.7, thin_spacing * args.factor), seed=0)
-    model = load_planes(get_method("planes").bundle(args.checkpoint)) if args.checkpoint else build_planes(args.preset)
+    if args.checkpoint:  # the network a user gets for this factor: its own x<k> network where the bundle has one
+        bundle = get_method("planes").bundle(args.checkpoint)
+        own = args.factor in specialist_factors(bundle)
+        model = load_planes(bundle, factor=args.factor if own else None)
+    else:
+        model = build_planes(args.preset)
     model.eval()
     orientations = parse_orientations(args.orientations)
     start = time.perf_counter()
@@ -68,7 +73,9 @@ def main() -> None:
     out, _ = make_consistent(base.with_slices(refined, thin_spacing, 0.0, thin_spacing), thick)
     t_dc = time.perf_counter()
     macs = macs_per_output_voxel(model, args.factor, len(orientations))
-    print(f"planes {thick.num_slices} -> {out.num_slices} slices of {h}x{w}, x{args.factor}, {args.precision}, "
+    which = f"x{args.factor} network" if model.factors == (args.factor,) else "all-factor network"
+    print(f"planes ({which}) "
+          f"{thick.num_slices} -> {out.num_slices} slices of {h}x{w}, x{args.factor}, {args.precision}, "
           f"{args.threads} threads, orientations {','.join(orientations)}")
     print(f"cubic-dc {t_base - start:.1f} s, network {t_net - t_base:.1f} s, consistency {t_dc - t_net:.1f} s, "
           f"total {t_dc - start:.1f} s, peak RSS {peak_rss_gb():.2f} GB, {macs / 1e3:.0f}k multiply-adds per output "

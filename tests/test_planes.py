@@ -288,3 +288,37 @@ def test_weights_saved_before_a_config_field_existed_still_match_their_preset(tm
     convert_weights(tmp_path / "new" / "planes.safetensors", tmp_path / "old" / "planes.safetensors",
                     dtype=torch.float32, metadata={"preset_config": json.dumps(record)})
     assert load_planes(tmp_path / "old", preset="tiny").cfg.dims == 2
+
+
+def _random_heads(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A network whose zero-initialised output heads are given random weights, so it differs from cubic-dc."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def test_a_factors_own_network_serves_that_factor(tmp_path, thin_phantom) -> None:
+    """planes-x<k>.safetensors beside the all-factor file serves factor k (even one the all-factor model lacks);
+    other factors keep the all-factor network."""
+    tiny = load_preset("tiny")
+    general = dataclasses.replace(tiny, planes=dataclasses.replace(tiny.planes, factors=(2, 3)))
+    x4 = dataclasses.replace(tiny, planes=dataclasses.replace(tiny.planes, factors=(4,)))
+    save_bundle_model(_random_heads(build_planes(general), 1), "planes", general, tmp_path / "b")
+    save_bundle_model(_random_heads(build_planes(x4), 2), "planes", x4, tmp_path / "alone")
+    (tmp_path / "b" / "planes-x4.safetensors").write_bytes((tmp_path / "alone" / "planes.safetensors").read_bytes())
+    spacing = thin_phantom.slice_spacing
+    thick4, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")
+    assert Planes.applicable(thick4, spacing, str(tmp_path / "b")) is None
+    out = upsample(thick4, spacing, "planes", checkpoint=str(tmp_path / "b"), precision="fp32")
+    alone = upsample(thick4, spacing, "planes", checkpoint=str(tmp_path / "alone"), precision="fp32")
+    np.testing.assert_array_equal(out.array, alone.array)
+    assert "x4 network" in out.metadata["planes"]
+    thick2, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")
+    two = upsample(thick2, spacing, "planes", checkpoint=str(tmp_path / "b"), precision="fp32")
+    assert "x4 network" not in two.metadata["planes"]
+    # A specialist under the wrong factor's name is refused in one line.
+    (tmp_path / "b" / "planes-x4.safetensors").rename(tmp_path / "b" / "planes-x2.safetensors")
+    with pytest.raises(ThinsliceError, match="serves factors 4, not 2: rename it"):
+        upsample(thick2, spacing, "planes", checkpoint=str(tmp_path / "b"))

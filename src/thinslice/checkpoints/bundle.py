@@ -7,7 +7,8 @@ Layout (file names fixed so that a folder is all the user passes, ``--checkpoint
     denoiser.safetensors            LatentDenoiser (UNet + optional IRControlNet + null condition), one state dict
     denoiser-<T>step.safetensors    optional fast schedule (e.g. denoiser-4step), picked with --steps T
     baseline.safetensors            ResidualCNN3D
-    planes.safetensors              PlanesNet (--method planes)
+    planes.safetensors              PlanesNet (--method planes), every factor it was trained for
+    planes-x<k>.safetensors         optional PlanesNet trained for factor k alone, used for that factor
 
 Every file carries its preset record (see :mod:`thinslice.checkpoints.files`), so the networks are rebuilt from the
 file alone. The denoiser also records the content hash of the VAE whose latents it was trained on; pairing it with
@@ -46,6 +47,21 @@ def weights_file(kind: str) -> str:
 
 
 FILES = {kind: weights_file(kind) for kind in KINDS}
+
+
+def planes_file(factor: int | None = None) -> str:
+    """File name of the planes network for ``factor`` (None: the all-factor ``planes.safetensors``)."""
+    return FILES["planes"] if factor is None else f"planes-x{int(factor)}.safetensors"
+
+
+def specialist_factors(bundle: str | Path) -> tuple[int, ...]:
+    """Factors that have a ``planes-x<k>.safetensors`` of their own in ``bundle``."""
+    found = []
+    for path in Path(bundle).glob("planes-x*.safetensors"):
+        k = path.name[len("planes-x"): -len(".safetensors")]
+        if k.isdigit():
+            found.append(int(k))
+    return tuple(sorted(found))
 
 
 def denoiser_file(steps: int | None = None) -> str:
@@ -131,7 +147,11 @@ def load_baseline(bundle: str | Path, device: str | torch.device | None = "cpu",
 
 
 def load_planes(bundle: str | Path, device: str | torch.device | None = "cpu",
-                preset: str | Path | Preset | None = None) -> PlanesNet:
+                preset: str | Path | Preset | None = None, factor: int | None = None) -> PlanesNet:
+    """The all-factor planes network, or with ``factor`` the one trained for that factor alone (its own
+    architecture record: ``preset`` is not checked against it)."""
+    if factor is not None:
+        return cast(PlanesNet, _load("planes", Path(bundle) / planes_file(factor), resolve_device(device), None))
     return cast(PlanesNet, _load("planes", Path(bundle) / FILES["planes"], resolve_device(device), preset))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from thinslice.checkpoints.bundle import load_planes, weights_file
+from thinslice.checkpoints.bundle import load_planes, planes_file, specialist_factors, weights_file
 from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
 from thinslice.checkpoints.files import read_metadata, weights_label
 from thinslice.degrade.grid import thin_positions
@@ -208,10 +208,23 @@ class Planes(Pipeline):
     train_hint = "thinslice train-planes ..."
     preference = 3
     model: PlanesNet
+    # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
+    # factor, as one network per factor measures better than one for all (docs/planes.md).
+    specialists: dict[int, PlanesNet] = {}
 
     def load(self) -> None:
         o = self.options
-        self.model = load_planes(self.bundle(), resolve_device(o.device), preset=o.preset)
+        bundle, device = self.bundle(), resolve_device(o.device)
+        self.model = load_planes(bundle, device, preset=o.preset)
+        self.specialists = {k: load_planes(bundle, device, factor=k) for k in specialist_factors(bundle)}
+        for k, net in self.specialists.items():
+            if k not in net.factors:
+                raise ThinsliceError(f"{bundle / planes_file(k)} serves factors {', '.join(map(str, net.factors))}, "
+                                     f"not {k}: rename it after the factor it was trained for")
+
+    def network_for(self, k: int) -> PlanesNet:
+        """The network that serves factor ``k``: its specialist when the bundle has one, else the all-factor one."""
+        return self.specialists.get(k, self.model)
 
     @classmethod
     def applicable(cls, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
@@ -219,10 +232,12 @@ class Planes(Pipeline):
         weights' record, not the network."""
         try:
             k = integer_factor(thick.slice_spacing, spacing_mm)
-            meta = read_metadata(cls.locate_weights(checkpoint) / weights_file("planes"))
+            bundle = cls.locate_weights(checkpoint)
+            meta = read_metadata(bundle / weights_file("planes"))
         except ThinsliceError as err:
             return str(err)
         factors = json.loads(meta.get("preset_config", "{}")).get("planes", {}).get("factors", [])
+        factors = sorted({*factors, *specialist_factors(bundle)})
         if k > 1 and k not in factors:
             return f"its weights serve factors {', '.join(map(str, factors))}, not {k}"
         return None
@@ -235,11 +250,12 @@ class Planes(Pipeline):
         k = integer_factor(thick.slice_spacing, prior.slice_spacing)
         if k == 1:
             return Result(prior)
-        if k not in self.model.factors:
+        network = self.network_for(k)
+        if k not in network.factors:
             raise ThinsliceError(f"the planes network was trained for factors "
-                                 f"{', '.join(map(str, self.model.factors))}, not {k}; use --method cubic-dc or "
+                                 f"{', '.join(map(str, network.factors))}, not {k}; use --method cubic-dc or "
                                  "train it for that factor")
-        model = self._adapted(thick, k, acquisition) if o.adapt else self.model
+        model = self._adapted(network, thick, k, acquisition) if o.adapt else network
         cond = acquisition_vector(acquisition.ratio_to(thick.slice_spacing), acquisition.profile)
         if model.cfg.dims == 3:
             refined = refine_blocks(model, thick.slices_first(), prior.slices_first(), cond, o.precision, o.progress)
@@ -247,13 +263,14 @@ class Planes(Pipeline):
             refined = refine_planes(model, thick.slices_first(), prior.slices_first(), cond,
                                     parse_orientations(o.orientations), o.precision, o.progress)
         out = prior.with_slices(refined, prior.slice_spacing, 0.0, prior.slice_thickness)
-        return Result(out, report={"planes": f"weights {weights_label(self.model)}, "
+        return Result(out, report={"planes": f"weights {weights_label(network)}"
+                                             f"{' (x' + str(k) + ' network)' if network is not self.model else ''}, "
                                              f"{time.perf_counter() - start:.1f} s"})
 
-    def _adapted(self, thick: Volume, k: int, acquisition: Acquisition) -> PlanesNet:
+    def _adapted(self, network: PlanesNet, thick: Volume, k: int, acquisition: Acquisition) -> PlanesNet:
         from thinslice.infer.planes_data import adapt_plan, adapt_planes
 
         o = self.options
         plan = adapt_plan(o.adapt_steps, o.adapt_seconds, o.precision, o.progress)
-        return adapt_planes(self.model, thick, k, (acquisition.profile, acquisition.ratio_to(thick.slice_spacing)),
+        return adapt_planes(network, thick, k, (acquisition.profile, acquisition.ratio_to(thick.slice_spacing)),
                             plan, o.seed)

@@ -5,7 +5,7 @@ encode + decode seconds of a whole volume (tiled, as inference does).
         --stages haar haar-inplane vae --shape 300 512 512 --threads 2
 
 ``haar``/``haar-inplane``: the lossless Haar wavelet stage (2x2x2 or 1x2x2 blocks, no training);
-``vae``: the shipped VAE (or ``--vae-weights FILE``). Timing runs on the synthetic phantom of ``--shape``.
+``vae``: a trained VAE (``--vae-weights FILE``; none ships). Timing runs on the synthetic phantom of ``--shape``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ def first_stage(name: str, weights: str | None) -> torch.nn.Module:
     if name == "haar-inplane":
         return HaarFirstStage(WaveletConfig(strides=(1, 2, 2)))
     if name == "vae":
-        from thinslice.checkpoints.bundle import DEFAULT_BUNDLE_DIR, load_vae
         from thinslice.checkpoints.files import load_model
 
-        return load_model("vae", weights) if weights else load_vae(DEFAULT_BUNDLE_DIR)
+        if not weights:
+            raise SystemExit("the vae stage needs --vae-weights VAE.safetensors (no VAE ships since the wavelet stage "
+                             "replaced it; `git show faccce3:src/thinslice/weights/vae.safetensors` is the old one)")
+        return load_model("vae", weights)
     raise SystemExit(f"unknown first stage {name}: use haar, haar-inplane or vae")
 
 
@@ -47,7 +49,7 @@ def round_trip(stage: torch.nn.Module, hu, precision: str) -> tuple[object, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--volume", default=None, help="held-out CT for the reconstruction PSNR")
-    p.add_argument("--stages", nargs="+", default=["haar", "haar-inplane", "vae"])
+    p.add_argument("--stages", nargs="+", default=["haar", "haar-inplane"])
     p.add_argument("--shape", nargs=3, type=int, default=[300, 512, 512], help="timing volume: slices, rows, cols")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")

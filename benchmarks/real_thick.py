@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/real_thick.py THICK.nii.gz --spacing 1.25 --out real_out \
         [--methods cubic cubic-dc planes ldm] [--checkpoint DIR] [--steps 4] [--precision bf16] [--threads 2] [--write]
 
-Prints seconds per LDM stage (cubic, encode, decode of the LR latent, sampling, decode, consistency), the total and
+Prints seconds per LDM stage (prior, encode, decode of the prior's latent, sampling, decode, consistency), the total and
 the peak resident memory, and writes ``views.png`` (axial, coronal and sagittal planes of the thick input and of each
 result at true physical aspect) and ``timings.json`` into ``--out``; ``--write`` also writes the volumes.
 """
@@ -18,13 +18,9 @@ from pathlib import Path
 
 import torch
 
-from thinslice.checkpoints.bundle import load_denoiser, load_vae
-from thinslice.checkpoints.device import resolve_device
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.infer import upsample
-from thinslice.infer.ldm import LdmOptions, run_ldm
-from thinslice.infer.pipeline import Acquisition
-from thinslice.infer.upsample import get_method
+from thinslice.infer.upsample import get_method, run_method
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 
@@ -40,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default="real_out")
     parser.add_argument("--methods", nargs="+", default=["cubic", "cubic-dc", "ldm"])
     parser.add_argument("--checkpoint", default=None, help="model bundle (default: the shipped weights)")
-    parser.add_argument("--steps", type=int, default=None, help="ResShift steps (default: the model's 15)")
+    parser.add_argument("--steps", type=int, default=None, help="ResShift steps (default: the model's)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--profile", default="gaussian", help="assumed slice profile of the input")
     parser.add_argument("--threads", type=int, default=None)
@@ -58,15 +54,13 @@ def main() -> None:
                                  "threads": torch.get_num_threads(), "precision": args.precision}
     for method in args.methods:
         if method == "ldm":
-            device = resolve_device(args.device)
-            bundle = get_method("ldm").bundle(args.checkpoint)
-            vae, denoiser = load_vae(bundle, device), load_denoiser(bundle, device, steps=args.steps)
             start = time.perf_counter()
-            options = LdmOptions(steps=args.steps, progress=True, precision=args.precision)
-            ldm = run_ldm(thick, args.spacing, vae, denoiser, options, Acquisition.of(thick, args.profile))
+            ldm = run_method(thick, args.spacing, "ldm", checkpoint=args.checkpoint, steps=args.steps,
+                             precision=args.precision, device=args.device, profile=args.profile, progress=True)
             seconds["ldm"] = time.perf_counter() - start
-            results[f"ldm {ldm.info['steps']} steps"] = ldm.volume
-            report.update({"ldm_stages_s": ldm.info["timings_s"], "consistency_hu": ldm.info.get("consistency_hu")})
+            results["ldm"] = ldm.volume
+            report.update({"ldm_stages_s": ldm.volume.metadata.get("ldm_timing_s"),
+                           "consistency_hu": ldm.volume.metadata.get("consistency_hu")})
             continue
         entry = get_method(method)
         options: dict[str, object] = {"profile": args.profile} if entry.uses_profile else {}

@@ -38,8 +38,12 @@ def test_parse_methods():
     assert specs[1] == MethodSpec("ldm-4", "ldm", {"checkpoint": "ck", "device": "cpu", "steps": 4,
                                                    "progress": False})
     assert parse_methods(["cnn"], precision="bf16")[0].options == {"precision": "bf16"}
-    with pytest.raises(ThinsliceError, match="unknown benchmark method"):
-        parse_methods(["bicubic"])
+    mean4, cfg = parse_methods(["ldm-mean4", "ldm-cfg1.5"])
+    assert mean4.options == {"samples": 4, "progress": False}
+    assert cfg.options == {"guidance_scale": 1.5, "progress": False}
+    for bad in ("bicubic", "ldm-cfgx", "ldm-meanx"):
+        with pytest.raises(ThinsliceError, match="unknown benchmark method"):
+            parse_methods([bad])
 
 
 def test_bench_cli_with_cnn_and_missing_ldm(thin, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -171,9 +173,14 @@ def test_wrong_preset_and_wrong_pairing_are_refused(bundle, thick, tmp_path) -> 
         load_denoiser(other)
 
 
-def test_missing_weights_give_a_clear_error(tmp_path, thick) -> None:
-    with pytest.raises(ThinsliceError, match="no trained weights for 'ldm'.*missing vae.safetensors"):
+def test_missing_weights_give_a_clear_error(tmp_path, thick, bundle) -> None:
+    with pytest.raises(ThinsliceError, match="no trained weights for 'ldm'.*missing denoiser.safetensors"):
         get_method("ldm").bundle(tmp_path)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copyfile(bundle / "denoiser.safetensors", lone / "denoiser.safetensors")
+    with pytest.raises(ThinsliceError, match="works on a VAE's latents, but the folder has no vae.safetensors"):
+        upsample(thick, SPACING, "ldm", checkpoint=str(lone), progress=False)
     with pytest.raises(ThinsliceError, match="not found"):
         upsample(thick, SPACING, "ldm", checkpoint=str(tmp_path / "nowhere"), progress=False)
     if not get_method("ldm").has_weights():

@@ -85,7 +85,7 @@ def test_pair_sampler_resume_is_exact(thin_phantom) -> None:
 
 # ------------------------------------------------------------------------------------------ configuration
 def test_schedules_and_no_control() -> None:
-    small = load_preset("small").diffusion
+    small = load_preset("paper").diffusion  # the paper's 15-step schedule
     fast = schedule_for_steps(small, 4)
     assert (fast.num_steps, fast.min_noise, fast.kappa, fast.cfg_dropout) == (4, 0.2, small.kappa, small.cfg_dropout)
     assert schedule_for_steps(small, None) == small and schedule_for_steps(small, 15) == small

@@ -157,6 +157,38 @@ class ControlConfig:
     init_from_unet: bool = True
 
 
+FIRST_STAGES = ("vae", "haar")
+LATENT_PRIORS = ("cubic", "cubic-dc", "planes")
+
+
+@dataclass
+class LatentConfig:
+    """What the latent diffusion model works on: its first stage and the estimate that ResShift starts from.
+
+    ``first_stage``: ``vae`` (the trained AutoencoderKL3D, ``vae.safetensors``) or ``haar`` (the lossless wavelet
+    transform, :mod:`thinslice.models.wavelet`; no weights). ``prior``: the estimate the model refines (``planes``
+    needs ``planes.safetensors`` in the bundle). ``residual_scale`` > 0 switches to residual latents: the model
+    diffuses ``s * (E(truth) - E(prior))`` from zero, conditioned on ``E(prior)``, so that kappa's noise meets a
+    residual of unit size (a good prior leaves a residual of a few HU, 1e-3 in model range, that ResShift's noise
+    would swamp); training sets ``s`` from the data and records it with the weights.
+    """
+
+    first_stage: str = "vae"
+    wavelet_strides: tuple[int, int, int] = (2, 2, 2)
+    prior: str = "cubic"
+    residual_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.first_stage not in FIRST_STAGES:
+            raise ValueError(f"latent.first_stage must be one of {FIRST_STAGES}, got {self.first_stage!r}")
+        if self.prior not in LATENT_PRIORS:
+            raise ValueError(f"latent.prior must be one of {LATENT_PRIORS}, got {self.prior!r}")
+
+    @property
+    def residual(self) -> bool:
+        return self.residual_scale > 0
+
+
 @dataclass
 class BaselineConfig:
     channels: int = 32
@@ -235,6 +267,7 @@ class Preset:
     unet: UNetConfig = field(default_factory=UNetConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     diffusion: ResShiftConfig = field(default_factory=ResShiftConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     planes: PlanesConfig = field(default_factory=PlanesConfig)
     planes_data: PlaneSamplingConfig = field(default_factory=PlaneSamplingConfig)
@@ -246,6 +279,13 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the first stage's latent (the denoiser's input and output)."""
+        if self.latent.first_stage == "haar":
+            return math.prod(self.latent.wavelet_strides)
+        return self.vae.latent_channels
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -181,8 +181,10 @@ def resolve_weights_path(path_or_preset: str | Path, kind: str) -> Path:
     if text in PRESET_NAMES:
         bundled = BUNDLED_DIR / f"{kind}.safetensors"
         if not (bundled.is_file() and read_metadata(bundled).get("preset") == text):
+            command = {"denoiser": "train", "baseline": "train-baseline", "planes": "train-planes"}.get(
+                kind, "train-vae")
             raise ThinsliceError(
-                f"no shipped {kind} weights for preset '{text}'; train them (e.g. thinslice train-vae --preset "
+                f"no shipped {kind} weights for preset '{text}'; train them (e.g. thinslice {command} --preset "
                 f"{text}) and pass the .safetensors file instead"
             )
         return bundled

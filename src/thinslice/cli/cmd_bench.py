@@ -23,9 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlaps", type=float, nargs="*", default=[], metavar="RATIO",
                         help="extra cases with overlapping slices: slice thickness = RATIO x slice spacing (e.g. 1.5 2 "
                              "3), for the gaussian and box profiles")
-    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "planes", "cnn", "ldm-4"],
+    parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "planes", "cnn", "ldm"],
                         help="any upsample method (linear, cubic, cubic-dc, planes, cnn, ldm) and the variants "
-                             "cnn-adapt, ldm-N (N steps); learned methods without weights are skipped with a note")
+                             "cnn-adapt, ldm-N (N steps), ldm-meanN (mean of N samples), ldm-cfgW (guidance scale W); "
+                             "learned methods without "
+                             "weights are skipped with a note")
     parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: shipped weights)")
     parser.add_argument("--device", default=None, help="torch device for learned methods (default: auto)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,

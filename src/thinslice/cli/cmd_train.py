@@ -55,17 +55,29 @@ def check_out_folder(out: Path, inputs: list[Path]) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train the latent diffusion model (needs a trained VAE)",
+        "train", help="train the latent diffusion model",
         description="Train the 3D latent diffusion model (ResShift with an IRControlNet) on thin-slice CT. "
-        "Training pairs are simulated on the fly: random patches are degraded to thick slices (factors and profiles "
-        "from the preset), cubic-upsampled back and encoded by the frozen VAE (or read from a latent cache made by "
-        "thinslice encode, --cache). OUT/final and OUT/best are complete model bundles (denoiser + VAE) for "
+        "With the lossless wavelet first stage (--first-stage haar, the small preset's) every training volume is "
+        "degraded once per factor and profile of the preset, the prior (--prior planes: the planes network; "
+        "cubic-dc; cubic) is computed on the whole volume, and the model learns the residual from that prior to the "
+        "truth on random latent crops. With a trained VAE (--first-stage vae --vae ...) pairs are simulated on the "
+        "fly from cubic upsampling, or read from a latent cache made by thinslice encode (--cache). OUT/final and "
+        "OUT/best are complete model bundles (denoiser, plus the VAE or the planes weights it needs) for "
         "thinslice upsample --method ldm --checkpoint OUT/final. Multi-GPU: accelerate launch -m "
         "thinslice.cli.main train ...",
     )
     add_generic_options(p)
-    p.add_argument("--vae", required=True,
-                   help="VAE weights: vae.safetensors, a train-vae run folder, or a preset name with shipped weights")
+    p.add_argument("--vae", default=None,
+                   help="VAE weights for --first-stage vae: vae.safetensors or a train-vae run folder")
+    p.add_argument("--first-stage", choices=["vae", "haar"], default=None,
+                   help="haar: the lossless wavelet transform (no training); vae: a trained VAE (--vae); "
+                   "default: the preset's")
+    p.add_argument("--prior", choices=["cubic", "cubic-dc", "planes"], default=None,
+                   help="the estimate the model refines (default: the preset's)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from this bundle's denoiser (fine-tune the shipped or your own model on your data)")
+    p.add_argument("--planes", default=None, metavar="DIR",
+                   help="bundle with planes.safetensors for --prior planes (default: the shipped weights)")
     p.add_argument("--steps", type=int, default=None,
                    help="ResShift sampling steps the model is trained for: 15 (paper) or 4 (fast schedule, saved as "
                    "denoiser-4step.safetensors); default: the preset's")
@@ -82,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     train = resolve_data_paths(args.data)
     val = resolve_data_paths(args.val) if args.val else None
-    check_out_folder(args.out, [*train, *(val or []), Path(args.vae)])
+    check_out_folder(args.out, [*train, *(val or []), *([Path(args.vae)] if args.vae else [])])
     opts = DiffusionTrainOptions(**run_options(args), vae=args.vae, steps=args.steps, control=not args.no_control,
-                                 cache=args.cache)
+                                 cache=args.cache, first_stage=args.first_stage, prior=args.prior,
+                                 planes=args.planes, init=args.init)
     train_diffusion(train, val, opts)
     return 0

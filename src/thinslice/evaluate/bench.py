@@ -39,7 +39,8 @@ class MethodSpec:
 
 def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None,
                   precision: str | None = None) -> list[MethodSpec]:
-    """Any registered method by name, plus the variants ``cnn-adapt`` and ``ldm-N`` (N sampling steps)."""
+    """Any registered method by name, plus the variants ``cnn-adapt``, ``ldm-N`` (N sampling steps),
+    ``ldm-meanN`` (the mean of N samples) and ``ldm-cfgW`` (classifier-free guidance scale W)."""
     from thinslice.infer.upsample import available_methods, get_method
 
     specs = []
@@ -61,14 +62,26 @@ def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: s
             specs.append(MethodSpec(name, "ldm", {**learned, "progress": False}))
         elif name.startswith("ldm-") and name[4:].isdigit():
             specs.append(MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False}))
+        elif name.startswith("ldm-mean") and name[8:].isdigit():
+            specs.append(MethodSpec(name, "ldm", {**learned, "samples": int(name[8:]), "progress": False}))
+        elif name.startswith("ldm-cfg") and _is_number(name[7:]):
+            specs.append(MethodSpec(name, "ldm", {**learned, "guidance_scale": float(name[7:]), "progress": False}))
         elif name in available_methods() and get_method(name).needs_weights:
             specs.append(MethodSpec(name, name, learned))
         elif name in available_methods():
             specs.append(MethodSpec(name, name))
         else:
             raise ThinsliceError(f"unknown benchmark method '{name}': use {', '.join(available_methods())}, "
-                                 "planes-adapt, cnn-adapt or ldm-N")
+                                 "planes-adapt, cnn-adapt, ldm-N, ldm-meanN or ldm-cfgW")
     return specs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class PeakRSS:

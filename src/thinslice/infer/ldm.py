@@ -2,17 +2,21 @@
 
 Pipeline (timed per stage, see :class:`LDMResult`):
 
-1. cubic B-spline upsampling to the thin grid (the LR image the model is conditioned on);
-2. VAE encoding, tiled (:func:`thinslice.models.tiling.encode_volume`); the image is edge-padded so that latent
-   sizes are multiples of the denoiser's size multiple, and cropped back after decoding;
+1. the prior the denoiser was trained to refine (its record's ``latent.prior``): the planes network's output (the
+   shipped model), cubic-dc, or cubic B-spline upsampling;
+2. first-stage encoding, tiled (:func:`thinslice.models.tiling.encode_volume`): the lossless Haar transform (the
+   shipped model) or the trained VAE; the image is edge-padded so that latent sizes are multiples of the denoiser's
+   size multiple, and cropped back after decoding;
 3. sampling the HR latent with :func:`thinslice.infer.sampler.sample_latent`: the whole latent at once when it
    fits in memory, else overlapping latent windows (MONAI ``sliding_window_inference``, Gaussian blending), each
-   sampled with its own generator seeded from (seed, window position) so results are reproducible;
-4. VAE decoding, tiled. ``decode="residual"`` (default) returns ``cubic + D(x0) - D(y)`` instead of ``D(x0)``:
-   the VAE's reconstruction error, common to both decodes, cancels, so the model adds through-plane detail to the
-   cubic image instead of replacing it by a VAE reconstruction (a small VAE trained on a CPU reconstructs CT at
-   ~25 dB, far below cubic interpolation's ~39 dB; ``direct`` is kept to measure what this gains). A model that
-   learnt nothing (x0 = y) then gives exactly cubic;
+   sampled with its own generator seeded from (seed, window position) so results are reproducible. With residual
+   latents (``latent.residual_scale`` > 0) the model samples the scaled residual from the prior from zero,
+   conditioned on the prior's latent (:class:`~thinslice.presets.LatentConfig` says why);
+4. decoding, tiled. With a VAE, ``decode="residual"`` (default) returns ``prior + D(x0) - D(y)`` instead of
+   ``D(x0)``: the VAE's reconstruction error, common to both decodes, cancels, so the model adds through-plane
+   detail to the prior instead of replacing it by a VAE reconstruction (a small CPU-trained VAE reconstructs CT at
+   ~25 dB); with the exact Haar stage it restores only what the model's HU range clips (below -1024 HU). A model
+   that learnt nothing (x0 = y) then gives the prior;
 5. data consistency: projection onto ``{x : A x = thick}`` for the input's slice profile (:mod:`.consistency`).
 
 ``samples > 1`` averages several seeds; their per-voxel standard deviation (an uncertainty map) comes back as
@@ -32,7 +36,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from thinslice.checkpoints.bundle import load_denoiser, load_vae
+from thinslice.checkpoints.bundle import has_weights, load_denoiser, load_vae
 from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
 from thinslice.checkpoints.files import loaded_preset, record_of
 from thinslice.degrade.grid import thin_grid
@@ -46,11 +50,13 @@ from thinslice.infer.consistency import (
 from thinslice.infer.interpolate import interpolate_volume
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.sampler import sample_latent
-from thinslice.infer.upsample import register_pipeline
+from thinslice.infer.upsample import CubicDC, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
+from thinslice.models.factory import build_first_stage
 from thinslice.models.tiling import DEFAULT_TILE, decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
+from thinslice.presets import LatentConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +148,27 @@ def _warn_factor(factor: float, denoiser: LatentDenoiser) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor."""
+    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor, residual-latent scale
+    (0: the model samples the HR latent itself)."""
 
     window: tuple[int, int, int] | None
     scale: float
     factor: float
+    residual_scale: float = 0.0
+
+
+def _sample_latent(denoiser: LatentDenoiser, y: torch.Tensor, plan: _Plan, kwargs: dict, seed: int,
+                   progress: bool) -> torch.Tensor:
+    """One HR latent for the prior's latent ``y``. With residual latents the model samples s (x0 - y) from zero,
+    conditioned on y (see :class:`~thinslice.presets.LatentConfig`), and x0 = y + sample / s."""
+    generator = _generator(seed)
+    if denoiser.channels_last:
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    if plan.residual_scale <= 0:
+        return sample_latent(denoiser, y, plan.factor, generator=generator, progress=progress, **kwargs).float()
+    residual = sample_latent(denoiser, torch.zeros_like(y), plan.factor, generator=generator, progress=progress,
+                             condition=y, **kwargs)
+    return y.float() + residual.float() / plan.residual_scale
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -154,18 +176,14 @@ def sample_hr_latent(denoiser: LatentDenoiser, y_latent: torch.Tensor, plan: _Pl
                      seed: int = 0) -> torch.Tensor:
     """HR latent (1, C, d, h, w) on CPU for ``y_latent`` (1, C, d, h, w): whole, or in the plan's latent windows
     (each seeded from ``seed`` and its position)."""
-    device, factor, window, progress = next(denoiser.parameters()).device, plan.factor, plan.window, o.progress
+    device, window, progress = next(denoiser.parameters()).device, plan.window, o.progress
     kwargs = {"method": o.sampler, "steps": o.steps, "guidance_scale": plan.scale}
     if window is None or all(w >= s for w, s in zip(window, y_latent.shape[2:], strict=True)):
-        out = sample_latent(denoiser, y_latent.to(device), factor, generator=_generator(seed), progress=progress,
-                            **kwargs)
-        return out.float().cpu()
+        return _sample_latent(denoiser, y_latent.to(device), plan, kwargs, seed, progress).cpu()
 
     def predictor(window_latent: torch.Tensor, coords: list) -> torch.Tensor:
         start = tuple(int(s.start or 0) for s in coords[0][2:])
-        out = sample_latent(denoiser, window_latent, factor, generator=_generator(_window_seed(seed, start)),
-                            progress=False, **kwargs)
-        return out.float()
+        return _sample_latent(denoiser, window_latent, plan, kwargs, _window_seed(seed, start), False)
 
     return sliding_window_inference(
         y_latent, roi_size=window, sw_batch_size=1, predictor=predictor, overlap=DEFAULT_OVERLAP, mode="gaussian",
@@ -254,6 +272,7 @@ def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, cubic: Volume, o: Ld
     latent = encode_volume(vae, padded, tile=tile, progress=o.progress, autocast_dtype=amp)[None]
     timings["encode"] = time.perf_counter() - t0
     lr_detail = None
+    # Also with the lossless Haar stage: its input is clipped to the model's HU range, which this restores.
     if o.decode == "residual":
         # cubic - D(y): what the VAE loses of the cubic image; added back to every decoded sample.
         t0 = time.perf_counter()
@@ -307,7 +326,7 @@ def _sample(vae: AutoencoderKL3D, denoiser: LatentDenoiser, enc: _Encoded, plan:
 
 
 def _plan(denoiser: LatentDenoiser, vae: AutoencoderKL3D, enc: _Encoded, o: LdmOptions,
-          info: dict[str, object]) -> _Plan:
+          info: dict[str, object], latent: LatentConfig) -> _Plan:
     """Latent window (None: whole) and guidance scale of the run, recorded in ``info``."""
     device = next(denoiser.parameters()).device
     latent_shape = tuple(int(n) for n in enc.latent.shape[2:])
@@ -317,15 +336,24 @@ def _plan(denoiser: LatentDenoiser, vae: AutoencoderKL3D, enc: _Encoded, o: LdmO
     info.update(latent_shape=latent_shape, window=window or "whole", samples=o.samples, seed=o.seed,
                 steps=o.steps or (denoiser.cfg.num_steps if denoiser.cfg.method == "resshift"
                                   else denoiser.cfg.ddim_sample_steps),
-                sampler=denoiser.cfg.method, guidance_scale=scale, decode=o.decode, precision=o.precision)
-    return _Plan(window, scale, float(info["factor"]))  # type: ignore[arg-type]
+                sampler=denoiser.cfg.method, guidance_scale=scale, decode=o.decode, precision=o.precision,
+                first_stage=latent.first_stage, prior=latent.prior)
+    return _Plan(window, scale, float(info["factor"]), float(latent.residual_scale))  # type: ignore[arg-type]
+
+
+def latent_config(denoiser: LatentDenoiser) -> LatentConfig:
+    """The latent space a loaded denoiser was trained in (first stage, prior, residual scale); the default (VAE,
+    cubic) for a network not loaded from a file."""
+    preset = loaded_preset(denoiser)
+    return getattr(preset, "latent", None) or LatentConfig()
 
 
 def run_ldm(thick: Volume, spacing_mm: float, vae: AutoencoderKL3D, denoiser: LatentDenoiser,
             options: LdmOptions | None = None, acquisition: Acquisition | None = None,
-            prior: Volume | None = None) -> LDMResult:
-    """The LDM pipeline with given (loaded) models; see the module docstring. ``prior`` is the cubic image (computed
-    when not given). The result is the mean of ``options.samples`` seeds, ``std`` their per-voxel deviation."""
+            prior: Volume | None = None, latent: LatentConfig | None = None) -> LDMResult:
+    """The LDM pipeline with given (loaded) models; see the module docstring. ``prior`` is the estimate the model
+    starts from (the cubic image, computed when not given); ``latent`` the denoiser's latent space (default: its
+    record's). The result is the mean of ``options.samples`` seeds, ``std`` their per-voxel deviation."""
     o = options or LdmOptions()
     if o.samples < 1:
         raise ThinsliceError(f"--samples must be at least 1, got {o.samples}")
@@ -339,10 +367,10 @@ def run_ldm(thick: Volume, spacing_mm: float, vae: AutoencoderKL3D, denoiser: La
     cubic = prior if prior is not None else interpolate_volume(thick, spacing_mm, "cubic")
     factor = thick.slice_spacing / float(spacing_mm)
     _warn_factor(factor, denoiser)
-    timings["cubic"] = time.perf_counter() - t0
+    timings["prior"] = time.perf_counter() - t0
     enc = _encode(vae, denoiser, cubic, o, timings)
     info: dict[str, object] = {"timings_s": timings, "factor": factor}
-    plan = _plan(denoiser, vae, enc, o, info)
+    plan = _plan(denoiser, vae, enc, o, info, latent or latent_config(denoiser))
     weights = (thick_profile_operator(thick, spacing_mm, acquisition.profile, acquisition.thickness_mm)
                if o.consistency else None)
     acc = _Welford(enc.y_hu.shape, o.samples > 1)
@@ -411,34 +439,69 @@ def _annotate(out: Volume, info: dict[str, object]) -> None:
 
 @register_pipeline
 class Ldm(Pipeline):
-    """cubic -> VAE latent -> ResShift/DDIM sampling (IRControlNet, CFG) -> decode -> consistency per sample."""
+    """prior (cubic, cubic-dc or planes, as trained) -> first-stage latent -> ResShift/DDIM sampling (IRControlNet,
+    CFG) -> decode -> consistency per sample."""
 
     name = "ldm"
-    description = ("3D latent diffusion (ResShift + IRControlNet) with data consistency; needs trained weights "
-                   "(--checkpoint DIR or shipped)")
+    description = ("3D latent diffusion (ResShift + IRControlNet) from the best estimate, with data consistency and "
+                   "a std map (--samples N); needs trained weights (--checkpoint DIR or shipped)")
     Options = LdmOptions
-    weights = ("vae", "denoiser")
-    train_hint = "thinslice train-vae ... and thinslice train ..."
+    # The VAE (first stage 'vae') and the planes network (prior 'planes') are read from the same bundle when the
+    # denoiser's record asks for them; the lossless Haar first stage has no weights.
+    weights = ("denoiser",)
+    train_hint = "thinslice train ..."
     preference = 2
     consistent = False  # type: ignore[assignment]  (every sample is projected inside, before averaging)
     vae: AutoencoderKL3D
     denoiser: LatentDenoiser
+    latent: LatentConfig = LatentConfig()
+    planes: Pipeline | None = None
 
     @classmethod
-    def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None) -> Ldm:
-        """The pipeline around networks in hand (training validates through this)."""
+    def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None,
+                    latent: LatentConfig | None = None, planes: Pipeline | None = None) -> Ldm:
+        """The pipeline around networks in hand (training validates through this); ``planes`` serves a 'planes'
+        prior."""
         pipeline = cls(options)
         pipeline.vae, pipeline.denoiser = vae, denoiser
+        pipeline.latent, pipeline.planes = latent or latent_config(denoiser), planes
         return pipeline
 
     def load(self) -> None:
         o = self.options
         bundle, device = self.bundle(), resolve_device(o.device)
-        self.vae = load_vae(bundle, device, preset=o.preset)
         self.denoiser = load_denoiser(bundle, device, steps=o.steps, preset=o.preset)
+        if device.type == "cpu":
+            self.denoiser.use_channels_last()
+        self.latent = latent_config(self.denoiser)
+        stage = build_first_stage(loaded_preset(self.denoiser))  # type: ignore[arg-type]
+        if stage is None:
+            if not has_weights("vae", bundle):
+                raise ThinsliceError(f"the denoiser in {bundle} works on a VAE's latents, but the folder has no "
+                                     "vae.safetensors: put the VAE it was trained with beside it")
+            self.vae = load_vae(bundle, device, preset=o.preset)
+        else:
+            self.vae = stage.to(device)  # type: ignore[assignment]
+        if self.latent.prior == "planes":
+            from thinslice.infer.planes import Planes
+
+            self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision)
+
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
+        """The estimate the denoiser was trained to refine; cubic-dc where the planes network cannot serve."""
+        kind = self.latent.prior
+        if kind == "planes" and self.planes is not None:
+            reason = self.planes.applicable(thick, spacing_mm, getattr(self.planes.options, "checkpoint", None))
+            if reason is None:
+                return self.planes(thick, spacing_mm, acquisition).volume
+            log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
+        if kind in ("planes", "cubic-dc"):
+            return CubicDC()(thick, spacing_mm, acquisition).volume
+        return super().prior(thick, spacing_mm, acquisition)
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
-        run = run_ldm(thick, prior.slice_spacing, self.vae, self.denoiser, self.options, acquisition, prior)
+        run = run_ldm(thick, prior.slice_spacing, self.vae, self.denoiser, self.options, acquisition, prior,
+                      self.latent)
         res = run.info.get("consistency_hu")
         if self.options.progress and isinstance(res, dict):
             log.info("ldm: data consistency |A x - thick| mean %.2f -> %.2g HU", res["before_mean_abs"],

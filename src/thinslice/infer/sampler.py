@@ -37,9 +37,12 @@ def sample_latent(
     guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The predicted HR latent x0 for the LR latent ``y_latent`` (B, C, D, H, W).
 
+    ``condition``: what the network is told, when it is not the diffusion's anchor ``y_latent`` (residual latents:
+    the anchor is zero and the network sees the prior's latent).
     ``method`` defaults to the one the denoiser was trained for. ``steps``: ResShift runs the T steps it was
     trained with (a different value is an error); DDIM takes any number up to the training steps (default
     cfg.ddim_sample_steps). ``guidance_scale`` defaults to cfg.guidance_scale (1 = no guidance).
@@ -50,7 +53,7 @@ def sample_latent(
     denoiser.eval()
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return denoiser.guided(x, t, y, factor, guidance_scale=scale)
+        return denoiser.guided(x, t, y if condition is None else condition, factor, guidance_scale=scale)
 
     try:
         out = reverse_process(schedule, model_fn, y_latent, generator, steps, progress)
@@ -100,12 +103,14 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     schedule: ResShiftSchedule | DDIMSchedule | None = None,
     cfg_dropout: float | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One training loss for the method the denoiser is configured for, with classifier-free-guidance dropout.
 
     Use this from trainers rather than re-assembling it: the *original* ``y`` must drive the ResShift forward
     process while only the network's condition is dropped (``drop_mask``). Timesteps, dropout and noise are all
-    drawn from ``generator`` (noise on the generator's device, then moved to x0's).
+    drawn from ``generator`` (noise on the generator's device, then moved to x0's). ``condition``: the network's
+    condition when it is not ``y`` (see :func:`sample_latent`).
     """
     schedule = schedule or make_schedule(denoiser)
     batch = x0.shape[0]
@@ -116,6 +121,6 @@ def diffusion_loss(
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x0)
 
     def model_fn(x: torch.Tensor, tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        return denoiser(x, tt, yy, factor, drop_mask=drop_mask)
+        return denoiser(x, tt, yy if condition is None else condition, factor, drop_mask=drop_mask)
 
     return schedule.loss(model_fn, x0, y, t, noise)

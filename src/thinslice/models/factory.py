@@ -26,6 +26,17 @@ def build_vae(preset: str | Path | Preset) -> AutoencoderKL3D:
     return AutoencoderKL3D(load_preset(preset).vae)
 
 
+def build_first_stage(preset: str | Path | Preset) -> nn.Module | None:
+    """The parameter-free first stage of ``preset.latent`` (the Haar transform), or None when it is the trained
+    VAE (loaded from its weights file instead)."""
+    from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
+
+    latent = load_preset(preset).latent
+    if latent.first_stage == "haar":
+        return HaarFirstStage(WaveletConfig(strides=tuple(latent.wavelet_strides)))  # type: ignore[arg-type]
+    return None
+
+
 def build_unet(preset: str | Path | Preset) -> nn.Module:
     """``LatentUNet3D`` for ``preset.unet``, with as many latent channels as the preset's VAE makes."""
     import dataclasses
@@ -33,7 +44,7 @@ def build_unet(preset: str | Path | Preset) -> nn.Module:
     from thinslice.models.unet import LatentUNet3D
 
     p = load_preset(preset)
-    return LatentUNet3D(dataclasses.replace(p.unet, latent_channels=p.vae.latent_channels))
+    return LatentUNet3D(dataclasses.replace(p.unet, latent_channels=p.latent_channels))
 
 
 def build_control(preset: str | Path | Preset) -> nn.Module:
@@ -43,7 +54,7 @@ def build_control(preset: str | Path | Preset) -> nn.Module:
     from thinslice.models.control import IRControlNet
 
     p = load_preset(preset)
-    return IRControlNet(dataclasses.replace(p.unet, latent_channels=p.vae.latent_channels), p.control)
+    return IRControlNet(dataclasses.replace(p.unet, latent_channels=p.latent_channels), p.control)
 
 
 def build_baseline(preset: str | Path | Preset) -> nn.Module:

@@ -36,20 +36,25 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from thinslice.checkpoints.bundle import FILES, save_bundle_denoiser
+from thinslice.checkpoints.bundle import FILES, load_denoiser, save_bundle_denoiser
+from thinslice.checkpoints.device import resolve_device
 from thinslice.checkpoints.files import load_model, record_of
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.ldm import Ldm, LdmOptions
+from thinslice.infer.interpolate import interpolate_volume
+from thinslice.infer.ldm import Ldm, LdmOptions, latent_config
 from thinslice.infer.pairs import PairSampler
+from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.sampler import diffusion_loss, make_schedule
+from thinslice.infer.upsample import CubicDC
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import load_preset
+from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
+from thinslice.presets import LatentConfig, Preset, load_preset
 from thinslice.train.engine import (
     RunOptions,
     Trainer,
@@ -60,6 +65,7 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
+from thinslice.train.prior_pairs import PriorPairSampler, build_pairs, residual_scale
 from thinslice.train.validation import ValCase, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
@@ -74,10 +80,16 @@ _SEED_HIGH = 2**62
 class DiffusionTrainOptions(RunOptions):
     """``val_crop`` default: DEFAULT_VAL_CROP, at most the training patch."""
 
-    vae: str | Path  # weights file, train-vae run folder or bundle folder
+    vae: str | Path | None = None  # weights file, train-vae run folder or bundle folder (first stage 'vae')
     steps: int | None = None  # ResShift steps T (None: the preset's; 4: the paper's fast schedule)
     control: bool = True
     cache: Path | None = None
+    first_stage: str | None = None  # vae or haar (None: the preset's latent.first_stage)
+    prior: str | None = None  # cubic, cubic-dc or planes (None: the preset's latent.prior)
+    planes: str | Path | None = None  # bundle with planes.safetensors for the planes prior (None: shipped)
+    degradations: tuple[tuple[float, str], ...] | None = None  # prior pairs (None: preset factors x profiles)
+    prior_workers: int = 1  # threads that make the prior pairs
+    init: str | Path | None = None  # start from this bundle's denoiser (fine-tuning; same architecture and latents)
 
 
 # -------------------------------------------------------------------------------------------- configuration
@@ -177,10 +189,12 @@ class DiffusionLoss:
     never asked for attributes.
     """
 
-    def __init__(self, vae: AutoencoderKL3D | None, schedule: Any, cfg_dropout: float) -> None:
+    def __init__(self, vae: AutoencoderKL3D | None, schedule: Any, cfg_dropout: float,
+                 residual_scale: float = 0.0) -> None:
         self.vae = vae
         self.schedule = schedule
         self.cfg_dropout = float(cfg_dropout)
+        self.residual_scale = float(residual_scale)
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,19 +207,25 @@ class DiffusionLoss:
     def __call__(self, models: dict[str, nn.Module], batch: dict[str, Any], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         x0, y = self.latents(batch)
+        condition = None
+        if self.residual_scale > 0:  # residual latents: s (x0 - y) diffused from zero, the network told y
+            x0, y, condition = (x0 - y) * self.residual_scale, torch.zeros_like(y), y
         generator = torch.Generator(device="cpu").manual_seed(int(batch["seed"]))
         loss = diffusion_loss(models["denoiser"], x0, y, batch["factor"], generator=generator,
-                              schedule=self.schedule, cfg_dropout=self.cfg_dropout)
+                              schedule=self.schedule, cfg_dropout=self.cfg_dropout, condition=condition)
         return loss, {}
 
 
 # ------------------------------------------------------------------------------------------- validation
-def make_validate_fn(vae: AutoencoderKL3D, cases: list[ValCase], seed: int = VAL_SEED):
-    """Validation through the shipped ldm pipeline (residual decoding, data consistency; one fixed seed), plus the
-    VAE's own reconstruction PSNR of the truths (its ceiling under direct decoding; fixed, as the VAE is frozen)."""
+def make_validate_fn(vae: AutoencoderKL3D, cases: list[ValCase], seed: int = VAL_SEED,
+                     latent: LatentConfig | None = None, planes: Any = None):
+    """Validation through the shipped ldm pipeline (its prior, residual decoding, data consistency; one fixed seed),
+    plus the first stage's own reconstruction PSNR of the truths (its ceiling under direct decoding; fixed, as the
+    first stage is frozen)."""
     options = LdmOptions(seed=seed, progress=False)
-    validate = make_pipeline_validate(cases, lambda models: Ldm.from_models(vae, models["denoiser"], options),
-                                      "val/truth_cubic-dc_ldm")
+    validate = make_pipeline_validate(
+        cases, lambda models: Ldm.from_models(vae, models["denoiser"], options, latent or LatentConfig(), planes),
+        "val/truth_cubic-dc_ldm")
     ceiling = float(np.mean([_vae_psnr(vae, case.truth.slices_first()) for case in cases]))
 
     def with_ceiling(models: dict[str, nn.Module], step: int) -> dict[str, Any]:
@@ -231,8 +251,11 @@ def copy_atomic(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- train
-def load_frozen_vae(vae: str | Path | AutoencoderKL3D) -> AutoencoderKL3D:
+def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D:
     """The VAE, frozen; it must have been loaded from a weights file (its record ties the denoiser to it)."""
+    if vae is None:
+        raise ThinsliceError("the 'vae' first stage needs --vae (a trained VAE); or train on the lossless wavelet "
+                             "first stage with --first-stage haar")
     model = vae if isinstance(vae, AutoencoderKL3D) else load_model("vae", vae)
     record = record_of(model)
     if record is None or not record.content_hash:
@@ -257,59 +280,169 @@ def _batches(opts: DiffusionTrainOptions, train: Sequence[Volume | str | Path], 
     return LatentCropSampler(cache, latent_crop, tc.batch_size, seed=seed)  # type: ignore[arg-type]
 
 
+@dataclass
+class _FirstStage:
+    """The frozen first stage of a run, with what ties the denoiser to it (content hash, weights file)."""
+
+    model: Any
+    hash: str
+    path: Path | None
+    config: Any  # the VAE's config for the record (None: the Haar stage, described by latent)
+
+
+def _first_stage(latent: LatentConfig, opts: DiffusionTrainOptions) -> _FirstStage:
+    if latent.first_stage == "haar":
+        stage = HaarFirstStage(WaveletConfig(strides=tuple(latent.wavelet_strides)))  # type: ignore[arg-type]
+        stage.requires_grad_(False)
+        return _FirstStage(stage.eval(), "haar-" + "x".join(map(str, latent.wavelet_strides)), None, None)
+    vae = load_frozen_vae(opts.vae)
+    record = record_of(vae)
+    assert record is not None  # load_frozen_vae checked it
+    return _FirstStage(vae, record.content_hash, record.path, vae.config)
+
+
+def _init_denoiser(opts: DiffusionTrainOptions) -> nn.Module | None:
+    """The ``--init`` bundle's denoiser (None without ``--init`` or when resuming: a resumed run continues from its
+    own checkpoint)."""
+    if not opts.init or opts.resume:
+        return None
+    return load_denoiser(Ldm.locate_weights(opts.init))
+
+
+def _load_init(denoiser: nn.Module, init: nn.Module, where: object) -> None:
+    """Copy ``init``'s weights into the fresh ``denoiser``, refusing another architecture in one line."""
+    mine, theirs = denoiser.state_dict(), init.state_dict()
+    if {k: tuple(v.shape) for k, v in mine.items()} != {k: tuple(v.shape) for k, v in theirs.items()}:
+        raise ThinsliceError(f"--init {where}: its denoiser has another architecture than this preset's (unet, "
+                             "control, latent channels); pass --preset with its architecture or train from scratch")
+    denoiser.load_state_dict(theirs)
+    log.info("train: initialised the denoiser from %s", where)
+
+
+def _latent_setting(preset: Preset, opts: DiffusionTrainOptions) -> LatentConfig:
+    """The preset's latent section with the run's overrides (first stage, prior); the residual scale is set later,
+    from the data."""
+    latent = preset.latent
+    return dataclasses.replace(latent, first_stage=opts.first_stage or latent.first_stage,
+                               prior=opts.prior or latent.prior, residual_scale=0.0)
+
+
+def _named_volumes(train: Sequence[Volume | str | Path]) -> list[tuple[str, Volume]]:
+    from thinslice.io import read_volume
+
+    return [(f"volume{i}", v) if isinstance(v, Volume) else (Path(v).name, read_volume(v))
+            for i, v in enumerate(train)]
+
+
+def _prior_pipeline(latent: LatentConfig, opts: DiffusionTrainOptions) -> Pipeline | None:
+    """The planes pipeline that makes the prior (None for the interpolation priors), on the training device."""
+    if latent.prior != "planes":
+        return None
+    from thinslice.infer.planes import Planes
+
+    device = str(resolve_device(None if opts.device == "auto" else opts.device))
+    return Planes.from_pretrained(opts.planes, device=device, precision="bf16")
+
+
+def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
+    """(thick, thin spacing, profile) -> the prior, as the ldm pipeline computes it at inference."""
+    def prior(thick: Volume, spacing: float, profile: str) -> Volume:
+        acquisition = Acquisition.of(thick, profile)
+        if planes is not None and planes.applicable(thick, spacing, planes.options.checkpoint) is None:
+            return planes(thick, spacing, acquisition).volume
+        if latent.prior == "cubic":
+            return interpolate_volume(thick, spacing, "cubic")
+        return CubicDC()(thick, spacing, acquisition).volume
+
+    return prior
+
+
+def _prior_batches(train: Sequence[Volume | str | Path], preset: Preset, opts: DiffusionTrainOptions,
+                   stage: _FirstStage, latent_crop: tuple[int, ...], setting: tuple[LatentConfig, int, int]):
+    """Prior pairs of every training volume and degradation, their residual scale, and the crop sampler."""
+    latent, batch_size, seed = setting
+    planes = _prior_pipeline(latent, opts)
+    degradations = opts.degradations or tuple((float(f), p) for f in preset.degradation.factors
+                                              for p in preset.degradation.profiles)
+    pairs = build_pairs(_named_volumes(train), degradations, _prior_fn(latent, planes), stage.model,
+                        opts.prior_workers)
+    scale = latent.residual_scale or residual_scale(pairs)
+    latent = dataclasses.replace(latent, residual_scale=scale)
+    log.info("train: %d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
+    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent, planes  # type: ignore[arg-type]
+
+
 def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
                     opts: DiffusionTrainOptions) -> TrainResult:
     """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
     preset = load_preset(opts.preset)
     tc, seed, ema_decay = run_settings(preset.train_diffusion, opts)
     run_dir = Path(opts.run_dir)
-
-    vae = load_frozen_vae(opts.vae)
-    vae_record = record_of(vae)
-    assert vae_record is not None  # load_frozen_vae checked it
-    vae_hash, vae_path = vae_record.content_hash, vae_record.path
+    latent = _latent_setting(preset, opts)
+    init = _init_denoiser(opts)
+    if init is not None:  # fine-tuning keeps the latent space the weights were trained in
+        latent = dataclasses.replace(latent, residual_scale=latent_config(init).residual_scale)
+    stage = _first_stage(latent, opts)
     diffusion_cfg = schedule_for_steps(preset.diffusion, opts.steps)
     control_cfg = preset.control if opts.control else dataclasses.replace(preset.control, enabled=False)
-    # The record keeps the preset's own diffusion section, so the bundle names a non-default schedule's file
-    # denoiser-<T>step.safetensors; the VAE section is the actual VAE's (latent channels, scaling factor).
-    record_preset = dataclasses.replace(preset, vae=vae.config, control=control_cfg)
-    build_preset = dataclasses.replace(record_preset, diffusion=diffusion_cfg)
+    record = {"kind": "diffusion", "preset": preset.name, "vae_hash": stage.hash,
+              "vae_path": str(stage.path) if stage.path else None, "steps": diffusion_cfg.num_steps,
+              "control": control_cfg.enabled, "unet": dataclasses.asdict(preset.unet),
+              "cache": str(opts.cache) if opts.cache else None, "first_stage": latent.first_stage,
+              "prior": latent.prior, "train_diffusion": dataclasses.asdict(tc), "seed": seed}
+    check_run_record(run_dir, record, opts.resume, ("vae_hash", "steps", "control", "unet", "first_stage", "prior"))
 
-    record = {"kind": "diffusion", "preset": preset.name, "vae_hash": vae_hash, "vae_path": str(vae_path),
-              "steps": diffusion_cfg.num_steps, "control": control_cfg.enabled,
-              "unet": dataclasses.asdict(preset.unet), "cache": str(opts.cache) if opts.cache else None,
-              "train_diffusion": dataclasses.asdict(tc), "seed": seed}
-    check_run_record(run_dir, record, opts.resume, ("vae_hash", "steps", "control", "unet"))
+    patch = tuple(int(p) for p in tc.patch_size)
+    latent_crop = tuple(p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
+    planes = None
+    if latent.first_stage == "haar" or latent.prior != "cubic":
+        batches, latent, planes = _prior_batches(train, preset, opts, stage, latent_crop,
+                                                 (latent, tc.batch_size, seed))
+    else:
+        batches = _batches(opts, train, tc, stage.model, patch, seed)
+    # The record keeps the preset's own diffusion section, so the bundle names a non-default schedule's file
+    # denoiser-<T>step.safetensors; the first-stage sections are the actual ones (VAE config, latent space).
+    record_preset = dataclasses.replace(preset, vae=stage.config or preset.vae, control=control_cfg, latent=latent)
+    build_preset = dataclasses.replace(record_preset, diffusion=diffusion_cfg)
 
     torch.manual_seed(seed)
     denoiser = build_denoiser(build_preset)
+    if init is not None:
+        _load_init(denoiser, init, opts.init)
     if opts.gradient_checkpointing:
         denoiser.set_gradient_checkpointing(True)
-    patch = tuple(int(p) for p in tc.patch_size)
-    check_patch_fits(patch, vae, denoiser.size_multiple)  # type: ignore[arg-type]
-
-    batches = _batches(opts, train, tc, vae, patch, seed)
+    check_patch_fits(patch, stage.model, denoiser.size_multiple)  # type: ignore[arg-type]
 
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
     val_crop = opts.val_crop or default_val_crop(patch)
     cases = validation_cases(val_volumes, size=max(val_crop[1:]), depth=val_crop[0])
-    validate = make_validate_fn(vae, cases)
+    validate = make_validate_fn(stage.model, cases, latent=latent, planes=planes)
+    export = _exporter(stage, record_preset, diffusion_cfg.num_steps != preset.diffusion.num_steps, planes)
+    loss_fn = DiffusionLoss(stage.model, make_schedule(denoiser), diffusion_cfg.cfg_dropout, latent.residual_scale)
+    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, engine_config(run_dir, tc, opts, seed, ema_decay),
+                      validate_fn=validate, export_fn=export)
+    stage.model.to(trainer.device)
+    summary = {"steps": diffusion_cfg.num_steps, "control": control_cfg.enabled, "vae_hash": stage.hash,
+               "first_stage": latent.first_stage, "prior": latent.prior, "residual_scale": latent.residual_scale}
+    return fit_run(trainer, opts, record, build_preset, summary)
 
+
+def _exporter(stage: _FirstStage, record_preset: Preset, non_default_steps: bool, planes: Pipeline | None):
+    """``export_fn``: the denoiser, and beside it what the bundle needs to run alone (the VAE file, or the planes
+    weights of a planes prior)."""
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         denoiser_out = eval_models["denoiser"]
-        meta = {"vae_hash": vae_hash}
+        meta = {"vae_hash": stage.hash}
         save_bundle_denoiser(denoiser_out, record_preset, out_dir, meta)  # type: ignore[arg-type]
-        if diffusion_cfg.num_steps != preset.diffusion.num_steps:
+        if non_default_steps:
             # Also the folder's default denoiser, so that this run's folder alone is a complete bundle; the
             # denoiser-<T>step file is the one to copy next to another bundle's default model.
             save_bundle_denoiser(denoiser_out, record_preset, out_dir / FILES["denoiser"], meta)  # type: ignore
-        copy_atomic(vae_path, out_dir / FILES["vae"])
+        if stage.path is not None:
+            copy_atomic(stage.path, out_dir / FILES["vae"])
+        if planes is not None:
+            copy_atomic(planes.bundle() / FILES["planes"], out_dir / FILES["planes"])
 
-    loss_fn = DiffusionLoss(vae, make_schedule(denoiser), diffusion_cfg.cfg_dropout)
-    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, engine_config(run_dir, tc, opts, seed, ema_decay),
-                      validate_fn=validate, export_fn=export)
-    vae.to(trainer.device)
-    summary = {"steps": diffusion_cfg.num_steps, "control": control_cfg.enabled, "vae_hash": vae_hash}
-    return fit_run(trainer, opts, record, build_preset, summary)
+    return export

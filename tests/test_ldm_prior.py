@@ -55,13 +55,15 @@ def test_pairs_hold_prior_and_truth_latents_and_the_scale_makes_the_residual_uni
 def test_train_on_wavelet_latents_from_the_planes_prior_then_upsample(tmp_path, thin_phantom) -> None:
     planes = tmp_path / "planes"
     _planes_bundle(planes)
+    (planes / "planes-x4.safetensors").write_bytes((planes / "planes.safetensors").read_bytes())
     run = tmp_path / "run"
     opts = DiffusionTrainOptions(run_dir=run, preset="tiny", max_steps=4, device="cpu", first_stage="haar",
                                  prior="planes", planes=str(planes), degradations=((4.0, "gaussian"),),
                                  progress=False)
     result = train_diffusion([thin_phantom], [thin_phantom], opts)
     bundle = run / "final"
-    assert {p.name for p in bundle.iterdir()} >= {"denoiser.safetensors", "planes.safetensors"}
+    assert {p.name for p in bundle.iterdir()} >= {"denoiser.safetensors", "planes.safetensors",
+                                                  "planes-x4.safetensors"}  # the prior's networks travel along
     assert not (bundle / "vae.safetensors").exists()  # the Haar stage has no weights
     latent = loaded_preset(load_denoiser(bundle)).latent
     assert (latent.first_stage, latent.prior) == ("haar", "planes") and latent.residual_scale > 0

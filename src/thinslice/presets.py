@@ -169,8 +169,8 @@ class LatentConfig:
     transform, :mod:`thinslice.models.wavelet`; no weights). ``prior``: the estimate the model refines (``planes``
     needs ``planes.safetensors`` in the bundle). ``residual_scale`` > 0 switches to residual latents: the model
     diffuses ``s * (E(truth) - E(prior))`` from zero, conditioned on ``E(prior)``, so that kappa's noise meets a
-    residual of unit size (a good prior leaves a residual of a few HU, 1e-3 in model range, that ResShift's noise
-    would swamp); training sets ``s`` from the data and records it with the weights.
+    residual of unit size (the planes prior leaves about 40 HU RMS, 0.02 in model range, that ResShift's noise would
+    swamp); training sets ``s`` = 1 / RMS of that residual from the data and records it with the weights.
     """
 
     first_stage: str = "vae"
@@ -183,10 +183,6 @@ class LatentConfig:
             raise ValueError(f"latent.first_stage must be one of {FIRST_STAGES}, got {self.first_stage!r}")
         if self.prior not in LATENT_PRIORS:
             raise ValueError(f"latent.prior must be one of {LATENT_PRIORS}, got {self.prior!r}")
-
-    @property
-    def residual(self) -> bool:
-        return self.residual_scale > 0
 
 
 @dataclass

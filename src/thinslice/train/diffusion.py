@@ -1,23 +1,34 @@
-"""Train the latent diffusion model (``thinslice train``): ResShift + IRControlNet on VAE latents, on the shared engine.
+"""Train the latent diffusion model (``thinslice train``): ResShift + IRControlNet on first-stage latents, on the
+shared engine.
 
-The VAE is frozen (eval mode, no gradients, outside the optimiser and the checkpoints). Each step either encodes the
-batch's HR and cubic-upsampled LR patches (:class:`~thinslice.infer.pairs.PairSampler`, a fresh degradation per
-example) to scaled latents, or reads random latent crops from a :class:`~thinslice.train.latents.LatentCache`
-(``--cache``, made by ``thinslice encode``; no VAE work per step, but only the cached factors/profiles). The loss is
-:func:`~thinslice.infer.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of the
-network's LR condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
-exact.
+The first stage is frozen (eval mode, no gradients, outside the optimiser and the checkpoints): the lossless Haar
+transform (``latent.first_stage = "haar"``, the small preset's) or a trained VAE. Batches come from one of three
+samplers:
 
-Validation runs the shipped ldm pipeline (:class:`thinslice.infer.ldm.Ldm`: residual decoding, data consistency,
-one fixed seed) on fixed held-out crops (factor 4, gaussian; :mod:`thinslice.train.validation`), so "best" is picked
-on the number users get: PSNR in HU against the truth and against cubic-dc (``val/psnr_gain`` = model - cubic-dc),
-plus the VAE's own reconstruction PSNR of the truth (its ceiling under direct decoding).
+- **prior pairs** (Haar stage, or any prior other than cubic): every training volume is degraded once per factor and
+  profile, the prior (planes or cubic-dc) is computed on the whole volume as inference does, and both latents are
+  held in memory (:mod:`thinslice.train.prior_pairs`); the model then learns residual latents, scaled by 1 / RMS of
+  the residual (recorded with the weights, :class:`~thinslice.presets.LatentConfig`);
+- **pairs encoded on the fly** (VAE, cubic prior): :class:`~thinslice.infer.pairs.PairSampler` HR and
+  cubic-upsampled LR patches, a fresh degradation per example, encoded by the VAE each step;
+- **a latent cache** (``--cache``, made by ``thinslice encode``): no VAE work per step, only the cached
+  factors/profiles.
+
+The loss is :func:`~thinslice.infer.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of
+the network's condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
+exact. ``--init DIR`` starts from a bundle's denoiser (same architecture and latent space).
+
+Validation runs the shipped ldm pipeline (:class:`thinslice.infer.ldm.Ldm`: its prior, residual decoding, data
+consistency, one fixed seed) on fixed held-out crops (factor 4, gaussian; :mod:`thinslice.train.validation`), so
+"best" is picked on the number users get: PSNR in HU against the truth and against cubic-dc (``val/psnr_gain`` =
+model - cubic-dc), plus the first stage's own reconstruction PSNR of the truth.
 
 The exported folders ``RUN_DIR/final`` and ``RUN_DIR/best`` are model bundles (:mod:`thinslice.checkpoints.bundle`):
-``denoiser.safetensors`` recording the preset, the steps and the VAE's content hash, plus a copy of the VAE as
-``vae.safetensors``. A schedule other than the preset's (e.g. ``--steps 4`` with the 15-step small preset) is
-also written as ``denoiser-<T>step.safetensors``, the name under which it sits next to another bundle's default
-denoiser (``upsample --steps T`` picks it).
+``denoiser.safetensors`` recording the preset (with its latent section), the steps and the first stage's hash, plus
+what the bundle needs to run alone: a copy of the VAE as ``vae.safetensors``, or the planes weights of a planes
+prior. A schedule other than the preset's (e.g. ``--steps 4`` with a 15-step preset) is also written as
+``denoiser-<T>step.safetensors``, the name under which it sits next to another bundle's default denoiser
+(``upsample --steps T`` picks it).
 """
 
 from __future__ import annotations
@@ -442,7 +453,8 @@ def _exporter(stage: _FirstStage, record_preset: Preset, non_default_steps: bool
             save_bundle_denoiser(denoiser_out, record_preset, out_dir / FILES["denoiser"], meta)  # type: ignore
         if stage.path is not None:
             copy_atomic(stage.path, out_dir / FILES["vae"])
-        if planes is not None:
-            copy_atomic(planes.bundle() / FILES["planes"], out_dir / FILES["planes"])
+        if planes is not None:  # the all-factor planes network and any per-factor ones (planes-x<k>)
+            for source in sorted(planes.bundle().glob("planes*.safetensors")):
+                copy_atomic(source, out_dir / source.name)
 
     return export

@@ -437,6 +437,21 @@ def _annotate(out: Volume, info: dict[str, object]) -> None:
     out.metadata["ldm_timing_s"] = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())  # type: ignore[union-attr]
 
 
+def prior_estimate(kind: str, planes: Pipeline | None, thick: Volume, spacing_mm: float,
+                   acquisition: Acquisition) -> Volume:
+    """The estimate a denoiser refines (``latent.prior`` ``kind``): the planes output, cubic-dc where the planes
+    network cannot serve the input, or cubic. Inference and the trainer's prior pairs both call this, so the model
+    is trained on the prior it meets."""
+    if kind == "planes" and planes is not None:
+        reason = planes.applicable(thick, spacing_mm, getattr(planes.options, "checkpoint", None))
+        if reason is None:
+            return planes(thick, spacing_mm, acquisition).volume
+        log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
+    if kind in ("planes", "cubic-dc"):
+        return CubicDC()(thick, spacing_mm, acquisition).volume
+    return interpolate_volume(thick, spacing_mm, "cubic")
+
+
 @register_pipeline
 class Ldm(Pipeline):
     """prior (cubic, cubic-dc or planes, as trained) -> first-stage latent -> ResShift/DDIM sampling (IRControlNet,
@@ -488,16 +503,7 @@ class Ldm(Pipeline):
             self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision)
 
     def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
-        """The estimate the denoiser was trained to refine; cubic-dc where the planes network cannot serve."""
-        kind = self.latent.prior
-        if kind == "planes" and self.planes is not None:
-            reason = self.planes.applicable(thick, spacing_mm, getattr(self.planes.options, "checkpoint", None))
-            if reason is None:
-                return self.planes(thick, spacing_mm, acquisition).volume
-            log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
-        if kind in ("planes", "cubic-dc"):
-            return CubicDC()(thick, spacing_mm, acquisition).volume
-        return super().prior(thick, spacing_mm, acquisition)
+        return prior_estimate(self.latent.prior, self.planes, thick, spacing_mm, acquisition)
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
         run = run_ldm(thick, prior.slice_spacing, self.vae, self.denoiser, self.options, acquisition, prior,

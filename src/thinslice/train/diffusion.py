@@ -53,12 +53,10 @@ from thinslice.checkpoints.files import load_model, record_of
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.interpolate import interpolate_volume
-from thinslice.infer.ldm import Ldm, LdmOptions, latent_config
+from thinslice.infer.ldm import Ldm, LdmOptions, latent_config, prior_estimate
 from thinslice.infer.pairs import PairSampler
 from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.sampler import diffusion_loss, make_schedule
-from thinslice.infer.upsample import CubicDC
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
@@ -358,12 +356,7 @@ def _prior_pipeline(latent: LatentConfig, opts: DiffusionTrainOptions) -> Pipeli
 def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
     """(thick, thin spacing, profile) -> the prior, as the ldm pipeline computes it at inference."""
     def prior(thick: Volume, spacing: float, profile: str) -> Volume:
-        acquisition = Acquisition.of(thick, profile)
-        if planes is not None and planes.applicable(thick, spacing, planes.options.checkpoint) is None:
-            return planes(thick, spacing, acquisition).volume
-        if latent.prior == "cubic":
-            return interpolate_volume(thick, spacing, "cubic")
-        return CubicDC()(thick, spacing, acquisition).volume
+        return prior_estimate(latent.prior, planes, thick, spacing, Acquisition.of(thick, profile))
 
     return prior
 

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,15 +74,13 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
-from thinslice.train.prior_pairs import PriorPairSampler, build_pairs, residual_scale
+from thinslice.train.prior_pairs import CropBatches, PriorPairSampler, build_pairs, fits, residual_scale
 from thinslice.train.validation import ValCase, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VAL_CROP = (24, 96, 96)
 VAL_SEED = 20240
-# Window for TensorBoard slice images (HU): lung to bone.
-_SEED_HIGH = 2**62
 
 
 @dataclass(kw_only=True)
@@ -133,61 +131,32 @@ def check_patch_fits(patch: tuple[int, int, int], vae: AutoencoderKL3D, multiple
 
 
 # ----------------------------------------------------------------------------------------------- batches
-class LatentCropSampler:
-    """Endless batches of random latent crops ``{"hr_latent", "lr_latent": (B, C, d, h, w), "factor": (B,),
-    "seed": int}`` from the (factor, profile) pairs of a latent cache.
+class LatentCropSampler(CropBatches):
+    """:class:`~thinslice.train.prior_pairs.CropBatches` from the (factor, profile) pairs of a latent cache.
 
     Crops are read straight from the safetensors files (memory-mapped slices), so a large cache costs no RAM.
-    Each entry is drawn with probability proportional to its number of crop positions. Own numpy generator,
-    checkpointed (exact resume).
     """
 
     def __init__(self, cache: LatentCache, crop: tuple[int, int, int], batch_size: int, seed: int = 0) -> None:
         self.cache = cache
-        self.crop = tuple(int(c) for c in crop)
-        self.batch_size = int(batch_size)
-        self.rng = np.random.default_rng(seed)
         self.entries: list[tuple[Path, tuple[int, ...], float]] = []
         for entry in cache.pairs():
             path = cache.folder / entry.file
             with safe_open(str(path), framework="pt") as f:
                 shape = tuple(f.get_slice("lr").get_shape())
-            if all(n >= c for n, c in zip(shape[1:], self.crop, strict=True)):
+            if fits(shape, crop):
                 self.entries.append((path, shape, float(entry.factor or 0.0)))
         if not self.entries:
             raise ThinsliceError(
-                f"latent cache {cache.folder} has no LR/HR pair of at least {self.crop} latent voxels; make one with "
-                "thinslice encode --factors ... (pairs are needed, not only HR latents)"
+                f"latent cache {cache.folder} has no LR/HR pair of at least {tuple(crop)} latent voxels; make one "
+                "with thinslice encode --factors ... (pairs are needed, not only HR latents)"
             )
-        counts = np.array([np.prod([n - c + 1 for n, c in zip(s[1:], self.crop, strict=True)])
-                           for _, s, _ in self.entries], dtype=np.float64)
-        self.weights = counts / counts.sum()
+        super().__init__([shape for _, shape, _ in self.entries], crop, batch_size, seed)
 
-    def state_dict(self) -> dict[str, Any]:
-        import copy
-
-        return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
-
-    def next_batch(self) -> dict[str, Any]:
-        hrs, lrs, factors = [], [], []
-        for _ in range(self.batch_size):
-            path, shape, factor = self.entries[int(self.rng.choice(len(self.entries), p=self.weights))]
-            corner = [int(self.rng.integers(0, n - c + 1)) for n, c in zip(shape[1:], self.crop, strict=True)]
-            sl = (slice(None), *(slice(a, a + c) for a, c in zip(corner, self.crop, strict=True)))
-            with safe_open(str(path), framework="pt") as f:
-                hrs.append(f.get_slice("hr")[sl])
-                lrs.append(f.get_slice("lr")[sl])
-            factors.append(factor)
-        return {"hr_latent": torch.stack(hrs).float(), "lr_latent": torch.stack(lrs).float(),
-                "factor": torch.tensor(factors, dtype=torch.float32),
-                "seed": int(self.rng.integers(_SEED_HIGH))}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_batch()
+    def read(self, index: int, window: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        path, _, factor = self.entries[index]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("hr")[window], f.get_slice("lr")[window], factor
 
 
 # ------------------------------------------------------------------------------------------------- loss

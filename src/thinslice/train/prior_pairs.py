@@ -6,9 +6,8 @@ diffusion step, and it must see whole volumes (its data-consistency projection a
 full slice stack), so it cannot run per training patch. With the lossless Haar first stage a latent holds as many
 values as the image, so the pairs of the shared training volumes take about 1 GB as float16.
 
-The sampler draws random latent crops, each entry with probability proportional to its number of crop positions,
-with its own numpy generator (checkpointed: exact resume), in the batch format of
-:class:`thinslice.train.diffusion.LatentCropSampler`.
+The sampler draws random latent crops through :class:`CropBatches`, which the latent-cache sampler
+(:class:`thinslice.train.diffusion.LatentCropSampler`) shares.
 """
 
 from __future__ import annotations
@@ -100,22 +99,31 @@ def residual_scale(pairs: Sequence[LatentPair]) -> float:
     return 1.0 / rms
 
 
-class PriorPairSampler:
-    """Endless batches ``{"hr_latent", "lr_latent": (B, C, d, h, w), "factor": (B,), "seed": int}`` of random
-    crops of the pairs (lr = the prior's latent)."""
+def fits(shape: Sequence[int], crop: Sequence[int]) -> bool:
+    """Whether a (C, d, h, w) latent holds at least one crop of ``crop`` (d, h, w)."""
+    return all(n >= c for n, c in zip(shape[1:], crop, strict=True))
 
-    def __init__(self, pairs: Sequence[LatentPair], crop: tuple[int, int, int], batch_size: int,
+
+class CropBatches:
+    """Endless batches ``{"hr_latent", "lr_latent": (B, C, d, h, w), "factor": (B,), "seed": int}`` of random latent
+    crops of pairs whose (C, d, h, w) ``shapes`` are given; each pair is drawn with probability proportional to its
+    number of crop positions, from an own numpy generator that is checkpointed (exact resume). Subclasses say how a
+    crop is read (:meth:`read`): from memory (:class:`PriorPairSampler`) or from a latent cache's files
+    (:class:`thinslice.train.diffusion.LatentCropSampler`)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], crop: tuple[int, int, int], batch_size: int,
                  seed: int = 0) -> None:
         self.crop = tuple(int(c) for c in crop)
-        self.pairs = [p for p in pairs if all(n >= c for n, c in zip(p.prior.shape[1:], self.crop, strict=True))]
-        if not self.pairs:
-            raise ThinsliceError(f"no training volume is at least {self.crop} latent voxels; use larger volumes or a "
-                                 "smaller train_diffusion.patch_size")
-        counts = np.array([np.prod([n - c + 1 for n, c in zip(p.prior.shape[1:], self.crop, strict=True)])
-                           for p in self.pairs], dtype=np.float64)
+        self.shapes = [tuple(s) for s in shapes]
+        counts = np.array([np.prod([n - c + 1 for n, c in zip(s[1:], self.crop, strict=True)]) for s in self.shapes],
+                          dtype=np.float64)
         self.weights = counts / counts.sum()
         self.batch_size = int(batch_size)
         self.rng = np.random.default_rng(seed)
+
+    def read(self, index: int, window: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(truth crop, prior crop, factor) of pair ``index``."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
@@ -126,16 +134,34 @@ class PriorPairSampler:
     def next_batch(self) -> dict[str, Any]:
         hrs, lrs, factors = [], [], []
         for _ in range(self.batch_size):
-            pair = self.pairs[int(self.rng.choice(len(self.pairs), p=self.weights))]
-            corner = [int(self.rng.integers(0, n - c + 1)) for n, c in zip(pair.prior.shape[1:], self.crop,
+            index = int(self.rng.choice(len(self.shapes), p=self.weights))
+            corner = [int(self.rng.integers(0, n - c + 1)) for n, c in zip(self.shapes[index][1:], self.crop,
                                                                             strict=True)]
-            sl = (slice(None), *(slice(a, a + c) for a, c in zip(corner, self.crop, strict=True)))
-            hrs.append(torch.from_numpy(pair.truth[sl].astype(np.float32)))
-            lrs.append(torch.from_numpy(pair.prior[sl].astype(np.float32)))
-            factors.append(pair.factor)
-        return {"hr_latent": torch.stack(hrs), "lr_latent": torch.stack(lrs),
+            window = (slice(None), *(slice(a, a + c) for a, c in zip(corner, self.crop, strict=True)))
+            hr, lr, factor = self.read(index, window)
+            hrs.append(hr)
+            lrs.append(lr)
+            factors.append(factor)
+        return {"hr_latent": torch.stack(hrs).float(), "lr_latent": torch.stack(lrs).float(),
                 "factor": torch.tensor(factors, dtype=torch.float32), "seed": int(self.rng.integers(_SEED_HIGH))}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             yield self.next_batch()
+
+
+class PriorPairSampler(CropBatches):
+    """:class:`CropBatches` of in-memory prior pairs (lr = the prior's latent)."""
+
+    def __init__(self, pairs: Sequence[LatentPair], crop: tuple[int, int, int], batch_size: int,
+                 seed: int = 0) -> None:
+        self.pairs = [p for p in pairs if fits(p.prior.shape, crop)]
+        if not self.pairs:
+            raise ThinsliceError(f"no training volume is at least {tuple(crop)} latent voxels; use larger volumes or "
+                                 "a smaller train_diffusion.patch_size")
+        super().__init__([p.prior.shape for p in self.pairs], crop, batch_size, seed)
+
+    def read(self, index: int, window: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        pair = self.pairs[index]
+        return (torch.from_numpy(pair.truth[window].astype(np.float32)),
+                torch.from_numpy(pair.prior[window].astype(np.float32)), pair.factor)

@@ -61,7 +61,7 @@ def test_bench_cli_with_cnn_and_missing_ldm(thin, tmp_path, capsys):
     assert [r["method"] for r in payload["rows"]] == ["cubic-dc", "cnn"]
     # an untrained CNN (zero-initialised last layer) returns cubic, then data consistency: cubic-dc's scores
     assert payload["rows"][0]["psnr"] == pytest.approx(payload["rows"][1]["psnr"], abs=0.05)
-    assert "| thin | 2 | box | 1 | cnn |" in (out / "bench.md").read_text()
+    assert "| thin | x2 | 2 | box | 1 | cnn |" in (out / "bench.md").read_text()
 
 
 def test_every_method_that_models_the_profile_receives_the_cases_profile(thin, monkeypatch):

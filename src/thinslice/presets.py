@@ -254,6 +254,17 @@ class PlaneSamplingConfig:
     overlap_fraction: float = 0.25
     max_overlap: float = 2.2
     noise_hu: float = 0.0
+    # Real acquisitions (docs/clinical.md): with probability ``profile_mismatch`` the slabs are made with a profile
+    # drawn from the family (degrade.PROFILE_FAMILY) and a FWHM of U(``mismatch_fwhm``) x the declared thickness,
+    # while the network and the consistency step are told the declared one, as a user who does not know the
+    # scanner's slice sensitivity profile would tell them.
+    profile_mismatch: float = 0.0
+    mismatch_fwhm: tuple[float, float] = (0.8, 1.6)
+    # Intensity augmentation: HU above air scaled by U(1 - j, 1 + j) (contrast phases, calibration).
+    intensity_jitter: float = 0.0
+    # Reconstruction kernels: the thin plane sharpened or smoothed along its pixel axis by an unsharp mask of this
+    # sigma (pixels) and an amount U(-0.5, 0.5) (0: off).
+    kernel_sigma: float = 0.0
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from thinslice.degrade.profiles import PROFILES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,14 +20,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="thin-slice volumes: files, folders of NIfTI/NRRD/MHA, or split .txt files")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md, bench.png")
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 4.0])
-    parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"],
-                        choices=["gaussian", "box", "decimate"])
+    parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"], choices=PROFILES,
+                        help="slice profiles to simulate (triangle, trapezoid, tailed: profiles the methods are not "
+                             "told unless they are; see NAME@auto in --methods)")
+    parser.add_argument("--mm", nargs="*", default=[], metavar="T[/S]",
+                        help="clinical cases named in millimetres, back to each volume's own spacing: 5 (5 mm slices "
+                             "every 5 mm), 5/2.5 (5 mm every 2.5 mm), ...; e.g. --mm 5 3 5/2.5 2/1 on a 1 mm volume")
     parser.add_argument("--overlaps", type=float, nargs="*", default=[], metavar="RATIO",
                         help="extra cases with overlapping slices: slice thickness = RATIO x slice spacing (e.g. 1.5 2 "
                              "3), for the gaussian and box profiles")
     parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "planes", "cnn", "ldm"],
                         help="any upsample method (linear, cubic, cubic-dc, planes, cnn, ldm) and the variants "
                              "cnn-adapt, ldm-N (N steps), ldm-meanN (mean of N samples), ldm-cfgW (guidance scale W); "
+                             "NAME@auto: told --profile auto, NAME@gaussian: told a Gaussian of the nominal thickness, "
+                             "instead of the simulated profile; "
                              "learned methods without "
                              "weights are skipped with a note")
     parser.add_argument("--checkpoint", default=None, help="model bundle folder (default: shipped weights)")
@@ -36,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.evaluate.bench import markdown_table, parse_methods, run_benchmark, write_results
+    from thinslice.evaluate.bench import markdown_table, parse_methods, parse_mm_case, run_benchmark, write_results
     from thinslice.infer.patches import resolve_data_paths
     from thinslice.infer.upsample import get_method
 
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         specs.append(spec)
     out = Path(args.out)
     rows = run_benchmark(resolve_data_paths(args.data), args.factors, args.profiles, specs,
-                         figure_path=out / "bench.png", overlaps=args.overlaps)
+                         figure_path=out / "bench.png", overlaps=args.overlaps,
+                         mm_cases=[parse_mm_case(text) for text in args.mm])
     json_path, md_path = write_results(rows, out)
     print()
     print(markdown_table(rows))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
+from thinslice.degrade.profiles import PROFILES
 from thinslice.errors import ThinsliceError
 
 # Option name (as passed to the method) -> attribute in the parsed arguments.
@@ -37,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--series", metavar="UID", default=None, help="series to read from a multi-series folder")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16",
                         help="output voxel type for file outputs (default: int16 HU)")
-    parser.add_argument("--profile", choices=("gaussian", "box", "decimate"), default=None,
-                        help="slice profile of the input, for data consistency (cubic-dc, cnn, ldm; default gaussian "
-                             "with FWHM = slice thickness)")
+    parser.add_argument("--profile", choices=(*PROFILES, "auto"), default=None,
+                        help="slice profile of the input, for data consistency (cubic-dc, planes, cnn, ldm; default "
+                             "gaussian with FWHM = slice thickness); auto: estimated from the scan itself (shape and "
+                             "FWHM, in the report line)")
     parser.add_argument("--thickness", type=float, default=None, metavar="MM",
                         help="slice thickness of the input for data consistency (default: from the file, else the "
                              "slice spacing)")

@@ -1,4 +1,4 @@
-"""Thick-slice simulation by slice profiles (box, Gaussian, decimation)."""
+"""Thick-slice simulation by slice profiles (box, Gaussian, triangle, trapezoid, tailed, decimation)."""
 
 from thinslice.degrade.pairs import (
     degrade_slices,
@@ -8,6 +8,7 @@ from thinslice.degrade.pairs import (
     thick_weights,
 )
 from thinslice.degrade.profiles import (
+    PROFILE_FAMILY,
     PROFILES,
     ThickSliceSpec,
     apply_profile,
@@ -20,6 +21,7 @@ from thinslice.degrade.profiles import (
 )
 
 __all__ = [
+    "PROFILE_FAMILY",
     "PROFILES",
     "ThickSliceSpec",
     "apply_profile",

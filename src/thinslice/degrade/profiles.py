@@ -12,6 +12,10 @@ Conventions (positions in mm along the slice direction, thin spacing ``s``, thic
   the lower edge of the first thin slice and as many slabs are made as fit fully inside the thin extent;
 - ``box``: weights = overlap length of each thin slice's extent with the slab;
 - ``gaussian``: weights ~ exp(-(p - c)^2 / 2 sigma^2) with FWHM = T, truncated at 3 sigma;
+- ``triangle``: weights ~ max(0, 1 - |p - c| / T) (FWHM = T, base 2T), the profile of many helical reconstructions;
+- ``trapezoid``: flat top T/2 wide, base 3T/2 (FWHM = T), between box and triangle;
+- ``tailed``: the Gaussian plus a tenth of one three times as wide (FWHM about 1.1 T): the long tails measured
+  slice sensitivity profiles have;
 - ``decimate``: the thin slice at the *sampling centre* ``round(first nominal centre) + m*S`` (linear interpolation
   between the two nearest thin slices when that falls between slices, e.g. for factor 2.5). For integer factors
   this is plain decimation. For even factors the slab centre lies half-way between two thin slices; the lower one
@@ -36,7 +40,11 @@ from thinslice.io.volume import Volume
 if TYPE_CHECKING:  # torch is imported where used, so that the CLI starts fast
     import torch
 
-PROFILES = ("box", "gaussian", "decimate")
+PROFILES = ("box", "gaussian", "decimate", "triangle", "trapezoid", "tailed")
+# The shapes a scanner's slice sensitivity profile takes (decimation is a sampling, not a profile): training draws the
+# true profile from this family so that a network never depends on being told the right one.
+PROFILE_FAMILY = ("gaussian", "box", "triangle", "trapezoid", "tailed")
+TAIL_WEIGHT, TAIL_WIDTH = 0.1, 3.0  # ``tailed``: 0.1 x a Gaussian 3x as wide
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 GAUSSIAN_TRUNCATE = 3.0  # in sigmas
 _EPS = 1e-6
@@ -142,6 +150,27 @@ def lattice_shift(thin_spacing: float, spec: ThickSliceSpec) -> float:
     return 0.0 if remainder < _EPS or remainder > 1 - _EPS else remainder * float(thin_spacing)
 
 
+def profile_half_width(profile: str, thickness: float) -> float:
+    """How far (mm) a slab's weights reach from its centre (decimation: half a slice)."""
+    sigma = thickness * FWHM_TO_SIGMA
+    return {"gaussian": GAUSSIAN_TRUNCATE * sigma, "tailed": GAUSSIAN_TRUNCATE * TAIL_WIDTH * sigma,
+            "triangle": thickness, "trapezoid": 0.75 * thickness}.get(profile, thickness / 2)
+
+
+def _shape_weights(d: np.ndarray, thickness: float, profile: str) -> np.ndarray:
+    """Point-sampled weights of the smooth profiles at distances ``d`` (mm) from the slab centre."""
+    sigma = thickness * FWHM_TO_SIGMA
+    if profile == "triangle":
+        return np.clip(1.0 - np.abs(d) / thickness, 0.0, None)
+    if profile == "trapezoid":
+        return np.clip((0.75 * thickness - np.abs(d)) / (0.5 * thickness), 0.0, 1.0)
+    w = np.exp(-0.5 * (d / sigma) ** 2)
+    if profile == "tailed":
+        w = w + TAIL_WEIGHT * np.exp(-0.5 * (d / (TAIL_WIDTH * sigma)) ** 2)
+    w[np.abs(d) > profile_half_width(profile, thickness)] = 0.0
+    return w
+
+
 def profile_matrix(
     thin_positions_mm: np.ndarray,
     thick_centres_mm: np.ndarray,
@@ -162,11 +191,8 @@ def profile_matrix(
         lo = np.maximum(p[None, :] - s / 2, c - thickness_mm / 2)
         hi = np.minimum(p[None, :] + s / 2, c + thickness_mm / 2)
         w = np.clip(hi - lo, 0.0, None)
-    elif profile == "gaussian":
-        sigma = thickness_mm * FWHM_TO_SIGMA
-        d = p[None, :] - c
-        w = np.exp(-0.5 * (d / sigma) ** 2)
-        w[np.abs(d) > GAUSSIAN_TRUNCATE * sigma] = 0.0
+    elif profile != "decimate":
+        w = _shape_weights(p[None, :] - c, float(thickness_mm), profile)
     else:  # decimate: linear interpolation at the centre, clamped to the thin range
         idx = np.clip((c[:, 0] - p[0]) / s, 0.0, p.size - 1)
         lo_i = np.floor(idx + _EPS).astype(int).clip(0, p.size - 1)

@@ -8,6 +8,7 @@ profile, is from the input slices), wall seconds and the peak resident memory wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from thinslice.degrade.pairs import simulate_pair
+from thinslice.degrade.profiles import check_profile
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes, high_band_power, through_plane_sharpness
@@ -35,45 +37,58 @@ class MethodSpec:
     label: str
     method: str
     options: dict[str, object] = field(default_factory=dict)
+    # The slice profile the method is told instead of the case's true one: "auto" (estimated from the input) or a
+    # profile name with thickness = slice spacing (what a file's nominal thickness says); None: the truth.
+    told: str | None = None
 
 
 def parse_methods(names: Sequence[str], checkpoint: str | None = None, device: str | None = None,
                   precision: str | None = None) -> list[MethodSpec]:
     """Any registered method by name, plus the variants ``cnn-adapt``, ``ldm-N`` (N sampling steps),
-    ``ldm-meanN`` (the mean of N samples) and ``ldm-cfgW`` (classifier-free guidance scale W)."""
-    from thinslice.infer.upsample import available_methods, get_method
-
+    ``ldm-meanN`` (the mean of N samples) and ``ldm-cfgW`` (classifier-free guidance scale W); ``NAME@auto`` tells
+    the method ``--profile auto`` and ``NAME@PROFILE`` that profile with the nominal thickness, instead of the
+    case's true profile (slice-profile robustness rows)."""
     specs = []
     for name in names:
-        learned: dict[str, object] = {}
-        if checkpoint:
-            learned["checkpoint"] = checkpoint
-        if device:
-            learned["device"] = device
-        if precision:
-            learned["precision"] = precision
-        if name in WEIGHTLESS_METHODS:
-            specs.append(MethodSpec(name, name))
-        elif name == "planes-adapt":
-            specs.append(MethodSpec(name, "planes", {**learned, "adapt": True}))
-        elif name == "cnn-adapt":
-            specs.append(MethodSpec(name, "cnn", {**learned, "adapt": True, "adapt_steps": 30}))
-        elif name == "ldm":
-            specs.append(MethodSpec(name, "ldm", {**learned, "progress": False}))
-        elif name.startswith("ldm-") and name[4:].isdigit():
-            specs.append(MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False}))
-        elif name.startswith("ldm-mean") and name[8:].isdigit():
-            specs.append(MethodSpec(name, "ldm", {**learned, "samples": int(name[8:]), "progress": False}))
-        elif name.startswith("ldm-cfg") and _is_number(name[7:]):
-            specs.append(MethodSpec(name, "ldm", {**learned, "guidance_scale": float(name[7:]), "progress": False}))
-        elif name in available_methods() and get_method(name).needs_weights:
-            specs.append(MethodSpec(name, name, learned))
-        elif name in available_methods():
-            specs.append(MethodSpec(name, name))
-        else:
-            raise ThinsliceError(f"unknown benchmark method '{name}': use {', '.join(available_methods())}, "
-                                 "planes-adapt, cnn-adapt, ldm-N, ldm-meanN or ldm-cfgW")
+        base, _, told = name.partition("@")
+        if told and told != "auto":
+            check_profile(told)
+        spec = _parse_method(base, checkpoint, device, precision)
+        specs.append(dataclasses.replace(spec, label=name, told=told or None) if told else spec)
     return specs
+
+
+def _parse_method(name: str, checkpoint: str | None, device: str | None, precision: str | None) -> MethodSpec:
+    from thinslice.infer.upsample import available_methods, get_method
+
+    learned: dict[str, object] = {}
+    if checkpoint:
+        learned["checkpoint"] = checkpoint
+    if device:
+        learned["device"] = device
+    if precision:
+        learned["precision"] = precision
+    if name in WEIGHTLESS_METHODS:
+        return MethodSpec(name, name)
+    if name == "planes-adapt":
+        return MethodSpec(name, "planes", {**learned, "adapt": True})
+    if name == "cnn-adapt":
+        return MethodSpec(name, "cnn", {**learned, "adapt": True, "adapt_steps": 30})
+    if name == "ldm":
+        return MethodSpec(name, "ldm", {**learned, "progress": False})
+    if name.startswith("ldm-") and name[4:].isdigit():
+        return MethodSpec(name, "ldm", {**learned, "steps": int(name[4:]), "progress": False})
+    if name.startswith("ldm-mean") and name[8:].isdigit():
+        return MethodSpec(name, "ldm", {**learned, "samples": int(name[8:]), "progress": False})
+    if name.startswith("ldm-cfg") and _is_number(name[7:]):
+        return MethodSpec(name, "ldm", {**learned, "guidance_scale": float(name[7:]), "progress": False})
+    if name in available_methods() and get_method(name).needs_weights:
+        return MethodSpec(name, name, learned)
+    if name in available_methods():
+        return MethodSpec(name, name)
+    raise ThinsliceError(f"unknown benchmark method '{name}': use {', '.join(available_methods())}, "
+                         "planes-adapt, cnn-adapt, ldm-N, ldm-meanN or ldm-cfgW (each also as NAME@auto or "
+                         "NAME@PROFILE)")
 
 
 def _is_number(text: str) -> bool:
@@ -124,6 +139,44 @@ class BenchRow:
     sharpness: float  # through-plane power above the thick Nyquist / the truth's (1 = as sharp as the truth)
     seconds: float
     peak_rss_mb: float
+    case: str = ""  # "x4" or, for the clinical cases, "5/5 mm -> 1 mm" (thickness / spacing -> output spacing)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One simulated acquisition: factor (thick spacing / thin spacing), profile, thickness / spacing, and its label."""
+
+    factor: float
+    profile: str
+    ratio: float
+    label: str
+
+
+def parse_mm_case(text: str) -> tuple[float, float]:
+    """"5" (5 mm slices every 5 mm) or "5/2.5" (5 mm slices every 2.5 mm) -> (thickness, spacing) in mm."""
+    thickness, _, spacing = text.partition("/")
+    try:
+        values = (float(thickness), float(spacing or thickness))
+    except ValueError:
+        raise ThinsliceError(f"a millimetre case is THICKNESS or THICKNESS/SPACING in mm (e.g. 5 or 5/2.5), not "
+                             f"'{text}'") from None
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise ThinsliceError(f"a millimetre case needs positive thickness and spacing, not '{text}'")
+    return values
+
+
+def volume_cases(thin_spacing: float, factors: Sequence[float], profiles: Sequence[str],
+                 overlaps: Sequence[float] = (), mm_cases: Sequence[tuple[float, float]] = ()) -> list[Case]:
+    """The factor cases of :func:`bench_cases`, then each millimetre case (thickness, spacing) x profile that the
+    volume's slices can simulate (a thickness thinner than its slices is skipped)."""
+    cases = [Case(f, p, r, f"x{f:g}" + (f" T/S {r:g}" if r != 1.0 else "")) for f, p, r in
+             bench_cases(factors, profiles, overlaps)]
+    for thickness, spacing in mm_cases:
+        if thickness < thin_spacing - 1e-6 or spacing < thin_spacing - 1e-6:
+            continue
+        label = f"{thickness:g}/{spacing:g} mm -> {thin_spacing:g} mm"
+        cases += [Case(spacing / thin_spacing, p, thickness / spacing, label) for p in profiles if p != "decimate"]
+    return cases
 
 
 def bench_cases(factors: Sequence[float], profiles: Sequence[str],
@@ -143,49 +196,72 @@ def run_benchmark(
     figure_path: str | Path | None = None,
     log: Callable[[str], None] = print,
     overlaps: Sequence[float] = (),
+    mm_cases: Sequence[tuple[float, float]] = (),
 ) -> list[BenchRow]:
-    """Score every method on every (volume, factor, profile, overlap) case; the first case also gives the figure."""
+    """Score every method on every (volume, case) (factor x profile x overlap, then the millimetre cases); the first
+    case also gives the figure. A method that cannot serve a case (e.g. planes at a non-integer factor) is skipped
+    with a note."""
     rows: list[BenchRow] = []
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
         name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
-        for factor, profile, ratio in bench_cases(factors, profiles, overlaps):
-            spacing = factor * thin.slice_spacing
-            thick, truth = simulate_pair(thin, thickness=ratio * spacing, spacing=spacing, profile=profile)
-            operator = thick_profile_operator(thick, thin.slice_spacing, profile)
-            truth_power = high_band_power(truth.slices_first(), factor)  # once per case, not per method
+        for case in volume_cases(thin.slice_spacing, factors, profiles, overlaps, mm_cases):
+            spacing = case.factor * thin.slice_spacing
+            thick, truth = simulate_pair(thin, thickness=case.ratio * spacing, spacing=spacing, profile=case.profile)
+            operator = thick_profile_operator(thick, thin.slice_spacing, case.profile)
+            truth_power = high_band_power(truth.slices_first(), case.factor)  # once per case, not per method
             outputs: dict[str, Volume] = {}
             for spec in methods:
-                row, outputs[spec.label] = _score_method(spec, (name, factor, profile, ratio), thick, truth, operator,
-                                                         truth_power)
+                reason = _refusal(spec, thick, truth.slice_spacing)
+                if reason:
+                    log(f"{name} {case.label} {case.profile}: {spec.label} skipped ({reason})")
+                    continue
+                row, outputs[spec.label] = _score_method(spec, name, case, thick, truth, operator, truth_power)
                 rows.append(row)
-                log(f"{name} x{factor:g} {profile:<8} T/S {ratio:<4g} {spec.label:<9} PSNR {row.psnr:6.2f}  "
+                log(f"{name} {case.label:<18} {case.profile:<8} {spec.label:<12} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
                     f"{row.seconds:6.1f} s  {row.peak_rss_mb:6.0f} MB")
-            if figure_path is not None and not Path(figure_path).exists():
-                panels = {"thin truth": truth, f"thick x{factor:g} {profile}": thick, **outputs}
-                save_comparison_figure(panels, figure_path, title=f"{name}: x{factor:g} {profile}")
+            if figure_path is not None and not Path(figure_path).exists() and outputs:
+                panels = {"thin truth": truth, f"thick {case.label} {case.profile}": thick, **outputs}
+                save_comparison_figure(panels, figure_path, title=f"{name}: {case.label} {case.profile}")
     return rows
 
 
-def _score_method(spec: MethodSpec, case: tuple[str, float, str, float], thick: Volume, truth: Volume,
-                  operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
-    """One method on one case (volume name, factor, profile, thickness / spacing): its output, scores,
-    data-consistency residual, seconds and peak memory."""
-    name, factor, profile, ratio = case
+def _refusal(spec: MethodSpec, thick: Volume, spacing_mm: float) -> str | None:
     from thinslice.infer.upsample import get_method
 
-    # Data-consistency steps must know the slice profile of their input (the method declares whether it uses it).
-    extra = {"profile": profile} if get_method(spec.method).uses_profile else {}
+    checkpoint = spec.options.get("checkpoint")
+    return get_method(spec.method).refuses(thick, spacing_mm, str(checkpoint) if checkpoint else None)
+
+
+def _told(spec: MethodSpec, case: Case, thick: Volume) -> dict[str, object]:
+    """What the method is told about the input's slices: the case's truth, ``auto``, or a profile with the nominal
+    thickness (= the slice spacing)."""
+    from thinslice.infer.upsample import get_method
+
+    if not get_method(spec.method).uses_profile:
+        return {}
+    if spec.told is None:
+        return {"profile": case.profile}
+    if spec.told == "auto":
+        return {"profile": "auto"}
+    return {"profile": spec.told, "thickness": float(thick.slice_spacing)}
+
+
+def _score_method(spec: MethodSpec, name: str, case: Case, thick: Volume, truth: Volume,
+                  operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
+    """One method on one case: its output, scores, data-consistency residual (against the true profile), seconds
+    and peak memory."""
     with PeakRSS() as memory:
         start = time.perf_counter()
-        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options, **extra)
+        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options, **_told(spec, case, thick))
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
-    sharpness = through_plane_sharpness(out.slices_first(), truth_power, factor)
-    row = BenchRow(name, float(factor), profile, spec.label, ratio, float(scores["psnr"]), float(scores["ssim"]),
-                   float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness, seconds, memory.peak_mb)
+    sharpness = through_plane_sharpness(out.slices_first(), truth_power, case.factor)
+    row = BenchRow(name, float(case.factor), case.profile, spec.label, case.ratio, float(scores["psnr"]),
+                   float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness,
+                   seconds, memory.peak_mb, case.label)
     return row, out
 
 
@@ -199,12 +275,13 @@ def _short_name(path: Path) -> str:
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     lines = [
-        "| volume | factor | profile | thickness / spacing | method | PSNR (dB) | SSIM | HU-MAE body "
+        "| volume | case | factor | profile | thickness / spacing | method | PSNR (dB) | SSIM | HU-MAE body "
         "| DC residual (HU) | sharpness | seconds | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.volume} | {r.factor:g} | {r.profile} | {r.thickness_ratio:g} | {r.method} | {r.psnr:.2f} | "
+        lines.append(f"| {r.volume} | {r.case} | {r.factor:g} | {r.profile} | {r.thickness_ratio:g} | {r.method} | "
+                     f"{r.psnr:.2f} | "
                      f"{r.ssim:.4f} | "
                      f"{r.mae_hu_body:.1f} | {r.dc_residual_hu:.2f} | {r.sharpness:.3f} | {r.seconds:.1f} | "
                      f"{r.peak_rss_mb:.0f} |")

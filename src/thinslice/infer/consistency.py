@@ -27,10 +27,9 @@ import numpy as np
 
 from thinslice.degrade.grid import thin_positions
 from thinslice.degrade.profiles import (
-    FWHM_TO_SIGMA,
-    GAUSSIAN_TRUNCATE,
     ThickSliceSpec,
     check_profile,
+    profile_half_width,
     profile_matrix,
     thick_grid,
 )
@@ -77,11 +76,6 @@ class SlabOperator:
         return self.extended[self.inside_rows][:, self.pad: self.extended.shape[1] - self.pad]
 
 
-def _profile_half_width(profile: str, thickness: float) -> float:
-    """How far (mm) a Gaussian or box slab's weights reach from its centre."""
-    return GAUSSIAN_TRUNCATE * FWHM_TO_SIGMA * thickness if profile == "gaussian" else thickness / 2
-
-
 def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gaussian",
                            thickness_mm: float | None = None) -> SlabOperator:
     """The operator mapping the thin grid of ``thin_grid(thick, spacing_mm)`` (extended, see :class:`SlabOperator`)
@@ -105,7 +99,7 @@ def thick_profile_operator(thick: Volume, spacing_mm: float, profile: str = "gau
         return SlabOperator(profile_matrix(thin_positions(thick, spacing_mm), centres, thickness, profile), 0)
     s = float(spacing_mm)
     grid = thin_positions(thick, s)
-    reach = _profile_half_width(profile, thickness)
+    reach = profile_half_width(profile, thickness)
     beyond = max(grid[0] - (centres[0] - reach), (centres[-1] + reach) - grid[-1], 0.0)
     pad = int(math.ceil(beyond / s - 1e-6))
     extended = grid[0] + s * np.arange(-pad, grid.size + pad)

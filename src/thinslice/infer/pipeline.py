@@ -29,20 +29,32 @@ from thinslice.infer.options import check_option_types, option_types
 from thinslice.io.volume import Volume
 
 DEFAULT_PROFILE = "gaussian"
+AUTO_PROFILE = "auto"  # estimate the profile from the scan (--profile auto)
 
 
 @dataclass(frozen=True)
 class Acquisition:
     """How the thick input was acquired, as the inverse problem models it: the slice profile and the slice thickness
-    in mm (the inverse-side twin of :class:`~thinslice.degrade.profiles.ThickSliceSpec`)."""
+    in mm (the inverse-side twin of :class:`~thinslice.degrade.profiles.ThickSliceSpec`); ``estimated`` says how
+    ``--profile auto`` found them (empty when they were given or read from the file)."""
 
     profile: str = DEFAULT_PROFILE
     thickness_mm: float = 0.0
+    estimated: str = ""
 
     @classmethod
     def of(cls, thick: Volume, profile: str | None = None, thickness_mm: float | None = None) -> Acquisition:
         """Resolved once from the command line (``profile``, ``thickness_mm``) and the file: the thickness is the
-        given one, else the file's, else the slice spacing; an implausible one is refused."""
+        given one, else the file's, else the slice spacing; an implausible one is refused. ``profile`` "auto"
+        estimates profile and thickness from the scan itself (:mod:`thinslice.degrade.estimate`)."""
+        if profile == AUTO_PROFILE:
+            if thickness_mm is not None:
+                raise ThinsliceError("--profile auto estimates the slice thickness too: drop --thickness, or name "
+                                     "the profile (e.g. --profile gaussian --thickness 5)")
+            from thinslice.degrade.estimate import estimate_profile
+
+            found = estimate_profile(thick)
+            return cls(found.profile, plausible_thickness(thick, found.fwhm_mm), found.describe())
         name = profile or DEFAULT_PROFILE
         check_profile(name)
         return cls(name, plausible_thickness(thick, thickness_mm))
@@ -160,6 +172,8 @@ class Pipeline:
         if acquisition is None:
             acquisition = Acquisition.of(thick) if self.uses_profile else Acquisition()
         result = self.refine(thick, self.prior(thick, float(spacing_mm), acquisition), acquisition)
+        if acquisition.estimated:
+            result.report["profile"] = acquisition.estimated
         if self.consistent:
             result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
             result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "

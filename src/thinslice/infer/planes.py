@@ -63,7 +63,7 @@ def _unit_thick_volume(m: int, k: int, thickness_ratio: float) -> Volume:
     return Volume(np.zeros((m, 1, 1), np.float32), (1.0, 1.0, float(k)), slice_thickness=thickness_ratio * k)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)  # per factor x rows x ratio x profile (training draws many)
 def cell_operators(k: int, m: int, thickness_ratio: float, profile: str) -> tuple[np.ndarray, np.ndarray, int]:
     """``(A, B, pad)`` for m thick cells of k thin rows: ``thick = A @ thin`` with A (m x (mk + 2 pad)) over the
     cells' rows and ``pad`` rows beyond each end (where the slabs reach), and ``cubic_dc = B @ thick`` (mk x m).

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinslice.checkpoints.files import keep_record, loaded_preset
+from thinslice.degrade.profiles import PROFILE_FAMILY
 from thinslice.errors import ThinsliceError
 from thinslice.infer.finetune import FineTune, fine_tune
 from thinslice.infer.planes import cell_operators
@@ -91,14 +92,27 @@ class PlaneSampler:
             ratio = rng.uniform(1.2, cfg.max_overlap)
         else:
             ratio = rng.uniform(1.0 - cfg.thickness_jitter, 1.0 + cfg.thickness_jitter)
-        return profile, round(float(ratio) * 20) / 20  # quantised: operators are cached per ratio
+        return profile, _quantised(ratio)
+
+    def _true_slabs(self, declared: tuple[str, float]) -> tuple[str, float]:
+        """The profile the slabs are really made with: the declared one, or (``profile_mismatch``) a member of the
+        profile family with a FWHM of U(``mismatch_fwhm``) x the declared thickness."""
+        profile, ratio = declared
+        if profile == "decimate" or self.fixed is not None or self.rng.random() >= self.cfg.profile_mismatch:
+            return declared
+        shape = str(PROFILE_FAMILY[int(self.rng.integers(len(PROFILE_FAMILY)))])
+        lo, hi = self.cfg.mismatch_fwhm
+        return shape, _quantised(ratio * self.rng.uniform(lo, hi))
 
     def _example(self, k: int) -> dict[str, np.ndarray]:
         rows = self.cfg.rows
         profile, ratio = self._acquisition()
-        a, b, pad = cell_operators(k, rows, ratio, profile)
+        true_profile, true_ratio = self._true_slabs((profile, ratio))
+        a, _, pad = cell_operators(k, rows, true_ratio, true_profile)
+        b = cell_operators(k, rows, ratio, profile)[1]
         # the slabs of the end cells reach `pad` rows beyond them
         x = self._plane(rows * k + 2 * pad, self.cfg.width) if self.dims == 2 else self._block(rows * k + 2 * pad)
+        x = self._appearance(x)
         thick = np.moveaxis(np.tensordot(a, x, axes=([1], [1])), 0, 1)  # A along axis 1 of (P, n, *R)
         x = x[:, pad: pad + rows * k]
         if self.cfg.noise_hu > 0:
@@ -108,6 +122,17 @@ class PlaneSampler:
                 "base": hu_to_model(base).astype(np.float32),
                 "hr": hu_to_model(x[self.context: self.context + 1]).astype(np.float32),
                 "cond": np.asarray(acquisition_vector(ratio, profile), np.float32)}
+
+    def _appearance(self, x: np.ndarray) -> np.ndarray:
+        """Intensity and reconstruction-kernel variation of a thin example (P, n, *R), when the config asks for it."""
+        cfg, rng = self.cfg, self.rng
+        if cfg.intensity_jitter > 0:
+            x = (x + 1024.0) * rng.uniform(1.0 - cfg.intensity_jitter, 1.0 + cfg.intensity_jitter) - 1024.0
+        if cfg.kernel_sigma > 0:
+            from scipy.ndimage import gaussian_filter1d
+
+            x = x + rng.uniform(-0.5, 0.5) * (x - gaussian_filter1d(x, cfg.kernel_sigma, axis=-1, mode="nearest"))
+        return x
 
     def _plane(self, n: int, w: int) -> np.ndarray:
         """Thin planes (P, n rows along the degraded axis, w pixels): the plane and its context neighbours, mostly
@@ -170,6 +195,11 @@ class PlaneSampler:
     def _neighbours(self, index: int, size: int) -> np.ndarray:
         """Indices of a plane and its context neighbours, clamped at the volume's edge."""
         return np.clip(np.arange(index - self.context, index + self.context + 1), 0, size - 1)
+
+
+def _quantised(ratio: float) -> float:
+    """Thickness / spacing on a 0.05 lattice: the cell operators are cached per ratio."""
+    return round(float(ratio) * 20) / 20
 
 
 def _pad_to(planes: np.ndarray, n: int, w: int) -> np.ndarray:

@@ -28,9 +28,12 @@ COND_CHANNELS = 1 + len(PROFILE_CHANNELS)
 
 
 def acquisition_vector(thickness_ratio: float, profile: str) -> list[float]:
-    """Conditioning values for one plane: thickness / spacing - 1 and a one-hot slice profile."""
+    """Conditioning values for one plane: thickness / spacing - 1 and a one-hot slice profile. The smooth profiles
+    without a channel of their own (triangle, trapezoid, tailed) take the Gaussian's: their FWHM is the thickness and
+    their shape is closer to it than to a box (the networks are trained to tolerate the difference)."""
     ratio = 0.0 if profile == "decimate" else float(thickness_ratio) - 1.0
-    return [ratio, *(1.0 if profile == p else 0.0 for p in PROFILE_CHANNELS)]
+    channel = profile if profile in PROFILE_CHANNELS else "gaussian"
+    return [ratio, *(1.0 if channel == p else 0.0 for p in PROFILE_CHANNELS)]
 
 
 def _conv(dims: int, c_in: int, c_out: int) -> nn.Module:

@@ -67,17 +67,41 @@ def make_loss(kind: str):
 
 
 def initial_planes(preset: Preset, init: str | None, resume: bool) -> nn.Module:
-    """A fresh network, or the ``init`` bundle's weights (refused when their architecture is not the preset's) when
-    not resuming (a resumed run continues from its own checkpoint)."""
+    """A fresh network, or one started from ``init`` (a bundle folder, or one planes weights file such as
+    ``planes-x4.safetensors``) when not resuming (a resumed run continues from its own checkpoint).
+
+    The trunk must match the preset's (channels, blocks, context, dims: refused in one line otherwise); the heads of
+    the factors both networks have are copied too, a factor the source lacks starts fresh (e.g. a x4/x5 network
+    started from the x4 one)."""
     model = build_planes(preset)
     if init and not resume:
-        from thinslice.checkpoints.bundle import load_planes
-        from thinslice.infer.planes import Planes
+        source = _init_source(init)
+        mine, theirs = model.cfg, source.cfg
+        trunk = ("channels", "num_blocks", "context", "dims")
+        if any(getattr(mine, f) != getattr(theirs, f) for f in trunk):
+            def arch(cfg: object) -> str:
+                return ", ".join(f"{f} {getattr(cfg, f)}" for f in trunk)
 
-        loaded = load_planes(Planes.locate_weights(init), preset=preset)
-        model.load_state_dict(loaded.state_dict())
-        log.info("train-planes: initialised from %s", init)
+            raise ThinsliceError(f"--init {init} has another architecture ({arch(theirs)}) than the preset "
+                                 f"({arch(mine)}): pick weights trained with the same preset")
+        state = model.state_dict()
+        shared = {k: v for k, v in source.state_dict().items() if k in state and v.shape == state[k].shape}
+        model.load_state_dict(shared, strict=False)
+        fresh = sorted({int(k) for k in mine.factors} - {int(k) for k in theirs.factors})
+        log.info("train-planes: initialised from %s%s", init,
+                 f" (heads for factors {', '.join(map(str, fresh))} start fresh)" if fresh else "")
     return model
+
+
+def _init_source(init: str) -> nn.Module:
+    """The planes network in ``init``: a weights file, or a bundle folder's all-factor network."""
+    from thinslice.checkpoints.bundle import load_planes
+    from thinslice.checkpoints.files import load_model
+
+    path = Path(init)
+    if path.is_file():
+        return load_model("planes", path)
+    return load_planes(Planes.locate_weights(init))
 
 
 def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,

@@ -125,7 +125,7 @@ def test_bad_requests_are_clear_errors(thin_phantom: Volume) -> None:
     with pytest.raises(ThinsliceError, match="either a factor"):
         degrade(thin_phantom, factor=2, thickness=3.0)
     with pytest.raises(ThinsliceError, match="unknown slice profile"):
-        degrade(thin_phantom, factor=2, profile="triangle")
+        degrade(thin_phantom, factor=2, profile="lorentzian")
     with pytest.raises(ThinsliceError, match="deep along the slice axis"):
         degrade(thin_phantom, thickness=100.0)
 

@@ -64,8 +64,8 @@ def test_every_shipped_network_loads_and_the_denoisers_match_their_first_stage()
                 assert (DEFAULT_BUNDLE_DIR / FILES["planes"]).is_file()
     if get_method("cnn").has_weights():
         assert sum(p.numel() for p in load_baseline(DEFAULT_BUNDLE_DIR).parameters()) > 300_000
-    for k in specialist_factors(DEFAULT_BUNDLE_DIR):
-        assert load_planes(DEFAULT_BUNDLE_DIR, factor=k).factors == (k,)
+    for k in specialist_factors(DEFAULT_BUNDLE_DIR):  # a specialist serves its factor (the x4/x5 network: both)
+        assert k in load_planes(DEFAULT_BUNDLE_DIR, factor=k).factors
 
 
 @pytest.mark.parametrize("method", ["ldm", "cnn", "planes"])

@@ -2,7 +2,15 @@
 
 
 class ThinsliceError(Exception):
-    """A problem with the user's input or set-up; the message says what to do."""
+    """A problem with the user's input or set-up; the message says what to do.
+
+    ``details`` are extra lines a message refers to (e.g. the series of a folder, one per line): the command line
+    prints them after the one-line error, so the error itself stays one line.
+    """
+
+    def __init__(self, message: str = "", *, details: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.details = tuple(details)
 
 
 def os_reason(exc: OSError) -> str:

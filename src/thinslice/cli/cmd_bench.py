@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", nargs="+", required=True,
                         help="thin-slice volumes: files, folders of NIfTI/NRRD/MHA, or split .txt files")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md, bench.png")
-    parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--factors", type=float, nargs="*", default=[2.0, 4.0],
+                        help="factor cases (thick spacing = factor x the volume's spacing); none with --mm only")
     parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"], choices=PROFILES,
                         help="slice profiles to simulate (triangle, trapezoid, tailed: profiles the methods are not "
                              "told unless they are; see NAME@auto in --methods)")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = run_benchmark(resolve_data_paths(args.data), args.factors, args.profiles, specs,
                          figure_path=out / "bench.png", overlaps=args.overlaps,
-                         mm_cases=[parse_mm_case(text) for text in args.mm])
+                         mm_cases=[parse_mm_case(text) for text in args.mm], out_dir=out)
     json_path, md_path = write_results(rows, out)
     print()
     print(markdown_table(rows))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from thinslice.cli.checks import check_output, check_positive
 from thinslice.degrade.profiles import PROFILES
 from thinslice.errors import ThinsliceError
 
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.spacing is not None and args.thickness is None:
         raise ThinsliceError("--spacing goes with --thickness; with --factor the spacing is factor x input spacing")
     refuse_same_path(args.output, args.input)
+    check_positive(args.factor, "--factor", unit="")
+    check_positive(args.thickness, "--thickness")
+    check_positive(args.spacing, "--spacing")
+    check_output(args.output, args.dtype)
     start = time.perf_counter()
     thin = read_volume(args.input, series_uid=args.series)
     thick = degrade(thin, factor=args.factor, thickness=args.thickness, spacing=args.spacing, profile=args.profile)

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", metavar="FILE_OR_DIR", help="volume file, DICOM file or DICOM series folder")
     parser.add_argument("--series", metavar="UID", default=None,
-                        help="SeriesInstanceUID to read when the folder holds several series")
+                        help="series to read when the folder holds several (its SeriesNumber or UID; without it a "
+                             "folder of several series is listed, one line each)")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +52,8 @@ def describe_volume(volume: Volume, name: str = "") -> str:
         f"1st-99th percentile {np.percentile(array[::2, ::2, ::2], 1):.0f} .. "
         f"{np.percentile(array[::2, ::2, ::2], 99):.0f})",
     ]
-    extra = {k: v for k, v in volume.metadata.items() if k not in ("source", "series_uid", "study_uid")}
+    extra = {k: v for k, v in volume.metadata.items() if k not in ("source", "series_uid", "study_uid",
+                                                                  "dicom_source")}
     if "series_uid" in volume.metadata:
         lines.append(f"series:          {volume.metadata['series_uid']}")
     if extra:
@@ -60,8 +62,22 @@ def describe_volume(volume: Volume, name: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.io.readers import read_volume
+    from pathlib import Path
 
-    volume = read_volume(args.path, series_uid=args.series)
+    from thinslice.io.readers import read_dicom_folder, read_volume
+
+    path = Path(args.path)
+    if not path.is_dir():
+        volume = read_volume(path, series_uid=args.series)
+    else:
+        from thinslice.io.discovery import scan_dicom_folder
+
+        scan = scan_dicom_folder(path)
+        if args.series is None and len(scan.volumes) > 1:
+            print(f"{path}: {len(scan.volumes)} image series; `thinslice info {path} --series NUMBER` (or UID) "
+                  "shows one")
+            print("\n".join(scan.listing()))
+            return 0
+        volume = read_dicom_folder(path, args.series, scan=scan)
     print(describe_volume(volume, args.path))
     return 0

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+from thinslice.cli.checks import check_output, check_positive, warn_if_sparse
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
 from thinslice.degrade.profiles import PROFILES
 from thinslice.errors import ThinsliceError
 
 # Option name (as passed to the method) -> attribute in the parsed arguments.
-GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "checkpoint", "preset", "patch_size", "adapt", "adapt_steps",
+GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "uncertainty", "checkpoint", "preset", "patch_size", "adapt",
+                   "adapt_steps",
                    "precision", "profile", "thickness")
 
 
@@ -35,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="auto", help="upsampling method (default: auto = the best method whose "
                         "weights ship with thinslice, else cubic); an unknown name "
                         "lists the available ones")
-    parser.add_argument("--series", metavar="UID", default=None, help="series to read from a multi-series folder")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="series to read from a multi-series folder (SeriesNumber or UID; `thinslice info "
+                             "FOLDER` lists them)")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16",
                         help="output voxel type for file outputs (default: int16 HU)")
     parser.add_argument("--profile", choices=(*PROFILES, "auto"), default=None,
@@ -50,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     learned.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     learned.add_argument("--steps", type=int, default=None, help="number of sampling steps")
     learned.add_argument("--samples", type=int, default=None, help="number of samples to average")
+    learned.add_argument("--uncertainty", action="store_true", default=None,
+                         help="write a calibrated std map beside the output (<stem>_std; mean +- 1.645 std is the "
+                              "90%% interval): planes from its two passes (cheap), ldm from --samples N (default 4)")
     learned.add_argument("--checkpoint", default=None, help="model checkpoint (file or folder)")
     learned.add_argument("--preset", default=None, help="model preset: tiny, small, paper or a .json file")
     learned.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
@@ -87,7 +94,7 @@ def method_options(method, args: argparse.Namespace) -> dict[str, object]:
     flags it ignores."""
     from thinslice.infer.options import coerce_options, option_types
 
-    options = collect_options(args)
+    options = _uncertainty_options(method, collect_options(args))
     ignored = sorted(set(options) - set(method.options))
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
@@ -98,44 +105,78 @@ def method_options(method, args: argparse.Namespace) -> dict[str, object]:
     return coerce_options(options, option_types(method.pipeline.Options))
 
 
+def _uncertainty_options(method, options: dict[str, object]) -> dict[str, object]:
+    """``--uncertainty``: planes computes its map itself, ldm from its samples (4 unless --samples says); any other
+    method has none, which is an error rather than a silently missing file."""
+    if not options.get("uncertainty") or "uncertainty" in method.options:
+        return options
+    options = {k: v for k, v in options.items() if k != "uncertainty"}
+    if "samples" not in method.options:
+        raise ThinsliceError(f"method '{method.name}' gives no uncertainty map: use --method planes --uncertainty "
+                             "(cheap) or --method ldm --samples 4")
+    if int(options.get("samples") or 1) < 2:  # type: ignore[call-overload]
+        print(f"thinslice upsample: note: {method.name} --uncertainty takes --samples 4", file=sys.stderr)
+        options["samples"] = 4
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     from thinslice.infer.upsample import get_method, run_method
     from thinslice.io import read_volume, write_volume
 
     refuse_same_path(args.output, args.input)
+    check_positive(args.spacing, "--spacing")
+    check_positive(args.thickness, "--thickness")
+    check_output(args.output, args.dtype)
     if args.method != "auto":
         get_method(args.method)  # an unknown name fails before the volume is read
     start = time.perf_counter()
     thick = read_volume(args.input, series_uid=args.series)
+    warn_if_sparse(thick)
+    spacing = _snapped_spacing(thick, args.spacing)
     if args.method == "auto":
         from thinslice.infer.upsample import choose_auto
 
-        args.method, note = choose_auto(thick, args.spacing)
+        args.method, note = choose_auto(thick, spacing)
         if note:
             print(f"thinslice upsample: note: {note}", file=sys.stderr)
     method = get_method(args.method)
     options = method_options(method, args)
     std_path = _std_path(args, options)
-    result = run_method(thick, args.spacing, method=method.name, **options)
+    result = run_method(thick, spacing, method=method.name, **options)
     thin = result.volume
     if std_path is not None and "std" in result.extras:
-        written_std = write_volume(result.extras["std"], std_path, dtype=_std_dtype(std_path))
+        # A DICOM std map is a series of its own beside the output: source SeriesNumber + 2000, "... <method> std".
+        written_std = write_volume(result.extras["std"], std_path, dtype=_std_dtype(std_path),
+                                   method=f"{method.name} std", series_number_offset=2000)
         thin.metadata["std_map"] = str(written_std)
-        print(f"wrote {written_std}: per-voxel standard deviation over {options['samples']} samples")
-    written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input)
+        print(f"wrote {written_std}: std map, {result.report.get('uncertainty', 'uncalibrated')}")
+    written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input, method=method.name)
     print(f"wrote {written}: {thick.num_slices} -> {thin.num_slices} slices, {summary(thin)}, "
           f"{method.name}, {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def _std_path(args: argparse.Namespace, options: dict[str, object]):
-    """Where the uncertainty map goes (``--samples`` >= 2): beside the output, ``ct.nii.gz`` -> ``ct_std.nii.gz``;
-    checked against the input before any work."""
-    if int(options.get("samples") or 1) < 2:  # type: ignore[call-overload]
+    """Where the uncertainty map goes (``--samples`` >= 2 or ``--uncertainty``): beside the output, ``ct.nii.gz`` ->
+    ``ct_std.nii.gz``; checked against the input before any work."""
+    if int(options.get("samples") or 1) < 2 and not options.get("uncertainty"):  # type: ignore[call-overload]
         return None
     path = std_path_for(args.output)
     refuse_same_path(str(path), args.input)
+    check_output(path, _std_dtype(path))
     return path
+
+
+def _snapped_spacing(thick, spacing: float) -> float:
+    """``--spacing``, or the divisor of the slice spacing it stands for (1.667 for 5 mm slices: 5/3), with a note."""
+    from thinslice.degrade.grid import snap_spacing
+
+    snapped = snap_spacing(thick, spacing)
+    if snapped != spacing:
+        print(f"thinslice upsample: note: --spacing {spacing:g} taken as {snapped:.6g} mm ({thick.slice_spacing:.4g} "
+              f"mm / {round(thick.slice_spacing / snapped)})", file=sys.stderr)
+    return snapped
 
 
 def std_path_for(output: str | Path) -> Path:

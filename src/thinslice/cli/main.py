@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ThinsliceError as exc:
         print(f"thinslice {command}: error: {exc}", file=sys.stderr)
+        for line in exc.details:
+            print(f"  {line}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"thinslice {command}: error: out of memory; use patch-wise processing (--patch-size) or a "

@@ -16,6 +16,22 @@ from thinslice.errors import ThinsliceError
 from thinslice.io.volume import Volume
 
 _EPS = 1e-6
+# A requested spacing within this fraction of a divisor S/k of the slice spacing S is taken as S/k exactly: "1.667"
+# for 5/3 mm would otherwise give a thin grid one slice short of the thick extent and a factor that is not whole.
+SNAP_TOLERANCE = 0.005
+
+
+def snap_spacing(thick: Volume, spacing_mm: float) -> float:
+    """``spacing_mm``, or the divisor of the slice spacing it stands for (within :data:`SNAP_TOLERANCE`), so that
+    the rounded spacing a message suggests is one every method accepts."""
+    s = float(spacing_mm)
+    if not (math.isfinite(s) and s > 0):
+        raise ThinsliceError(f"output slice spacing must be a positive number of mm, got {spacing_mm}")
+    big = thick.slice_spacing
+    k = round(big / s)
+    if k >= 1 and abs(big / k - s) <= SNAP_TOLERANCE * s:
+        return big / k
+    return s
 
 
 def thin_grid(thick: Volume, spacing_mm: float) -> tuple[int, float]:

@@ -197,10 +197,12 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     overlaps: Sequence[float] = (),
     mm_cases: Sequence[tuple[float, float]] = (),
+    out_dir: str | Path | None = None,
 ) -> list[BenchRow]:
     """Score every method on every (volume, case) (factor x profile x overlap, then the millimetre cases); the first
     case also gives the figure. A method that cannot serve a case (e.g. planes at a non-integer factor) is skipped
-    with a note."""
+    with a note. With ``out_dir`` the tables are rewritten after every case, so a long run stopped midway keeps
+    what it measured."""
     rows: list[BenchRow] = []
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
@@ -221,6 +223,8 @@ def run_benchmark(
                 log(f"{name} {case.label:<18} {case.profile:<8} {spec.label:<12} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
                     f"{row.seconds:6.1f} s  {row.peak_rss_mb:6.0f} MB")
+            if out_dir is not None:
+                write_results(rows, out_dir)
             if figure_path is not None and not Path(figure_path).exists() and outputs:
                 panels = {"thin truth": truth, f"thick {case.label} {case.profile}": thick, **outputs}
                 save_comparison_figure(panels, figure_path, title=f"{name}: {case.label} {case.profile}")

@@ -19,8 +19,9 @@ Pipeline (timed per stage, see :class:`LDMResult`):
    that learnt nothing (x0 = y) then gives the prior;
 5. data consistency: projection onto ``{x : A x = thick}`` for the input's slice profile (:mod:`.consistency`).
 
-``samples > 1`` averages several seeds; their per-voxel standard deviation (an uncertainty map) comes back as
-``Result.extras["std"]`` for the caller to write (``thinslice upsample`` writes it beside the output).
+``samples > 1`` averages several seeds; their per-voxel standard deviation, with the planes prior's pass
+disagreement, is turned into a calibrated std map (:mod:`thinslice.infer.uncertainty`, docs/uncertainty.md) that
+comes back as ``Result.extras["std"]`` for the caller to write (``thinslice upsample`` writes it beside the output).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from thinslice.checkpoints.bundle import has_weights, load_denoiser, load_vae
 from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
-from thinslice.checkpoints.files import loaded_preset, record_of
+from thinslice.checkpoints.files import loaded_preset, record_of, weights_label
 from thinslice.degrade.grid import thin_grid
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import (
@@ -500,9 +501,13 @@ class Ldm(Pipeline):
         if self.latent.prior == "planes":
             from thinslice.infer.planes import Planes
 
-            self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision)
+            # With samples, planes also keeps its passes' disagreement: the std map builds on it (docs/uncertainty.md)
+            self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision,
+                                                 uncertainty=o.samples > 1)
 
     def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
+        if self.planes is not None:
+            self.planes.last_spread = None  # type: ignore[attr-defined]  (set again only if planes serves this input)
         return prior_estimate(self.latent.prior, self.planes, thick, spacing_mm, acquisition)
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
@@ -512,4 +517,26 @@ class Ldm(Pipeline):
         if self.options.progress and isinstance(res, dict):
             log.info("ldm: data consistency |A x - thick| mean %.2f -> %.2g HU", res["before_mean_abs"],
                      res["after_mean_abs"])
-        return Result(run.volume, extras={} if run.std is None else {"std": run.std})
+        result = Result(run.volume)
+        if run.std is not None:  # the samples' std, calibrated into extras["std"] (docs/uncertainty.md)
+            from thinslice.infer.uncertainty import attach_std
+
+            result.extras["spread"] = run.std
+            planes_spread = getattr(self.planes, "last_spread", None)
+            if planes_spread is not None and planes_spread.array.shape == run.std.array.shape:
+                result.extras["planes_spread"] = planes_spread
+            k = round(thick.slice_spacing / prior.slice_spacing)
+            attach_std(result, self.bundle(), "ldm", k, self.network_hashes(k), self.options.samples)
+        return result
+
+    def network_hashes(self, k: int) -> dict[str, str]:
+        """Content hashes of the networks a factor-``k`` run uses (denoiser, planes prior): what a calibration of
+        its std map is valid for."""
+        from thinslice.checkpoints.bundle import planes_file
+
+        hashes = {"denoiser": weights_label(self.denoiser)}
+        network_for = getattr(self.planes, "network_for", None)
+        if self.latent.prior == "planes" and network_for is not None:
+            network = network_for(k)
+            hashes[planes_file(k if network is not self.planes.model else None)] = weights_label(network)
+        return hashes

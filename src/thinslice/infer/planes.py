@@ -53,7 +53,8 @@ def integer_factor(thick_spacing_mm: float, thin_spacing_mm: float) -> int:
     if k < 1 or abs(ratio - k) > 1e-3 * ratio:
         raise ThinsliceError(
             f"method planes needs an output spacing that divides the slice spacing {thick_spacing_mm:.4g} mm "
-            f"(ratio {ratio:.4g}); use --spacing {thick_spacing_mm / max(1, round(ratio)):.4g} or --method cubic-dc"
+            f"(ratio {ratio:.4g}); use --spacing {thick_spacing_mm / max(1, math.ceil(ratio)):.4g} (the nearest "
+            "finer one) or --method cubic-dc"
         )
     return k
 
@@ -98,10 +99,13 @@ def refine_planes(
     orientations: Sequence[str] = ORIENTATIONS,
     precision: str = "bf16",
     progress: bool = False,
+    first: np.ndarray | None = None,
 ) -> np.ndarray:
     """cubic-dc plus the network's residual (HU, shape of ``base_hu`` (M*k, A, B)) from thick slices (M, A, B).
 
-    Every plane of each orientation goes through the network; the orientations are averaged.
+    Every plane of each orientation goes through the network; the orientations are averaged. ``first`` (an array
+    of that shape) receives the first orientation's estimate alone: its distance from the average is the passes'
+    disagreement, the raw uncertainty map of ``--uncertainty``, at the cost of one copy.
     """
     from tqdm.auto import tqdm
 
@@ -132,6 +136,8 @@ def refine_planes(
             # values outside it (air below -1024 after cubic overshoot, metal) keep what cubic-dc gave them.
             out_v[p0:p0 + PLANES_PER_BATCH] += base_v[p0:p0 + PLANES_PER_BATCH] + residual
             bar.update(1)
+        if first is not None and orientation == orientations[0]:
+            np.copyto(first, total)
     bar.close()
     total /= len(orientations)
     return total
@@ -188,6 +194,7 @@ class PlanesOptions(LearnedOptions):
     adapt: bool = False  # fine-tune on the input's own axial slices first
     adapt_steps: int = 1500
     adapt_seconds: float = 180.0
+    uncertainty: bool = False  # also a calibrated std map from the coronal/sagittal disagreement (extras["std"])
 
     def __post_init__(self) -> None:
         if not (isinstance(self.adapt_steps, int) and self.adapt_steps >= 1):
@@ -211,6 +218,7 @@ class Planes(Pipeline):
     # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
     # factor, as one network per factor measures better than one for all (docs/planes.md).
     specialists: dict[int, PlanesNet] = {}
+    last_spread: Volume | None = None
 
     def load(self) -> None:
         o = self.options
@@ -257,15 +265,50 @@ class Planes(Pipeline):
                                  "train it for that factor")
         model = self._adapted(network, thick, k, acquisition) if o.adapt else network
         cond = acquisition_vector(acquisition.ratio_to(thick.slice_spacing), acquisition.profile)
+        first = self._first_pass_buffer(model, prior.slices_first().shape)
         if model.cfg.dims == 3:
             refined = refine_blocks(model, thick.slices_first(), prior.slices_first(), cond, o.precision, o.progress)
         else:
             refined = refine_planes(model, thick.slices_first(), prior.slices_first(), cond,
-                                    parse_orientations(o.orientations), o.precision, o.progress)
+                                    parse_orientations(o.orientations), o.precision, o.progress, first)
         out = prior.with_slices(refined, prior.slice_spacing, 0.0, prior.slice_thickness)
-        return Result(out, report={"planes": f"weights {weights_label(network)}"
+        extras = {}
+        if first is not None:  # |first pass - average| = |coronal - sagittal| / 2, calibrated in __call__
+            spread = np.abs(np.subtract(first, refined, out=first), out=first)
+            extras["spread"] = prior.with_slices(spread, prior.slice_spacing, 0.0, prior.slice_thickness)
+        return Result(out, extras=extras, report={"planes": f"weights {weights_label(network)}"
                                              f"{' (x' + str(k) + ' network)' if network is not self.model else ''}, "
                                              f"{time.perf_counter() - start:.1f} s"})
+
+    def _first_pass_buffer(self, model: PlanesNet, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Where refine_planes keeps the first pass for ``--uncertainty`` (None without it); refuses setups that
+        have no second pass to disagree with."""
+        if not self.options.uncertainty:
+            return None
+        if model.cfg.dims == 3 or len(parse_orientations(self.options.orientations)) != 2:
+            raise ThinsliceError("planes --uncertainty compares the coronal and sagittal passes: use a 2D network "
+                                 "with --option orientations=both")
+        return np.empty(shape, np.float32)
+
+    def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
+        """The skeleton, then (``uncertainty``) the calibrated std map from the disagreement of the passes and the
+        final volume (calibration.json beside the weights)."""
+        result = super().__call__(thick, spacing_mm, acquisition)
+        if "spread" in result.extras:
+            from thinslice.infer.uncertainty import attach_std
+
+            k, start = integer_factor(thick.slice_spacing, result.volume.slice_spacing), time.perf_counter()
+            attach_std(result, self.bundle(), "planes", k, self.network_hashes(k))
+            result.report["uncertainty_s"] = f"{time.perf_counter() - start:.1f}"
+        self.last_spread = result.extras.get("spread")  # ldm, which starts from planes, builds its map on it too
+        return result
+
+    def network_hashes(self, k: int) -> dict[str, str]:
+        """Content hash of the network that serves factor ``k`` (marked when ``--adapt`` changes it): what a
+        calibration of the std map is valid for."""
+        network = self.network_for(k)
+        name = planes_file(k if network is not self.model else None)
+        return {name: weights_label(network) + ("+adapted" if self.options.adapt else "")}
 
     def _adapted(self, network: PlanesNet, thick: Volume, k: int, acquisition: Acquisition) -> PlanesNet:
         from thinslice.infer.planes_data import adapt_plan, adapt_planes

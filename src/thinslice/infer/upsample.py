@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError
 from thinslice.infer.interpolate import interpolate_volume
 from thinslice.infer.options import check_option_types
@@ -150,7 +151,7 @@ def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
     cubic-dc with a note saying why when it cannot serve this input (e.g. a factor its weights were not trained
     for)."""
     name = default_method()
-    reason = get_method(name).refuses(thick, spacing_mm)
+    reason = get_method(name).refuses(thick, snap_spacing(thick, spacing_mm))
     if reason is None:
         return name, None
     return FALLBACK_METHOD, f"auto: {name} cannot serve this input ({reason}); using {FALLBACK_METHOD}"
@@ -211,6 +212,7 @@ def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options:
 def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Result:
     """:func:`upsample`, returning the whole :class:`~thinslice.infer.pipeline.Result`."""
     entry = get_method(method)
+    spacing_mm = snap_spacing(thick, spacing_mm)  # 1.667 for 5 mm slices means 5/3
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(given) - set(entry.options))
     if unknown:

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.dicom_study import (
+    SERIES_NUMBER_OFFSET,
+    SourceSeries,
+    add_series_identity,
+    add_source_references,
+    add_study_modules,
+    derivation_description,
+    series_description,
+    set_character_set,
+)
+from thinslice.io.discovery import SeriesInfo, list_dicom_series  # noqa: F401  (listing lives there)
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
@@ -25,23 +35,6 @@ pydicom = lazy_import("pydicom")
 
 # DICOM decimal strings (DS) hold at most 16 characters.
 _DS_MAX_LEN = 16
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """One DICOM series found in a folder (what a user needs to pick one with ``--series``)."""
-
-    uid: str
-    description: str
-    modality: str
-    num_files: int
-    folder: Path
-    # The files of the series sorted by slice position (as GDCM orders them), so that reading needs no new scan.
-    files: tuple[str, ...] = field(default=(), repr=False, compare=False)
-
-    def describe(self) -> str:
-        desc = self.description or "no description"
-        return f"{self.uid} ({desc!r}, {self.modality or '?'}, {self.num_files} files)"
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -72,22 +65,6 @@ def header_text(ds: pydicom.Dataset | None, keyword: str) -> str:
     if value is None:
         return ""
     return " ".join(str(value).split())
-
-
-def list_dicom_series(folder: str | Path) -> list[SeriesInfo]:
-    """The DICOM series stored directly in ``folder`` (not its subfolders), grouped by SeriesInstanceUID."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ThinsliceError(f"{folder} is not a folder; pass a folder that holds the DICOM files of a series")
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    result: list[SeriesInfo] = []
-    for uid in series_ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        ds = read_header(Path(files[0]), ["Modality", "SeriesDescription"]) if files else None
-        result.append(SeriesInfo(uid=uid, description=header_text(ds, "SeriesDescription"),
-                                 modality=header_text(ds, "Modality"), num_files=len(files), folder=folder,
-                                 files=tuple(files)))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -134,7 +111,9 @@ def _right_handed_grid(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarr
 class DicomSeriesOptions:
     """What a written DICOM series says about itself. Values are HU rounded to integers and stored as int16 (or
     uint16 with ``rescale_intercept``, e.g. -1024, when ``unsigned``); RescaleSlope is 1. Unset UIDs are generated;
-    the study is the source's (metadata ``study_uid``) unless given."""
+    patient, study and frame of reference are the DICOM source's (:mod:`thinslice.io.dicom_study`) unless given.
+    Unset, the series number is the source's + ``series_number_offset`` (1 without a source) and the description
+    '<source description> <mm> mm thinslice <method>' (``method``: else the one in metadata ``upsample``)."""
 
     series_description: str | None = None
     modality: str = "CT"
@@ -142,7 +121,10 @@ class DicomSeriesOptions:
     patient_name: str | None = None
     series_uid: str | None = None
     study_uid: str | None = None
-    series_number: int = 1
+    series_number: int | None = None
+    series_number_offset: int = SERIES_NUMBER_OFFSET
+    method: str | None = None
+    derivation_description: str | None = None
     unsigned: bool = False
     rescale_intercept: float = 0.0
     pixel_padding_value: int | None = None
@@ -160,12 +142,14 @@ def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesO
     stored = np.rint(array - np.float32(o.rescale_intercept))  # float32 holds every int16/uint16 value exactly
     lo, hi = (0, 65535) if o.unsigned else (-32768, 32767)
     stored = np.clip(stored, lo, hi).astype(np.uint16 if o.unsigned else np.int16)
-    header = _series_header(volume, o, direction, stored.shape[1:])
+    source = SourceSeries.from_metadata(volume.metadata)
+    header = _series_header(volume, o, direction, stored.shape[1:], source)
     sk = volume.spacing[2]
     paths: list[Path] = []
     for k in range(stored.shape[0]):
         position = origin + direction[:, 2] * sk * k
         ds = _slice_dataset(header, k, position, direction[:, 2])
+        add_source_references(ds, source, position, direction[:, 2])
         ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2" if o.unsigned else "<i2").tobytes()
         path = Path(folder) / f"slice_{k + 1:05d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)
@@ -174,31 +158,33 @@ def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesO
 
 
 def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
-                   rows_columns: tuple[int, ...]) -> pydicom.Dataset:
-    """The attributes every slice of the series shares (UIDs, patient, geometry, pixel format)."""
+                   rows_columns: tuple[int, ...], source: SourceSeries | None) -> pydicom.Dataset:
+    """The attributes every slice of the series shares (patient and study, series identity, geometry, pixels)."""
     meta = volume.metadata
-    now = _dt.datetime.now()
     ds = pydicom.dataset.Dataset()
+    add_study_modules(ds, source)  # the source's patient, study and frame of reference; type 2 empty without one
+    if source is None and meta.get("patient_id"):
+        ds.PatientID = meta["patient_id"]  # e.g. an NRRD that thinslice wrote from DICOM
+    if o.patient_id is not None:
+        ds.PatientID = o.patient_id
+    if o.patient_name is not None:
+        ds.PatientName = o.patient_name
     # A derived series (e.g. the thin-slice result) belongs to the study of the series it was computed from.
-    ds.StudyInstanceUID = o.study_uid or meta.get("study_uid") or pydicom.uid.generate_uid()
+    ds.StudyInstanceUID = (o.study_uid or ds.get("StudyInstanceUID") or meta.get("study_uid")
+                           or pydicom.uid.generate_uid())
     ds.SeriesInstanceUID = o.series_uid or pydicom.uid.generate_uid()
-    ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
     ds.SOPClassUID = (pydicom.uid.CTImageStorage if o.modality == "CT"
                        else pydicom.uid.SecondaryCaptureImageStorage)
     ds.Modality = o.modality
-    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.PatientID = o.patient_id if o.patient_id is not None else meta.get("patient_id", "anonymous")
-    ds.PatientName = o.patient_name if o.patient_name is not None else ds.PatientID
-    ds.PatientBirthDate = ds.PatientSex = ds.StudyID = ds.AccessionNumber = ds.ReferringPhysicianName = ""
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    method = o.method or _method_of(meta)
+    head = source.description if source is not None else meta.get("series_description", "")
+    description = o.series_description if o.series_description is not None else series_description(
+        head, volume.spacing[2], method)
+    derivation = o.derivation_description or derivation_description(source, volume.spacing[2], method)
+    add_series_identity(ds, source, description, derivation, o.series_number, o.series_number_offset,
+                        direction[:, 2])
     ds.Manufacturer = "thinslice"
-    description = o.series_description if o.series_description is not None else meta.get(
-        "series_description", "thinslice")
-    ds.SeriesDescription = description[:64]
-    ds.SeriesNumber = o.series_number
     ds.AcquisitionNumber = 1
-    ds.KVP = ds.PositionReferenceIndicator = ""
     ds.ImageOrientationPatient = [format_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     si, sj, sk = volume.spacing
     ds.PixelSpacing = [format_ds(sj), format_ds(si)]  # (between rows, between columns)
@@ -208,7 +194,15 @@ def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
     ds.SliceThickness = format_ds(thickness) if thickness else ""
     ds.SpacingBetweenSlices = format_ds(sk)
     _pixel_format(ds, o, rows_columns)
+    set_character_set(ds, source)
     return ds
+
+
+def _method_of(metadata: dict[str, str]) -> str | None:
+    """The method named in the metadata that :func:`thinslice.infer.upsample.run_method` (or degrade) leaves."""
+    if metadata.get("upsample"):
+        return metadata["upsample"].split()[0]
+    return "degrade" if metadata.get("degrade") else None
 
 
 def _pixel_format(ds: pydicom.Dataset, o: DicomSeriesOptions, rows_columns: tuple[int, ...]) -> None:

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
 import struct
-import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import native_messages_to_log
-from thinslice.io.dicom import header_text, is_dicom_file, list_dicom_series, read_header
+from thinslice.io.dicom import header_text, is_dicom_file, read_header
+from thinslice.io.dicom_study import SOURCE_KEY, capture_source
+from thinslice.io.discovery import FolderScan, SeriesInfo, library_messages_to_debug, scan_dicom_folder
+from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
-from thinslice.io.volume import Volume
+from thinslice.io.volume import ISO_TOL, Volume
 
 sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
@@ -39,8 +43,6 @@ PADDING_BELOW_HU = -2000.0
 AIR_HU = -1024.0
 # Relative deviation from the median slice gap above which a DICOM series counts as unevenly spaced.
 _GAP_TOLERANCE = 0.1
-# Lateral shift of slices (gantry tilt) tolerated before warning, in degrees.
-_TILT_WARN_DEG = 0.5
 
 _DICOM_META_TAGS = {
     "modality": "0008|0060",
@@ -73,25 +75,34 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if not path.exists():
         raise ThinsliceError(f"{path} does not exist; check the path")
     if path.is_dir():
-        return _read_dicom_folder(path, series_uid)
+        return read_dicom_folder(path, series_uid)
     ext = file_extension(path)
     if ext in DICOM_EXTENSIONS or (ext not in VOLUME_EXTENSIONS and is_dicom_file(path)):
-        ds = read_header(path, ["SeriesInstanceUID"])
+        with library_messages_to_debug():
+            ds = read_header(path, ["SeriesInstanceUID"])
         if ds is None:
             raise ThinsliceError(f"{path} is not a readable DICOM file (corrupt or truncated?)")
         own_uid = header_text(ds, "SeriesInstanceUID")
         if series_uid and own_uid and series_uid != own_uid:
             raise ThinsliceError(f"{path} belongs to series {own_uid}, not {series_uid}; pass the folder instead")
-        return _read_dicom_folder(path.parent, own_uid or series_uid, single_file=path)
+        with library_messages_to_debug():
+            return _read_dicom_folder(path.parent, own_uid or series_uid, single_file=path)
     return _read_image_file(path, ext)
+
+
+def read_dicom_folder(folder: Path, series_uid: str | None = None, scan: FolderScan | None = None) -> Volume:
+    """:func:`read_volume` of a DICOM folder; ``scan``: its headers, when the caller has scanned them already."""
+    with library_messages_to_debug():
+        return _read_dicom_folder(folder, series_uid, scan=scan)
 
 
 # ------------------------------------------------------------------------------------------------ one file
 def _read_image_file(path: Path, ext: str) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    shear = _sheared_sform(path) if ext in (".nii", ".nii.gz") else None
     try:
-        with native_messages_to_log():
+        with native_messages_to_log(), _sform_permissive(shear is not None):
             reader.ReadImageInformation()
     except RuntimeError as exc:
         if ext in VOLUME_EXTENSIONS:
@@ -106,17 +117,19 @@ def _read_image_file(path: Path, ext: str) -> Volume:
         header = _check_nifti_complete(path)
         _check_nifti_pixdim(path, header)
     try:
-        with native_messages_to_log():
+        with native_messages_to_log(), _sform_permissive(shear is not None):
             image = reader.Execute()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read the voxels of {path}: the file is corrupt or truncated "
                              f"({_sitk_reason(exc)})") from None
     if image.GetDimension() == 4:  # a 4D file whose 4th axis has size 1
         image = image[:, :, :, 0]
-    if ext in (".nii", ".nii.gz"):
+    if ext in (".nii", ".nii.gz") and shear is None:
         _prefer_sform(image, path, header)
     image = sitk.Cast(image, sitk.sitkFloat32)
     metadata = {"source": str(path)}
+    if shear is not None:
+        image = _sheared_nifti_image(image, shear, path, metadata)
     thickness = None
     for key in reader.GetMetaDataKeys():
         if key.startswith(_META_PREFIX):
@@ -220,6 +233,60 @@ def _prefer_sform(image: sitk.Image, path: Path, header: bytes) -> None:
     image.SetSpacing(tuple(spacing))
 
 
+def _sheared_sform(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(3x3 matrix, origin) in LPS of a NIfTI-1 sform whose columns are not perpendicular (dcm2niix writes one for
+    an uncorrected gantry tilt), else None. ITK would replace such a grid by its qform or call the file corrupt."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None  # the regular checks report the damage
+    if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348 or struct.unpack("<h", header[254:256])[0] <= 0:
+        return None
+    rows = np.array(struct.unpack("<12f", header[280:328]), dtype=np.float64).reshape(3, 4)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ rows
+    matrix = lps[:, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or not np.all(norms > 0):
+        return None
+    unit = matrix / norms
+    cosines = np.abs(unit.T @ unit - np.eye(3))
+    return (matrix, lps[:, 3]) if cosines.max() > 1e-4 else None
+
+
+@contextmanager
+def _sform_permissive(on: bool) -> Iterator[None]:
+    """Let ITK read the voxels of a file with a sheared sform (its geometry is then taken from the sform here)."""
+    key = "ITK_NIFTI_SFORM_PERMISSIVE"
+    saved = os.environ.get(key)
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop(key, None)
+        elif on:
+            os.environ[key] = saved  # type: ignore[assignment]
+
+
+def _sheared_nifti_image(image: sitk.Image, shear: tuple[np.ndarray, np.ndarray], path: Path,
+                         metadata: dict[str, str]) -> sitk.Image:
+    """The voxels of a sheared-sform NIfTI on an orthogonal grid: each slice k at origin + k x (sform column k)."""
+    matrix, origin = shear
+    spacing = np.linalg.norm(matrix, axis=0)
+    array = sitk.GetArrayFromImage(image)
+    offsets = np.arange(array.shape[0])[:, None] * matrix[:, 2][None, :]
+    stack = stack_from_offsets(array, (spacing[0], spacing[1]), matrix[:, :2] / spacing[:2], origin, offsets,
+                               fill=float(array.min()))
+    if stack.tilt_deg > 0:
+        metadata["gantry_tilt_deg"] = f"{stack.tilt_deg:.2f}"
+        metadata["geometry"] = "sheared sform resampled onto an orthogonal grid"
+        log.warning("%s", describe_tilt(stack, path).replace("(gantry tilt)", "(sheared sform, e.g. gantry tilt)"))
+    return _stack_image(stack)
+
+
 def _nifti_expected_bytes(header: bytes) -> int | None:
     """vox_offset + voxels x bytes per voxel from a NIfTI-1/2 header, or None when it is not one."""
     for endian in ("<", ">"):
@@ -243,29 +310,19 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------- DICOM
-def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path | None = None) -> Volume:
-    series = list_dicom_series(folder)
-    if not series:
+def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path | None = None,
+                       scan: FolderScan | None = None) -> Volume:
+    scan = scan or scan_dicom_folder(folder)
+    if not scan.series:
         subdirs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
         hint = (f"; it has {len(subdirs)} subfolder(s): pass the folder of one series, or use `thinslice prepare` "
                 "for a tree of studies") if subdirs else ""
         what = "is empty" if not any(folder.iterdir()) else "holds no DICOM series"
         raise ThinsliceError(f"{folder} {what}{hint}")
-    if series_uid is None:
-        if len(series) > 1:
-            listing = "; ".join(s.describe() for s in series)
-            raise ThinsliceError(f"{folder} holds {len(series)} DICOM series; pick one with --series UID "
-                                 f"(series_uid=...): {listing}")
-        chosen = series[0]
-    else:
-        matches = [s for s in series if s.uid == series_uid]
-        if not matches:
-            listing = "; ".join(s.describe() for s in series)
-            raise ThinsliceError(f"series {series_uid} is not in {folder}; available: {listing}")
-        chosen = matches[0]
-
-    files = list(chosen.files) or sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen.uid)
+    chosen = scan.pick(series_uid, file=single_file)
     source = single_file or folder
+    _check_series(chosen, source)
+    files = list(chosen.files)
     if len(files) < 2:
         # One file may still hold a whole multi-frame volume.
         return _read_single_dicom_file(Path(files[0]), source)
@@ -276,7 +333,8 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
     reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.SetSpacingWarningRelThreshold(1e9)  # uneven gaps are checked (and explained) below
     try:
-        image = reader.Execute()
+        with native_messages_to_log(), library_messages_to_debug():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read the DICOM series {chosen.uid} in {folder}: {_sitk_reason(exc)}") from None
     _check_dimensions(source, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
@@ -288,15 +346,48 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
     metadata = {"source": str(source)}
     metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
     metadata.update(notes)
+    instances = [(tag("0008|0018", i), tag("0020|0032", i)) for i in range(len(files))]
+    if record := capture_source(Path(files[0]), instances):  # kept for a DICOM output (dicom_study)
+        metadata[SOURCE_KEY] = record
     thickness = _positive_float(tag("0018|0050"))
-    return _to_volume(image, source, metadata, thickness, padding_hu=_padding_hu(tag))
+    return _to_volume(image, source, metadata, thickness, padding_hu=_padding_hu(tag), stacked=True)
+
+
+def _check_series(series: SeriesInfo, source: Path) -> None:
+    """Refuse, in one line and before any pixel is decoded, a series that is not a slice stack with a geometry:
+    ITK would stack radiographs or multi-frame objects into an invented 1 x 1 x 1 mm volume."""
+    name = f"#{series.number}" if series.number is not None else (series.label or series.uid)
+    what = f"series {name} ({series.description or 'no description'!r}, {series.modality or '?'})"
+    if not series.is_image:
+        raise ThinsliceError(f"{source}: {what} holds no images (e.g. a structure set or a report); pick an image "
+                             "series with --series")
+    if len(series.sizes) > 1:
+        sizes = ", ".join(f"{size} ({n} files)" for size, n in series.sizes)
+        raise ThinsliceError(f"{source}: {what} mixes image sizes {sizes}, so it is not one volume; move the files "
+                             "of the other size(s) to another folder")
+    sop_name = _sop_name(series.sop_class)
+    if "Enhanced" in sop_name or "Legacy Converted" in sop_name:
+        raise ThinsliceError(f"{source}: {what} is an enhanced multi-frame object ({sop_name}) whose geometry is "
+                             "stored per frame, which thinslice does not read; convert it with dcm2niix "
+                             "(dcm2niix -z y FOLDER) and pass the .nii.gz")
+    if not series.has_geometry:
+        raise ThinsliceError(f"{source}: {what} has no patient geometry (ImagePositionPatient, "
+                             "ImageOrientationPatient or PixelSpacing missing, e.g. radiographs or screen captures); "
+                             "thinslice needs a CT slice stack with positions and a voxel size")
+
+
+def _sop_name(uid: str) -> str:
+    import pydicom
+
+    return pydicom.uid.UID(uid).name if uid else ""
 
 
 def _read_single_dicom_file(path: Path, source: Path) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with native_messages_to_log(), library_messages_to_debug():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read DICOM file {path}: {_sitk_reason(exc)}") from None
     size = reader.GetSize()
@@ -307,7 +398,8 @@ def _read_single_dicom_file(path: Path, source: Path) -> Volume:
     _check_dimensions(source, dim, size, reader.GetNumberOfComponents())
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        image = reader.Execute()
+        with native_messages_to_log(), library_messages_to_debug():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read the voxels of DICOM file {path}: the file is corrupt or truncated "
                              f"({_sitk_reason(exc)})") from None
@@ -317,7 +409,10 @@ def _read_single_dicom_file(path: Path, source: Path) -> Volume:
 
     metadata = {"source": str(source)}
     metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
-    return _to_volume(image, source, metadata, _positive_float(tag("0018|0050")), padding_hu=_padding_hu(tag))
+    if record := capture_source(path, [(tag("0008|0018"), "")]):  # kept for a DICOM output (dicom_study)
+        metadata[SOURCE_KEY] = record
+    return _to_volume(image, source, metadata, _positive_float(tag("0018|0050")), padding_hu=_padding_hu(tag),
+                      stacked=True)
 
 
 def _regularise_slice_geometry(image: sitk.Image, positions_text: list[str], source: Path
@@ -353,15 +448,30 @@ def _regularise_slice_geometry(image: sitk.Image, positions_text: list[str], sou
     spacing[2] = float((along[-1] - along[0]) / (len(along) - 1))
     image.SetSpacing(spacing)
     image.SetOrigin(tuple(positions[0]))
-    # Gantry tilt shears the stack: the slices shift sideways. The grid ignores it; say so.
-    travel = positions[-1] - positions[0]
-    lateral = float(np.linalg.norm(travel - np.dot(travel, normal) * normal))
-    tilt = float(np.degrees(np.arctan2(lateral, abs(along[-1] - along[0]))))
-    if tilt > _TILT_WARN_DEG:
-        notes["gantry_tilt_deg"] = f"{tilt:.2f}"
-        warnings.warn(f"{source}: slices are sheared by {tilt:.1f} degrees (gantry tilt); the volume is read "
-                      f"as an unsheared stack, positions off by up to {lateral:.1f} mm", stacklevel=3)
-    return image, notes
+    # Gantry tilt shears the stack (each slice shifted sideways): resampled onto an orthogonal grid.
+    return _unshear(image, positions - positions[0], source, notes), notes
+
+
+def _unshear(image: sitk.Image, offsets: np.ndarray, source: Path, notes: dict[str, str]) -> sitk.Image:
+    """``image`` whose slice k lies at origin + offsets[k], on an orthogonal grid (the same image when unsheared)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not is_sheared(image.GetSpacing()[:2], direction[:, :2], offsets):
+        return image
+    array = sitk.GetArrayFromImage(image)
+    stack = stack_from_offsets(array, image.GetSpacing()[:2], direction[:, :2], np.asarray(image.GetOrigin()),
+                               offsets, fill=float(array.min()))
+    notes["gantry_tilt_deg"] = f"{stack.tilt_deg:.2f}"
+    notes["geometry"] = "gantry tilt resampled onto an orthogonal grid"
+    log.warning("%s", describe_tilt(stack, source))
+    return _stack_image(stack)
+
+
+def _stack_image(stack: Stack) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(stack.array, dtype=np.float32))
+    image.SetSpacing(tuple(float(s) for s in stack.spacing))
+    image.SetOrigin(tuple(float(o) for o in stack.origin))
+    image.SetDirection(tuple(float(d) for d in stack.direction.ravel()))
+    return image
 
 
 def _padding_hu(tag: Callable[[str], str]) -> list[tuple[float, float]]:
@@ -386,7 +496,9 @@ def _padding_hu(tag: Callable[[str], str]) -> list[tuple[float, float]]:
 
 # --------------------------------------------------------------------------------------------------- shared
 def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickness: float | None,
-               padding_hu: list[tuple[float, float]] | None) -> Volume:
+               padding_hu: list[tuple[float, float]] | None, stacked: bool = False) -> Volume:
+    """The Volume of ``image``; ``stacked``: a DICOM stack, whose slice axis is its stacking axis k (see
+    :func:`_stack_axis`)."""
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if array.dtype.kind == "f":
         not_finite = int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -406,8 +518,28 @@ def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickn
             metadata["padding_replaced"] = f"{count} voxels ({rule}) set to {AIR_HU:g} HU"
     _warn_if_not_hu(array, source)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    axis = _stack_axis(image.GetSpacing()) if stacked else _recorded_axis(metadata)
+    if axis is not None:
+        metadata["slice_axis"] = "ijk"[axis]
     return Volume(array=array, spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
-                  direction=direction, slice_thickness=thickness, metadata=metadata)
+                  direction=direction, slice_thickness=thickness, metadata=metadata, stack_axis=axis)
+
+
+def _stack_axis(spacing: tuple[float, ...]) -> int | None:
+    """The slice axis of a DICOM stack: k, the axis the images are stacked along, so that a near-isotropic sagittal
+    series is not cut along its in-plane head-feet axis. Only where an in-plane spacing clearly exceeds the others
+    (a reformatted volume written as images, as thinslice's own DICOM output of such a volume) does the geometry
+    decide, as for files."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    largest = int(np.argmax(sp))
+    clearly = sp[largest] > np.delete(sp, largest).max() * (1 + ISO_TOL)
+    return None if clearly and largest != 2 else 2
+
+
+def _recorded_axis(metadata: dict[str, str]) -> int | None:
+    """The slice axis an NRRD/MHA file written by thinslice recorded (the metadata key ``slice_axis``)."""
+    text = metadata.get("slice_axis", "")
+    return "ijk".index(text) if text in ("i", "j", "k") else None
 
 
 def _warn_if_not_hu(array: np.ndarray, source: Path) -> None:

@@ -10,7 +10,7 @@ from thinslice.errors import ThinsliceError
 
 # An axis counts as the thick (slice) axis only when its spacing exceeds every other axis by this fraction; below it
 # (e.g. 0.625 mm slices with 0.7 x 0.8 mm pixels) the head-feet axis is taken, as CT is stacked axially.
-_ISO_TOL = 0.2
+ISO_TOL = 0.2
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Volume:
         sp = np.asarray(self.spacing)
         largest = int(np.argmax(sp))
         others = np.delete(sp, largest)
-        if sp[largest] > others.max() * (1 + _ISO_TOL):
+        if sp[largest] > others.max() * (1 + ISO_TOL):
             return largest
         return int(np.argmax(np.abs(self.direction[2, :])))
 

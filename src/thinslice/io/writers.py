@@ -6,6 +6,7 @@ volume was read from.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to_log
-from thinslice.io.dicom import write_dicom_series
+from thinslice.io.dicom import DicomSeriesOptions, write_dicom_series
+from thinslice.io.dicom_study import SOURCE_KEY
 from thinslice.io.lazy import lazy_import
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
@@ -45,6 +47,8 @@ def write_volume(
     reference_input: str | Path | None = None,
     overwrite: bool = False,
     series_description: str | None = None,
+    method: str | None = None,
+    series_number_offset: int | None = None,
 ) -> Path:
     """Write ``volume`` to ``path`` and return the written path.
 
@@ -52,7 +56,9 @@ def write_volume(
     clipped to the int16 range; float32: values as they are). A path without extension, or ending with ``/``, writes
     a DICOM CT series (int16 HU) into that folder; an existing non-empty folder is only replaced with
     ``overwrite=True``. Files are always replaced atomically. ``reference_input`` is the file or folder the volume
-    came from: writing over it is refused.
+    came from: writing over it is refused. A DICOM series keeps the patient and study of a DICOM source;
+    ``series_description`` replaces the default '<source description> <mm> mm thinslice <method>';
+    ``series_number_offset`` (default 1000) is added to the source's SeriesNumber for the new series.
     """
     if dtype not in DTYPES:
         raise ThinsliceError(f"unknown output dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -64,7 +70,10 @@ def write_volume(
         if dtype != "int16":
             raise ThinsliceError("DICOM series are written as int16 HU; use dtype int16 or write NIfTI/NRRD/MHA "
                                  "for float32 values")
-        _write_dicom_folder(volume, path, overwrite=overwrite, series_description=series_description)
+        options = DicomSeriesOptions(series_description=series_description, method=method)
+        if series_number_offset is not None:
+            options = dataclasses.replace(options, series_number_offset=series_number_offset)
+        _write_dicom_folder(volume, path, overwrite=overwrite, options=options)
         return path
     ext = file_extension(path)
     if ext in DICOM_EXTENSIONS:
@@ -119,7 +128,8 @@ def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
     for key, value in volume.metadata.items():
         clean_key = re.sub(r"[^A-Za-z0-9_]", "_", str(key))
         clean_value = " ".join(str(value).split())
-        if clean_key and clean_key != "source" and clean_value:
+        # The DICOM source record (patient and study, instance UIDs) is for DICOM outputs only.
+        if clean_key and clean_key not in ("source", SOURCE_KEY) and clean_value:
             image.SetMetaData(_META_PREFIX + clean_key, clean_value)
     # Write into a private temporary folder under the final name (so that detached headers such as .mhd/.nhdr
     # reference the right data file), check it, then move the files into place, header last.
@@ -167,7 +177,7 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
                              "on that disk; full?); the previous file, if any, is unchanged")
 
 
-def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series_description: str | None) -> None:
+def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, options: DicomSeriesOptions) -> None:
     if folder.exists() and not folder.is_dir():
         raise ThinsliceError(f"{folder} is an existing file; a DICOM output needs a folder path")
     non_empty = folder.is_dir() and any(folder.iterdir())
@@ -175,19 +185,19 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, series
         raise ThinsliceError(f"output folder {folder} is not empty; choose a new folder (or pass overwrite=True in "
                              "Python)")
     try:
-        _replace_dicom_folder(volume, folder, non_empty, series_description)
+        _replace_dicom_folder(volume, folder, non_empty, options)
     except OSError as exc:
         raise ThinsliceError(f"cannot write the DICOM series {folder}: {os_reason(exc)}; the previous series, "
                              "if any, is unchanged") from None
 
 
-def _replace_dicom_folder(volume: Volume, folder: Path, non_empty: bool, series_description: str | None) -> None:
+def _replace_dicom_folder(volume: Volume, folder: Path, non_empty: bool, options: DicomSeriesOptions) -> None:
     """Write the series into a temporary folder, then swap it in (the old series is restored if the swap fails)."""
     tmp_dir = make_temp_dir(folder.parent)
     old_dir: Path | None = None
     swapped = False
     try:
-        write_dicom_series(volume, tmp_dir, series_description=series_description)
+        write_dicom_series(volume, tmp_dir, options)
         if non_empty:
             old_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old_dir / folder.name)

@@ -1,0 +1,250 @@
+"""The per-case function: read, upsample, write atomically, measure; the same code on every runner.
+
+A :class:`CaseRunner` lives as long as its worker (the driver process, a pool process or a Ray actor) and keeps the
+method pipelines it has loaded, so that a learned method loads its weights once per worker, not once per case. It
+never raises for a bad case: every outcome, failures included, is a ledger row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from thinslice.cohort.cases import Case
+from thinslice.cohort.thumbnails import thumbnail_png
+from thinslice.degrade.grid import snap_spacing
+from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+# Mean |A x - thick| (HU) above which the QC page flags a case: the output does not reproduce its own input slices.
+DC_RESIDUAL_FLAG_HU = 2.0
+# The lowest value of a CT volume in HU is air; above this it is not HU (the reader's rule).
+NOT_HU_ABOVE = -500.0
+
+
+class CaseRunner:
+    """Runs cases; holds the pipelines loaded so far (one per method and options)."""
+
+    def __init__(self, dtype: str = "int16", thumbnails: bool = True) -> None:
+        self.dtype = dtype
+        self.thumbnails = thumbnails
+        self._pipelines: dict[tuple, object] = {}
+
+    def preload(self, method: str, options: tuple[tuple[str, object], ...] = ()) -> None:
+        """Import the readers and writers and load a named method's weights now, when the worker starts, so that a
+        case's seconds are the case's own and not the worker's start-up."""
+        import PIL.Image  # noqa: F401
+        import SimpleITK  # noqa: F401
+
+        import thinslice.infer.consistency  # noqa: F401
+        import thinslice.io.writers  # noqa: F401
+
+        if method == "auto":
+            from thinslice.infer.upsample import default_method
+
+            method = default_method()  # what auto runs wherever it serves the input
+        self._pipeline(method, split_options(method_entry(method), options)[0])
+
+    def run(self, case: Case) -> dict:
+        """The ledger row of ``case``: done (with its measurements) or failed (with a one-line reason)."""
+        start = time.perf_counter()
+        row = {"key": case.key, "name": case.name, "input": case.path, "series_uid": case.series_uid,
+               "output": case.output.rstrip("/" + os.sep), "requested_method": case.method,
+               "spacing_out_mm": case.spacing, "signature": case.signature, "label": case.label,
+               "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        messages: list[str] = []
+        try:
+            with PeakMemory() as peak, _collected(messages):
+                row.update(self._upsample(case))
+            row["status"], row["peak_memory_mb"] = "done", round(peak.mb, 1)
+        except ThinsliceError as exc:
+            row.update(status="failed", reason=str(exc))
+        except MemoryError:
+            row.update(status="failed", reason="out of memory; run fewer workers per machine or use --patch-size")
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            row.update(status="failed", reason=f"{os_reason(exc)}{where}")
+        except Exception as exc:  # noqa: BLE001 - one broken case must never stop the cohort
+            log.debug("case %s: %s", case.name, traceback.format_exc())
+            row.update(status="failed", reason=f"unexpected {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        if row["status"] != "done":
+            row["output"] = ""  # nothing was written under the final name
+        row["warnings"] = messages
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return row
+
+    def _upsample(self, case: Case) -> dict:
+        from thinslice.io import read_volume, write_volume
+
+        if Path(case.output).exists() and not case.replace_output:
+            raise ThinsliceError(f"{case.output} exists and is not from this batch; move it away or choose another "
+                                 "--out")
+        thick = read_volume(case.path, series_uid=case.series_uid or None)
+        method, note = self._choose(case, thick)
+        thin, acquisition = self._apply(method, case, thick)
+        written = write_volume(thin, case.output, dtype=self.dtype, reference_input=case.path,
+                               overwrite=case.replace_output, method=method)
+        facts = measure(thick, thin, acquisition)
+        facts.update(method=method, output=str(written).rstrip("/" + os.sep), reason=note or "",
+                     input_bytes=_input_bytes(case), input_sha256=_sha256(case))
+        if note:
+            facts["flags"] = ["fallback method"]
+        if self.thumbnails:
+            facts["thumbnail_png"] = thumbnail_png(thick, thin)
+        return facts
+
+    def _choose(self, case: Case, thick: Volume) -> tuple[str, str | None]:
+        """The method to run: the case's, or ``auto``'s choice for this input with its note when it fell back."""
+        if case.method != "auto":
+            return case.method, None
+        from thinslice.infer.upsample import choose_auto
+
+        return choose_auto(thick, case.spacing)
+
+    def _apply(self, method: str, case: Case, thick: Volume):
+        """Run ``method`` with the options it uses (others ignored: ``auto`` may pick a method that has fewer)."""
+        from thinslice.infer.pipeline import Acquisition
+
+        entry = method_entry(method)
+        typed, profile, thickness = split_options(entry, case.options)
+        acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None  # type: ignore
+        spacing = snap_spacing(thick, case.spacing)  # as run_method: 1.667 for 5 mm slices means 5/3
+        result = self._pipeline(method, typed)(thick, spacing, acquisition)  # type: ignore[operator]
+        return result.volume, acquisition
+
+    def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]):
+        """The loaded pipeline for ``method`` and its typed options (loaded on first use, then reused)."""
+        from thinslice.infer.pipeline import make_options
+
+        key = (method, typed)
+        if key not in self._pipelines:
+            entry = method_entry(method)
+            pipeline = entry.pipeline(make_options(entry.pipeline, dict(typed)))
+            pipeline.load()
+            self._pipelines[key] = pipeline
+        return self._pipelines[key]
+
+
+def split_options(entry, options: tuple[tuple[str, object], ...]) -> tuple[tuple[tuple[str, object], ...], object,
+                                                                           object]:
+    """The options ``entry`` uses, typed from their command-line text: (pipeline options, profile, thickness)."""
+    from thinslice.infer.options import coerce_options, option_types
+
+    used = {k: v for k, v in options if k in entry.options and v is not None}
+    typed = coerce_options(used, option_types(entry.pipeline.Options))
+    profile, thickness = typed.pop("profile", None), typed.pop("thickness", None)
+    return tuple(sorted(typed.items())), profile, thickness
+
+
+def started_runner(dtype: str, thumbnails: bool, method: str, options: tuple[tuple[str, object], ...]) -> CaseRunner:
+    """A runner with its imports done and its method loaded (a method that cannot load fails in each case's row)."""
+    runner = CaseRunner(dtype, thumbnails)
+    try:
+        runner.preload(method, options)
+    except ThinsliceError as exc:
+        log.debug("preload of %s failed: %s", method, exc)
+    return runner
+
+
+def method_entry(name: str):
+    """The registered method ``name``. Interpolation is registered when the registry is imported; looking up a
+    learned method imports the networks (and torch), which a worker running cubic-dc need not pay for."""
+    from thinslice.infer.upsample import UPSAMPLERS, get_method
+
+    return UPSAMPLERS.get(name) or get_method(name)
+
+
+def measure(thick: Volume, thin: Volume, acquisition) -> dict:
+    """What the ledger and QC page show about a result: factor, grids, HU range and the data-consistency residual."""
+    from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+
+    profile = acquisition.profile if acquisition is not None else "gaussian"
+    thickness = acquisition.thickness_mm if acquisition is not None else None
+    op = thick_profile_operator(thick, thin.slice_spacing, profile, thickness)
+    # Every 4th column in both in-plane directions: the residual is per column, so 1/16 of them estimate its mean.
+    residual = consistency_residual_hu(thin.slices_first()[:, ::4, ::4], thick.slices_first()[:, ::4, ::4], op)
+    low, high = float(thick.array.min()), float(thick.array.max())
+    flags = ["large DC residual"] if residual["mean_abs"] > DC_RESIDUAL_FLAG_HU else []
+    flags += ["not CT HU"] if low > NOT_HU_ABOVE else []
+    return {"factor": round(thick.slice_spacing / thin.slice_spacing, 4), "spacing_in_mm": thick.slice_spacing,
+            "shape_in": "x".join(map(str, thick.shape_ijk)), "shape_out": "x".join(map(str, thin.shape_ijk)),
+            "dc_residual_hu": round(residual["mean_abs"], 3), "hu_min": round(low), "hu_max": round(high),
+            "flags": flags}
+
+
+def _input_bytes(case: Case) -> int:
+    path = Path(case.path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _sha256(case: Case) -> str:
+    """Content hash of a single-file input (DICOM series are identified by their UID instead)."""
+    path = Path(case.path)
+    if not path.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _collected(messages: list[str]):
+    """Collect the warnings of one case (thinslice's log and Python warnings) for its ledger row."""
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = _Keep(logging.WARNING)
+    logger = logging.getLogger("thinslice")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)
+
+
+class PeakMemory:
+    """Peak resident memory of this process during the block: the kernel's high-water mark, reset at the start
+    (Linux), else sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.mb = 0.0
+        self._sampler = None
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            from thinslice.evaluate.bench import PeakRSS
+
+            self._sampler = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sampler is not None:
+            self._sampler.__exit__()
+            self.mb = self._sampler.peak_mb
+            return
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    self.mb = int(line.split()[1]) / 1024

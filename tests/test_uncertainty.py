@@ -1,0 +1,101 @@
+"""Uncertainty maps: split-conformal calibration, stored fits tied to the weights, and the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.cli.main import main
+from thinslice.degrade.pairs import simulate_pair
+from thinslice.infer.uncertainty import (
+    Entry,
+    Features,
+    StdModel,
+    conformal_scale,
+    coverage,
+    find_calibration,
+    fit_model,
+    write_calibrations,
+)
+from thinslice.io import read_volume, write_volume
+from thinslice.models.factory import build_planes
+
+
+def _synthetic(seed: int, true_scale: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A raw spread map and errors whose std is exactly ``true_scale`` times it (so the right answer is known)."""
+    rng = np.random.default_rng(seed)
+    spread = rng.uniform(30.0, 150.0, (32, 40, 40)).astype(np.float32)
+    mean = np.full(spread.shape, 40.0, np.float32)
+    truth = mean - rng.standard_normal(spread.shape).astype(np.float32) * true_scale * spread
+    return {"mean": mean, "spread": spread}, truth
+
+
+def test_conformal_scale_of_a_gaussian_is_its_std() -> None:
+    error = np.random.default_rng(0).standard_normal(200_000) * 2.0
+    assert conformal_scale(error, np.ones_like(error)) == pytest.approx(2.0, rel=0.02)
+
+
+def test_calibration_recovers_a_known_scale_and_covers_fresh_data() -> None:
+    maps, truth = _synthetic(0, true_scale=3.0)
+    model, multipliers, _ = fit_model([(maps, truth)], Features(("spread",), (1, 1, 1)), k=4)
+    ratio = model.std(maps) / (3.0 * maps["spread"])
+    assert float(np.median(ratio)) == pytest.approx(1.0, abs=0.05)
+    assert multipliers["0.5"] == pytest.approx(0.674, abs=0.03)  # Gaussian errors: Gaussian multipliers
+    fresh, fresh_truth = _synthetic(1, true_scale=3.0)
+    observed = coverage(fresh["mean"] - fresh_truth, model.std(fresh))
+    assert observed["0.9"] == pytest.approx(0.9, abs=0.01)
+    assert observed["0.5"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_calibration_for_other_weights_is_refused(tmp_path) -> None:
+    model = StdModel(Features(("spread",), (1, 1, 1)), (0.0, 1.0), 2.0)
+    write_calibrations(tmp_path, [Entry("planes", 4, {"planes.safetensors": "aaaa"}, model)])
+    found = find_calibration(tmp_path, "planes", 4, {"planes.safetensors": "aaaa"})
+    assert found.entry is not None and found.entry.model == model
+    stale = find_calibration(tmp_path, "planes", 4, {"planes.safetensors": "bbbb"})
+    assert stale.entry is None and "weights changed" in stale.note and "fit_uncertainty.py" in stale.note
+    assert find_calibration(tmp_path, "planes", 3, {"planes.safetensors": "aaaa"}).entry is None
+
+
+def test_planes_uncertainty_writes_a_map_with_the_outputs_geometry(tmp_path, thin_phantom, capsys) -> None:
+    bundle = tmp_path / "bundle"
+    save_bundle_model(build_planes("tiny"), "planes", "tiny", bundle)
+    thick, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")
+    write_volume(thick, tmp_path / "thick.nii.gz")
+    args = ["upsample", str(tmp_path / "thick.nii.gz"), str(tmp_path / "thin.nii.gz"), "--spacing",
+            str(thin_phantom.slice_spacing), "--method", "planes", "--checkpoint", str(bundle), "--uncertainty",
+            "--precision", "fp32"]
+    assert main(args) == 0
+    assert "UNCALIBRATED (no calibration for planes x2" in capsys.readouterr().out
+    out, std = read_volume(tmp_path / "thin.nii.gz"), read_volume(tmp_path / "thin_std.nii.gz")
+    assert std.array.shape == out.array.shape and std.grid_differences(out) == []
+    assert np.all(std.array >= 0)
+    from thinslice.infer.planes import Planes
+
+    hashes = Planes.from_pretrained(bundle).network_hashes(2)
+    write_calibrations(bundle, [Entry("planes", 2, hashes, StdModel(Features(), (np.log(7.0), 0.0, 0.0), 1.0))])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated for planes x2" in printed and "wider than 50 HU in 0.0% of body voxels" in printed
+    assert np.allclose(read_volume(tmp_path / "thin_std.nii.gz").array, 7.0, rtol=1e-4)
+
+
+def test_uncertainty_on_a_method_without_it_is_one_clear_line(tmp_path, thin_phantom, capsys) -> None:
+    thick, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")
+    write_volume(thick, tmp_path / "thick.nii.gz")
+    rc = main(["upsample", str(tmp_path / "thick.nii.gz"), str(tmp_path / "thin.nii.gz"), "--spacing",
+               str(thin_phantom.slice_spacing), "--method", "cubic-dc", "--uncertainty"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "method 'cubic-dc' gives no uncertainty map: use --method planes --uncertainty" in err[0]
+    assert not (tmp_path / "thin_std.nii.gz").exists()
+
+
+def test_ldm_uncertainty_means_samples() -> None:
+    from thinslice.cli.cmd_upsample import _uncertainty_options
+    from thinslice.infer.upsample import get_method
+
+    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True}) == {"samples": 4}
+    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True, "samples": 8}) == {"samples": 8}
+    assert _uncertainty_options(get_method("planes"), {"uncertainty": True}) == {"uncertainty": True}

@@ -476,6 +476,27 @@ def archive_cases(truth: dict[str, object]) -> list[Case]:
     ]
 
 
+def dicom_output_case(name: str, patient: str | None, sagittal: bool = False) -> Case:
+    """12. DICOM out keeps the study: the checks of benchmarks/dicom_output_check.py (pydicom attributes, dciodvfy,
+    dcm2niix against the NIfTI output) on one input; ``patient`` None is a NIfTI input."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import dicom_output_check as dicom_out
+
+    def check() -> tuple[bool, str]:
+        work = WORK / f"dicom_out_{'nifti' if patient is None else len(name)}"
+        work.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            failures = (dicom_out.check_nifti_case(work, "cubic", 2.5) if patient is None
+                        else dicom_out.check_case(work, patient, "cubic", 2.5, sagittal=sagittal))
+        return not failures, "; ".join(failures) or "kept/new attributes as listed, dciodvfy and dcm2niix agree"
+
+    return Case(name, "thinslice upsample DICOM_IN OUT_FOLDER/ --spacing 2.5 --method cubic; pydicom, dciodvfy, "
+                "dcm2niix", "study kept, new derived series, no dciodvfy Error, dcm2niix = NIfTI output", check)
+
+
 # ------------------------------------------------------------------------------------------------------- all
 def cases(p: dict[str, Path]) -> list[Case]:
     W = WORK  # noqa: N806
@@ -552,6 +573,9 @@ def cases(p: dict[str, Path]) -> list[Case]:
         overlap_case(12.0, 4.0),
         startup_case(),
         *archive_cases(p["archives"]),  # type: ignore[arg-type]
+        dicom_output_case("12. DICOM out from a DICOM series (non-ASCII patient name)", "Müller^Jörg"),
+        dicom_output_case("12. DICOM out from a sagittal DICOM series", "Yamada^Tarou", sagittal=True),
+        dicom_output_case("12. DICOM out from a NIfTI input (type 2 empty, nothing invented)", None),
     ]
 
 

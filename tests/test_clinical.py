@@ -202,3 +202,20 @@ def test_selfcheck_json(tmp_path, capsys) -> None:
     assert set(report["checks"]) == {"through-plane", "in-plane"}
     assert report["methods"]["cubic-dc"]["psnr"] > report["methods"]["linear"]["psnr"]
     assert main(["selfcheck", str(tmp_path / "thick.nii.gz"), "--factor", "40"]) != 0
+
+
+def test_a_network_without_x4_validates_at_its_own_factor(tmp_path, thin_phantom: Volume) -> None:
+    """An x3-only network (as an x5 specialist) is validated at x3, not refused at the trainers' usual x4."""
+    from thinslice.train.planes import PlanesTrainOptions, train_planes
+
+    tiny = load_preset("tiny")
+    preset = dataclasses.replace(tiny, name="tiny_x3", planes=dataclasses.replace(tiny.planes, factors=(3,)),
+                                 degradation=dataclasses.replace(tiny.degradation, factors=(3.0,)))
+    path = tmp_path / "tiny_x3.json"
+    path.write_text(json.dumps(dataclasses.asdict(preset)))
+    run = tmp_path / "run"
+    opts = PlanesTrainOptions(run_dir=run, preset=str(path), max_steps=4, lr=2e-3, ema_decay=0.0, device="cpu",
+                              progress=False, seed=0, val_every=4, mixed_precision="no")
+    train_planes([thin_phantom], [thin_phantom], opts)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("val/psnr", np.nan)) for r in logged)

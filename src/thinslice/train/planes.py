@@ -39,7 +39,7 @@ from thinslice.train.engine import (
     fit_run,
     run_settings,
 )
-from thinslice.train.validation import make_pipeline_validate, validation_cases
+from thinslice.train.validation import VAL_FACTOR, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     layout = torch.channels_last if preset.planes.dims == 2 else torch.channels_last_3d
     model = initial_planes(preset, opts.init, opts.resume).to(memory_format=layout)  # ~25% faster on a CPU (bf16)
     sampler = PlaneSampler(train, preset.planes_data, preset.degradation, preset.planes, tc.batch_size, seed)
-    cases = validation_cases(list(val) if val else list(train), VAL_INPLANE)
+    # Validated at x4 like every trainer; a network that serves no x4 (e.g. an x5 specialist) at its first factor.
+    factors = [int(k) for k in preset.planes.factors]
+    cases = validation_cases(list(val) if val else list(train), VAL_INPLANE,
+                             factor=VAL_FACTOR if VAL_FACTOR in factors else factors[0])
     precision = "bf16" if opts.mixed_precision == "bf16" else "fp32"
     validate = make_pipeline_validate(cases, lambda models: Planes.from_model(models["planes"], precision=precision))
 

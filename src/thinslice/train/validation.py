@@ -49,24 +49,25 @@ def central_crop(volume: Volume, size: int, depth: int | None = None) -> Volume:
 
 
 def validation_cases(volumes: Sequence[Volume | str | Path], size: int, depth: int | None = None,
-                     max_volumes: int = 4) -> list[ValCase]:
-    """Fixed held-out cases: x4 Gaussian thick slices of each volume's central crop, at least 3 thick slices deep
-    (volumes with fewer slices are skipped; none left is a one-line error)."""
+                     max_volumes: int = 4, factor: int = VAL_FACTOR) -> list[ValCase]:
+    """Fixed held-out cases: x``factor`` (4 unless the network serves no x4) Gaussian thick slices of each volume's
+    central crop, at least 3 thick slices deep (volumes with fewer slices are skipped; none left is a one-line
+    error)."""
     from thinslice.io import read_volume
 
-    depth = None if depth is None else max(int(depth), 3 * VAL_FACTOR)
+    depth = None if depth is None else max(int(depth), 3 * factor)
     cases = []
     for i, item in enumerate(list(volumes)[:max_volumes]):
         vol = item if isinstance(item, Volume) else read_volume(item)
         thin = central_crop(vol, size, depth)
-        if thin.num_slices < 3 * VAL_FACTOR:
+        if thin.num_slices < 3 * factor:
             continue
-        thick, truth = simulate_pair(thin, factor=VAL_FACTOR, profile=VAL_PROFILE)
+        thick, truth = simulate_pair(thin, factor=factor, profile=VAL_PROFILE)
         base = upsample(thick, thin.slice_spacing, "cubic-dc", profile=VAL_PROFILE)
         name = Path(item).name if not isinstance(item, Volume) else f"volume{i}"
         cases.append(ValCase(name, thick, truth, psnr(base.slices_first(), truth.slices_first())))
     if not cases:
-        raise ThinsliceError(f"no validation volume has {3 * VAL_FACTOR} or more slices; pass longer --val volumes")
+        raise ThinsliceError(f"no validation volume has {3 * factor} or more slices; pass longer --val volumes")
     return cases
 
 

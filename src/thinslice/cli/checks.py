@@ -35,8 +35,7 @@ def check_positive(value: float | None, flag: str, unit: str = " of mm") -> None
 
 def check_output(output: str | Path, dtype: str = "int16") -> None:
     """Refuse an output the writers would refuse, or one that is not a place for a file: '-', a device, a pipe."""
-    from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
-    from thinslice.io.writers import is_folder_output
+    from thinslice.io.writers import check_file_target, is_folder_output
 
     text = str(output)
     if text.strip() in ("", "-"):
@@ -49,15 +48,7 @@ def check_output(output: str | Path, dtype: str = "int16") -> None:
     if is_folder_output(text):
         _check_folder_output(path, dtype)
         return
-    ext = file_extension(path)
-    if ext in DICOM_EXTENSIONS:
-        raise ThinsliceError(f"{path}: a DICOM output is a series folder; give a folder path (no extension or "
-                             "ending with '/') instead of a single .dcm file")
-    if ext not in VOLUME_EXTENSIONS:
-        raise ThinsliceError(f"{path}: unknown output format {ext!r}; use .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd, "
-                             "or a folder path (ending with '/') for a DICOM series")
-    if path.is_dir():
-        raise ThinsliceError(f"{path} is an existing folder; give a file name for the {ext} output")
+    check_file_target(path)
 
 
 def _check_folder_output(path: Path, dtype: str) -> None:

@@ -214,7 +214,7 @@ def run_benchmark(
             truth_power = high_band_power(truth.slices_first(), case.factor)  # once per case, not per method
             outputs: dict[str, Volume] = {}
             for spec in methods:
-                reason = _refusal(spec, thick, truth.slice_spacing)
+                reason = refusal(spec, thick, truth.slice_spacing)
                 if reason:
                     log(f"{name} {case.label} {case.profile}: {spec.label} skipped ({reason})")
                     continue
@@ -231,22 +231,23 @@ def run_benchmark(
     return rows
 
 
-def _refusal(spec: MethodSpec, thick: Volume, spacing_mm: float) -> str | None:
+def refusal(spec: MethodSpec, thick: Volume, spacing_mm: float) -> str | None:
+    """Why the method of ``spec`` (with its checkpoint) cannot serve ``thick`` -> ``spacing_mm`` (None: it can)."""
     from thinslice.infer.upsample import get_method
 
     checkpoint = spec.options.get("checkpoint")
     return get_method(spec.method).refuses(thick, spacing_mm, str(checkpoint) if checkpoint else None)
 
 
-def _told(spec: MethodSpec, case: Case, thick: Volume) -> dict[str, object]:
-    """What the method is told about the input's slices: the case's truth, ``auto``, or a profile with the nominal
-    thickness (= the slice spacing)."""
+def told_options(spec: MethodSpec, true_profile: str, thick: Volume) -> dict[str, object]:
+    """What the method is told about the input's slices: the true profile, ``auto``, or a profile with the nominal
+    thickness (= the slice spacing); nothing for a method that does not model them."""
     from thinslice.infer.upsample import get_method
 
     if not get_method(spec.method).uses_profile:
         return {}
     if spec.told is None:
-        return {"profile": case.profile}
+        return {"profile": true_profile}
     if spec.told == "auto":
         return {"profile": "auto"}
     return {"profile": spec.told, "thickness": float(thick.slice_spacing)}
@@ -258,7 +259,8 @@ def _score_method(spec: MethodSpec, name: str, case: Case, thick: Volume, truth:
     and peak memory."""
     with PeakRSS() as memory:
         start = time.perf_counter()
-        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options, **_told(spec, case, thick))
+        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options,
+                       **told_options(spec, case.profile, thick))
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)

@@ -22,9 +22,9 @@ import numpy as np
 
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
-from thinslice.evaluate.bench import MethodSpec, parse_methods
+from thinslice.evaluate.bench import MethodSpec, parse_methods, refusal, told_options
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.upsample import get_method, upsample
+from thinslice.infer.upsample import upsample
 from thinslice.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -123,19 +123,13 @@ def run_selfcheck(scan: Volume, name: str, methods: Sequence[str] = DEFAULT_METH
 
 def _score(spec: MethodSpec, check: Check, profile: str, skipped: dict[str, str]) -> dict[str, float] | None:
     """One method's scores on one check (None, noted in ``skipped``, when it cannot serve the check)."""
-    entry = get_method(spec.method)
     spacing = check.truth.slice_spacing
-    checkpoint = spec.options.get("checkpoint")
-    reason = entry.refuses(check.thick, spacing, str(checkpoint) if checkpoint else None)
+    reason = refusal(spec, check.thick, spacing)
     if reason:
         skipped[spec.label] = f"{check.name}: {reason}"
         return None
-    told: dict[str, object] = {}
-    if entry.uses_profile:
-        told = {"profile": spec.told or profile}
-        if spec.told not in (None, "auto"):
-            told["thickness"] = float(check.thick.slice_spacing)
-    out = upsample(check.thick, spacing, method=spec.method, **spec.options, **told)
+    out = upsample(check.thick, spacing, method=spec.method, **spec.options,
+                   **told_options(spec, profile, check.thick))
     scores = evaluate_volumes(out, check.truth)
     return {k: float(scores[k]) for k in SCORES}  # type: ignore[arg-type]
 

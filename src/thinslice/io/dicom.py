@@ -26,7 +26,7 @@ from thinslice.io.dicom_study import (
     series_description,
     set_character_set,
 )
-from thinslice.io.discovery import SeriesInfo, list_dicom_series  # noqa: F401  (listing lives there)
+from thinslice.io.discovery import SeriesInfo, is_dicom_file, list_dicom_series  # noqa: F401  (listing lives there)
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
@@ -35,16 +35,6 @@ pydicom = lazy_import("pydicom")
 
 # DICOM decimal strings (DS) hold at most 16 characters.
 _DS_MAX_LEN = 16
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True when ``path`` starts like a DICOM Part-10 file (128-byte preamble then 'DICM')."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def read_header(path: Path, tags: list[str] | None = None) -> pydicom.Dataset | None:

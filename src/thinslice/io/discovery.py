@@ -167,7 +167,7 @@ def scan_dicom_folder(folder: str | Path) -> FolderScan:
             header = _read_header(path)
             if header is not None and header["SeriesInstanceUID"]:
                 headers.append((path, header))
-            elif path.name.upper() != "DICOMDIR" and _has_dicom_magic(path):
+            elif path.name.upper() != "DICOMDIR" and is_dicom_file(path):
                 unreadable.append(path)  # starts like DICOM, but no series can be read from it
     if unreadable:
         names = ", ".join(p.name for p in unreadable[:_NAMED_FILES])
@@ -200,7 +200,8 @@ class _Forward(logging.Handler):
         log.debug("pydicom: %.200s", record.getMessage())
 
 
-def _has_dicom_magic(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` starts like a DICOM Part-10 file (128-byte preamble then 'DICM')."""
     try:
         with open(path, "rb") as fh:
             fh.seek(128)

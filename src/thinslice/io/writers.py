@@ -75,6 +75,14 @@ def write_volume(
             options = dataclasses.replace(options, series_number_offset=series_number_offset)
         _write_dicom_folder(volume, path, overwrite=overwrite, options=options)
         return path
+    check_file_target(path)
+    _write_image_file(volume, path, dtype)
+    return path
+
+
+def check_file_target(path: Path) -> None:
+    """Refuse a file output the writers cannot make (a .dcm file, an unknown extension, an existing folder); used by
+    :func:`write_volume` and, before any computation, by the command line."""
     ext = file_extension(path)
     if ext in DICOM_EXTENSIONS:
         raise ThinsliceError(f"{path}: a DICOM output is a series folder; give a folder path (no extension or "
@@ -84,8 +92,6 @@ def write_volume(
                              "or a folder path (ending with '/') for a DICOM series")
     if path.is_dir():
         raise ThinsliceError(f"{path} is an existing folder; give a file name for the {ext} output")
-    _write_image_file(volume, path, dtype)
-    return path
 
 
 def refuse_overwriting_input(out: Path, ref: Path) -> None:

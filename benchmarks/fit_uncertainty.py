@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from thinslice.degrade.pairs import simulate_pair
-from thinslice.evaluate.mask import body_mask
+from thinslice.io.mask import body_mask
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.uncertainty import Entry, Features, fit_model, write_calibrations
 from thinslice.infer.upsample import get_method

@@ -24,7 +24,7 @@ from fit_uncertainty import central_crop
 
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.calibration import calibration
-from thinslice.evaluate.mask import body_mask
+from thinslice.io.mask import body_mask
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.uncertainty import coverage, find_calibration, gaussian_multipliers
 from thinslice.infer.upsample import get_method

@@ -167,7 +167,7 @@ def test_run_settings_apply_and_check_overrides(tmp_path):
         run_settings(base, RunOptions(run_dir=tmp_path, lr=-1.0))
 
 
-def test_resume_skips_a_damaged_checkpoint_and_logs_no_row_twice(tmp_path, thin_phantom, capsys):
+def test_resume_skips_a_damaged_checkpoint_and_logs_no_row_twice(tmp_path, thin_phantom, caplog):
     import json
 
     vols = [thin_phantom]
@@ -178,8 +178,9 @@ def test_resume_skips_a_damaged_checkpoint_and_logs_no_row_twice(tmp_path, thin_
     for weights in list_checkpoints(tmp_path / "b")[-1].glob("*.safetensors"):
         weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     resumed = _trainer(tmp_path / "b", vols, lambda models, step: {"val/score": 1.0})
-    assert resumed.fit(resume=True).step == 6
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="thinslice"):
+        assert resumed.fit(resume=True).step == 6
+    printed = caplog.text
     assert "step_000005 is damaged" in printed and "resumed from" in printed and "step_000004" in printed
     a, b = _flat_state(straight), _flat_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5 and 6 redone exactly

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from thinslice.degrade.profiles import PROFILES
+
+log = logging.getLogger("thinslice.cli")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     specs = []
     for spec in parse_methods(args.methods, args.checkpoint, args.device, args.precision):
         if get_method(spec.method).needs_weights and not get_method(spec.method).has_weights(args.checkpoint):
-            print(f"thinslice bench: note: no weights for '{spec.label}' "
-                  f"({'--checkpoint ' + args.checkpoint if args.checkpoint else 'shipped'}); skipped")
+            log.info(f"note: no weights for '{spec.label}' "
+                     f"({'--checkpoint ' + args.checkpoint if args.checkpoint else 'shipped'}); skipped")
             continue
         specs.append(spec)
     out = Path(args.out)

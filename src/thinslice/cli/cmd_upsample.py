@@ -8,7 +8,7 @@ methods that use them, so new methods plug in without changing this parser.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +21,9 @@ from thinslice.errors import ThinsliceError
 GENERIC_OPTIONS = ("device", "seed", "steps", "samples", "uncertainty", "checkpoint", "preset", "patch_size", "adapt",
                    "adapt_steps",
                    "precision", "profile", "thickness")
+
+
+log = logging.getLogger("thinslice.cli")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +101,7 @@ def method_options(method, args: argparse.Namespace) -> dict[str, object]:
     ignored = sorted(set(options) - set(method.options))
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-        print(f"thinslice upsample: note: method '{method.name}' does not use {flags}; ignored", file=sys.stderr)
+        log.info(f"note: method '{method.name}' does not use {flags}; ignored")
     options = {k: v for k, v in options.items() if k in method.options}
     if "progress" in method.options:
         options.setdefault("progress", True)  # learned methods take seconds to minutes: show how far they are
@@ -115,7 +118,7 @@ def _uncertainty_options(method, options: dict[str, object]) -> dict[str, object
         raise ThinsliceError(f"method '{method.name}' gives no uncertainty map: use --method planes --uncertainty "
                              "(cheap) or --method ldm --samples 4")
     if int(options.get("samples") or 1) < 2:  # type: ignore[call-overload]
-        print(f"thinslice upsample: note: {method.name} --uncertainty takes --samples 4", file=sys.stderr)
+        log.info(f"note: {method.name} --uncertainty takes --samples 4")
         options["samples"] = 4
     return options
 
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.method, note = choose_auto(thick, spacing)
         if note:
-            print(f"thinslice upsample: note: {note}", file=sys.stderr)
+            log.info(f"note: {note}")
     method = get_method(args.method)
     options = method_options(method, args)
     std_path = _std_path(args, options)
@@ -174,8 +177,8 @@ def _snapped_spacing(thick, spacing: float) -> float:
 
     snapped = snap_spacing(thick, spacing)
     if snapped != spacing:
-        print(f"thinslice upsample: note: --spacing {spacing:g} taken as {snapped:.6g} mm ({thick.slice_spacing:.4g} "
-              f"mm / {round(thick.slice_spacing / snapped)})", file=sys.stderr)
+        log.info(f"note: --spacing {spacing:g} taken as {snapped:.6g} mm ({thick.slice_spacing:.4g} "
+                 f"mm / {round(thick.slice_spacing / snapped)})")
     return snapped
 
 

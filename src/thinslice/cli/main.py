@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"thinslice {command}: error: out of memory; use patch-wise processing (--patch-size) or a "
-              "smaller volume", file=sys.stderr)
+        print(f"thinslice {command}: error: out of memory; free memory, run fewer jobs at once, or for cnn/ldm "
+              "give a smaller --patch-size", file=sys.stderr)
         return 3
     except BrokenPipeError:
         # The reader of our output went away (e.g. `| head -1`): stop quietly, like other command-line tools.

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from thinslice.errors import ThinsliceError
-from thinslice.evaluate.mask import body_mask
+from thinslice.io.mask import body_mask
 
 BLOCK = (4, 16, 16)
 MAX_VOXELS = 2_000_000  # rank correlation on a fixed random subset beyond this (a full sort is slow and adds nothing)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from thinslice.errors import ThinsliceError
-from thinslice.evaluate.mask import body_mask
+from thinslice.io.mask import body_mask
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_MAX, HU_MIN, HU_RANGE
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from thinslice.degrade.profiles import check_profile
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import make_consistent, plausible_thickness
-from thinslice.infer.options import check_option_types, option_types
+from thinslice.infer.options import ACQUISITION_TYPES, check_option_types, option_types
 from thinslice.io.volume import Volume
 
 DEFAULT_PROFILE = "gaussian"
@@ -43,10 +43,14 @@ class Acquisition:
     estimated: str = ""
 
     @classmethod
-    def of(cls, thick: Volume, profile: str | None = None, thickness_mm: float | None = None) -> Acquisition:
+    def of(cls, thick: Volume, profile: object = None, thickness_mm: object = None) -> Acquisition:
         """Resolved once from the command line (``profile``, ``thickness_mm``) and the file: the thickness is the
         given one, else the file's, else the slice spacing; an implausible one is refused. ``profile`` "auto"
-        estimates profile and thickness from the scan itself (:mod:`thinslice.degrade.estimate`)."""
+        estimates profile and thickness from the scan itself (:mod:`thinslice.degrade.estimate`). The one place the
+        acquisition options' types are checked (a library caller may pass anything)."""
+        check_option_types({"profile": profile, "thickness": thickness_mm}, ACQUISITION_TYPES)
+        assert profile is None or isinstance(profile, str)
+        assert thickness_mm is None or isinstance(thickness_mm, (int, float))
         if profile == AUTO_PROFILE:
             if thickness_mm is not None:
                 raise ThinsliceError("--profile auto estimates the slice thickness too: drop --thickness, or name "

@@ -27,6 +27,7 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.mask import body_mask
 
 if TYPE_CHECKING:
     from thinslice.infer.pipeline import Result
@@ -160,8 +161,6 @@ def fit_model(cases: list[tuple[dict[str, np.ndarray], np.ndarray]], features: F
     thin slices of even thick cells, the scale and the per-level multipliers on those of odd cells (a split by
     slabs, so the two halves share no voxel). Returns the model, the multipliers and the Gaussian coverage on the
     second half."""
-    from thinslice.evaluate.mask import body_mask
-
     halves: list[tuple[list, list]] = [([], []), ([], [])]
     for maps, truth in cases:
         body, error = body_mask(truth), maps["mean"] - truth
@@ -275,8 +274,6 @@ def attach_std(result: Result, bundle: str | Path, method: str, factor: int, wei
                samples: int | None = None) -> None:
     """Turn ``result.extras["spread"]`` (the raw map) into ``extras["std"]``, calibrated when ``calibration.json``
     holds a fit for these networks (else the raw spread, flagged), and add the one-line summary to the report."""
-    from thinslice.evaluate.mask import body_mask
-
     volume = result.volume
     maps = {name: v.slices_first() for name, v in result.extras.items() if name in ("spread", "planes_spread")}
     maps["mean"] = mean = volume.slices_first()

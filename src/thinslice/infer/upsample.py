@@ -2,8 +2,9 @@
 
 Every method is a :class:`~thinslice.infer.pipeline.Pipeline` class registered with :func:`register_pipeline`.
 Interpolation ("linear", "cubic", "cubic-dc") is registered here; learned methods (planes, CNN baseline, latent
-diffusion) in their own modules, which are found and imported on first use (:func:`method_modules`) so that ``thinslice
-upsample`` lists them without importing torch models up front. Every method returns a volume on
+diffusion) in their own modules, listed in :data:`METHOD_MODULES` and imported on first use so that ``thinslice
+--help`` does not import torch models up front. A plug-in package adds methods through the ``thinslice.methods``
+entry-point group (each entry names a module that registers pipelines when imported). Every method returns a volume on
 :func:`thinslice.degrade.grid.thin_grid` of the input.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
+import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,16 +22,15 @@ from typing import Any
 from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError
 from thinslice.infer.interpolate import interpolate_volume
-from thinslice.infer.options import check_option_types
 from thinslice.infer.pipeline import Acquisition, Pipeline, Result, make_options
 from thinslice.io.volume import Volume
 
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
 
-# Further modules (outside thinslice.infer) that register methods when imported; missing ones are skipped. The
-# package's own method modules are found by :func:`method_modules`.
-PLUGIN_MODULES: tuple[str, ...] = ()
-REGISTRATION_MARK = "@register_pipeline"
+# The package's modules that register learned methods when imported: adding a method is its module plus one line here.
+METHOD_MODULES: tuple[str, ...] = ("thinslice.infer.planes", "thinslice.infer.cnn", "thinslice.infer.ldm")
+# Plug-in packages list their method modules under this entry-point group.
+ENTRY_POINT_GROUP = "thinslice.methods"
 # Methods that need no trained weights (registered below).
 WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
 
@@ -158,11 +158,10 @@ def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
 
 
 def method_modules() -> list[str]:
-    """The modules of ``thinslice.infer`` that register a method: those whose source holds the registration
-    decorator, found by reading the files (not importing them, which would import torch and the networks)."""
-    folder = Path(__file__).resolve().parent
-    return [f"thinslice.infer.{path.stem}" for path in sorted(folder.glob("*.py"))
-            if path.name != Path(__file__).name and REGISTRATION_MARK in path.read_text(encoding="utf-8")]
+    """The modules that register methods: the package's own (:data:`METHOD_MODULES`), then those of installed
+    plug-ins (entry points of the ``thinslice.methods`` group)."""
+    plugins = [entry.value for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    return [*METHOD_MODULES, *plugins]
 
 
 def _load_plugins() -> None:
@@ -170,13 +169,8 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for module in (*method_modules(), *PLUGIN_MODULES):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            importlib.import_module(module)
+    for module in method_modules():
+        importlib.import_module(module)
 
 
 def available_methods() -> list[str]:
@@ -214,30 +208,22 @@ def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **option
     entry = get_method(method)
     spacing_mm = snap_spacing(thick, spacing_mm)  # 1.667 for 5 mm slices means 5/3
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - set(entry.options))
-    if unknown:
-        raise ThinsliceError(f"method '{method}' does not use option(s) {', '.join(unknown)} "
-                             f"(it accepts: {', '.join(entry.options) or 'none'})")
-    profile, thickness = given.pop("profile", None), given.pop("thickness", None)
     acquisition = None
-    if entry.uses_profile:
-        check_option_types({"profile": profile, "thickness": thickness}, {"profile": str, "thickness": float})
-        _report_thickness_contradiction(thick, thickness)
-        acquisition = Acquisition.of(thick, profile, thickness)  # type: ignore[arg-type]
-    pipeline = entry.pipeline(make_options(entry.pipeline, given))
+    if entry.uses_profile:  # otherwise profile/thickness stay in ``given`` and make_options refuses them
+        profile, thickness = given.pop("profile", None), given.pop("thickness", None)
+        acquisition = Acquisition.of(thick, profile, thickness)
+        if thickness is not None:
+            _report_thickness_contradiction(thick, acquisition.thickness_mm)
+    pipeline = entry.pipeline(make_options(entry.pipeline, given))  # names checked there, types by the pipeline
     pipeline.load()
     result = pipeline(thick, float(spacing_mm), acquisition)
     result.volume.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
     return result
 
 
-def _report_thickness_contradiction(thick: Volume, given: object) -> None:
+def _report_thickness_contradiction(thick: Volume, value: float) -> None:
     """Say once (not at every data-consistency step) when a given slice thickness contradicts the file's own."""
     recorded = thick.slice_thickness
-    try:
-        value = float(given)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return  # absent, or not a number: the method's own option check reports it
     if recorded and abs(value - recorded) > 0.25 * recorded:
         log.warning("--thickness %.4g mm differs from the %.4g mm the file records; data consistency uses %.4g mm",
                     value, recorded, value)

@@ -421,8 +421,8 @@ class Trainer:
                 return path
             except Exception as exc:  # safetensors, torch.load and OS errors all mean "this one is unusable"
                 reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-                self.accelerator.print(f"--resume: checkpoint {path.name} is damaged ({reason}); trying the one "
-                                       "before it")
+                self._say(f"--resume: checkpoint {path.name} is damaged ({reason}); trying the one before it",
+                          logging.WARNING)
         raise ThinsliceError(f"no intact checkpoint in {self.run_dir / 'checkpoints'}; start a new run (another --out)")
 
     def _drop_logged_rows_after(self, step: int) -> None:
@@ -494,7 +494,7 @@ class Trainer:
     def fit(self, resume: bool = False, stop_at_step: int | None = None,
             time_limit_s: float | None = None) -> TrainResult:
         """Train to ``config.max_steps`` (or stop early at ``stop_at_step``/after ``time_limit_s``, checkpointing)."""
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         self._start(resume)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
@@ -519,16 +519,21 @@ class Trainer:
                     self.save_checkpoint()
                     saved_at = step
                 if timed_out:
-                    acc.print(f"time limit reached at step {step}; continue with --resume")
+                    self._say(f"time limit reached at step {step}; continue with --resume")
                     break
         except KeyboardInterrupt:
             if self.state.step != saved_at and self.state.step > 0:
-                acc.print(f"interrupted: saving a checkpoint at step {self.state.step}")
+                self._say(f"interrupted: saving a checkpoint at step {self.state.step}")
                 self.save_checkpoint()
             raise
         finally:
             bar.close()
         return self._finish(meter.last)
+
+    def _say(self, message: str, level: int = logging.INFO) -> None:
+        """One line from the main process only, through logging (so that ``-q`` silences it)."""
+        if self.accelerator.is_main_process:
+            log.log(level, message)
 
     def _start(self, resume: bool) -> None:
         """Resume from the newest intact checkpoint, or refuse to overwrite one, or seed a fresh run."""
@@ -536,7 +541,7 @@ class Trainer:
         existing = list_checkpoints(self.run_dir)
         if resume and existing:
             loaded = self._load_newest_intact(existing)
-            acc.print(f"resumed from {loaded} (step {self.state.step})")
+            self._say(f"resumed from {loaded} (step {self.state.step})")
             self._drop_logged_rows_after(self.state.step)
         elif existing and not resume:
             raise ThinsliceError(
@@ -545,7 +550,7 @@ class Trainer:
             )
         else:
             if resume:
-                acc.print(f"--resume: no checkpoint in {self.run_dir}/checkpoints, starting from step 0")
+                self._say(f"--resume: no checkpoint in {self.run_dir}/checkpoints, starting from step 0")
             from accelerate.utils import set_seed
 
             set_seed(cfg.seed + acc.process_index)

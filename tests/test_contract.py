@@ -1,0 +1,104 @@
+"""The method contract, held for every registered pipeline: what it declares (options, weights, profile use) is what it
+does; ``applicable`` answers cheaply; a tiny run gives a volume on the thin grid with a report; and a method added
+from outside the package (a plug-in module named by an entry point) registers with its module alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import sys
+
+import numpy as np
+import pytest
+
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.degrade import degrade
+from thinslice.degrade.grid import target_grid_volume
+from thinslice.errors import ThinsliceError
+from thinslice.infer.pipeline import Pipeline, Result
+from thinslice.infer.upsample import available_methods, get_method, run_method
+
+registry = importlib.import_module("thinslice.infer.upsample")  # (the package exports a function of that name)
+SPACING = 1.25
+METHODS = available_methods()
+
+
+@pytest.fixture(scope="module")
+def thick():
+    """5 mm slices from a 1.25 mm phantom (x4, the clinical factor every shipped network serves)."""
+    thin = make_chest_phantom(shape=(40, 48, 48), spacing=(4.5, 4.5, SPACING), seed=3)
+    return degrade(thin, factor=4, profile="gaussian")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declared_options_are_what_the_method_accepts(name):
+    entry = get_method(name)
+    fields = [f.name for f in dataclasses.fields(entry.pipeline.Options)]
+    assert entry.options[:len(fields)] == tuple(fields)
+    assert ("profile" in entry.options) == entry.uses_profile == ("thickness" in entry.options)
+    entry.pipeline.Options()  # every option has a default
+    with pytest.raises(ThinsliceError, match="does not use option"):
+        run_method(make_chest_phantom(shape=(8, 16, 16), spacing=(4.5, 4.5, 5.0)), SPACING, name, no_such_option=1)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_applicable_answers_without_running(name, thick):
+    entry = get_method(name)
+    assert entry.refuses(thick, SPACING) is None  # every method serves x4
+    too_fine = entry.refuses(thick, thick.slice_spacing / 64)
+    assert too_fine is None or isinstance(too_fine, str) and too_fine
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_tiny_run_keeps_the_contract(name, thick):
+    """The thin grid, finite values, a report copied into the metadata, and data consistency where declared."""
+    entry = get_method(name)
+    options = {"precision": "bf16"} if "precision" in entry.options else {}
+    result = run_method(thick, SPACING, name, **options)
+    assert isinstance(result, Result)
+    grid = target_grid_volume(thick, SPACING)
+    assert result.volume.array.shape == grid.array.shape
+    assert np.allclose(result.volume.spacing, grid.spacing) and np.allclose(result.volume.origin, grid.origin)
+    assert np.allclose(result.volume.direction, grid.direction)
+    assert np.isfinite(result.volume.array).all()
+    assert all(isinstance(v, str) and result.volume.metadata.get(k) == v for k, v in result.report.items())
+    assert result.volume.metadata["upsample"].startswith(name)
+    pipeline = entry.pipeline(entry.pipeline.Options())
+    assert ("consistency_hu" in result.report) == pipeline.consistent
+
+
+PLUGIN = '''
+from thinslice.infer.pipeline import Pipeline, Result
+from thinslice.infer.upsample import register_pipeline
+
+
+@register_pipeline
+class Doubled(Pipeline):
+    """A toy method from outside the package: twice the cubic prior's deviation from -1000 HU, no projection."""
+
+    name = "toy-doubled"
+    uses_profile = False
+
+    def refine(self, thick, prior, acquisition):
+        return Result(prior.with_array(2 * (prior.array + 1000) - 1000), report={"toy": "doubled"})
+'''
+
+
+def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thick):
+    (tmp_path / "toy_thinslice_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint("toy", "toy_thinslice_plugin", registry.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [point] if group == registry.ENTRY_POINT_GROUP else real(group=group))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "UPSAMPLERS", dict(registry.UPSAMPLERS))
+    try:
+        assert "toy-doubled" in available_methods()
+        cubic = run_method(thick, SPACING, "cubic").volume.array
+        toy = run_method(thick, SPACING, "toy-doubled")
+        assert np.allclose(toy.volume.array, 2 * (cubic + 1000) - 1000, atol=1e-3)
+        assert toy.report == {"toy": "doubled"} and issubclass(get_method("toy-doubled").pipeline, Pipeline)
+    finally:
+        sys.modules.pop("toy_thinslice_plugin", None)

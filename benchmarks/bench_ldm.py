@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from thinslice.checkpoints.device import resolve_device
 from thinslice.data.phantom import make_chest_phantom
+from thinslice.device import resolve_device
 from thinslice.infer.ldm import Ldm, LdmOptions, run_ldm
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.planes import Planes

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from thinslice.degrade.pairs import simulate_pair
-from thinslice.io.mask import body_mask
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.uncertainty import Entry, Features, fit_model, write_calibrations
 from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume
+from thinslice.io.mask import body_mask
 from thinslice.io.volume import Volume
 
 # The features each method's map is built from (docs/uncertainty.md says why: for ldm the planes passes'

@@ -85,7 +85,7 @@ def train_variant(args: argparse.Namespace) -> None:
 
     import torch
 
-    from thinslice.checkpoints.device import resolve_device
+    from thinslice.device import resolve_device
     from thinslice.presets import load_preset
     from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
 

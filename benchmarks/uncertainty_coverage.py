@@ -24,11 +24,11 @@ from fit_uncertainty import central_crop
 
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.calibration import calibration
-from thinslice.io.mask import body_mask
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.uncertainty import coverage, find_calibration, gaussian_multipliers
 from thinslice.infer.upsample import get_method
 from thinslice.io import read_volume
+from thinslice.io.mask import body_mask
 
 
 def load(run: str, args: argparse.Namespace):

@@ -9,13 +9,8 @@ import torch
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.profiles import degrade
 from thinslice.errors import ThinsliceError
-from thinslice.infer.cnn_adapt import (
-    adapt_baseline,
-    adaptation_factor,
-    adaptation_sampler,
-    default_plan,
-    inplane_views,
-)
+from thinslice.examples.inplane import adaptation_factor, adaptation_sampler, inplane_views
+from thinslice.infer.cnn_adapt import adapt_baseline, default_plan
 from thinslice.models.factory import build_baseline
 from thinslice.train.baseline import l1_loss
 

@@ -20,8 +20,8 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.degrade.profiles import PROFILE_FAMILY, degrade, profile_matrix
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.bench import parse_methods, parse_mm_case, run_benchmark, volume_cases
+from thinslice.examples.planes import PlaneSampler
 from thinslice.infer.pipeline import Acquisition
-from thinslice.infer.planes_data import PlaneSampler
 from thinslice.infer.upsample import run_method
 from thinslice.io import read_volume, write_volume
 from thinslice.io.volume import Volume

@@ -7,13 +7,13 @@ import pytest
 
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import profile_matrix, simulate_pair
+from thinslice.degrade.operators import thick_profile_operator
 from thinslice.errors import ThinsliceError
 from thinslice.infer import upsample
 from thinslice.infer.consistency import (
     consistency_residual_hu,
     enforce_consistency,
     make_consistent,
-    thick_profile_operator,
 )
 
 

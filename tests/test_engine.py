@@ -8,7 +8,7 @@ import torch
 
 from thinslice.checkpoints.files import load_model, save_weights
 from thinslice.errors import ThinsliceError
-from thinslice.infer.patches import PatchSampler
+from thinslice.examples.patches import PatchSampler
 from thinslice.models.factory import build_vae
 from thinslice.train.engine import EngineConfig, Trainer, list_checkpoints, make_accelerator, warmup_cosine
 from thinslice.train.losses import VAELoss, VAELossWeights

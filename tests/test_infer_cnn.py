@@ -9,10 +9,11 @@ import torch
 from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
+from thinslice.degrade.operators import thick_profile_operator
 from thinslice.errors import ThinsliceError
 from thinslice.infer import target_grid_volume, upsample
 from thinslice.infer.cnn import refine_cnn
-from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.intensity import HU_MAX, HU_MIN
 from thinslice.presets import load_preset

@@ -19,10 +19,11 @@ from thinslice.cli.cmd_upsample import std_path_for
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
+from thinslice.degrade.operators import thick_profile_operator
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.infer import target_grid_volume, upsample
-from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.ldm import LdmOptions, estimate_sampling_bytes, latent_window, run_ldm
 from thinslice.infer.upsample import get_method, run_method
 from thinslice.io import read_volume, write_volume

@@ -15,13 +15,13 @@ from thinslice.degrade import degrade
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
+from thinslice.examples.prior_pairs import PriorPairSampler, build_pairs, encode_whole, residual_scale
 from thinslice.infer import upsample
 from thinslice.infer.ldm import Ldm, LdmOptions
 from thinslice.models.factory import build_first_stage, build_planes
 from thinslice.models.wavelet import HaarFirstStage
 from thinslice.presets import load_preset
 from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
-from thinslice.train.prior_pairs import PriorPairSampler, build_pairs, encode_whole, residual_scale
 
 
 def _planes_bundle(folder) -> None:

@@ -11,12 +11,14 @@ import torch
 
 from thinslice.checkpoints.bundle import load_planes, save_bundle_model
 from thinslice.cli.main import main
+from thinslice.degrade.operators import cell_operators, thick_profile_operator
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
-from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.examples.planes import PlaneSampler
+from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.pipeline import Acquisition
-from thinslice.infer.planes import Planes, cell_operators, integer_factor
-from thinslice.infer.planes_data import PlaneSampler, adapt_plan
+from thinslice.infer.planes import Planes, integer_factor
+from thinslice.infer.planes_adapt import adapt_plan
 from thinslice.infer.upsample import get_method, upsample
 from thinslice.models.factory import build_planes
 from thinslice.models.intensity import model_to_hu
@@ -148,7 +150,7 @@ def test_cli_train_then_upsample(tmp_path, thin_data_folder) -> None:
 
 
 def test_adapt_fine_tunes_on_the_inputs_own_axial_slices(tmp_path, thin_phantom) -> None:
-    from thinslice.infer.planes_data import adapt_planes
+    from thinslice.infer.planes_adapt import adapt_planes
 
     model = _perturbed(1).eval()
     thick, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")

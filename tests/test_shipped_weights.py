@@ -18,8 +18,9 @@ from thinslice.checkpoints.bundle import (
 from thinslice.checkpoints.files import loaded_preset, record_of, weights_hash
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
+from thinslice.degrade.operators import thick_profile_operator
 from thinslice.infer import target_grid_volume, upsample
-from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.upsample import default_method, get_method
 
 # The package ships about 9 MB; the working tree that travels to a GPU for the one-call recipe is limited to

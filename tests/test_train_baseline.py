@@ -11,7 +11,7 @@ import torch
 from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
-from thinslice.infer.pairs import PairSampler
+from thinslice.examples.pairs import PairSampler
 from thinslice.infer.upsample import upsample
 from thinslice.models.factory import build_baseline
 from thinslice.presets import load_preset

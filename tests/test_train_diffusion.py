@@ -13,7 +13,7 @@ from thinslice.checkpoints.bundle import load_denoiser, load_vae, save_bundle_mo
 from thinslice.checkpoints.files import record_of
 from thinslice.cli.main import main
 from thinslice.errors import ThinsliceError
-from thinslice.infer.pairs import PairSampler, make_pair, pair_margin
+from thinslice.examples.pairs import PairSampler, make_pair, pair_margin
 from thinslice.infer.sampler import make_schedule
 from thinslice.models.factory import build_denoiser, build_vae
 from thinslice.presets import load_preset
@@ -49,7 +49,7 @@ def _opts(run_dir, vae_file, **kw) -> DiffusionTrainOptions:
 def test_pairs_shapes_factors_and_alignment(thin_phantom) -> None:
     deg = load_preset("tiny").degradation
     sampler = PairSampler([thin_phantom], (8, 32, 32), 3, deg, seed=0)
-    assert sampler.patches.patch_size == (8 + 2 * pair_margin(max(deg.factors)), 32, 32)
+    assert sampler.patch_size == (8 + 2 * pair_margin(max(deg.factors)), 32, 32)
     factors = []
     for _ in range(6):
         batch = sampler.next_batch()

@@ -28,7 +28,7 @@ from torch import nn
 
 import thinslice
 from thinslice.checkpoints import files as weights_io
-from thinslice.checkpoints.device import resolve_device
+from thinslice.device import resolve_device
 from thinslice.errors import ThinsliceError
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.denoiser import LatentDenoiser

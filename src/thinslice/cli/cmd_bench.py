@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from thinslice.evaluate.bench import markdown_table, parse_methods, parse_mm_case, run_benchmark, write_results
-    from thinslice.infer.patches import resolve_data_paths
     from thinslice.infer.upsample import get_method
+    from thinslice.io.prepare import resolve_data_paths
 
     specs = []
     for spec in parse_methods(args.methods, args.checkpoint, args.device, args.precision):

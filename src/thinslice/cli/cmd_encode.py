@@ -43,7 +43,7 @@ def _device(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from thinslice.checkpoints.files import load_model, record_of
     from thinslice.errors import ThinsliceError
-    from thinslice.infer.patches import resolve_data_paths
+    from thinslice.io.prepare import resolve_data_paths
     from thinslice.models.tiling import DEFAULT_TILE
     from thinslice.train.latents import build_latent_cache
 

@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.infer.patches import resolve_data_paths
+    from thinslice.io.prepare import resolve_data_paths
     from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
 
     train = resolve_data_paths(args.data)

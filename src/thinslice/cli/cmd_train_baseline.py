@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.infer.patches import resolve_data_paths
+    from thinslice.io.prepare import resolve_data_paths
     from thinslice.train.baseline import BaselineTrainOptions, train_baseline
 
     train = resolve_data_paths(args.data)

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.infer.patches import resolve_data_paths
+    from thinslice.io.prepare import resolve_data_paths
     from thinslice.train.planes import PlanesTrainOptions, train_planes
 
     train = resolve_data_paths(args.data)

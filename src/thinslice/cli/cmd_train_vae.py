@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.infer.patches import resolve_data_paths
+    from thinslice.io.prepare import resolve_data_paths
     from thinslice.train.losses import VAELossWeights
     from thinslice.train.vae import VAETrainOptions, train_vae
 

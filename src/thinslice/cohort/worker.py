@@ -166,7 +166,8 @@ def method_entry(name: str):
 
 def measure(thick: Volume, thin: Volume, acquisition) -> dict:
     """What the ledger and QC page show about a result: factor, grids, HU range and the data-consistency residual."""
-    from thinslice.infer.consistency import consistency_residual_hu, thick_profile_operator
+    from thinslice.degrade.operators import thick_profile_operator
+    from thinslice.infer.consistency import consistency_residual_hu
 
     profile = acquisition.profile if acquisition is not None else "gaussian"
     thickness = acquisition.thickness_mm if acquisition is not None else None

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from thinslice.degrade.operators import SlabOperator, thick_profile_operator
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.degrade.profiles import check_profile
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes, high_band_power, through_plane_sharpness
-from thinslice.infer.consistency import SlabOperator, consistency_residual_hu, thick_profile_operator
+from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic

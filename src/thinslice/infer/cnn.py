@@ -16,8 +16,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from thinslice.checkpoints.bundle import load_baseline
-from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
 from thinslice.checkpoints.files import keep_record, loaded_preset, weights_label
+from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.upsample import register_pipeline
 from thinslice.io.volume import Volume

@@ -38,15 +38,14 @@ from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
 from thinslice.checkpoints.bundle import has_weights, load_denoiser, load_vae
-from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
 from thinslice.checkpoints.files import loaded_preset, record_of, weights_label
 from thinslice.degrade.grid import thin_grid
+from thinslice.degrade.operators import SlabOperator, thick_profile_operator
+from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import (
-    SlabOperator,
     consistency_residual_hu,
     enforce_consistency,
-    thick_profile_operator,
 )
 from thinslice.infer.interpolate import interpolate_volume
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result

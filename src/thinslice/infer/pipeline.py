@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from thinslice.degrade.operators import plausible_thickness
 from thinslice.degrade.profiles import check_profile
 from thinslice.errors import ThinsliceError
-from thinslice.infer.consistency import make_consistent, plausible_thickness
+from thinslice.infer.consistency import make_consistent
 from thinslice.infer.options import ACQUISITION_TYPES, check_option_types, option_types
 from thinslice.io.volume import Volume
 

@@ -4,14 +4,13 @@ Pipeline: cubic-dc (cubic B-spline + data consistency) -> :class:`~thinslice.mod
 coronal and every sagittal plane (thick rows x pixels, k thin rows emitted per thick row), the two orientations
 averaged -> data consistency again, so the network can only add what the thick slices do not determine.
 
-The same code serves training (:mod:`thinslice.train.planes` builds its inputs with :func:`cell_operators`, which
-is cubic-dc written as one matrix, and validates through :meth:`Planes.from_model`), so validation scores are what
-users get.
+The same code serves training (:mod:`thinslice.examples.planes` builds its inputs with
+:func:`~thinslice.degrade.operators.cell_operators`, which is cubic-dc written as one matrix, and
+:mod:`thinslice.train.planes` validates through :meth:`Planes.from_model`), so validation scores are what users get.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -23,16 +22,11 @@ import numpy as np
 import torch
 
 from thinslice.checkpoints.bundle import load_planes, planes_file, specialist_factors, weights_file
-from thinslice.checkpoints.device import autocast, autocast_dtype, resolve_device
 from thinslice.checkpoints.files import read_metadata, weights_label
-from thinslice.degrade.grid import thin_positions
+from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.errors import ThinsliceError
-from thinslice.infer.consistency import (
-    consistency_matrix,
-    thick_profile_operator,
-)
-from thinslice.infer.interpolate import interpolate_slices
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
+from thinslice.infer.planes_adapt import adapt_plan, adapt_planes
 from thinslice.infer.upsample import CubicDC, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
@@ -57,28 +51,6 @@ def integer_factor(thick_spacing_mm: float, thin_spacing_mm: float) -> int:
             "finer one) or --method cubic-dc"
         )
     return k
-
-
-def _unit_thick_volume(m: int, k: int, thickness_ratio: float) -> Volume:
-    """m thick slices of spacing k (thin spacing 1) and thickness ``thickness_ratio * k``: the cell geometry."""
-    return Volume(np.zeros((m, 1, 1), np.float32), (1.0, 1.0, float(k)), slice_thickness=thickness_ratio * k)
-
-
-@functools.lru_cache(maxsize=1024)  # per factor x rows x ratio x profile (training draws many)
-def cell_operators(k: int, m: int, thickness_ratio: float, profile: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(A, B, pad)`` for m thick cells of k thin rows: ``thick = A @ thin`` with A (m x (mk + 2 pad)) over the
-    cells' rows and ``pad`` rows beyond each end (where the slabs reach), and ``cubic_dc = B @ thick`` (mk x m).
-
-    Built from the very functions inference uses (``thick_profile_operator``, ``interpolate_slices``, the
-    consistency projection) on a unit geometry, so training inputs equal what ``cubic-dc`` gives at inference.
-    """
-    vol = _unit_thick_volume(m, k, thickness_ratio)
-    op = thick_profile_operator(vol, 1.0, profile, thickness_ratio * k)
-    c = interpolate_slices(np.eye(m, dtype=np.float32)[:, :, None], vol.slice_positions_mm(),
-                           thin_positions(vol, 1.0), method="cubic")[:, :, 0].astype(np.float64)
-    both = consistency_matrix(op)
-    b = both[:, : m * k] @ c + both[:, m * k:]
-    return op.extended.astype(np.float32), b.astype(np.float32), op.pad
 
 
 def _orientation_views(volume: np.ndarray, orientation: str) -> np.ndarray:
@@ -311,8 +283,6 @@ class Planes(Pipeline):
         return {name: weights_label(network) + ("+adapted" if self.options.adapt else "")}
 
     def _adapted(self, network: PlanesNet, thick: Volume, k: int, acquisition: Acquisition) -> PlanesNet:
-        from thinslice.infer.planes_data import adapt_plan, adapt_planes
-
         o = self.options
         plan = adapt_plan(o.adapt_steps, o.adapt_seconds, o.precision, o.progress)
         return adapt_planes(network, thick, k, (acquisition.profile, acquisition.ratio_to(thick.slice_spacing)),

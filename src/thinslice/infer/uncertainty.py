@@ -37,6 +37,8 @@ LEVEL = 0.9
 Z90 = float(norm.ppf(0.95))  # 1.645: the 90% interval is mean +- Z90 std
 WIDE_HU = 50.0  # the summary counts body voxels whose 90% interval is wider than this
 REFIT = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fit_uncertainty.py"
+# Intensity classes as features: (low, high] HU of the output.
+CLASS_THRESHOLDS_HU = {"lung": (-np.inf, -500.0), "bone": (300.0, np.inf)}
 FIT_VOXELS = 400_000  # voxels drawn at random for the likelihood fit (keeps it to seconds)
 
 
@@ -48,7 +50,9 @@ class Features:
     ``planes_spread``: local RMS of the planes passes' disagreement (ldm starts from planes and can use it too);
     ``contrast``: local standard deviation of the output (edges are where through-plane guesses go wrong);
     ``noise``: local RMS of the output's in-plane high-pass (3x3), i.e. the image noise, which sets the floor of
-    the error (tried, not in the shipped fits: docs/uncertainty.md).
+    the error (tried, not in the shipped fits: docs/uncertainty.md);
+    ``lung`` / ``bone``: local fraction of the output's voxels below -500 HU / above 300 HU (intensity classes: the
+    errors of a head's brain and a chest's lungs are distributed differently at the same spread).
     """
 
     names: tuple[str, ...] = ("spread", "contrast")
@@ -82,7 +86,13 @@ def feature(name: str, maps: dict[str, np.ndarray], window: tuple[int, int, int]
     if name == "noise":
         mean = np.asarray(maps["mean"], np.float32)
         return _local_rms(mean - ndimage.uniform_filter(mean, (1, 3, 3), mode="nearest"), window)
-    raise ThinsliceError(f"unknown uncertainty feature '{name}': use spread, planes_spread, contrast or noise")
+    if name in CLASS_THRESHOLDS_HU:
+        low, high = CLASS_THRESHOLDS_HU[name]
+        mean = np.asarray(maps["mean"])
+        inside = ((mean > low) & (mean <= high)).astype(np.float32)
+        return ndimage.uniform_filter(inside, window, mode="nearest")
+    raise ThinsliceError(f"unknown uncertainty feature '{name}': use spread, planes_spread, contrast, noise, lung or "
+                         "bone")
 
 
 @dataclass(frozen=True)

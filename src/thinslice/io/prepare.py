@@ -15,6 +15,7 @@ import io
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +165,38 @@ def read_split_file(path: str | Path) -> list[Path]:
         raise ThinsliceError(f"{len(missing)} of {len(entries)} volumes listed in {path} are missing (first: "
                              f"{missing[0]}); re-run `thinslice prepare` or fix the list")
     return entries
+
+
+def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Volume files from split files (.txt), folders (their NIfTI/NRRD/MHA files) or individual files: how every
+    training and benchmark command turns its data arguments into volumes (read by :func:`training_volume`)."""
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    paths: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.suffix == ".txt" and p.is_file():
+            paths += read_split_file(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_EXTENSIONS))
+            if not found:
+                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_EXTENSIONS)}) in folder {p}")
+            paths += found
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ThinsliceError(f"training data not found: {p}; pass a split .txt file, a folder or volume files")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise ThinsliceError(f"{len(missing)} listed volume(s) do not exist, e.g. {missing[0]}")
+    if not paths:
+        raise ThinsliceError("no training volumes given")
+    return paths
+
+
+def training_volume(item: Volume | str | Path) -> Volume:
+    """A training volume given in memory or as a file (one of :func:`resolve_data_paths`), read when it is a path."""
+    return item if isinstance(item, Volume) else read_volume(Path(item))
 
 
 # ------------------------------------------------------------------------------------------------ scanning

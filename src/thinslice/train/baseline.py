@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.examples.pairs import PairSampler
 from thinslice.infer.cnn import Cnn
-from thinslice.infer.pairs import PairSampler
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.factory import build_baseline

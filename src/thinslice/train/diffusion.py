@@ -7,9 +7,9 @@ samplers:
 
 - **prior pairs** (Haar stage, or any prior other than cubic): every training volume is degraded once per factor and
   profile, the prior (planes or cubic-dc) is computed on the whole volume as inference does, and both latents are
-  held in memory (:mod:`thinslice.train.prior_pairs`); the model then learns residual latents, scaled by 1 / RMS of
+  held in memory (:mod:`thinslice.examples.prior_pairs`); the model then learns residual latents, scaled by 1 / RMS of
   the residual (recorded with the weights, :class:`~thinslice.presets.LatentConfig`);
-- **pairs encoded on the fly** (VAE, cubic prior): :class:`~thinslice.infer.pairs.PairSampler` HR and
+- **pairs encoded on the fly** (VAE, cubic prior): :class:`~thinslice.examples.pairs.PairSampler` HR and
   cubic-upsampled LR patches, a fresh degradation per example, encoded by the VAE each step;
 - **a latent cache** (``--cache``, made by ``thinslice encode``): no VAE work per step, only the cached
   factors/profiles.
@@ -48,13 +48,14 @@ from safetensors import safe_open
 from torch import nn
 
 from thinslice.checkpoints.bundle import FILES, load_denoiser, save_bundle_denoiser
-from thinslice.checkpoints.device import resolve_device
 from thinslice.checkpoints.files import load_model, record_of
+from thinslice.device import resolve_device
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
+from thinslice.examples.pairs import PairSampler
+from thinslice.examples.prior_pairs import CropBatches, PriorPairSampler, build_pairs, fits, residual_scale
 from thinslice.infer.ldm import Ldm, LdmOptions, latent_config, prior_estimate
-from thinslice.infer.pairs import PairSampler
 from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.sampler import diffusion_loss, make_schedule
 from thinslice.io.atomic import atomic_output
@@ -74,7 +75,6 @@ from thinslice.train.engine import (
     run_settings,
 )
 from thinslice.train.latents import LatentCache
-from thinslice.train.prior_pairs import CropBatches, PriorPairSampler, build_pairs, fits, residual_scale
 from thinslice.train.validation import ValCase, make_pipeline_validate, validation_cases
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def check_patch_fits(patch: tuple[int, int, int], vae: AutoencoderKL3D, multiple
 
 # ----------------------------------------------------------------------------------------------- batches
 class LatentCropSampler(CropBatches):
-    """:class:`~thinslice.train.prior_pairs.CropBatches` from the (factor, profile) pairs of a latent cache.
+    """:class:`~thinslice.examples.prior_pairs.CropBatches` from the (factor, profile) pairs of a latent cache.
 
     Crops are read straight from the safetensors files (memory-mapped slices), so a large cache costs no RAM.
     """

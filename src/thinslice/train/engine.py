@@ -9,7 +9,7 @@ best/final weights as self-describing safetensors files (``run_dir/best/<name>.s
 
 Exact resume: a checkpoint holds models, optimiser, LR scheduler, EMA, step/best metric, the Python/numpy/torch RNG
 states (Accelerate's ``save_state``) and the state of the batch iterator when it has ``state_dict``/
-``load_state_dict`` (e.g. :class:`thinslice.infer.patches.PatchSampler` with its own numpy Generator). So N steps
+``load_state_dict`` (e.g. :class:`thinslice.examples.base.ExampleSampler` with its one numpy Generator). So N steps
 straight and N/2 + resume + N/2 give the same weights on CPU (tested).
 
 Multi-GPU: start any trainer with ``accelerate launch -m thinslice.cli.main train-... `` (or ``accelerate launch
@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from thinslice.errors import ThinsliceError
-from thinslice.infer.finetune import warmup_cosine  # the LR schedule, shared with --adapt
+from thinslice.examples.fit import warmup_cosine  # the LR schedule, shared with --adapt
 from thinslice.io.atomic import write_text_atomic
 from thinslice.presets import Preset, TrainConfig
 

@@ -6,7 +6,7 @@ from a volume's through-plane planes (coronal or sagittal) or, with probability 
 slice with one in-plane axis playing the slice axis (the SMORE / SR4ZCT self-supervision: in-plane resolution is
 higher than through-plane, and every volume has hundreds of such planes). X is degraded with a random profile,
 thickness (jitter, overlap) and factor k as ``thick = A X`` and turned into cubic-dc as ``base = B thick``, with
-the very operators inference uses (:func:`thinslice.infer.planes.cell_operators`). The loss compares the
+the very operators inference uses (:func:`thinslice.degrade.operators.cell_operators`). The loss compares the
 network's output with X. Validation runs the shipped pipeline (:class:`thinslice.infer.planes.Planes`) on
 whole slices of the validation volumes, so the logged PSNR is what ``--method planes`` gives.
 """
@@ -25,8 +25,8 @@ from torch import nn
 
 from thinslice.checkpoints.bundle import save_bundle_model
 from thinslice.errors import ThinsliceError
+from thinslice.examples.planes import PlaneSampler
 from thinslice.infer.planes import Planes
-from thinslice.infer.planes_data import PlaneSampler
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_planes
 from thinslice.presets import Preset, load_preset

@@ -21,7 +21,7 @@ from torch import nn
 from thinslice.checkpoints.files import load_state_strict, read_metadata, save_weights
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
-from thinslice.infer.patches import PatchSampler, _source_from
+from thinslice.examples.patches import PatchSampler, _source_from
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_vae

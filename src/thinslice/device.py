@@ -1,5 +1,6 @@
 """Where and in what precision networks run: the one device resolver and the autocast helpers, shared by
-training, inference and the benchmarks."""
+training, inference and the benchmarks. A base module (beside ``errors.py``) rather than part of checkpoints/, so
+that the fitting loop of :mod:`thinslice.examples.fit`, which imports no checkpoint code, shares it too."""
 
 from __future__ import annotations
 

@@ -1,45 +1,38 @@
 """Training examples of the planes network, shared by ``train-planes`` and ``upsample --method planes --adapt``.
 
 An example is a thin plane X (k thin rows per thick cell, ``width`` pixels) degraded as ``thick = A X`` and turned
-into cubic-dc as ``base = B thick`` with the operators inference uses (:func:`thinslice.infer.planes.cell_operators`).
-Planes come from a volume's through-plane planes (coronal or sagittal) or from axial slices with one in-plane axis
-playing the slice axis (SMORE / SR4ZCT self-supervision): the only thin planes a thick input itself holds, which is
-what adaptation to an input trains on.
+into cubic-dc as ``base = B thick`` with the operators inference uses
+(:func:`thinslice.degrade.operators.cell_operators`). Planes come from a volume's through-plane planes (coronal or
+sagittal) or from axial slices with one in-plane axis playing the slice axis (SMORE / SR4ZCT self-supervision): the
+only thin planes a thick input itself holds, which is what adaptation to an input trains on
+(:mod:`thinslice.infer.planes_adapt`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from thinslice.checkpoints.files import keep_record, loaded_preset
+from thinslice.degrade.operators import cell_operators
 from thinslice.degrade.profiles import PROFILE_FAMILY
 from thinslice.errors import ThinsliceError
-from thinslice.infer.finetune import FineTune, fine_tune
-from thinslice.infer.planes import cell_operators
+from thinslice.examples.base import ExampleSampler
+from thinslice.io.prepare import training_volume
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16, hu_to_model
-from thinslice.models.planes import PlanesConfig, PlanesNet, acquisition_vector
+from thinslice.models.planes import PlanesConfig, acquisition_vector
 from thinslice.presets import DegradationConfig, PlaneSamplingConfig
 
 _MIN_TISSUE = 0.3  # a plane with less than this fraction of non-air pixels is redrawn
-# Adaptation: a tenth of the training learning rate keeps the network near what it learned from many volumes.
-ADAPT_LR = 5e-5
-ADAPT_BATCH = 16
 
 
-class PlaneSampler:
+class PlaneSampler(ExampleSampler):
     """Endless batches of training planes (one factor per batch, as each factor has its own head).
 
-    Its numpy generator is checkpointed (``state_dict``), so a resumed run draws the batches an uninterrupted one
+    Its one numpy generator is checkpointed (``state_dict``), so a resumed run draws the batches an uninterrupted one
     would have drawn.
     """
 
@@ -49,10 +42,11 @@ class PlaneSampler:
         """Examples for ``network``: its factors, its 2.5D ``context`` neighbouring planes on each side, and
         thick-grid blocks instead of planes for ``dims`` 3. ``acquisition`` (profile, thickness / spacing) fixes
         what is otherwise drawn per example (adaptation to one input)."""
+        super().__init__(seed)
         self.context = int(network.context)
         self.dims = int(network.dims)
         factors = tuple(int(k) for k in network.factors)
-        self.sources = [_slices_int16(v) for v in volumes]
+        self.sources = [hu_int16(training_volume(v).slices_first()) for v in volumes]
         if not self.sources:
             raise ThinsliceError("no training volumes")
         self.cfg = sampling
@@ -63,18 +57,8 @@ class PlaneSampler:
         self.batch_size = int(batch_size)
         sizes = np.array([float(s.size) for s in self.sources])
         self.volume_p = np.sqrt(sizes) / np.sqrt(sizes).sum()  # big volumes more often, small ones still seen
-        self.rng = np.random.default_rng(seed)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-
-    def __iter__(self) -> PlaneSampler:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         k = int(self.factors[int(self.rng.integers(len(self.factors)))])
         items = [self._example(k) for _ in range(self.batch_size)]
         stack = {key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]}
@@ -220,38 +204,3 @@ def _pad_block(hu: np.ndarray, n: int, size: int) -> np.ndarray:
 def _crop_block(hu: np.ndarray, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     starts = [int(rng.integers(have - want + 1)) for want, have in zip((n, size, size), hu.shape, strict=True)]
     return hu[starts[0]:starts[0] + n, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
-
-
-def _slices_int16(item: Volume | str | Path) -> np.ndarray:
-    from thinslice.io import read_volume
-
-    return hu_int16((item if isinstance(item, Volume) else read_volume(Path(item))).slices_first())
-
-
-def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str, float],
-                 plan: FineTune | None = None, seed: int = 0) -> PlanesNet:
-    """A copy of ``model`` fine-tuned on ``thick``'s own axial slices, each degraded along one in-plane axis with the
-    input's factor and profile (SR4ZCT / SMORE): the only thin-resolution planes a thick scan holds.
-
-    ``plan`` defaults to :func:`adapt_plan` (at most 1500 steps or 180 s at a constant tenth of the training rate).
-    """
-    torch.manual_seed(seed)
-    tuned = keep_record(model, copy.deepcopy(model))
-    sampling = dataclasses.replace(getattr(loaded_preset(model), "planes_data", PlaneSamplingConfig()),
-                                   inplane_fraction=1.0)
-    batch = ADAPT_BATCH if model.cfg.dims == 2 else ADAPT_BATCH // 4  # a block holds ~4 planes' pixels
-    sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(acquisition[0],)),
-                           dataclasses.replace(model.cfg, factors=(k,)), batch, seed, acquisition)
-    return fine_tune(tuned, sampler, _l1, plan or adapt_plan())  # type: ignore[return-value]
-
-
-def adapt_plan(steps: int = 1500, max_seconds: float = 180.0, precision: str = "bf16",
-               progress: bool = False) -> FineTune:
-    """Adaptation schedule of planes: a tenth of the training learning rate keeps the network near what it learned
-    from many volumes."""
-    return FineTune(steps=int(steps), lr=ADAPT_LR, max_seconds=float(max_seconds), precision=precision,
-                    progress=progress)
-
-
-def _l1(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.l1_loss(model(batch["thick"], batch["base"], batch["cond"]).float(), batch["hr"])

@@ -1,7 +1,10 @@
-"""The small fitting loop behind ``--adapt`` (test-time fine-tuning on the input itself), shared by the methods.
+"""Fitting a network to examples: the few-step loop behind ``--adapt`` (test-time fine-tuning on the input itself,
+shared by the methods) and the LR schedule the training engine shares with it.
 
-A plain loop rather than the training engine of :mod:`thinslice.train`: inference must not import training code,
-and a few minutes of fitting inside an inference call want no checkpoints, EMA, logging or Accelerate.
+Here, beside the examples it fits to, because both inference (``--adapt``) and training (the schedule) use it and
+neither may import the other: examples/ sits below both, and this module needs only torch and the autocast helpers
+of :mod:`thinslice.device`. A plain loop rather than the training engine of :mod:`thinslice.train`: a few minutes of
+fitting inside an inference call want no checkpoints, EMA, logging or Accelerate.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thinslice.checkpoints.device import autocast, autocast_dtype
+from thinslice.device import autocast, autocast_dtype
 
 # loss(model, batch on the model's device) -> scalar tensor
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]

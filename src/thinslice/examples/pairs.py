@@ -1,33 +1,33 @@
 """Training pairs made on the fly: (cubic-upsampled simulated thick patch, thin patch), shared by every trainer.
 
 From a thin (HR) patch in HU, slices first, drawn a little deeper than the training depth by
-:class:`~thinslice.infer.patches.PatchSampler`, each example gets its own degradation (factor, profile) from the
+:class:`~thinslice.examples.patches.PatchSampler`, each example gets its own degradation (factor, profile) from the
 preset's :class:`~thinslice.presets.DegradationConfig`: the patch is degraded along the slice axis
 (:func:`~thinslice.degrade.pairs.degrade_slices`, thin spacing 1), interpolated back onto the thin positions with
-the cubic B-spline of :func:`~thinslice.infer.interpolate.interpolate_slices` (what ``--method cubic`` does at
+the cubic B-spline of :func:`~thinslice.degrade.interpolate.interpolate_slices` (what ``--method cubic`` does at
 inference), and both are centre-cropped to the training depth. The crop drops the ends of the slab, where the thick
 grid does not reach and the interpolation only extrapolates, so the network trains on what it sees inside a volume.
 
 The thick grid starts at a random thin slice (its *phase*), so every alignment of thick slabs to the crop is seen:
 at inference the sliding windows fall on the thick grid at any phase. All randomness (volume, corner, factor,
-profile, phase and the per-batch noise seed the diffusion loss uses) comes from the sampler's own numpy generator,
+profile, phase and the per-batch noise seed the diffusion loss uses) comes from the sampler's one numpy generator,
 whose state is checkpointed by the engine, so a resumed run draws exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from thinslice.degrade.interpolate import interpolate_slices
 from thinslice.degrade.pairs import degrade_slices, random_degradation
 from thinslice.degrade.profiles import make_spec, thick_grid
 from thinslice.errors import ThinsliceError
-from thinslice.infer.interpolate import interpolate_slices
-from thinslice.infer.patches import PatchInfo, PatchSampler
+from thinslice.examples.patches import PatchInfo, PatchSampler
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import hu_to_model
 from thinslice.presets import DegradationConfig
@@ -68,11 +68,13 @@ def make_pair(
             np.ascontiguousarray(lr[start:start + depth], dtype=np.float32))
 
 
-class PairSampler:
+class PairSampler(PatchSampler):
     """Endless iterator of training batches ``{"hr", "lr": (B, 1, D, H, W) model range, "factor": (B,),
     "seed": int}`` (see the module docstring); ``seed`` seeds the loss's own noise (timesteps, CFG dropout).
 
-    ``state_dict``/``load_state_dict`` hold the wrapped :class:`PatchSampler`'s generator: exact resume.
+    A :class:`PatchSampler` of patches ``2 * pair_margin`` slices deeper than the pairs (its ``patch_size``: the
+    drawn depth, ``depth``: the pairs') whose transform makes the pair, so the patch, its degradation and the batch's
+    seed come from the one generator: exact resume.
     """
 
     def __init__(
@@ -92,12 +94,8 @@ class PairSampler:
         self.depth = int(patch_size[0])
         self.margin = pair_margin(max(degradation.factors))
         drawn = (self.depth + 2 * self.margin, int(patch_size[1]), int(patch_size[2]))
-        self.patches = PatchSampler(volumes, drawn, batch_size, seed=seed, max_air_fraction=max_air_fraction,
-                                    transform=self._transform)
-
-    @property
-    def batch_size(self) -> int:
-        return self.patches.batch_size
+        super().__init__(volumes, drawn, batch_size, seed=seed, max_air_fraction=max_air_fraction,
+                         transform=self._transform)
 
     def _transform(self, patch_hu: np.ndarray, info: PatchInfo, rng: np.random.Generator) -> dict[str, np.ndarray]:
         factor, profile = random_degradation(rng, self.degradation.factors, self.degradation.profiles)
@@ -106,17 +104,7 @@ class PairSampler:
         return {"hr": hu_to_model(hr)[None], "lr": hu_to_model(lr)[None], "factor": np.float32(factor)}
 
     def next_batch(self) -> dict[str, Any]:
-        batch = self.patches.next_batch()
+        batch = super().next_batch()
         batch.pop("info", None)
-        batch["seed"] = int(self.patches.rng.integers(_SEED_HIGH))
+        batch["seed"] = int(self.rng.integers(_SEED_HIGH))
         return batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.patches.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.patches.load_state_dict(state)

@@ -6,15 +6,14 @@ diffusion step, and it must see whole volumes (its data-consistency projection a
 full slice stack), so it cannot run per training patch. With the lossless Haar first stage a latent holds as many
 values as the image, so the pairs of the shared training volumes take about 1 GB as float16.
 
-The sampler draws random latent crops through :class:`CropBatches`, which the latent-cache sampler
-(:class:`thinslice.train.diffusion.LatentCropSampler`) shares.
+The sampler draws random latent crops through :class:`CropBatches`, which the latent-cache sampler of the diffusion
+trainer (``LatentCropSampler``) shares.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
+from thinslice.examples.base import ExampleSampler
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import hu_to_model
 
@@ -104,32 +104,26 @@ def fits(shape: Sequence[int], crop: Sequence[int]) -> bool:
     return all(n >= c for n, c in zip(shape[1:], crop, strict=True))
 
 
-class CropBatches:
+class CropBatches(ExampleSampler):
     """Endless batches ``{"hr_latent", "lr_latent": (B, C, d, h, w), "factor": (B,), "seed": int}`` of random latent
     crops of pairs whose (C, d, h, w) ``shapes`` are given; each pair is drawn with probability proportional to its
-    number of crop positions, from an own numpy generator that is checkpointed (exact resume). Subclasses say how a
+    number of crop positions, from the sampler's one checkpointed generator (exact resume). Subclasses say how a
     crop is read (:meth:`read`): from memory (:class:`PriorPairSampler`) or from a latent cache's files
-    (:class:`thinslice.train.diffusion.LatentCropSampler`)."""
+    (the diffusion trainer's ``LatentCropSampler``)."""
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], crop: tuple[int, int, int], batch_size: int,
                  seed: int = 0) -> None:
+        super().__init__(seed)
         self.crop = tuple(int(c) for c in crop)
         self.shapes = [tuple(s) for s in shapes]
         counts = np.array([np.prod([n - c + 1 for n, c in zip(s[1:], self.crop, strict=True)]) for s in self.shapes],
                           dtype=np.float64)
         self.weights = counts / counts.sum()
         self.batch_size = int(batch_size)
-        self.rng = np.random.default_rng(seed)
 
     def read(self, index: int, window: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(truth crop, prior crop, factor) of pair ``index``."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
 
     def next_batch(self) -> dict[str, Any]:
         hrs, lrs, factors = [], [], []
@@ -144,10 +138,6 @@ class CropBatches:
             factors.append(factor)
         return {"hr_latent": torch.stack(hrs).float(), "lr_latent": torch.stack(lrs).float(),
                 "factor": torch.tensor(factors, dtype=torch.float32), "seed": int(self.rng.integers(_SEED_HIGH))}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_batch()
 
 
 class PriorPairSampler(CropBatches):

@@ -1,10 +1,10 @@
 """Random 3D training patches from a set of CT volumes, shared by all trainers.
 
 :class:`PatchSampler` keeps every volume in memory once, slices first, as int16 HU (a 512x512x300 CT takes 150 MB),
-and draws patches with its *own* seeded ``numpy.random.Generator`` whose state is part of the training checkpoint,
-so a resumed run draws exactly the patches the uninterrupted run would have drawn. Patches that are mostly air are
-rejected (training on the body, not on the room). A per-patch ``transform(patch_hu, info, rng)`` hook lets the
-diffusion and CNN trainers degrade patches on the fly with the same checkpointed generator.
+and draws patches with the one seeded ``numpy.random.Generator`` of :class:`~thinslice.examples.base.ExampleSampler`,
+whose state is part of the training checkpoint, so a resumed run draws exactly the patches the uninterrupted run
+would have drawn. Patches that are mostly air are rejected (training on the body, not on the room). A per-patch
+``transform(patch_hu, info, rng)`` hook lets the pair samplers degrade patches on the fly with the same generator.
 
 The sampler runs in the training process (no DataLoader workers): drawing a patch is a memory copy, cheap next to a
 3D network step, and it keeps resume exact.
@@ -12,8 +12,7 @@ The sampler runs in the training process (no DataLoader workers): drawing a patc
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ import numpy as np
 import torch
 
 from thinslice.errors import ThinsliceError
-from thinslice.io import read_volume
-from thinslice.io.prepare import read_split_file
-from thinslice.io.readers import VOLUME_EXTENSIONS
+from thinslice.examples.base import ExampleSampler
+from thinslice.io.prepare import training_volume
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import AIR_THRESHOLD_HU, hu_int16
 
@@ -55,41 +53,15 @@ def default_transform(patch_hu: np.ndarray, info: PatchInfo, rng: np.random.Gene
     return {"hu": patch_hu[None]}  # (1, D, H, W): channel axis for the network
 
 
-def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Volume files from split files (.txt), folders (their NIfTI/NRRD/MHA files) or individual files."""
-    if isinstance(specs, (str, Path)):
-        specs = [specs]
-    paths: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.suffix == ".txt" and p.is_file():
-            paths += read_split_file(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_EXTENSIONS))
-            if not found:
-                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_EXTENSIONS)}) in folder {p}")
-            paths += found
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise ThinsliceError(f"training data not found: {p}; pass a split .txt file, a folder or volume files")
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise ThinsliceError(f"{len(missing)} listed volume(s) do not exist, e.g. {missing[0]}")
-    if not paths:
-        raise ThinsliceError("no training volumes given")
-    return paths
-
-
 def _source_from(item: Volume | str | Path, index: int) -> _Source:
-    vol = item if isinstance(item, Volume) else read_volume(Path(item))
+    vol = training_volume(item)
     name = Path(item).name if not isinstance(item, Volume) else f"volume{index}"
     axis = vol.slice_axis
     inplane = tuple(float(s) for i, s in enumerate(vol.spacing) if i != axis)
     return _Source(name, hu_int16(vol.slices_first()), float(vol.slice_spacing), inplane)  # type: ignore[arg-type]
 
 
-class PatchSampler:
+class PatchSampler(ExampleSampler):
     """Endless iterator of patch batches: dicts of stacked ``transform`` outputs as float32 tensors + ``info`` list.
 
     Volumes smaller than the patch are padded with air. Each volume is drawn with probability proportional to its
@@ -109,6 +81,7 @@ class PatchSampler:
     ) -> None:
         if not volumes:
             raise ThinsliceError("PatchSampler needs at least one volume")
+        super().__init__(seed)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.max_air_fraction = float(max_air_fraction)
@@ -117,14 +90,6 @@ class PatchSampler:
         self.sources = [_source_from(v, i) for i, v in enumerate(volumes)]
         sizes = np.array([s.hu.size for s in self.sources], dtype=np.float64)
         self.weights = sizes / sizes.sum()
-        self.rng = np.random.default_rng(seed)
-
-    # -------------------------------------------------------------------------------------- checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
 
     # ------------------------------------------------------------------------------------------- drawing
     def _crop(self, src: _Source, corner: tuple[int, int, int]) -> np.ndarray:
@@ -163,10 +128,6 @@ class PatchSampler:
                                  for k in items[0]}
         batch["info"] = infos
         return batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_batch()
 
     @property
     def total_voxels(self) -> int:

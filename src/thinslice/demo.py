@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.pairs import simulate_pair
@@ -46,11 +47,11 @@ class DemoOptions:
     precision: str | None = None
 
 
-def run_demo(out_dir: str | Path, options: DemoOptions | None = None, log=print, **fields: object) -> DemoResult:
+def run_demo(out_dir: str | Path, options: DemoOptions | None = None, log=print, **fields: Any) -> DemoResult:
     """Without ``method``: cubic, cubic-dc and every learned method whose weights ship (or are in ``checkpoint``),
     so the demo shows the real models next to interpolation; ``method`` names one method to compare with cubic.
     ``options`` (or its fields as keywords) say what to run on."""
-    o = dataclasses.replace(options or DemoOptions(), **fields)  # type: ignore[arg-type]
+    o = dataclasses.replace(options or DemoOptions(), **fields)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method, methods = _methods(o)

@@ -62,9 +62,7 @@ class ResShiftConfig:
     @classmethod
     def fast(cls, **overrides: object) -> ResShiftConfig:
         """The 4-step schedule of the paper (T = 4, min_noise = 0.2)."""
-        values: dict[str, object] = {"num_steps": 4, "min_noise": 0.2}
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        return dataclasses.replace(cls(num_steps=4, min_noise=0.2), **overrides)
 
 
 # The networks' configurations: here, in the base layer, so that models/ and diffusion/ import them and this
@@ -91,15 +89,16 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
-        self.strides = tuple(tuple(int(s) for s in st) for st in self.strides)  # type: ignore[assignment]
-        if len(self.strides) != len(self.channels) - 1:
+        strides = [tuple(int(s) for s in st) for st in self.strides]
+        if len(strides) != len(self.channels) - 1:
             raise ThinsliceError(
                 f"VAE config: {len(self.channels)} channel levels need {len(self.channels) - 1} strides, got "
-                f"{len(self.strides)}; fix the 'vae' section of the preset"
+                f"{len(strides)}; fix the 'vae' section of the preset"
             )
-        for st in self.strides:
+        for st in strides:
             if len(st) != 3 or any(s not in (1, 2) for s in st):
                 raise ThinsliceError(f"VAE config: strides must be (d, h, w) tuples of 1 or 2, got {st}")
+        self.strides = tuple((st[0], st[1], st[2]) for st in strides)
         for c in self.channels:
             if c % self.norm_num_groups:
                 raise ThinsliceError(
@@ -109,7 +108,8 @@ class VAEConfig:
     @property
     def total_stride(self) -> tuple[int, int, int]:
         """Down-sampling factor image -> latent per axis (d, h, w)."""
-        return tuple(math.prod(st[a] for st in self.strides) for a in range(3))  # type: ignore[return-value]
+        d, h, w = (math.prod(st[a] for st in self.strides) for a in range(3))
+        return d, h, w
 
 
 @dataclass

@@ -117,10 +117,15 @@ def _uncertainty_options(method, options: dict[str, object]) -> dict[str, object
     if "samples" not in method.options:
         raise ThinsliceError(f"method '{method.name}' gives no uncertainty map: use --method planes --uncertainty "
                              "(cheap) or --method ldm --samples 4")
-    if int(options.get("samples") or 1) < 2:  # type: ignore[call-overload]
+    if _samples(options) < 2:
         log.info(f"note: {method.name} --uncertainty takes --samples 4")
         options["samples"] = 4
     return options
+
+
+def _samples(options: dict[str, object]) -> int:
+    """``--samples`` as given (text or number; 1 when absent)."""
+    return int(str(options.get("samples") or 1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 def _std_path(args: argparse.Namespace, options: dict[str, object]):
     """Where the uncertainty map goes (``--samples`` >= 2 or ``--uncertainty``): beside the output, ``ct.nii.gz`` ->
     ``ct_std.nii.gz``; checked against the input before any work."""
-    if int(options.get("samples") or 1) < 2 and not options.get("uncertainty"):  # type: ignore[call-overload]
+    if _samples(options) < 2 and not options.get("uncertainty"):
         return None
     path = std_path_for(args.output)
     refuse_same_path(str(path), args.input)

@@ -110,7 +110,7 @@ def _number(value: object) -> str:
     if value in ("", None):
         return ""
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(str(value))  # (exact: str of a float is its shortest round-trip repr)
     except (TypeError, ValueError):
         return html.escape(str(value))
     return f"{number:.3g}" if abs(number) < 10 else f"{number:.0f}"

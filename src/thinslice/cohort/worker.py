@@ -16,12 +16,16 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thinslice.cohort.cases import Case
 from thinslice.cohort.thumbnails import thumbnail_png
 from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.volume import Volume
+
+if TYPE_CHECKING:
+    from thinslice.infer.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ class CaseRunner:
     def __init__(self, dtype: str = "int16", thumbnails: bool = True) -> None:
         self.dtype = dtype
         self.thumbnails = thumbnails
-        self._pipelines: dict[tuple, object] = {}
+        self._pipelines: dict[tuple, Pipeline] = {}
 
     def preload(self, method: str, options: tuple[tuple[str, object], ...] = ()) -> None:
         """Import the readers and writers and load a named method's weights now, when the worker starts, so that a
@@ -117,12 +121,12 @@ class CaseRunner:
 
         entry = method_entry(method)
         typed, profile, thickness = split_options(entry, case.options)
-        acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None  # type: ignore
+        acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None
         spacing = snap_spacing(thick, case.spacing)  # as run_method: 1.667 for 5 mm slices means 5/3
-        result = self._pipeline(method, typed)(thick, spacing, acquisition)  # type: ignore[operator]
+        result = self._pipeline(method, typed)(thick, spacing, acquisition)
         return result.volume, acquisition
 
-    def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]):
+    def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]) -> Pipeline:
         """The loaded pipeline for ``method`` and its typed options (loaded on first use, then reused)."""
         from thinslice.infer.pipeline import make_options
 

@@ -131,7 +131,7 @@ def _score(spec: MethodSpec, check: Check, profile: str, skipped: dict[str, str]
     out = upsample(check.thick, spacing, method=spec.method, **spec.options,
                    **told_options(spec, profile, check.thick))
     scores = evaluate_volumes(out, check.truth)
-    return {k: float(scores[k]) for k in SCORES}  # type: ignore[arg-type]
+    return {k: float(str(scores[k])) for k in SCORES}
 
 
 def format_selfcheck(result: SelfCheck) -> str:

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from thinslice.device import autocast, autocast_dtype
 
 # loss(model, batch on the model's device) -> scalar tensor
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+Net = TypeVar("Net", bound=nn.Module)  # fine_tune returns the network it was given
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> 
     return factor
 
 
-def fine_tune(model: nn.Module, batches: Iterator[dict[str, Any]], loss_fn: LossFn, plan: FineTune) -> nn.Module:
+def fine_tune(model: Net, batches: Iterator[dict[str, Any]], loss_fn: LossFn, plan: FineTune) -> Net:
     """Fit ``model`` in place on ``batches`` as ``plan`` says; returns it in eval mode."""
     from tqdm.auto import tqdm
 

@@ -57,8 +57,8 @@ def _source_from(item: Volume | str | Path, index: int) -> _Source:
     vol = training_volume(item)
     name = Path(item).name if not isinstance(item, Volume) else f"volume{index}"
     axis = vol.slice_axis
-    inplane = tuple(float(s) for i, s in enumerate(vol.spacing) if i != axis)
-    return _Source(name, hu_int16(vol.slices_first()), float(vol.slice_spacing), inplane)  # type: ignore[arg-type]
+    row, col = (float(s) for i, s in enumerate(vol.spacing) if i != axis)
+    return _Source(name, hu_int16(vol.slices_first()), float(vol.slice_spacing), (row, col))
 
 
 class PatchSampler(ExampleSampler):
@@ -106,12 +106,13 @@ class PatchSampler(ExampleSampler):
         src = self.sources[vi]
         best: tuple[float, np.ndarray, tuple[int, int, int]] | None = None
         for _ in range(self.max_tries):
-            corner = tuple(int(self.rng.integers(0, max(1, n - p + 1)))
-                           for n, p in zip(src.hu.shape, self.patch_size, strict=True))
-            patch = self._crop(src, corner)  # type: ignore[arg-type]
+            d, h, w = (int(self.rng.integers(0, max(1, n - p + 1)))
+                       for n, p in zip(src.hu.shape, self.patch_size, strict=True))
+            corner = (d, h, w)
+            patch = self._crop(src, corner)
             air = float(np.mean(patch < AIR_THRESHOLD_HU))
             if best is None or air < best[0]:
-                best = (air, patch, corner)  # type: ignore[assignment]
+                best = (air, patch, corner)
             if air <= self.max_air_fraction:
                 break
         assert best is not None

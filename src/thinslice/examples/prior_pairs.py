@@ -20,19 +20,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.examples.base import ExampleSampler
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import hu_to_model
+from thinslice.models.vae import AutoencoderKL3D
+from thinslice.models.wavelet import HaarFirstStage
 
 log = logging.getLogger(__name__)
 
 # (thick volume, thin spacing in mm, slice profile) -> the prior on the thin grid
 PriorFn = Callable[[Volume, float, str], Volume]
 _SEED_HIGH = 2**62
+FirstStage = AutoencoderKL3D | HaarFirstStage  # both encode, and both have total_stride and scaling_factor
 
 
 @dataclass
@@ -46,19 +48,19 @@ class LatentPair:
 
 
 @torch.no_grad()
-def encode_whole(first_stage: nn.Module, hu: np.ndarray) -> np.ndarray:
+def encode_whole(first_stage: FirstStage, hu: np.ndarray) -> np.ndarray:
     """The first-stage latent (float16) of a whole volume (slices first), cropped to a multiple of its stride.
     Used for the parameter-free Haar stage, which needs no tiling."""
-    stride = first_stage.total_stride  # type: ignore[attr-defined]
+    stride = first_stage.total_stride
     crop = tuple(slice(0, n - n % s) for n, s in zip(hu.shape, stride, strict=True))
     device = next(iter(first_stage.buffers()), torch.zeros(0)).device
     x = torch.as_tensor(hu_to_model(np.ascontiguousarray(hu[crop], dtype=np.float32)), device=device)[None, None]
-    z, _ = first_stage.encode(x)  # type: ignore[operator]
-    return (z[0] * float(first_stage.scaling_factor)).half().cpu().numpy()  # type: ignore[attr-defined]
+    z, _ = first_stage.encode(x)
+    return (z[0] * float(first_stage.scaling_factor)).half().cpu().numpy()
 
 
 def make_pair(volume: Volume, name: str, degradation: tuple[float, str], prior_fn: PriorFn,
-              first_stage: nn.Module) -> LatentPair:
+              first_stage: FirstStage) -> LatentPair:
     """One volume degraded by (factor, profile), its prior, and both latents."""
     factor, profile = degradation
     thick, target = simulate_pair(volume, factor=factor, profile=profile)
@@ -70,7 +72,7 @@ def make_pair(volume: Volume, name: str, degradation: tuple[float, str], prior_f
 
 
 def build_pairs(volumes: Sequence[tuple[str, Volume]], degradations: Sequence[tuple[float, str]], prior_fn: PriorFn,
-                first_stage: nn.Module, workers: int = 1) -> list[LatentPair]:
+                first_stage: FirstStage, workers: int = 1) -> list[LatentPair]:
     """Every volume x degradation (``workers`` threads: the interpolation and projection release the GIL)."""
     jobs = [(name, vol, d) for name, vol in volumes for d in degradations]
     if not jobs:

@@ -52,12 +52,14 @@ def adapt_baseline(
     if plan.steps < 1:
         raise ThinsliceError(f"--adapt-steps must be at least 1, got {plan.steps}")
     train_cfg = getattr(loaded_preset(model), "train_baseline", None)
-    patch, batch = sampling or (tuple(getattr(train_cfg, "patch_size", DEFAULT_PATCH)),
-                                int(getattr(train_cfg, "batch_size", DEFAULT_BATCH)))
-    sampler = adaptation_sampler(thick, spacing_mm, profile, patch, batch, seed)  # type: ignore[arg-type]
+    if sampling is None:
+        d, h, w = (int(v) for v in getattr(train_cfg, "patch_size", DEFAULT_PATCH))
+        sampling = ((d, h, w), int(getattr(train_cfg, "batch_size", DEFAULT_BATCH)))
+    patch, batch = sampling
+    sampler = adaptation_sampler(thick, spacing_mm, profile, patch, batch, seed)
     torch.manual_seed(seed)
     model.to(resolve_device(device))
-    return fine_tune(model, iter(sampler), _l1, plan)  # type: ignore[return-value]
+    return fine_tune(model, iter(sampler), _l1, plan)
 
 
 def default_plan(steps: int = DEFAULT_ADAPT_STEPS, lr: float = DEFAULT_ADAPT_LR, precision: str = "fp32",

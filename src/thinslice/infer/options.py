@@ -48,7 +48,7 @@ def coerce_options(values: Mapping[str, object], types_by_name: Mapping[str, Any
         elif typing.get_origin(hint) is tuple and typing.get_args(hint) == (int, int, int):
             out[name] = option_patch(name, value)
         elif typing.get_origin(hint) is tuple:
-            out[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+            out[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(_items(value))
         else:
             out[name] = str(value)
     return out
@@ -96,7 +96,7 @@ def option_int(name: str, value: object, minimum: int | None = None) -> int:
 
 def option_float(name: str, value: object, positive: bool = False) -> float:
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value if isinstance(value, (int, float)) else str(value))
     except (TypeError, ValueError):
         raise ThinsliceError(f"{_flag(name)} must be a number, got '{value}'") from None
     if not np.isfinite(number) or (positive and number <= 0):
@@ -106,11 +106,16 @@ def option_float(name: str, value: object, positive: bool = False) -> float:
 
 def option_patch(name: str, value: object) -> tuple[int, int, int]:
     """A (d, h, w) voxel size from a 3-sequence or text like '32,128,128' / '32x128x128'."""
-    items = value.replace("x", ",").replace(" ", ",").split(",") if isinstance(value, str) else value
+    items = value.replace("x", ",").replace(" ", ",").split(",") if isinstance(value, str) else _items(value)
     try:
-        sizes = tuple(int(v) for v in items if str(v).strip() != "")  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        sizes = ()
+        sizes = [int(str(v).strip()) for v in items if str(v).strip() != ""]
+    except ValueError:
+        sizes = []
     if len(sizes) != 3 or min(sizes) < 1:
         raise ThinsliceError(f"{_flag(name)} must be three positive voxel counts D H W, got {value}")
-    return sizes  # type: ignore[return-value]
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _items(value: object) -> list[object]:
+    """The elements of a list/tuple value (argparse's nargs), or the value alone."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -107,6 +107,8 @@ class Pipeline:
     uses_profile: ClassVar[bool] = True  # models the input's slice profile (data consistency)
     train_hint: ClassVar[str] = "thinslice train ..."
     preference: ClassVar[int] = 0  # rank among learned methods for --method auto without a manifest
+    always_consistent: ClassVar[bool] = False  # the projection is the method (cubic-dc), not an option
+    model: Any = None  # the network a learned method runs (set by load or from_model)
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -142,7 +144,7 @@ class Pipeline:
         """The pipeline around a network in hand, kept as ``model`` (trainers validate through this, so they score
         what ships)."""
         pipeline = cls(cls.Options(**options))
-        pipeline.model = model  # type: ignore[attr-defined]
+        pipeline.model = model
         return pipeline
 
     @classmethod
@@ -160,7 +162,7 @@ class Pipeline:
     @property
     def consistent(self) -> bool:
         """Whether the skeleton ends with the data-consistency projection."""
-        return bool(getattr(self.options, "consistency", False))
+        return self.always_consistent or bool(getattr(self.options, "consistency", False))
 
     def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
         """The estimate the method starts from (an interpolation on the thin grid)."""

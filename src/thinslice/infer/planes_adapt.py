@@ -35,13 +35,14 @@ def adapt_planes(model: PlanesNet, thick: Volume, k: int, acquisition: tuple[str
     ``plan`` defaults to :func:`adapt_plan` (at most 1500 steps or 180 s at a constant tenth of the training rate).
     """
     torch.manual_seed(seed)
-    tuned = keep_record(model, copy.deepcopy(model))
+    tuned = copy.deepcopy(model)
+    keep_record(model, tuned)
     sampling = dataclasses.replace(getattr(loaded_preset(model), "planes_data", PlaneSamplingConfig()),
                                    inplane_fraction=1.0)
     batch = ADAPT_BATCH if model.cfg.dims == 2 else ADAPT_BATCH // 4  # a block holds ~4 planes' pixels
     sampler = PlaneSampler([thick], sampling, DegradationConfig(factors=(float(k),), profiles=(acquisition[0],)),
                            dataclasses.replace(model.cfg, factors=(k,)), batch, seed, acquisition)
-    return fine_tune(tuned, sampler, _l1, plan or adapt_plan())  # type: ignore[return-value]
+    return fine_tune(tuned, sampler, _l1, plan or adapt_plan())
 
 
 def adapt_plan(steps: int = 1500, max_seconds: float = 180.0, precision: str = "bf16",

@@ -255,7 +255,7 @@ class CubicDC(Pipeline):
     name = "cubic-dc"
     description = ("cubic B-spline, then data consistency with the thick slices (assumed slice profile: --profile "
                    "gaussian|box|decimate, default gaussian with FWHM = slice thickness)")
-    consistent = True  # type: ignore[assignment]  (always: the projection is the method)
+    always_consistent = True
 
 
 register_pipeline(Linear)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,13 +122,13 @@ class DicomSeriesOptions:
 
 
 def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesOptions | None = None,
-                       **fields: object) -> list[Path]:
+                       **fields: Any) -> list[Path]:
     """Write ``volume`` as one DICOM file per slice (along index axis k) into the existing empty ``folder``.
 
     ``options`` (or its fields as keywords) describe the series. Callers that want an atomic write use
     :func:`thinslice.io.writers.write_volume`, which wraps this.
     """
-    o = dataclasses.replace(options or DicomSeriesOptions(), **fields)  # type: ignore[arg-type]
+    o = dataclasses.replace(options or DicomSeriesOptions(), **fields)
     array, origin, direction = _right_handed_grid(volume)
     stored = np.rint(array - np.float32(o.rescale_intercept))  # float32 holds every int16/uint16 value exactly
     lo, hi = (0, 65535) if o.unsigned else (-32768, 32767)

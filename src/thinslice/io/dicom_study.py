@@ -130,7 +130,7 @@ def _position(text: str) -> tuple[float, float, float] | None:
         values = tuple(float(v) for v in text.split("\\"))
     except ValueError:
         return None
-    return values if len(values) == 3 else None  # type: ignore[return-value]
+    return (values[0], values[1], values[2]) if len(values) == 3 else None
 
 
 # ------------------------------------------------------------------------------------------- the written series

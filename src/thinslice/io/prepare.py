@@ -299,7 +299,7 @@ def _check_split(split: tuple[float, ...] | list[float]) -> tuple[float, float, 
         raise ThinsliceError(f"--split needs three non-negative fractions (train val test), got {split}")
     if abs(sum(values) - 1.0) > 1e-3:
         raise ThinsliceError(f"--split fractions must add up to 1, got {' + '.join(f'{v:g}' for v in values)}")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:

@@ -267,8 +267,8 @@ def _sform_permissive(on: bool) -> Iterator[None]:
     finally:
         if on and saved is None:
             os.environ.pop(key, None)
-        elif on:
-            os.environ[key] = saved  # type: ignore[assignment]
+        elif on and saved is not None:
+            os.environ[key] = saved
 
 
 def _sheared_nifti_image(image: sitk.Image, shear: tuple[np.ndarray, np.ndarray], path: Path,

@@ -44,14 +44,15 @@ class Volume:
         if min(arr.shape) < 1:
             raise ThinsliceError(f"volume has an empty axis (shape {arr.shape})")
         self.array = arr.astype(np.float32, copy=False)
-        spacing = tuple(float(s) for s in self.spacing)
+        spacing = [float(s) for s in self.spacing]
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
             raise ThinsliceError(
                 f"volume has no valid voxel spacing ({self.spacing}); the file lacks spacing information: "
                 "write it with spacing in mm (e.g. fix the NIfTI header pixdim)"
             )
-        self.spacing = spacing  # type: ignore[assignment]
-        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
+        self.spacing = (spacing[0], spacing[1], spacing[2])
+        ox, oy, oz = (float(o) for o in self.origin)
+        self.origin = (ox, oy, oz)
         direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
         if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
             raise ThinsliceError("volume direction matrix is degenerate; the file's orientation is corrupt")
@@ -63,7 +64,8 @@ class Volume:
     @property
     def shape_ijk(self) -> tuple[int, int, int]:
         """Size along index axes (i, j, k)."""
-        return tuple(int(n) for n in self.array.shape[::-1])  # type: ignore[return-value]
+        k, j, i = self.array.shape
+        return int(i), int(j), int(k)
 
     @property
     def slice_axis(self) -> int:
@@ -117,8 +119,8 @@ class Volume:
         origin = np.asarray(self.origin) + self.direction[:, axis] * float(first_slice_offset_mm)
         return Volume(
             array=np.ascontiguousarray(array),
-            spacing=tuple(spacing),  # type: ignore[arg-type]
-            origin=tuple(origin.tolist()),  # type: ignore[arg-type]
+            spacing=(spacing[0], spacing[1], spacing[2]),
+            origin=(float(origin[0]), float(origin[1]), float(origin[2])),
             direction=self.direction.copy(),
             slice_thickness=slice_thickness,
             metadata=dict(self.metadata),

@@ -32,7 +32,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 def size_multiple(cfg: UNetConfig) -> tuple[int, int, int]:
     """(d, h, w) that every latent spatial size must be a multiple of (product of the strides per axis)."""
-    return tuple(math.prod(s[axis] for s in cfg.strides) for axis in range(3))  # type: ignore[return-value]
+    d, h, w = (math.prod(s[axis] for s in cfg.strides) for axis in range(3))
+    return d, h, w
 
 
 class ConditionEmbedding(nn.Module):

@@ -200,7 +200,8 @@ class AutoencoderKL3D(nn.Module):
     def latent_shape(self, spatial: tuple[int, int, int]) -> tuple[int, int, int]:
         """Latent spatial shape for an input of ``spatial`` (d, h, w), which must be divisible by the total stride."""
         self.check_input_shape(spatial)
-        return tuple(n // s for n, s in zip(spatial, self.total_stride, strict=True))  # type: ignore[return-value]
+        (d, h, w), (sd, sh, sw) = spatial, self.total_stride
+        return d // sd, h // sh, w // sw
 
     def check_input_shape(self, spatial: tuple[int, ...]) -> None:
         bad = [n for n, s in zip(spatial, self.total_stride, strict=True) if n % s]

@@ -35,7 +35,8 @@ class WaveletConfig:
 
     @property
     def total_stride(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.strides)  # type: ignore[return-value]
+        d, h, w = (int(s) for s in self.strides)
+        return d, h, w
 
 
 def _haar_1d(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -81,7 +81,7 @@ def _holding(folders: tuple[Path, ...], rows: list[NetworkKind], label: str) -> 
     for folder in folders:
         if all((folder / r.file).is_file() for r in rows):
             return folder
-    missing = [r for r in rows if not (folders[0] / r.file).is_file()] or rows
+    missing = [r for r in rows if not (folders[0] / r.file).is_file()]
     raise ThinsliceError(
         f"no trained weights for '{label}' found in {folders[0]} (missing {', '.join(r.file for r in missing)}); "
         f"train them with `{missing[0].hint}` or pass --checkpoint DIR holding {', '.join(r.file for r in rows)}"

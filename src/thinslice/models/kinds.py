@@ -112,8 +112,10 @@ class NetworkKind:
 
     def record(self, model: nn.Module | Mapping[str, Any], preset: Preset) -> tuple[dict[str, Any], Saving]:
         """What a file of this kind records (the JSON ``preset_config``) and how the network is saved."""
-        saving = self.describe(model, preset) if self.describe is not None and isinstance(model, nn.Module) \
-            else Saving(self._with_own_config(model, preset))
+        if self.describe is not None and isinstance(model, nn.Module):
+            saving = self.describe(model, preset)
+        else:
+            saving = Saving(self._with_own_config(model, preset))
         full = saving.preset.to_dict()
         out: dict[str, Any] = {"name": saving.preset.name}
         for section in self.sections:

@@ -29,7 +29,7 @@ def first_stage(name: str, weights: str | None) -> torch.nn.Module:
     if name == "haar-inplane":
         return HaarFirstStage(WaveletConfig(strides=(1, 2, 2)))
     if name == "vae":
-        from thinslice.checkpoints.files import load_model
+        from thinslice.checkpoints.bundle import load_model
 
         if not weights:
             raise SystemExit("the vae stage needs --vae-weights VAE.safetensors (no VAE ships since the wavelet stage "

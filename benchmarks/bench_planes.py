@@ -24,12 +24,13 @@ import time
 import torch
 from torch import nn
 
-from thinslice.checkpoints.bundle import load_planes, specialist_factors
+from thinslice.checkpoints.bundle import load_planes
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.planes import parse_orientations, refine_planes
 from thinslice.infer.upsample import get_method
 from thinslice.models.factory import build_planes
+from thinslice.models.kinds import network_kind
 from thinslice.models.planes import PlanesNet, acquisition_vector
 
 
@@ -90,7 +91,7 @@ def main() -> None:
         return
     if args.checkpoint:  # the network a user gets for this factor: its own x<k> network where the bundle has one
         bundle = get_method("planes").bundle(args.checkpoint)
-        own = args.factor in specialist_factors(bundle)
+        own = args.factor in network_kind("planes").variants_in(bundle)
         model = load_planes(bundle, factor=args.factor if own else None)
     else:
         model = build_planes(args.preset)

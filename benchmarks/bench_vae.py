@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.weights:
-        from thinslice.checkpoints.files import load_model
+        from thinslice.checkpoints.bundle import load_model
 
         vae = load_model("vae", args.weights, device=args.device)
     else:

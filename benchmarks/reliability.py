@@ -92,7 +92,7 @@ def _short(arg: object) -> str:
 
 # ------------------------------------------------------------------------------------------------- fixtures
 def make_inputs() -> dict[str, Path]:
-    from thinslice.checkpoints.bundle import save_bundle_model
+    from thinslice.checkpoints.bundle import save_model
     from thinslice.data.phantom import make_chest_phantom
     from thinslice.degrade.pairs import simulate_pair
     from thinslice.io import write_volume
@@ -137,7 +137,7 @@ def make_inputs() -> dict[str, Path]:
     hot = thick.with_array(thick.array * 0 + 40000.0)
     write_volume(hot, WORK / "hot.nii.gz", dtype="float32")
     (WORK / "empty_dir").mkdir()
-    save_bundle_model(build_planes("tiny"), "planes", "tiny", WORK / "tiny_planes")
+    save_model(build_planes("tiny"), "planes", "tiny", WORK / "tiny_planes")
     weights = (WORK / "tiny_planes" / "planes.safetensors").read_bytes()
     (WORK / "cut_planes").mkdir()
     (WORK / "cut_planes" / "planes.safetensors").write_bytes(weights[: len(weights) // 2])

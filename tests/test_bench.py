@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.errors import ThinsliceError
@@ -51,7 +51,7 @@ def test_bench_cli_with_cnn_and_missing_ldm(thin, tmp_path, capsys):
     write_volume(thin, src)
     preset = load_preset("tiny")
     torch.manual_seed(0)
-    save_bundle_model(ResidualCNN3D(preset.baseline), "baseline", preset, tmp_path / "bundle")
+    save_model(ResidualCNN3D(preset.baseline), "baseline", preset, tmp_path / "bundle")
     out = tmp_path / "bench"
     assert main(["bench", "--data", str(src), "--out", str(out), "--factors", "2", "--profiles", "box",
                  "--methods", "cubic-dc", "cnn", "ldm", "--checkpoint", str(tmp_path / "bundle")]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.data.split import HELD_OUT, TRAIN, materialise, parts
@@ -136,7 +136,7 @@ def test_init_from_a_network_with_fewer_factors(tmp_path) -> None:
     source = build_planes(x4)
     for head in source.heads_out.values():
         torch.nn.init.normal_(head.weight, std=0.05)
-    save_bundle_model(source, "planes", x4, tmp_path)
+    save_model(source, "planes", x4, tmp_path)
     model = initial_planes(both, str(tmp_path / "planes.safetensors"), resume=False)
     mine, theirs = model.state_dict(), source.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in theirs.items())

@@ -43,7 +43,7 @@ def test_demo_missing_input_is_one_line_error(tmp_path, capsys):
 def test_demo_runs_every_learned_method_of_a_bundle(tmp_path):
     import torch
 
-    from thinslice.checkpoints.bundle import save_bundle_denoiser, save_bundle_model
+    from thinslice.checkpoints.bundle import save_model
     from thinslice.models.baseline import ResidualCNN3D
     from thinslice.models.factory import build_denoiser
     from thinslice.models.vae import AutoencoderKL3D
@@ -51,9 +51,9 @@ def test_demo_runs_every_learned_method_of_a_bundle(tmp_path):
 
     torch.manual_seed(0)
     preset, bundle = load_preset("tiny"), tmp_path / "bundle"
-    vae_hash = save_bundle_model(AutoencoderKL3D(preset.vae), "vae", preset, bundle)
-    save_bundle_denoiser(build_denoiser(preset), preset, bundle, {"vae_hash": vae_hash})
-    save_bundle_model(ResidualCNN3D(preset.baseline), "baseline", preset, bundle)
+    vae_hash = save_model(AutoencoderKL3D(preset.vae), "vae", preset, bundle)
+    save_model(build_denoiser(preset), "denoiser", preset, bundle, {"vae_hash": vae_hash})
+    save_model(ResidualCNN3D(preset.baseline), "baseline", preset, bundle)
     thin = make_chest_phantom(shape=(32, 48, 48), spacing=(5.0, 5.0, 1.25), seed=3)
     write_volume(thin, tmp_path / "thin.nii.gz")
     assert main(["demo", "--input", str(tmp_path / "thin.nii.gz"), "--out", str(tmp_path / "d"),

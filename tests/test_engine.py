@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.files import load_model, save_weights
+from thinslice.checkpoints.bundle import load_model, save_model
 from thinslice.errors import ThinsliceError
 from thinslice.examples.patches import PatchSampler
 from thinslice.models.factory import build_vae
@@ -69,7 +69,7 @@ def test_existing_run_needs_resume_and_best_weights_are_exported(tmp_path, thin_
         return {"val/score": next(scores), "val/image": np.zeros((8, 8))}
 
     def export(models, out_dir):
-        save_weights(out_dir / "vae.safetensors", models["vae"], "vae", "tiny")
+        save_model(models["vae"], "vae", "tiny", out_dir / "vae.safetensors")
 
     trainer = _trainer(tmp_path, [thin_phantom], validate, export, ema_decay=None)
     result = trainer.fit()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.models.factory import build_planes
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -45,7 +45,7 @@ def test_recipe_trains_and_scores_with_the_tiny_preset(thin_phantom, tmp_path) -
     pack.save_npz(thin_phantom, data / "ph.npz")
     pack.save_npz(thin_phantom, data / "ph_heldout.npz")
     torch.manual_seed(0)
-    save_bundle_model(build_planes("tiny").eval(), "planes", "tiny", tmp_path / "planes")
+    save_model(build_planes("tiny").eval(), "planes", "tiny", tmp_path / "planes")
     out = tmp_path / "out"
     code = recipe.main(["--data", str(data), "--out", str(out), "--run-root", str(tmp_path / "runs"), "--preset",
                         "tiny", "--planes", str(tmp_path / "planes"), "--variants", "control", "--max-steps", "3",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
+from thinslice.checkpoints.bundle import load_baseline, save_model
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
 from thinslice.degrade.operators import thick_profile_operator
@@ -35,7 +35,7 @@ def _bundle(folder, trained: bool):
     if trained:  # stand-in for training: a non-zero last layer
         with torch.no_grad():
             model.tail.weight.normal_(0.0, 0.05)
-    save_bundle_model(model, "baseline", preset, folder)
+    save_model(model, "baseline", preset, folder)
     return folder
 
 

@@ -12,8 +12,7 @@ from thinslice.checkpoints.bundle import (
     DEFAULT_BUNDLE_DIR,
     load_denoiser,
     load_vae,
-    save_bundle_denoiser,
-    save_bundle_model,
+    save_model,
 )
 from thinslice.cli.cmd_upsample import std_path_for
 from thinslice.cli.main import main
@@ -49,13 +48,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     preset = load_preset("tiny")
     folder = tmp_path_factory.mktemp("bundle")
-    vae_hash = save_bundle_model(AutoencoderKL3D(preset.vae), "vae", preset, folder)
+    vae_hash = save_model(AutoencoderKL3D(preset.vae), "vae", preset, folder)
     denoiser = build_denoiser(preset)
     _randomise_zero_layers(denoiser)
-    save_bundle_denoiser(denoiser, preset, folder, {"vae_hash": vae_hash})
+    save_model(denoiser, "denoiser", preset, folder, {"vae_hash": vae_hash})
     fast = LatentDenoiser(denoiser.unet, denoiser.control, ResShiftConfig.fast(num_steps=3))
     fast.load_state_dict(denoiser.state_dict())
-    save_bundle_denoiser(fast, preset, folder, {"vae_hash": vae_hash})
+    save_model(fast, "denoiser", preset, folder, {"vae_hash": vae_hash})
     return folder
 
 
@@ -164,8 +163,8 @@ def test_wrong_preset_and_wrong_pairing_are_refused(bundle, thick, tmp_path) -> 
     other = tmp_path / "other"
     preset = load_preset("tiny")
     torch.manual_seed(5)
-    save_bundle_model(AutoencoderKL3D(preset.vae), "vae", preset, other)
-    save_bundle_denoiser(build_denoiser(preset), preset, other, {"vae_hash": "0123456789abcdef"})
+    save_model(AutoencoderKL3D(preset.vae), "vae", preset, other)
+    save_model(build_denoiser(preset), "denoiser", preset, other, {"vae_hash": "0123456789abcdef"})
     with pytest.raises(ThinsliceError, match="trained on latents of VAE"):
         upsample(thick, SPACING, "ldm", checkpoint=str(other), progress=False)
     # A file of the wrong kind under the denoiser's name.

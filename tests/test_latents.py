@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from thinslice.checkpoints.files import save_weights
+from thinslice.checkpoints.bundle import save_model
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.errors import ThinsliceError
@@ -25,7 +25,7 @@ def setup(tmp_path):
     vae = build_vae("tiny")
     vae.set_scaling_factor(1.5)
     weights = tmp_path / "vae.safetensors"
-    digest = save_weights(weights, vae, "vae", "tiny")
+    digest = save_model(vae, "vae", "tiny", weights)
     return tmp_path, src, vae.eval(), weights, digest
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import load_denoiser, save_bundle_model
+from thinslice.checkpoints.bundle import load_denoiser, save_model
 from thinslice.checkpoints.files import loaded_preset
 from thinslice.degrade import degrade
 from thinslice.degrade.pairs import simulate_pair
@@ -26,7 +26,7 @@ from thinslice.train.diffusion import DiffusionTrainOptions, train_diffusion
 
 def _planes_bundle(folder) -> None:
     torch.manual_seed(0)
-    save_bundle_model(build_planes("tiny").eval(), "planes", "tiny", folder)
+    save_model(build_planes("tiny").eval(), "planes", "tiny", folder)
 
 
 def _cubic_prior(thick, spacing, profile):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import load_planes, save_bundle_model
+from thinslice.checkpoints.bundle import load_planes, save_model
 from thinslice.cli.main import main
 from thinslice.degrade.operators import cell_operators, thick_profile_operator
 from thinslice.degrade.pairs import simulate_pair
@@ -118,7 +118,7 @@ def test_training_lowers_the_loss_and_the_bundle_upsamples(tmp_path, thin_phanto
 
 
 def test_factor_and_spacing_errors_are_one_line(tmp_path, thin_phantom) -> None:
-    save_bundle_model(build_planes("tiny"), "planes", "tiny", tmp_path)
+    save_model(build_planes("tiny"), "planes", "tiny", tmp_path)
     thick, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")
     with pytest.raises(ThinsliceError, match="divides the slice spacing"):
         upsample(thick, 2.0, method="planes", checkpoint=str(tmp_path))
@@ -170,7 +170,7 @@ def test_adapt_fine_tunes_on_the_inputs_own_axial_slices(tmp_path, thin_phantom)
         after = np.mean([float(loss({"planes": tuned}, b, 0)[0]) for b in batches])
     assert after < before
     # Through upsample: a time cap of a fraction of a second still gives a consistent output.
-    save_bundle_model(model, "planes", "tiny", tmp_path)
+    save_model(model, "planes", "tiny", tmp_path)
     out = upsample(thick, thin_phantom.slice_spacing, method="planes", checkpoint=str(tmp_path), adapt=True,
                    adapt_seconds=0.01, precision="fp32")
     operator = thick_profile_operator(thick, thin_phantom.slice_spacing, "gaussian")
@@ -242,7 +242,7 @@ def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeyp
     assert np.abs(whole.array - tiled.array).max() < 1e-2
     base = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
     assert np.abs(whole.array - base.array).max() > 1.0
-    save_bundle_model(model, "planes", dataclasses.replace(preset, planes=cfg), tmp_path)
+    save_model(model, "planes", dataclasses.replace(preset, planes=cfg), tmp_path)
     assert load_planes(tmp_path).cfg.dims == 3
 
 
@@ -269,7 +269,7 @@ def test_init_starts_training_from_existing_weights(tmp_path) -> None:
     from thinslice.train.planes import initial_planes
 
     source = _perturbed(seed=3)
-    save_bundle_model(source, "planes", "tiny", tmp_path / "bundle")
+    save_model(source, "planes", "tiny", tmp_path / "bundle")
     model = initial_planes(load_preset("tiny"), str(tmp_path / "bundle"), resume=False)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
     fresh = initial_planes(load_preset("tiny"), str(tmp_path / "bundle"), resume=True)  # resume: own checkpoint
@@ -283,7 +283,7 @@ def test_weights_saved_before_a_config_field_existed_still_match_their_preset(tm
     same architecture is accepted, not refused as another preset."""
     from thinslice.checkpoints.files import convert_weights, read_metadata
 
-    save_bundle_model(build_planes("tiny"), "planes", "tiny", tmp_path / "new")
+    save_model(build_planes("tiny"), "planes", "tiny", tmp_path / "new")
     record = json.loads(read_metadata(tmp_path / "new" / "planes.safetensors")["preset_config"])
     del record["planes"]["dims"]
     (tmp_path / "old").mkdir()
@@ -307,8 +307,8 @@ def test_a_factors_own_network_serves_that_factor(tmp_path, thin_phantom) -> Non
     tiny = load_preset("tiny")
     general = dataclasses.replace(tiny, planes=dataclasses.replace(tiny.planes, factors=(2, 3)))
     x4 = dataclasses.replace(tiny, planes=dataclasses.replace(tiny.planes, factors=(4,)))
-    save_bundle_model(_random_heads(build_planes(general), 1), "planes", general, tmp_path / "b")
-    save_bundle_model(_random_heads(build_planes(x4), 2), "planes", x4, tmp_path / "alone")
+    save_model(_random_heads(build_planes(general), 1), "planes", general, tmp_path / "b")
+    save_model(_random_heads(build_planes(x4), 2), "planes", x4, tmp_path / "alone")
     (tmp_path / "b" / "planes-x4.safetensors").write_bytes((tmp_path / "alone" / "planes.safetensors").read_bytes())
     spacing = thin_phantom.slice_spacing
     thick4, _ = simulate_pair(thin_phantom, factor=4, profile="gaussian")

@@ -7,13 +7,11 @@ import pytest
 
 from thinslice.checkpoints.bundle import (
     DEFAULT_BUNDLE_DIR,
-    FILES,
     load_baseline,
     load_denoiser,
     load_planes,
     load_vae,
     read_manifest,
-    specialist_factors,
 )
 from thinslice.checkpoints.files import loaded_preset, record_of, weights_hash
 from thinslice.data.phantom import make_chest_phantom
@@ -22,6 +20,7 @@ from thinslice.degrade.operators import thick_profile_operator
 from thinslice.infer import target_grid_volume, upsample
 from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.upsample import default_method, get_method
+from thinslice.models.kinds import network_kind
 
 # The package ships about 9 MB; the working tree that travels to a GPU for the one-call recipe is limited to
 # 64 MiB with its data, so the weights stay small. The planes weights (all factors + per-factor) at most 5 MB.
@@ -52,20 +51,21 @@ def test_size_manifest_and_default() -> None:
 def test_every_shipped_network_loads_and_the_denoisers_match_their_first_stage() -> None:
     if get_method("ldm").has_weights():
         for path in DEFAULT_BUNDLE_DIR.glob("denoiser*.safetensors"):
-            steps = None if path.name == FILES["denoiser"] else int(path.stem.split("-")[1].removesuffix("step"))
+            steps = network_kind("denoiser").variant_number(path.name)  # None: the default schedule
             denoiser = load_denoiser(DEFAULT_BUNDLE_DIR, steps=steps)
             latent = loaded_preset(denoiser).latent
             if latent.first_stage == "vae":
-                vae_hash = weights_hash(DEFAULT_BUNDLE_DIR / FILES["vae"])
+                vae_hash = weights_hash(DEFAULT_BUNDLE_DIR / network_kind("vae").file)
                 assert record_of(load_vae(DEFAULT_BUNDLE_DIR)).content_hash == vae_hash
                 assert record_of(denoiser).metadata["vae_hash"] == vae_hash
             else:  # the lossless wavelet stage: nothing to load, its strides are the record's
                 assert record_of(denoiser).metadata["vae_hash"] == "haar-2x2x2" and latent.residual_scale > 0
             if latent.prior == "planes":
-                assert (DEFAULT_BUNDLE_DIR / FILES["planes"]).is_file()
+                assert (DEFAULT_BUNDLE_DIR / network_kind("planes").file).is_file()
     if get_method("cnn").has_weights():
         assert sum(p.numel() for p in load_baseline(DEFAULT_BUNDLE_DIR).parameters()) > 300_000
-    for k in specialist_factors(DEFAULT_BUNDLE_DIR):  # a specialist serves its factor (the x4/x5 network: both)
+    # A specialist serves its factor (the x4/x5 network: both).
+    for k in network_kind("planes").variants_in(DEFAULT_BUNDLE_DIR):
         assert k in load_planes(DEFAULT_BUNDLE_DIR, factor=k).factors
 
 
@@ -89,11 +89,12 @@ def test_shipped_method_upsamples_without_a_checkpoint(method, thick) -> None:
 def test_a_preset_name_finds_the_shipped_weights_of_that_preset() -> None:
     """A preset name stands for the shipped weights of that preset (planes for small); a kind that is not shipped
     (the small preset's diffusion model runs on the lossless wavelet stage: no VAE ships) is a clear error."""
-    from thinslice.checkpoints.files import load_model, resolve_weights_path
+    from thinslice.checkpoints.bundle import load_model, weights_path
     from thinslice.errors import ThinsliceError
 
-    assert resolve_weights_path("small", "planes") == DEFAULT_BUNDLE_DIR / FILES["planes"]
-    assert record_of(load_model("planes", "small")).content_hash == weights_hash(DEFAULT_BUNDLE_DIR / FILES["planes"])
+    shipped = DEFAULT_BUNDLE_DIR / network_kind("planes").file
+    assert weights_path("small", "planes") == shipped
+    assert record_of(load_model("planes", "small")).content_hash == weights_hash(shipped)
     for preset, kind in (("paper", "planes"), ("small", "vae")):
         with pytest.raises(ThinsliceError, match=f"no shipped {kind} weights for preset '{preset}'"):
-            resolve_weights_path(preset, kind)
+            weights_path(preset, kind)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import load_baseline, save_bundle_model
+from thinslice.checkpoints.bundle import load_baseline, save_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.examples.pairs import PairSampler
@@ -35,7 +35,7 @@ def _perturbed(seed: int = 0):
 
 def test_training_lowers_the_loss_and_the_bundle_upsamples(tmp_path, thin_phantom) -> None:
     start = tmp_path / "start"
-    save_bundle_model(_perturbed(), "baseline", "tiny", start)
+    save_model(_perturbed(), "baseline", "tiny", start)
     run = tmp_path / "run"
     opts = BaselineTrainOptions(run_dir=run, preset="tiny", max_steps=15, lr=1e-3, ema_decay=0.0, device="cpu",
                                 progress=False, seed=0, val_every=15, init=start)

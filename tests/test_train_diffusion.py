@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinslice.checkpoints.bundle import load_denoiser, load_vae, save_bundle_model
+from thinslice.checkpoints.bundle import load_denoiser, load_vae, save_model
 from thinslice.checkpoints.files import record_of
 from thinslice.cli.main import main
 from thinslice.errors import ThinsliceError
@@ -34,7 +34,7 @@ def vae_file(tmp_path_factory):
     torch.manual_seed(0)
     vae = build_vae("tiny")
     vae.set_scaling_factor(1.5)
-    save_bundle_model(vae, "vae", "tiny", folder)
+    save_model(vae, "vae", "tiny", folder)
     return folder / "vae.safetensors"
 
 
@@ -169,7 +169,8 @@ def test_resume_gives_the_same_weights(tmp_path, vae_file, thin_phantom) -> None
 
 
 def test_fast_schedule_no_control_and_latent_cache(tmp_path, vae_file, thin_phantom) -> None:
-    from thinslice.checkpoints.files import load_model, read_metadata
+    from thinslice.checkpoints.bundle import load_model
+    from thinslice.checkpoints.files import read_metadata
     from thinslice.train.latents import build_latent_cache
 
     vae = load_model("vae", vae_file)
@@ -187,7 +188,7 @@ def test_fast_schedule_no_control_and_latent_cache(tmp_path, vae_file, thin_phan
     assert read_metadata(run / "final" / "denoiser-15step.safetensors")["steps"] == "15"
     # A cache from another VAE is refused.
     torch.manual_seed(1)
-    save_bundle_model(build_vae("tiny"), "vae", "tiny", tmp_path / "othervae")
+    save_model(build_vae("tiny"), "vae", "tiny", tmp_path / "othervae")
     other = tmp_path / "othervae" / "vae.safetensors"
     with pytest.raises(ThinsliceError, match="latent cache .* was made with VAE"):
         train_diffusion([thin_phantom], None, _opts(tmp_path / "x", other, max_steps=1, cache=cache))

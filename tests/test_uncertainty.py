@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.infer.uncertainty import (
@@ -60,7 +60,7 @@ def test_a_calibration_for_other_weights_is_refused(tmp_path) -> None:
 
 def test_planes_uncertainty_writes_a_map_with_the_outputs_geometry(tmp_path, thin_phantom, capsys) -> None:
     bundle = tmp_path / "bundle"
-    save_bundle_model(build_planes("tiny"), "planes", "tiny", bundle)
+    save_model(build_planes("tiny"), "planes", "tiny", bundle)
     thick, _ = simulate_pair(thin_phantom, factor=2, profile="gaussian")
     write_volume(thick, tmp_path / "thick.nii.gz")
     args = ["upsample", str(tmp_path / "thick.nii.gz"), str(tmp_path / "thin.nii.gz"), "--spacing",

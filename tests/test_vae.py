@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thinslice.checkpoints.files import convert_weights, load_model, read_metadata, save_weights, weights_hash
+from thinslice.checkpoints.bundle import load_model, save_model
+from thinslice.checkpoints.files import convert_weights, read_metadata, weights_hash
 from thinslice.cli.main import main
 from thinslice.errors import ThinsliceError
 from thinslice.models.factory import build_vae
@@ -135,7 +136,7 @@ def test_weights_round_trip_and_wrong_preset(tmp_path):
     vae = build_vae("tiny")
     vae.set_scaling_factor(0.7)
     path = tmp_path / "vae.safetensors"
-    digest = save_weights(path, vae, "vae", "tiny")
+    digest = save_model(vae, "vae", "tiny", path)
     meta = read_metadata(path)
     assert meta["thinslice_kind"] == "vae" and meta["preset"] == "tiny" and weights_hash(path) == digest
     assert json.loads(meta["preset_config"])["vae"]["scaling_factor"] == 0.7
@@ -155,7 +156,7 @@ def test_half_precision_copy_is_smaller_and_loads_as_float32(tmp_path):
     torch.manual_seed(0)
     vae = build_vae("tiny")
     full = tmp_path / "vae.safetensors"
-    save_weights(full, vae, "vae", "tiny")
+    save_model(vae, "vae", "tiny", full)
     half = tmp_path / "half" / "vae.safetensors"
     digest = convert_weights(full, half, torch.float16, metadata={"note": "fp16 copy"})
     assert half.stat().st_size < 0.6 * full.stat().st_size

@@ -1,7 +1,8 @@
 """Model bundles: one folder holding every network an upsampling method needs (the checkpoint layer below
-train/ and infer/: locate, load, save, manifest).
+train/ and infer/: the one locator, the one load and the one save function, the manifest).
 
-Layout (file names fixed so that a folder is all the user passes, ``--checkpoint DIR``)::
+File names come from the network kinds table (:mod:`thinslice.models.kinds`), so that a folder is all the user
+passes (``--checkpoint DIR``)::
 
     vae.safetensors                 AutoencoderKL3D
     denoiser.safetensors            LatentDenoiser (UNet + optional IRControlNet + null condition), one state dict
@@ -10,107 +11,109 @@ Layout (file names fixed so that a folder is all the user passes, ``--checkpoint
     planes.safetensors              PlanesNet (--method planes), every factor it was trained for
     planes-x<k>.safetensors         optional PlanesNet trained for factor k alone, used for that factor
 
-Every file carries its preset record (see :mod:`thinslice.checkpoints.files`), so the networks are rebuilt from the
-file alone. The denoiser also records the content hash of the VAE whose latents it was trained on; pairing it with
-another VAE is refused. Shipped weights live in the package folder ``thinslice/weights`` with the same layout.
+Every file carries its network's record (see :mod:`thinslice.checkpoints.files`), so the networks are rebuilt from
+the file alone. The denoiser also records the content hash of the VAE whose latents it was trained on; pairing it
+with another VAE is refused. Shipped weights live in the package folder ``thinslice/weights`` with the same layout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import thinslice
-from thinslice.checkpoints import files as weights_io
+from thinslice.checkpoints.files import (
+    WeightsRecord,
+    check_architecture,
+    load_state_strict,
+    read_metadata,
+    remember,
+    write_weights,
+)
 from thinslice.device import resolve_device
 from thinslice.errors import ThinsliceError
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.denoiser import LatentDenoiser
+from thinslice.models.kinds import PRESET_SECTIONS, NetworkKind, network_kind, network_kinds
 from thinslice.models.planes import PlanesNet
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import Preset, load_preset
+from thinslice.presets import PRESET_NAMES, Preset, load_preset, preset_from_dict
 
 DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
-DENOISER_KIND = "denoiser"
-KINDS = ("vae", "denoiser", "baseline", "planes")
-
-
-def weights_file(kind: str) -> str:
-    """A kind's fixed file name in a bundle: ``<kind>.safetensors``."""
-    return f"{kind}.safetensors"
-
-
-FILES = {kind: weights_file(kind) for kind in KINDS}
-
-
-def planes_file(factor: int | None = None) -> str:
-    """File name of the planes network for ``factor`` (None: the all-factor ``planes.safetensors``)."""
-    return FILES["planes"] if factor is None else f"planes-x{int(factor)}.safetensors"
-
-
-def specialist_factors(bundle: str | Path) -> tuple[int, ...]:
-    """Factors that have a ``planes-x<k>.safetensors`` of their own in ``bundle``."""
-    found = []
-    for path in Path(bundle).glob("planes-x*.safetensors"):
-        k = path.name[len("planes-x"): -len(".safetensors")]
-        if k.isdigit():
-            found.append(int(k))
-    return tuple(sorted(found))
-
-
-def denoiser_file(steps: int | None = None) -> str:
-    """File name of the denoiser for ``steps`` (None: the default schedule)."""
-    return FILES["denoiser"] if steps is None else f"denoiser-{int(steps)}step.safetensors"
+Source = str | Path | None
 
 
 # --------------------------------------------------------------------------------------------------- locating
-def resolve_bundle(checkpoint: str | Path | None, kinds: Sequence[str], label: str = "this method",
-                   hint: str = "thinslice train ...") -> Path:
-    """The bundle folder holding ``kinds`` (e.g. ('vae', 'denoiser')): ``checkpoint`` (a folder, its ``final/``, or
-    a file inside it) or the shipped one; a ThinsliceError names ``label`` (the method) and says how to get weights
-    (``hint``, its training command) when a needed file is missing."""
-    needed = [weights_file(k) for k in kinds]
-    if checkpoint is None:
-        folder = DEFAULT_BUNDLE_DIR
-        missing = [n for n in needed if not (folder / n).is_file()]
-        if missing:
-            raise ThinsliceError(f"no trained weights for '{label}' found in {folder} (missing {', '.join(missing)}); "
-                                 f"train them with `{hint}` or pass --checkpoint DIR")
-        return folder
-    path = Path(checkpoint).expanduser()
+def locate_weights(source: Source, kinds: str | Sequence[str], label: str | None = None) -> Path:
+    """The one locator: the folder holding the weights of ``kinds`` (e.g. ('denoiser',)).
+
+    ``source`` is a weights file of a known kind (its folder), a folder (it, its ``final/`` or its ``best/``: a
+    training run), a preset name (the shipped folder, when its files were trained with that preset) or None (the
+    shipped folder). Every failure is one ThinsliceError line that names ``label`` (the method; default the kinds)
+    and says how to get the weights (the kind's training command).
+    """
+    rows = [network_kind(k) for k in ((kinds,) if isinstance(kinds, str) else kinds)]
+    label = label or "/".join(r.name for r in rows)
+    if source is None:
+        return _holding((DEFAULT_BUNDLE_DIR,), rows, label)
+    path = Path(source).expanduser()
+    if str(source) in PRESET_NAMES and not path.exists():
+        return _shipped_for_preset(str(source), rows)
+    needed = ", ".join(r.file for r in rows)
     if path.is_file():
-        if path.name not in {*FILES.values()} and not path.name.startswith("denoiser-"):
-            raise ThinsliceError(
-                f"--checkpoint {path} is a file; pass the folder holding {', '.join(needed) or 'the weights'}"
-            )
+        if not any(row.owns(path.name) for row in network_kinds()):
+            raise ThinsliceError(f"--checkpoint {path} is a file; pass the folder holding {needed}")
         path = path.parent
     if not path.is_dir():
-        raise ThinsliceError(f"checkpoint folder not found: {path}; pass a folder holding {', '.join(needed)}")
-    for folder in (path, path / "final"):
-        if all((folder / n).is_file() for n in needed):
+        raise ThinsliceError(f"weights not found: {path} does not exist; pass a folder holding {needed}, a "
+                             f".safetensors file or a preset name ({', '.join(PRESET_NAMES)})")
+    return _holding((path, path / "final", path / "best"), rows, label)
+
+
+def _holding(folders: tuple[Path, ...], rows: list[NetworkKind], label: str) -> Path:
+    """The first of ``folders`` holding every row's file, else the one-line error for the first folder."""
+    for folder in folders:
+        if all((folder / r.file).is_file() for r in rows):
             return folder
-    missing = [n for n in needed if not (path / n).is_file()]
+    missing = [r for r in rows if not (folders[0] / r.file).is_file()]
     raise ThinsliceError(
-        f"no trained weights for '{label}' found in {path} (missing {', '.join(missing)}); train them with "
-        f"`{hint}` or pass --checkpoint DIR holding {', '.join(needed)}"
+        f"no trained weights for '{label}' found in {folders[0]} (missing {', '.join(r.file for r in missing)}); "
+        f"train them with `{missing[0].hint}` or pass --checkpoint DIR holding {', '.join(r.file for r in rows)}"
     )
 
 
+def _shipped_for_preset(name: str, rows: list[NetworkKind]) -> Path:
+    """The shipped folder when each of ``rows``' files there was trained with preset ``name``."""
+    for row in rows:
+        shipped = DEFAULT_BUNDLE_DIR / row.file
+        if not (shipped.is_file() and read_metadata(shipped).get("preset") == name):
+            raise ThinsliceError(
+                f"no shipped {row.name} weights for preset '{name}'; train them (e.g. thinslice {row.train_command} "
+                f"--preset {name}) and pass the .safetensors file instead"
+            )
+    return DEFAULT_BUNDLE_DIR
+
+
+def weights_path(source: Source, kind: str, variant: int | None = None) -> Path:
+    """The file of ``kind`` (its numbered ``variant``, e.g. planes-x4): ``source`` itself when it is a file, else
+    that file in the folder :func:`locate_weights` finds."""
+    if source is not None and Path(source).expanduser().is_file():
+        return Path(source).expanduser()
+    return locate_weights(source, kind) / network_kind(kind).file_name(variant)
+
+
 def has_weights(kinds: str | Sequence[str], bundle: str | Path | None = None) -> bool:
-    """Whether the shipped folder (or ``bundle``) holds weights of every one of ``kinds`` ('vae', 'denoiser',
-    'baseline', 'planes')."""
+    """Whether the shipped folder (or ``bundle``) holds weights of every one of ``kinds`` (rows of the kinds
+    table)."""
     folder = DEFAULT_BUNDLE_DIR if bundle is None else Path(bundle)
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    unknown = [k for k in kinds if k not in FILES]
-    if unknown:
-        raise ThinsliceError(f"unknown weights kind '{unknown[0]}': use one of {', '.join(FILES)}")
-    return all((folder / FILES[k]).is_file() for k in kinds)
+    rows = [network_kind(k) for k in ((kinds,) if isinstance(kinds, str) else kinds)]
+    return all((folder / r.file).is_file() for r in rows)
 
 
 # Written next to the shipped weights by whoever trains and benchmarks them: {"default_method": ..., "why": ...}.
@@ -129,21 +132,42 @@ def read_manifest(bundle: str | Path | None = None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-# --------------------------------------------------------------------------------------------------- building
-def _load(kind: str, path: Path, device: torch.device, preset: str | Path | Preset | None) -> nn.Module:
-    """Network of ``kind`` from a self-describing weights file, refusing files of another kind or preset."""
-    return weights_io.load_model(kind, path, preset=preset, device=device)
+# ---------------------------------------------------------------------------------------------------- loading
+def load_model(kind: str, source: Source, preset: str | Path | Preset | None = None,
+               device: str | torch.device = "cpu", variant: int | None = None) -> nn.Module:
+    """The one load function: the network of ``kind`` from its self-describing weights file (found by
+    :func:`weights_path`), in eval mode on ``device``.
+
+    The network is rebuilt from the file's own record. If ``preset`` is given (what the user asked for), the file
+    must have its architecture, else a one-line ThinsliceError names the preset to pass.
+    """
+    path = weights_path(source, kind, variant)
+    meta = read_metadata(path)
+    file_kind = meta.get("thinslice_kind")
+    if file_kind is None or "preset_config" not in meta:
+        raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
+    if file_kind != kind:
+        raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
+    row = network_kind(kind)
+    record = json.loads(meta["preset_config"])
+    file_preset = preset_from_dict({k: v for k, v in record.items() if k == "name" or k in PRESET_SECTIONS})
+    if preset is not None:
+        check_architecture(row.sections, path, file_preset, load_preset(preset))
+    model = row.build(row.config_of(file_preset, record))
+    load_state_strict(model, load_file(str(path), device="cpu"), str(path))
+    model = model.to(device).eval()
+    return remember(model, WeightsRecord(kind, path, file_preset, meta.get("content_hash", ""), meta))
 
 
 def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",
              preset: str | Path | Preset | None = None) -> AutoencoderKL3D:
     """The bundle's VAE (scaling factor from the file's record), in eval mode on ``device``."""
-    return cast(AutoencoderKL3D, _load("vae", Path(bundle) / FILES["vae"], resolve_device(device), preset))
+    return cast(AutoencoderKL3D, load_model("vae", bundle, preset, resolve_device(device)))
 
 
 def load_baseline(bundle: str | Path, device: str | torch.device | None = "cpu",
                   preset: str | Path | Preset | None = None) -> ResidualCNN3D:
-    return cast(ResidualCNN3D, _load("baseline", Path(bundle) / FILES["baseline"], resolve_device(device), preset))
+    return cast(ResidualCNN3D, load_model("baseline", bundle, preset, resolve_device(device)))
 
 
 def load_planes(bundle: str | Path, device: str | torch.device | None = "cpu",
@@ -151,8 +175,8 @@ def load_planes(bundle: str | Path, device: str | torch.device | None = "cpu",
     """The all-factor planes network, or with ``factor`` the one trained for that factor alone (its own
     architecture record: ``preset`` is not checked against it)."""
     if factor is not None:
-        return cast(PlanesNet, _load("planes", Path(bundle) / planes_file(factor), resolve_device(device), None))
-    return cast(PlanesNet, _load("planes", Path(bundle) / FILES["planes"], resolve_device(device), preset))
+        return cast(PlanesNet, load_model("planes", bundle, None, resolve_device(device), variant=factor))
+    return cast(PlanesNet, load_model("planes", bundle, preset, resolve_device(device)))
 
 
 def load_denoiser(bundle: str | Path, device: str | torch.device | None = "cpu", steps: int | None = None,
@@ -162,68 +186,45 @@ def load_denoiser(bundle: str | Path, device: str | torch.device | None = "cpu",
     A ResShift model samples with exactly the steps it was trained with; ``steps`` different from the default
     model's picks ``denoiser-<steps>step.safetensors`` (e.g. the 4-step model). DDIM models take any ``steps``.
     """
-    folder = Path(bundle)
-    main = folder / FILES["denoiser"]
+    row, folder, variant = network_kind("denoiser"), Path(bundle), None
     if steps is not None:
         steps = int(steps)
         if steps < 1:
             raise ThinsliceError(f"--steps must be a positive number, got {steps}")
-        diffusion = _file_record(main).get("diffusion", {})
+        diffusion = _file_record(folder / row.file).get("diffusion", {})
         same = diffusion.get("method", "resshift") == "ddim" or int(diffusion.get("num_steps", -1)) == steps
         if not same:
-            fast = folder / denoiser_file(steps)
-            if not fast.is_file():
-                available = [str(diffusion.get("num_steps", "?"))]
-                available += sorted(p.name.split("-")[1].removesuffix("step.safetensors")
-                                    for p in folder.glob("denoiser-*step.safetensors"))
+            if not (folder / row.file_name(steps)).is_file():
+                available = [str(diffusion.get("num_steps", "?")), *map(str, row.variants_in(folder))]
                 raise ThinsliceError(
                     f"no denoiser for {steps} steps in {folder}: this bundle samples with {', '.join(available)} "
                     "steps; pass one of these to --steps (or leave it out)"
                 )
-            main = fast
-    return cast(LatentDenoiser, _load(DENOISER_KIND, main, resolve_device(device), preset))
+            variant = steps
+    return cast(LatentDenoiser, load_model("denoiser", folder, preset, resolve_device(device), variant))
 
 
 def _file_record(path: Path) -> dict:
-    meta = weights_io.read_metadata(path)
+    meta = read_metadata(path)
     if "preset_config" not in meta:
         raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
     return json.loads(meta["preset_config"])
 
 
 # ---------------------------------------------------------------------------------------------------- saving
-def save_bundle_denoiser(
-    denoiser: LatentDenoiser,
-    preset: str | Path | Preset,
-    path: str | Path,
-    extra_metadata: dict[str, str] | None = None,
-) -> str:
-    """Write ``denoiser`` (one state dict) with its preset record; returns the content hash.
+def save_model(model: nn.Module | dict[str, torch.Tensor], kind: str, preset: str | Path | Preset,
+               target: str | Path, extra_metadata: dict[str, str] | None = None) -> str:
+    """The one save function: ``model``'s weights with its kind's record (its own config sections and what
+    inference reads, see :mod:`thinslice.models.kinds`); returns the content hash.
 
-    ``path`` is a file or a bundle folder (then ``denoiser.safetensors``, or ``denoiser-<T>step.safetensors`` when
-    the model's ResShift steps differ from the preset's). The record's unet/control/diffusion sections are the
-    model's own configs, so the file rebuilds exactly this network. ``extra_metadata`` (strings) is stored too,
-    e.g. ``{"vae_hash": record_of(vae).content_hash}``.
+    ``target`` is a ``.safetensors`` file or a bundle folder (then the kind's file name, or the variant the network
+    describes itself as, e.g. ``denoiser-<T>step`` for a denoiser whose steps differ from the preset's).
+    ``extra_metadata`` (strings) is stored too, e.g. ``{"vae_hash": record_of(vae).content_hash}``.
     """
-    base = load_preset(preset)
-    control_cfg = denoiser.control.cfg if denoiser.control is not None else dataclasses.replace(
-        base.control, enabled=False)
-    record_preset = dataclasses.replace(base, unet=denoiser.unet.cfg, control=control_cfg, diffusion=denoiser.cfg)
-    path = Path(path)
+    row = network_kind(kind)
+    record, saving = row.record(model, load_preset(preset))
+    path = Path(target)
     if path.is_dir() or path.suffix != ".safetensors":
-        steps = None if denoiser.cfg.num_steps == base.diffusion.num_steps else denoiser.cfg.num_steps
-        path = path / denoiser_file(steps)
-    meta = {"steps": str(denoiser.cfg.num_steps), "sampler": denoiser.cfg.method}
-    meta.update(extra_metadata or {})
-    return weights_io.save_weights(path, denoiser, DENOISER_KIND, record_preset, meta)
-
-
-def save_bundle_model(model: nn.Module, kind: str, preset: str | Path | Preset, folder: str | Path,
-                      extra_metadata: dict[str, str] | None = None) -> str:
-    """Write a VAE ('vae'), CNN baseline ('baseline') or planes network into a bundle folder under its fixed name."""
-    if kind not in ("vae", "baseline", "planes"):
-        raise ThinsliceError(f"save_bundle_model saves 'vae', 'baseline' or 'planes', got '{kind}' "
-                             "(use save_bundle_denoiser)")
-    return weights_io.save_weights(Path(folder) / FILES[kind], model, kind, preset, extra_metadata)
-
-
+        path = path / row.file_name(saving.variant)
+    meta = {**saving.metadata, **(extra_metadata or {})}
+    return write_weights(path, model, kind, saving.preset.name, record, meta)

@@ -1,10 +1,11 @@
-"""Model weights as safetensors files that describe themselves (the checkpoint layer's file format).
+"""Model weights as safetensors files that describe themselves (the checkpoint layer's file format; locating,
+loading and saving by kind are in :mod:`thinslice.checkpoints.bundle`).
 
-Metadata (all strings, as safetensors requires) holds: ``thinslice_kind`` ('vae', 'unet', 'control', 'baseline'),
-``preset`` (name), ``preset_config`` (the whole preset as JSON, so the network can be rebuilt exactly, including a
-VAE's latent ``scaling_factor``), ``content_hash`` (sha256 of the tensors, used to tie latent caches and diffusion
-models to one VAE) and ``format`` (version). A file whose architecture differs from the one requested is refused with
-a message that names the right preset.
+Metadata (all strings, as safetensors requires) holds: ``thinslice_kind`` (a row of
+:mod:`thinslice.models.kinds`), ``preset`` (name), ``preset_config`` (the record the network is rebuilt from: its
+kind's config sections plus what inference reads, JSON; format 1 files carry the whole preset), ``content_hash``
+(sha256 of the tensors, used to tie latent caches and diffusion models to one VAE) and ``format`` (version). A file
+whose architecture differs from the one requested is refused with a message that names the right preset.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from torch import nn
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import atomic_output
-from thinslice.models.factory import MODEL_KINDS, build_model
-from thinslice.presets import CONFIG_DIR, PRESET_NAMES, Preset, load_preset, preset_from_dict
+from thinslice.presets import Preset
 
-FORMAT_VERSION = "1"
-BUNDLED_DIR = CONFIG_DIR.parent / "weights"  # shipped weights (see bundle.py)
+# 1: the whole preset recorded; 2: the kind's own sections and what inference reads (both load).
+FORMAT_VERSION = "2"
 # Config fields that may differ between a file and a request without changing the architecture.
 _NON_ARCH = {"scaling_factor", "gradient_checkpointing", "init_from_unet", "scale"}
 
@@ -95,28 +95,13 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def save_weights(
-    path: str | Path,
-    model: nn.Module | dict[str, torch.Tensor],
-    kind: str,
-    preset: str | Path | Preset,
-    extra_metadata: dict[str, str] | None = None,
-) -> str:
-    """Write ``model``'s weights + preset record atomically; returns the content hash.
-
-    For a VAE, the model's current ``config`` (with its latent scaling factor) replaces the preset's 'vae' section.
-    """
-    if kind not in MODEL_KINDS:
-        raise ThinsliceError(f"unknown model kind '{kind}'")
-    preset_obj = load_preset(preset)
-    record = preset_obj.to_dict()
-    config = getattr(model, "config", None)
-    sections = MODEL_KINDS[kind]
-    if len(sections) == 1 and config is not None and dataclasses.is_dataclass(config):
-        record[sections[0]] = dataclasses.asdict(config)
+def write_weights(path: str | Path, model: nn.Module | dict[str, torch.Tensor], kind: str, preset_name: str,
+                  record: dict[str, Any], extra_metadata: dict[str, str] | None = None) -> str:
+    """Write ``model``'s weights with their ``record`` (see :meth:`NetworkKind.record`) atomically; returns the
+    content hash. Called by :func:`thinslice.checkpoints.bundle.save_model`, which composes the record."""
     tensors = _state_tensors(model)
     digest = tensors_hash(tensors)
-    meta = {"thinslice_kind": kind, "preset": preset_obj.name, "preset_config": json.dumps(record),
+    meta = {"thinslice_kind": kind, "preset": preset_name, "preset_config": json.dumps(record),
             "content_hash": digest, "format": FORMAT_VERSION}
     meta.update(extra_metadata or {})
     _write_atomic(Path(path), tensors, meta)
@@ -133,7 +118,7 @@ def convert_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch
         raise ThinsliceError(f"convert_weights would overwrite its input {src}; write to another file")
     meta = read_metadata(src)
     if "content_hash" not in meta:
-        raise ThinsliceError(f"{src} has no thinslice metadata; save weights with thinslice (save_weights)")
+        raise ThinsliceError(f"{src} has no thinslice metadata; save weights with thinslice (save_model)")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
     digest = tensors_hash(tensors)
     meta = {**meta, **(metadata or {}), "content_hash": digest}
@@ -157,7 +142,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def weights_hash(path: str | Path) -> str:
     meta = read_metadata(path)
     if "content_hash" not in meta:
-        raise ThinsliceError(f"{path} has no thinslice metadata; save weights with thinslice (save_weights)")
+        raise ThinsliceError(f"{path} has no thinslice metadata; save weights with thinslice (save_model)")
     return meta["content_hash"]
 
 
@@ -174,72 +159,27 @@ def _describe(section: dict[str, Any]) -> str:
     return ", ".join(f"{k} {_jsonable(section[k])}" for k in keys)
 
 
-def resolve_weights_path(path_or_preset: str | Path, kind: str) -> Path:
-    """A weights file from a path, or a preset name -> the shipped ``weights/<kind>.safetensors`` when it was
-    trained with that preset (the one layout of the shipped folder, see :mod:`thinslice.checkpoints.bundle`)."""
-    text = str(path_or_preset)
-    if text in PRESET_NAMES:
-        bundled = BUNDLED_DIR / f"{kind}.safetensors"
-        if not (bundled.is_file() and read_metadata(bundled).get("preset") == text):
-            command = {"denoiser": "train", "baseline": "train-baseline", "planes": "train-planes"}.get(
-                kind, "train-vae")
+def check_architecture(sections: tuple[str, ...], path: Path, have: Preset, wanted: Preset) -> None:
+    """Refuse, in one line that names the preset to pass, a file whose ``sections`` (its kind's architecture) differ
+    from those of the requested preset. Both sides are the current dataclasses (a file saved before a field existed
+    gets its default), so a newer option that the file's network does not use is not a different architecture."""
+    for section in sections:
+        if not hasattr(wanted, section):
+            continue  # a plug-in kind's own section: nothing in a preset to check it against
+        mine = _arch(dataclasses.asdict(getattr(have, section)))
+        want = _arch(dataclasses.asdict(getattr(wanted, section)))
+        if mine != want:
+            fields = ", ".join(k for k in want if mine.get(k) != want[k])
             raise ThinsliceError(
-                f"no shipped {kind} weights for preset '{text}'; train them (e.g. thinslice {command} --preset "
-                f"{text}) and pass the .safetensors file instead"
+                f"checkpoint {path.name} is for preset '{have.name}' ({section}: {_describe(mine)}), but "
+                f"preset '{wanted.name}' ({_describe(want)}) was requested (they differ in {fields}); pass "
+                f"--preset {have.name}"
             )
-        return bundled
-    path = Path(path_or_preset)
-    if path.is_dir():
-        candidates = [path / "final" / f"{kind}.safetensors", path / "best" / f"{kind}.safetensors",
-                      path / f"{kind}.safetensors"]
-        for cand in candidates:
-            if cand.is_file():
-                return cand
-        raise ThinsliceError(f"no {kind}.safetensors in {path} (looked in final/, best/ and the folder itself)")
-    if not path.is_file():
-        raise ThinsliceError(f"weights file not found: {path}; pass a .safetensors file or one of {PRESET_NAMES}")
-    return path
 
 
-def load_model(
-    kind: str,
-    path_or_preset: str | Path,
-    preset: str | Path | Preset | None = None,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """Network of ``kind`` with weights from a file (or a bundled preset), in eval mode.
-
-    The architecture comes from the file's own preset record. If ``preset`` is given (what the user asked for), the
-    file must match its architecture, else a ThinsliceError tells which preset to pass.
-    """
-    path = resolve_weights_path(path_or_preset, kind)
-    meta = read_metadata(path)
-    file_kind = meta.get("thinslice_kind")
-    if file_kind is None or "preset_config" not in meta:
-        raise ThinsliceError(f"{path} has no thinslice metadata (kind/preset); it was not saved by thinslice")
-    if file_kind != kind:
-        raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
-    record = json.loads(meta["preset_config"])
-    file_preset = preset_from_dict(record)
-    if preset is not None:
-        wanted = load_preset(preset)
-        for section in MODEL_KINDS[kind]:
-            # Both sides as the current dataclass (a file saved before a field existed gets its default), so a
-            # newer option that the file's network does not use is not a different architecture.
-            have = dataclasses.asdict(getattr(file_preset, section))
-            want = dataclasses.asdict(getattr(wanted, section))
-            if _arch(have) != _arch(want):
-                fields = ", ".join(k for k in _arch(want) if _arch(have).get(k) != _arch(want)[k])
-                raise ThinsliceError(
-                    f"checkpoint {path.name} is for preset '{file_preset.name}' ({section}: {_describe(have)}), but "
-                    f"preset '{wanted.name}' ({_describe(want)}) was requested (they differ in {fields}); pass "
-                    f"--preset {file_preset.name}"
-                )
-    model = build_model(kind, file_preset)
-    state = load_file(str(path), device="cpu")
-    load_state_strict(model, state, str(path))
-    model = model.to(device).eval()
-    _RECORDS[model] = WeightsRecord(kind, path, file_preset, meta.get("content_hash", ""), meta)
+def remember(model: nn.Module, record: WeightsRecord) -> nn.Module:
+    """Keep ``record`` beside the freshly loaded ``model`` (see :func:`record_of`); returns ``model``."""
+    _RECORDS[model] = record
     return model
 
 

@@ -41,7 +41,8 @@ def _device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinslice.checkpoints.files import load_model, record_of
+    from thinslice.checkpoints.bundle import load_model
+    from thinslice.checkpoints.files import record_of
     from thinslice.errors import ThinsliceError
     from thinslice.io.prepare import resolve_data_paths
     from thinslice.models.tiling import DEFAULT_TILE

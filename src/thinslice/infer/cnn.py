@@ -87,7 +87,6 @@ class Cnn(Pipeline):
                    "or shipped)")
     Options = CnnOptions
     weights = ("baseline",)
-    train_hint = "thinslice train-baseline ..."
     preference = 1
     model: ResidualCNN3D
 

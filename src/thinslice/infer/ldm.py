@@ -464,7 +464,6 @@ class Ldm(Pipeline):
     # The VAE (first stage 'vae') and the planes network (prior 'planes') are read from the same bundle when the
     # denoiser's record asks for them; the lossless Haar first stage has no weights.
     weights = ("denoiser",)
-    train_hint = "thinslice train ..."
     preference = 2
     consistent = False  # type: ignore[assignment]  (every sample is projected inside, before averaging)
     vae: AutoencoderKL3D
@@ -531,11 +530,12 @@ class Ldm(Pipeline):
     def network_hashes(self, k: int) -> dict[str, str]:
         """Content hashes of the networks a factor-``k`` run uses (denoiser, planes prior): what a calibration of
         its std map is valid for."""
-        from thinslice.checkpoints.bundle import planes_file
+        from thinslice.models.kinds import network_kind
 
         hashes = {"denoiser": weights_label(self.denoiser)}
         network_for = getattr(self.planes, "network_for", None)
         if self.latent.prior == "planes" and network_for is not None:
             network = network_for(k)
-            hashes[planes_file(k if network is not self.planes.model else None)] = weights_label(network)
+            name = network_kind("planes").file_name(k if network is not self.planes.model else None)
+            hashes[name] = weights_label(network)
         return hashes

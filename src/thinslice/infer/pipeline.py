@@ -103,9 +103,8 @@ class Pipeline:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    weights: ClassVar[tuple[str, ...]] = ()  # weights kinds loaded from a bundle (checkpoints.bundle.KINDS)
+    weights: ClassVar[tuple[str, ...]] = ()  # network kinds loaded from a bundle (rows of models.kinds)
     uses_profile: ClassVar[bool] = True  # models the input's slice profile (data consistency)
-    train_hint: ClassVar[str] = "thinslice train ..."
     preference: ClassVar[int] = 0  # rank among learned methods for --method auto without a manifest
     always_consistent: ClassVar[bool] = False  # the projection is the method (cubic-dc), not an option
     model: Any = None  # the network a learned method runs (set by load or from_model)
@@ -150,10 +149,10 @@ class Pipeline:
     @classmethod
     def locate_weights(cls, checkpoint: str | Path | None) -> Path:
         """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error that
-        says how to train them."""
-        from thinslice.checkpoints.bundle import resolve_bundle
+        says how to train them (the kinds table's training command)."""
+        from thinslice.checkpoints.bundle import locate_weights
 
-        return resolve_bundle(checkpoint, cls.weights, cls.name, cls.train_hint)
+        return locate_weights(checkpoint, cls.weights, cls.name)
 
     def bundle(self) -> Path:
         """:meth:`locate_weights` for the ``checkpoint`` option."""

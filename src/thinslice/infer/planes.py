@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from thinslice.checkpoints.bundle import load_planes, planes_file, specialist_factors, weights_file
+from thinslice.checkpoints.bundle import load_planes
 from thinslice.checkpoints.files import read_metadata, weights_label
 from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.errors import ThinsliceError
@@ -30,11 +30,14 @@ from thinslice.infer.planes_adapt import adapt_plan, adapt_planes
 from thinslice.infer.upsample import CubicDC, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
+from thinslice.models.kinds import network_kind
 from thinslice.models.planes import PlanesNet, acquisition_vector
 
 log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("coronal", "sagittal")
+# The planes row of the kinds table: names of the all-factor file and the per-factor planes-x<k> files.
+PLANES = network_kind("planes")
 # Planes per network call: small batches stay in cache (48 channels x 75 rows x 512 px x 2 bytes = 3.7 MB per plane
 # and layer); 8 measured fastest on the 2-core CPU (docs/planes.md).
 PLANES_PER_BATCH = 8
@@ -184,7 +187,6 @@ class Planes(Pipeline):
                    "(k thin rows per thick row), then data consistency; shipped weights or --checkpoint DIR")
     Options = PlanesOptions
     weights = ("planes",)
-    train_hint = "thinslice train-planes ..."
     preference = 3
     model: PlanesNet
     # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
@@ -196,11 +198,12 @@ class Planes(Pipeline):
         o = self.options
         bundle, device = self.bundle(), resolve_device(o.device)
         self.model = load_planes(bundle, device, preset=o.preset)
-        self.specialists = {k: load_planes(bundle, device, factor=k) for k in specialist_factors(bundle)}
+        self.specialists = {k: load_planes(bundle, device, factor=k) for k in PLANES.variants_in(bundle)}
         for k, net in self.specialists.items():
             if k not in net.factors:
-                raise ThinsliceError(f"{bundle / planes_file(k)} serves factors {', '.join(map(str, net.factors))}, "
-                                     f"not {k}: rename it after the factor it was trained for")
+                raise ThinsliceError(f"{bundle / PLANES.file_name(k)} serves factors "
+                                     f"{', '.join(map(str, net.factors))}, not {k}: rename it after the factor it "
+                                     "was trained for")
 
     def network_for(self, k: int) -> PlanesNet:
         """The network that serves factor ``k``: its specialist when the bundle has one, else the all-factor one."""
@@ -213,11 +216,11 @@ class Planes(Pipeline):
         try:
             k = integer_factor(thick.slice_spacing, spacing_mm)
             bundle = cls.locate_weights(checkpoint)
-            meta = read_metadata(bundle / weights_file("planes"))
+            meta = read_metadata(bundle / PLANES.file)
         except ThinsliceError as err:
             return str(err)
         factors = json.loads(meta.get("preset_config", "{}")).get("planes", {}).get("factors", [])
-        factors = sorted({*factors, *specialist_factors(bundle)})
+        factors = sorted({*factors, *PLANES.variants_in(bundle)})
         if k > 1 and k not in factors:
             return f"its weights serve factors {', '.join(map(str, factors))}, not {k}"
         return None
@@ -279,7 +282,7 @@ class Planes(Pipeline):
         """Content hash of the network that serves factor ``k`` (marked when ``--adapt`` changes it): what a
         calibration of the std map is valid for."""
         network = self.network_for(k)
-        name = planes_file(k if network is not self.model else None)
+        name = PLANES.file_name(k if network is not self.model else None)
         return {name: weights_label(network) + ("+adapted" if self.options.adapt else "")}
 
     def _adapted(self, network: PlanesNet, thick: Volume, k: int, acquisition: Acquisition) -> PlanesNet:

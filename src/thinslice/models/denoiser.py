@@ -8,12 +8,14 @@ null latent for a random fraction of the batch (``condition_dropout``); at sampl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from thinslice.models.control import IRControlNet
 from thinslice.models.unet import LatentUNet3D
-from thinslice.presets import ResShiftConfig
+from thinslice.presets import Preset, ResShiftConfig
 
 
 class LatentDenoiser(nn.Module):
@@ -93,3 +95,17 @@ class LatentDenoiser(nn.Module):
             return cond
         uncond = self(x_t_scaled, t, self.null_like(y), factor)
         return uncond + guidance_scale * (cond - uncond)
+
+
+def denoiser_from_preset(p: Preset) -> LatentDenoiser:
+    """The whole latent denoiser of a preset: UNet (as many latent channels as the preset's first stage makes) +
+    IRControlNet (when ``control.enabled``) + null condition; the builder of the 'denoiser' network kind.
+
+    The control net starts as a copy of the UNet encoder when ``control.init_from_unet`` (DiffBIR), else randomly.
+    """
+    unet = LatentUNet3D(dataclasses.replace(p.unet, latent_channels=p.latent_channels))
+    control = None
+    if p.control.enabled:
+        control = IRControlNet.from_unet(unet, p.control) if p.control.init_from_unet else IRControlNet(
+            unet.cfg, p.control)
+    return LatentDenoiser(unet, control, p.diffusion)

@@ -1,25 +1,30 @@
-"""The one place that builds networks from a preset (name, JSON path or :class:`~thinslice.presets.Preset`).
+"""Networks from a preset (name, JSON path or :class:`~thinslice.presets.Preset`) or from a kind's own config.
 
-Weights files record the preset they were trained with (see :mod:`thinslice.checkpoints.files`), and loading rebuilds
-the network here from that record, so the architecture always comes from one code path.
+:func:`build_model` builds any network kind through its row in :mod:`thinslice.models.kinds` (loading rebuilds a
+network there from its weights file's record, so the architecture always comes from one code path); the
+``build_*`` helpers are the preset-name conveniences the trainers and tests use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from thinslice.errors import ThinsliceError
+from thinslice.models.denoiser import LatentDenoiser, denoiser_from_preset
+from thinslice.models.kinds import network_kind
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import Preset, load_preset
 
-# kind -> preset section holding that network's architecture.
-# Kind of network -> the preset sections that describe its architecture (checked when weights are loaded).
-MODEL_KINDS: dict[str, tuple[str, ...]] = {
-    "vae": ("vae",), "unet": ("unet",), "control": ("control",), "baseline": ("baseline",),
-    "denoiser": ("unet", "control"), "planes": ("planes",),
-}
+
+def build_model(kind: str, source: str | Path | Preset | Any) -> nn.Module:
+    """Network of ``kind`` (a row of the kinds table) for a preset, or for the kind's own config dataclass (a
+    plug-in kind whose config is not a preset section)."""
+    row = network_kind(kind)
+    if isinstance(source, (str, Path, Preset)):
+        return row.build(row.config_of(load_preset(source)))
+    return row.build(source)
 
 
 def build_vae(preset: str | Path | Preset) -> AutoencoderKL3D:
@@ -37,26 +42,6 @@ def build_first_stage(preset: str | Path | Preset) -> nn.Module | None:
     return None
 
 
-def build_unet(preset: str | Path | Preset) -> nn.Module:
-    """``LatentUNet3D`` for ``preset.unet``, with as many latent channels as the preset's VAE makes."""
-    import dataclasses
-
-    from thinslice.models.unet import LatentUNet3D
-
-    p = load_preset(preset)
-    return LatentUNet3D(dataclasses.replace(p.unet, latent_channels=p.latent_channels))
-
-
-def build_control(preset: str | Path | Preset) -> nn.Module:
-    """A freshly initialised ``IRControlNet`` for ``preset.unet``/``preset.control``."""
-    import dataclasses
-
-    from thinslice.models.control import IRControlNet
-
-    p = load_preset(preset)
-    return IRControlNet(dataclasses.replace(p.unet, latent_channels=p.latent_channels), p.control)
-
-
 def build_baseline(preset: str | Path | Preset) -> nn.Module:
     """CNN baseline ``ResidualCNN3D(preset.baseline)``."""
     from thinslice.models.baseline import ResidualCNN3D
@@ -64,21 +49,9 @@ def build_baseline(preset: str | Path | Preset) -> nn.Module:
     return ResidualCNN3D(load_preset(preset).baseline)
 
 
-def build_denoiser(preset: str | Path | Preset) -> nn.Module:
-    """The whole latent denoiser: UNet + IRControlNet (when ``control.enabled``) + null condition.
-
-    The control net starts as a copy of the UNet encoder when ``control.init_from_unet`` (DiffBIR), else randomly.
-    """
-    from thinslice.models.control import IRControlNet
-    from thinslice.models.denoiser import LatentDenoiser
-
-    p = load_preset(preset)
-    unet = build_unet(p)
-    control = None
-    if p.control.enabled:
-        control = IRControlNet.from_unet(unet, p.control) if p.control.init_from_unet else IRControlNet(
-            unet.cfg, p.control)
-    return LatentDenoiser(unet, control, p.diffusion)
+def build_denoiser(preset: str | Path | Preset) -> LatentDenoiser:
+    """The whole latent denoiser of ``preset`` (see :func:`~thinslice.models.denoiser.denoiser_from_preset`)."""
+    return denoiser_from_preset(load_preset(preset))
 
 
 def build_planes(preset: str | Path | Preset) -> nn.Module:
@@ -86,16 +59,3 @@ def build_planes(preset: str | Path | Preset) -> nn.Module:
     from thinslice.models.planes import PlanesNet
 
     return PlanesNet(load_preset(preset).planes)
-
-
-_BUILDERS = {"vae": build_vae, "unet": build_unet, "control": build_control, "baseline": build_baseline,
-             "planes": build_planes}
-
-
-def build_model(kind: str, preset: str | Path | Preset) -> nn.Module:
-    """Network of ``kind`` ('vae', 'unet', 'control', 'baseline', 'planes', 'denoiser') for ``preset``."""
-    if kind == "denoiser":
-        return build_denoiser(preset)
-    if kind not in _BUILDERS:
-        raise ThinsliceError(f"unknown model kind '{kind}': use one of {', '.join(_BUILDERS)}")
-    return _BUILDERS[kind](preset)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.examples.pairs import PairSampler
 from thinslice.infer.cnn import Cnn
 from thinslice.io.volume import Volume
@@ -59,7 +59,8 @@ def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> R
     """A fresh network, or ``init`` weights (a baseline.safetensors or a folder holding one) when not resuming."""
     model = build_baseline(preset)
     if init and not resume:
-        from thinslice.checkpoints.files import load_model, record_of
+        from thinslice.checkpoints.bundle import load_model
+        from thinslice.checkpoints.files import record_of
 
         loaded = load_model("baseline", init, preset=preset)
         model.load_state_dict(loaded.state_dict())
@@ -93,7 +94,7 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
                                       "val/truth_cubic-dc_cnn")
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
-        save_bundle_model(eval_models["baseline"], "baseline", preset, out_dir)
+        save_model(eval_models["baseline"], "baseline", preset, out_dir)
 
     trainer = Trainer({"baseline": model}, l1_loss, sampler, engine_config(run_dir, tc, opts, seed, ema_decay),
                       validate_fn=validate, export_fn=export)

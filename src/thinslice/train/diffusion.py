@@ -47,8 +47,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from thinslice.checkpoints.bundle import FILES, load_denoiser, save_bundle_denoiser
-from thinslice.checkpoints.files import load_model, record_of
+from thinslice.checkpoints.bundle import load_denoiser, load_model, save_model
+from thinslice.checkpoints.files import record_of
 from thinslice.device import resolve_device
 from thinslice.diffusion.resshift import ResShiftConfig
 from thinslice.errors import ThinsliceError
@@ -61,6 +61,7 @@ from thinslice.infer.sampler import diffusion_loss, make_schedule
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
+from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
@@ -408,13 +409,13 @@ def _exporter(stage: _FirstStage, record_preset: Preset, non_default_steps: bool
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         denoiser_out = eval_models["denoiser"]
         meta = {"vae_hash": stage.hash}
-        save_bundle_denoiser(denoiser_out, record_preset, out_dir, meta)  # type: ignore[arg-type]
+        save_model(denoiser_out, "denoiser", record_preset, out_dir, meta)
         if non_default_steps:
             # Also the folder's default denoiser, so that this run's folder alone is a complete bundle; the
             # denoiser-<T>step file is the one to copy next to another bundle's default model.
-            save_bundle_denoiser(denoiser_out, record_preset, out_dir / FILES["denoiser"], meta)  # type: ignore
+            save_model(denoiser_out, "denoiser", record_preset, out_dir / network_kind("denoiser").file, meta)
         if stage.path is not None:
-            copy_atomic(stage.path, out_dir / FILES["vae"])
+            copy_atomic(stage.path, out_dir / network_kind("vae").file)
         if planes is not None:  # the all-factor planes network and any per-factor ones (planes-x<k>)
             for source in sorted(planes.bundle().glob("planes*.safetensors")):
                 copy_atomic(source, out_dir / source.name)

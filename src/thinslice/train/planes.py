@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thinslice.checkpoints.bundle import save_bundle_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.errors import ThinsliceError
 from thinslice.examples.planes import PlaneSampler
 from thinslice.infer.planes import Planes
@@ -95,8 +95,7 @@ def initial_planes(preset: Preset, init: str | None, resume: bool) -> nn.Module:
 
 def _init_source(init: str) -> nn.Module:
     """The planes network in ``init``: a weights file, or a bundle folder's all-factor network."""
-    from thinslice.checkpoints.bundle import load_planes
-    from thinslice.checkpoints.files import load_model
+    from thinslice.checkpoints.bundle import load_model, load_planes
 
     path = Path(init)
     if path.is_file():
@@ -126,7 +125,7 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     validate = make_pipeline_validate(cases, lambda models: Planes.from_model(models["planes"], precision=precision))
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
-        save_bundle_model(eval_models["planes"], "planes", preset, out_dir)
+        save_model(eval_models["planes"], "planes", preset, out_dir)
 
     trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler,
                       engine_config(run_dir, tc, opts, seed, ema_decay),

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from thinslice.checkpoints.files import load_state_strict, read_metadata, save_weights
+from thinslice.checkpoints.bundle import save_model
+from thinslice.checkpoints.files import load_state_strict, read_metadata
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.examples.patches import PatchSampler, _source_from
@@ -156,7 +157,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
     validate = make_validate_fn(_val_crops(val_volumes, crop), tile=tc.patch_size)
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
-        save_weights(out_dir / "vae.safetensors", eval_models["vae"], "vae", preset)
+        save_model(eval_models["vae"], "vae", preset, out_dir / "vae.safetensors")
 
     cfg = EngineConfig(
         run_dir=run_dir, max_steps=tc.max_steps, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.5, 0.9)
@@ -176,14 +177,14 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
         final_vae = result.models["vae"]
         factor = estimate_scaling_factor(final_vae, sampler, opts.scaling_patches, seed)
         final_vae.set_scaling_factor(factor)
-        digest = save_weights(run_dir / "final" / "vae.safetensors", final_vae, "vae", preset)
+        digest = save_model(final_vae, "vae", preset, run_dir / "final" / "vae.safetensors")
         best_path = run_dir / "best" / "vae.safetensors"
         if best_path.is_file():  # the best weights get their own scaling factor
-            from thinslice.checkpoints.files import load_model
+            from thinslice.checkpoints.bundle import load_model
 
             best_vae = load_model("vae", best_path).to(next(final_vae.parameters()).device)
             best_vae.set_scaling_factor(estimate_scaling_factor(best_vae, sampler, opts.scaling_patches, seed))
-            save_weights(best_path, best_vae, "vae", preset)
+            save_model(best_vae, "vae", preset, best_path)
         summary = {"step": result.step, "scaling_factor": factor, "weights_hash": digest,
                    "best_val_psnr": result.best, "best_step": result.best_step,
                    **{k: v for k, v in result.last_logs.items() if isinstance(v, float)}}

@@ -11,13 +11,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from thinslice.checkpoints.bundle import load_model, save_model
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
 from thinslice.degrade.grid import target_grid_volume
 from thinslice.errors import ThinsliceError
-from thinslice.infer.pipeline import Pipeline, Result
-from thinslice.infer.upsample import available_methods, get_method, run_method
+from thinslice.infer.pipeline import LearnedOptions, Pipeline, Result
+from thinslice.infer.upsample import available_methods, get_method, register_pipeline, run_method
+from thinslice.models import kinds
+from thinslice.models.factory import build_model
+from thinslice.models.kinds import NetworkKind, register_kind
 
 registry = importlib.import_module("thinslice.infer.upsample")  # (the package exports a function of that name)
 SPACING = 1.25
@@ -102,3 +107,69 @@ def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thi
         assert toy.report == {"toy": "doubled"} and issubclass(get_method("toy-doubled").pipeline, Pipeline)
     finally:
         sys.modules.pop("toy_thinslice_plugin", None)
+
+
+# ------------------------------------------------------------------ a new network kind: table row, model, pipeline
+@dataclasses.dataclass
+class ShiftConfig:
+    """The toy network's config (a plug-in's own, not a preset section)."""
+
+    channels: int = 4
+
+
+class ShiftNet(torch.nn.Module):
+    """The model module of the toy kind: a residual 1x3x3 convolution of the thin-grid prior (HU / 1000)."""
+
+    def __init__(self, config: ShiftConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.body = torch.nn.Sequential(torch.nn.Conv3d(1, config.channels, (1, 3, 3), padding=(0, 1, 1)),
+                                        torch.nn.ReLU(), torch.nn.Conv3d(config.channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftOptions(LearnedOptions):
+    consistency: bool = True
+
+
+class Shift(Pipeline):
+    """The pipeline of the toy kind: loads its network through the one load function and runs it on the prior."""
+
+    name = "toy-shift"
+    Options = ShiftOptions
+    weights = ("toy-shift",)
+
+    def load(self) -> None:
+        self.model = load_model("toy-shift", self.bundle())
+
+    def refine(self, thick, prior, acquisition):
+        with torch.no_grad():
+            x = torch.from_numpy(prior.slices_first() / 1000.0).float()[None, None]
+            out = self.model(x)[0, 0].numpy() * 1000.0
+        return Result(prior.with_slices(out, prior.slice_spacing, 0.0, prior.slice_thickness), report={"toy": "shift"})
+
+
+def test_a_new_network_kind_needs_its_row_its_model_and_its_pipeline(tmp_path, monkeypatch, thick):
+    """Nothing else: the row gives the file name, the locator, the loader, the builder and the training hint."""
+    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    monkeypatch.setattr(registry, "UPSAMPLERS", dict(registry.UPSAMPLERS))
+    register_kind(NetworkKind("toy-shift", ("toy-shift",), ShiftNet, "train-toy-shift", config_type=ShiftConfig))
+    register_pipeline(Shift)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ThinsliceError, match="thinslice train-toy-shift"):
+        run_method(thick, SPACING, "toy-shift", checkpoint=str(tmp_path / "empty"))
+    torch.manual_seed(0)
+    net = build_model("toy-shift", ShiftConfig(channels=3))
+    save_model(net, "toy-shift", "tiny", tmp_path / "run" / "final")
+    result = run_method(thick, SPACING, "toy-shift", checkpoint=str(tmp_path / "run"))
+    x = torch.from_numpy(run_method(thick, SPACING, "cubic").volume.slices_first() / 1000.0).float()[None, None]
+    with torch.no_grad():
+        expected = net(x)[0, 0].numpy() * 1000.0
+    assert result.report["toy"] == "shift" and "consistency_hu" in result.report
+    assert get_method("toy-shift").has_weights(str(tmp_path / "run"))
+    # before the projection the output is the network's; the projection moves it only by the thick-slice residual
+    raw = Shift.from_pretrained(tmp_path / "run", consistency=False)(thick, SPACING).volume.slices_first()
+    assert np.allclose(raw, expected, atol=1e-2)

@@ -108,12 +108,14 @@ def weights_path(source: Source, kind: str, variant: int | None = None) -> Path:
     return locate_weights(source, kind) / network_kind(kind).file_name(variant)
 
 
-def has_weights(kinds: str | Sequence[str], bundle: str | Path | None = None) -> bool:
-    """Whether the shipped folder (or ``bundle``) holds weights of every one of ``kinds`` (rows of the kinds
-    table)."""
-    folder = DEFAULT_BUNDLE_DIR if bundle is None else Path(bundle)
-    rows = [network_kind(k) for k in ((kinds,) if isinstance(kinds, str) else kinds)]
-    return all((folder / r.file).is_file() for r in rows)
+def has_weights(kinds: str | Sequence[str], bundle: Source = None) -> bool:
+    """Whether :func:`locate_weights` finds weights of every one of ``kinds`` in ``bundle`` (None: the shipped
+    folder), by the same rules (a run folder's ``final/`` counts)."""
+    try:
+        locate_weights(bundle, kinds)
+    except ThinsliceError:
+        return False
+    return True
 
 
 # Written next to the shipped weights by whoever trains and benchmarks them: {"default_method": ..., "why": ...}.

@@ -1,20 +1,15 @@
 """``--method ldm``: thick slices -> thin slices with the 3D latent diffusion model (ResShift + IRControlNet).
 
-1. the prior the denoiser was trained to refine (its record's ``latent.prior``, :func:`~.upsample.prior_estimate`);
-2. first-stage encoding (:func:`~thinslice.models.tiling.encode_padded`): the lossless Haar transform (the shipped
-   model) or the trained VAE, padded so that latent sizes are multiples of the denoiser's size multiple;
-3. sampling the HR latent (:func:`~thinslice.diffusion.sampling.reverse_process`): whole when it fits in memory,
-   else in overlapping latent windows (:mod:`thinslice.models.windows`), each with a generator seeded from (seed,
-   window position). With residual latents (``latent.residual_scale`` > 0) the model samples the scaled residual
-   from the prior from zero, conditioned on the prior's latent (:class:`~thinslice.presets.LatentConfig`);
-4. decoding. ``decode="residual"`` (default) returns ``prior + D(x0) - D(y)`` instead of ``D(x0)``: the first
-   stage's reconstruction error, common to both decodes, cancels, so the model adds through-plane detail to the
-   prior instead of replacing it by a reconstruction (a small VAE reconstructs CT at ~25 dB; the Haar stage loses
-   only what the model's HU range clips). A model that learnt nothing (x0 = y) then gives the prior;
-5. data consistency of every sample (:func:`~thinslice.infer.consistency.make_consistent`), then their mean.
-
-``samples > 1``: the samples' per-voxel std, with the planes prior's pass disagreement, becomes a calibrated std map
-(:mod:`thinslice.infer.uncertainty`) in ``Result.extras["std"]``. Stage timings: ``Result.report["ldm_timing_s"]``.
+The prior the denoiser was trained to refine (:func:`~thinslice.infer.upsample.prior_estimate`) is encoded by the
+first stage (:func:`~thinslice.models.tiling.encode_padded`: the lossless Haar transform of the shipped model, or a
+VAE); the HR latent is sampled (:func:`~thinslice.diffusion.sampling.reverse_process`) whole, or in latent windows
+seeded by position when it does not fit in memory (:mod:`thinslice.models.windows`); with residual latents
+(:class:`~thinslice.presets.LatentConfig`) the model samples the scaled residual from the prior from zero. Decoding
+is residual by default, ``prior + D(x0) - D(y)``: the first stage's reconstruction error cancels, so the model adds
+through-plane detail to the prior (and a model that learnt nothing gives the prior). Every sample is projected onto
+consistency with the thick slices (:func:`~thinslice.infer.consistency.make_consistent`) before they are averaged;
+with ``samples > 1`` their per-voxel std (and the planes prior's pass disagreement) becomes a calibrated std map in
+``Result.extras["std"]`` (:mod:`thinslice.infer.uncertainty`). Stage timings: ``Result.report["ldm_timing_s"]``.
 """
 
 from __future__ import annotations
@@ -36,14 +31,14 @@ from thinslice.diffusion.sampling import make_schedule, reverse_process, seeded_
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
-from thinslice.infer.uncertainty import Welford
+from thinslice.infer.uncertainty import Welford, attach_std
 from thinslice.infer.upsample import prior_estimate, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_first_stage
 from thinslice.models.tiling import DEFAULT_TILE, PaddedLatent, decode_padded, encode_padded
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.models.windows import DEFAULT_TRAIN_PATCH, available_memory_bytes, blend_windows, latent_window
+from thinslice.models.windows import DEFAULT_TRAIN_PATCH, available_memory_bytes, latent_window, whole_or_windows
 from thinslice.presets import LatentConfig
 
 log = logging.getLogger(__name__)
@@ -51,8 +46,8 @@ log = logging.getLogger(__name__)
 DECODE_MODES = ("residual", "direct")
 
 
-def _check(o: LdmOptions, vae: AutoencoderKL3D, denoiser: LatentDenoiser) -> None:
-    """Refuse options and model pairs that cannot work, before any work."""
+def _check(o: LdmOptions, vae: AutoencoderKL3D, denoiser: LatentDenoiser, factor: float) -> None:
+    """Refuse options and model pairs that cannot work, before any work; warn of a factor the model did not learn."""
     if o.samples < 1:
         raise ThinsliceError(f"--samples must be at least 1, got {o.samples}")
     if o.decode not in DECODE_MODES:
@@ -67,21 +62,15 @@ def _check(o: LdmOptions, vae: AutoencoderKL3D, denoiser: LatentDenoiser) -> Non
     if want and have and want != have:
         raise ThinsliceError(f"the denoiser was trained on latents of VAE {want} but the bundle's VAE is {have}: put "
                              "the matching vae.safetensors next to the denoiser (or retrain the denoiser on this VAE)")
-
-
-def _warn_factor(factor: float, denoiser: LatentDenoiser) -> None:
-    preset = loaded_preset(denoiser)
-    factors = tuple(getattr(getattr(preset, "degradation", None), "factors", ()) or ())
+    factors = tuple(getattr(getattr(loaded_preset(denoiser), "degradation", None), "factors", ()) or ())
     if factors and not (min(factors) * 0.9 <= factor <= max(factors) * 1.1):
-        warnings.warn(
-            f"upsampling factor {factor:.3g} is outside the factors the model was trained on "
-            f"({min(factors):g}-{max(factors):g}); results may be poor", stacklevel=3)
+        warnings.warn(f"upsampling factor {factor:.3g} is outside the factors the model was trained on "
+                      f"({min(factors):g}-{max(factors):g}); results may be poor", stacklevel=3)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How the latent is sampled: window (None: whole), guidance scale, thick/thin factor, residual-latent scale
-    (0: the model samples the HR latent itself)."""
+    """How the latent is sampled (window None: whole; residual_scale 0: the model samples the HR latent itself)."""
 
     window: tuple[int, int, int] | None
     scale: float
@@ -91,9 +80,8 @@ class _Plan:
 
 def _sample_latent(denoiser: LatentDenoiser, y: torch.Tensor, plan: _Plan, o: LdmOptions, seed: int,
                    progress: bool) -> torch.Tensor:
-    """One HR latent for the prior's latent ``y``: the denoiser, told ``y``, run through the schedule it was trained
-    with. With residual latents the model samples s (x0 - y) from zero (the diffusion's anchor; see
-    :class:`~thinslice.presets.LatentConfig`), and x0 = y + sample / s."""
+    """One HR latent for the prior's latent ``y``: the denoiser, told ``y``, through the schedule it was trained with.
+    With residual latents (:class:`~thinslice.presets.LatentConfig`) it samples s (x0 - y) from 0: x0 = y + out / s."""
     if denoiser.channels_last:
         y = y.contiguous(memory_format=torch.channels_last_3d)
 
@@ -105,26 +93,6 @@ def _sample_latent(denoiser: LatentDenoiser, y: torch.Tensor, plan: _Plan, o: Ld
                           seeded_generator(seed), o.steps, progress)
     assert isinstance(out, torch.Tensor)
     return y.float() + out.float() / plan.residual_scale if residual else out.float()
-
-
-@torch.no_grad()
-def sample_hr_latent(denoiser: LatentDenoiser, y_latent: torch.Tensor, plan: _Plan, o: LdmOptions,
-                     seed: int = 0) -> torch.Tensor:
-    """HR latent (1, C, d, h, w) on CPU for ``y_latent`` (1, C, d, h, w), the denoiser in eval mode: whole, or in
-    the plan's latent windows (each seeded from ``seed`` and its position)."""
-    device, window, was_training = next(denoiser.parameters()).device, plan.window, denoiser.training
-    denoiser.eval()
-    try:
-        if window is None or all(w >= s for w, s in zip(window, y_latent.shape[2:], strict=True)):
-            return _sample_latent(denoiser, y_latent.to(device), plan, o, seed, o.progress).cpu()
-
-        def predictor(window_latent: torch.Tensor, coords: list) -> torch.Tensor:
-            start = tuple(int(s.start or 0) for s in coords[0][2:])
-            return _sample_latent(denoiser, window_latent, plan, o, window_seed(seed, start), False)
-
-        return blend_windows(y_latent, window, predictor, device, o.progress, with_coord=True)
-    finally:
-        denoiser.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -143,9 +111,8 @@ class LdmOptions(LearnedOptions):
 
 def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, cubic: Volume, o: LdmOptions,
             timings: dict[str, float]) -> tuple[PaddedLatent, np.ndarray | None]:
-    """Encode the cubic image (padded to the denoiser's size multiple), and for residual decoding keep cubic - D(y):
-    what the first stage loses of the cubic image, added back to every decoded sample (with the lossless Haar stage:
-    what its input clipping to the model's HU range loses)."""
+    """Encode the prior (padded to the denoiser's size multiple); for residual decoding keep prior - D(y), what the
+    first stage loses of it (Haar: what its HU-range clipping loses), added back to every decoded sample."""
     amp = autocast_dtype(o.precision)
     t0 = time.perf_counter()
     y_hu = cubic.slices_first()
@@ -161,14 +128,25 @@ def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, cubic: Volume, o: Ld
     return first, lr_detail
 
 
+@torch.no_grad()
 def _sample(vae: AutoencoderKL3D, denoiser: LatentDenoiser, enc: tuple[PaddedLatent, np.ndarray | None], plan: _Plan,
             o: LdmOptions, seed: int, timings: dict[str, float]) -> np.ndarray:
-    """One seed's HR latent, decoded to HU on the thin grid (plus the residual-decoding detail)."""
-    first, lr_detail = enc
+    """One seed's HR latent (the denoiser in eval mode; whole, or in the plan's latent windows each seeded from
+    ``seed`` and its position), decoded to HU on the thin grid plus the residual-decoding detail."""
+    (first, lr_detail), was_training = enc, denoiser.training
     device, amp = next(denoiser.parameters()).device, autocast_dtype(o.precision)
+
+    def sample(y: torch.Tensor, start: tuple[int, ...] | None) -> torch.Tensor:  # start None: the whole latent
+        return _sample_latent(denoiser, y, plan, o, seed if start is None else window_seed(seed, start),
+                              o.progress and start is None)
+
     t0 = time.perf_counter()
-    with autocast(device, amp):
-        hr_latent = sample_hr_latent(denoiser, first.latent, plan, o, seed)
+    denoiser.eval()
+    try:
+        with autocast(device, amp):
+            hr_latent = whole_or_windows(sample, first.latent, plan.window, device, o.progress)
+    finally:
+        denoiser.train(was_training)
     timings["sampling"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     x = decode_padded(vae, first, hr_latent[0].float(), o.progress, amp)
@@ -196,30 +174,24 @@ def _plan(denoiser: LatentDenoiser, vae: AutoencoderKL3D, first: PaddedLatent, o
 
 
 def latent_config(denoiser: LatentDenoiser) -> LatentConfig:
-    """The latent space a loaded denoiser was trained in (first stage, prior, residual scale); the default (VAE,
-    cubic) for a network not loaded from a file."""
+    """The latent space a loaded denoiser was trained in (first stage, prior...); the default for one not loaded."""
     preset = loaded_preset(denoiser)
     return getattr(preset, "latent", None) or LatentConfig()
 
 
-def _consistency_line(residuals: list[dict[str, float]], profile: str) -> dict[str, str]:
-    """The samples' consistency residuals (mean of their means, max of their maxima) as a report line."""
-    if not residuals:
-        return {}
-    r = {k: float(max(r[k] for r in residuals) if "max" in k else np.mean([r[k] for r in residuals]))
-         for k in residuals[0]}
-    return {"consistency_hu": f"{profile} profile; |A x - thick| before mean {r['before_mean_abs']:.3g} max "
-                              f"{r['before_max_abs']:.3g}, after mean {r['after_mean_abs']:.3g} max "
-                              f"{r['after_max_abs']:.3g}"}
-
-
-def _finish(thick: Volume, cubic: Volume, acc: Welford, report: dict[str, str]) -> Result:
-    """The mean volume on the thin grid and (several samples) their std as ``extras["spread"]``."""
-    spacing = cubic.slice_spacing
-    _, offset = thin_grid(thick, spacing)
+def _finish(thick: Volume, prior: Volume, acc: Welford, report: dict[str, str], residuals: list[dict[str, float]],
+            profile: str) -> Result:
+    """The mean volume on the thin grid, (several samples) their std as ``extras["spread"]``, and the samples'
+    consistency residuals (mean of their means, max of their maxima) in the report."""
+    spacing, (_, offset) = prior.slice_spacing, thin_grid(thick, prior.slice_spacing)
     result = Result(thick.with_slices(acc.mean, spacing, offset, slice_thickness=spacing), report=report)
-    std = acc.std()
-    if std is not None:
+    if residuals:
+        r = {k: float(max(r[k] for r in residuals) if "max" in k else np.mean([r[k] for r in residuals]))
+             for k in residuals[0]}
+        report["consistency_hu"] = (f"{profile} profile; |A x - thick| before mean {r['before_mean_abs']:.3g} max "
+                                    f"{r['before_max_abs']:.3g}, after mean {r['after_mean_abs']:.3g} max "
+                                    f"{r['after_max_abs']:.3g}")
+    if (std := acc.std()) is not None:
         result.extras["spread"] = thick.with_slices(std, spacing, offset, slice_thickness=spacing)
         result.extras["spread"].metadata["content"] = f"per-voxel standard deviation (HU) over {acc.n} ldm samples"
     return result
@@ -248,8 +220,7 @@ class Ldm(Pipeline):
     @classmethod
     def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None,
                     latent: LatentConfig | None = None, planes: Pipeline | None = None) -> Ldm:
-        """The pipeline around networks in hand (training validates through this); ``planes`` serves a 'planes'
-        prior."""
+        """The pipeline around networks in hand (training validates through this); ``planes``: a 'planes' prior."""
         pipeline = cls(options)
         pipeline.vae, pipeline.denoiser = vae, denoiser
         pipeline.latent, pipeline.planes = latent or latent_config(denoiser), planes
@@ -263,13 +234,10 @@ class Ldm(Pipeline):
             self.denoiser.use_channels_last()
         self.latent = latent_config(self.denoiser)
         stage = build_first_stage(loaded_preset(self.denoiser))  # type: ignore[arg-type]
-        if stage is None:
-            if not has_weights("vae", bundle):
-                raise ThinsliceError(f"the denoiser in {bundle} works on a VAE's latents, but the folder has no "
-                                     "vae.safetensors: put the VAE it was trained with beside it")
-            self.vae = load_vae(bundle, device, preset=o.preset)
-        else:
-            self.vae = stage.to(device)  # type: ignore[assignment]
+        if stage is None and not has_weights("vae", bundle):
+            raise ThinsliceError(f"the denoiser in {bundle} works on a VAE's latents, but the folder has no "
+                                 "vae.safetensors: put the VAE it was trained with beside it")
+        self.vae = load_vae(bundle, device, preset=o.preset) if stage is None else stage.to(device)  # type: ignore
         if self.latent.prior == "planes":
             from thinslice.infer.planes import Planes
 
@@ -286,9 +254,8 @@ class Ldm(Pipeline):
         """The mean of ``options.samples`` seeds refining ``prior``, each projected onto consistency (see the module
         docstring); with several, their std in ``extras["spread"]``, calibrated into ``extras["std"]``."""
         o, vae, denoiser = self.options, self.vae, self.denoiser
-        _check(o, vae, denoiser)
         factor = thick.slice_spacing / prior.slice_spacing
-        _warn_factor(factor, denoiser)
+        _check(o, vae, denoiser, factor)
         timings: dict[str, float] = {}
         enc = _encode(vae, denoiser, prior, o, timings)
         plan, line = _plan(denoiser, vae, enc[0], o, factor, self.latent)
@@ -304,8 +271,8 @@ class Ldm(Pipeline):
                 residuals.append(residual)
                 timings["consistency"] += time.perf_counter() - t0
             acc.add(x)
-        result = _finish(thick, prior, acc, {"ldm": line, **_consistency_line(residuals, acquisition.profile),
-                                             "ldm_timing_s": ", ".join(f"{k} {v:.1f}" for k, v in timings.items())})
+        result = _finish(thick, prior, acc, {"ldm": line}, residuals, acquisition.profile)
+        result.report["ldm_timing_s"] = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
         if o.progress and "consistency_hu" in result.report:
             log.info("ldm: data consistency %s", result.report["consistency_hu"])
         if "spread" in result.extras:
@@ -315,8 +282,6 @@ class Ldm(Pipeline):
     def _attach_std(self, result: Result, thick: Volume, prior: Volume) -> None:
         """The samples' spread (with the planes prior's, when it served this input) calibrated into
         ``extras["std"]`` (docs/uncertainty.md)."""
-        from thinslice.infer.uncertainty import attach_std
-
         planes_spread = getattr(self.planes, "last_spread", None)
         if planes_spread is not None and planes_spread.array.shape == result.extras["spread"].array.shape:
             result.extras["planes_spread"] = planes_spread
@@ -324,8 +289,7 @@ class Ldm(Pipeline):
         attach_std(result, self.bundle(), "ldm", k, self.network_hashes(k), self.options.samples)
 
     def network_hashes(self, k: int) -> dict[str, str]:
-        """Content hashes of the networks a factor-``k`` run uses (denoiser, planes prior): what a calibration of
-        its std map is valid for."""
+        """Hashes of the networks a factor-``k`` run uses (denoiser, planes prior): what a calibration is valid for."""
         from thinslice.checkpoints.bundle import planes_file
 
         hashes = {"denoiser": weights_label(self.denoiser)}

@@ -1,7 +1,8 @@
 """Windows over volumes too large for one network pass, written once for every method.
 
 - blended windows: MONAI's ``sliding_window_inference`` with Gaussian blending and :data:`DEFAULT_OVERLAP`, run on
-  the network's device and gathered on the CPU (:func:`blend_windows`; the CNN, latent sampling and VAE tiling);
+  the network's device and gathered on the CPU (:func:`blend_windows`; the CNN, latent sampling and VAE tiling), or
+  one pass when the volume fits (:func:`whole_or_windows`);
 - exact tiles with a halo that covers a network's receptive field, so tiles join without blending
   (:func:`halo_tiles`; the planes 3D network);
 - the memory budget and the window search of latent sampling (:func:`latent_window`): the whole latent when it
@@ -16,12 +17,13 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.inferers import sliding_window_inference
 
-from thinslice.models.denoiser import LatentDenoiser
+if TYPE_CHECKING:
+    from thinslice.models.denoiser import LatentDenoiser
 
 DEFAULT_OVERLAP = 0.25
 # Peak sampling memory per latent voxel and UNet base channel (bytes), measured on CPU for the tiny and small
@@ -47,6 +49,20 @@ def blend_windows(x: torch.Tensor, roi: tuple[int, ...], predictor: Callable[...
         x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian",
         sw_device=device, device=torch.device("cpu"), progress=progress, **kwargs,
     )
+
+
+def whole_or_windows(fn: Callable[[torch.Tensor, tuple[int, ...] | None], torch.Tensor], x: torch.Tensor,
+                     window: tuple[int, ...] | None, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """``fn`` over the whole of ``x`` (1, C, ...) on ``device`` when there is no window or it covers ``x`` (``fn``
+    told None), else over blended windows, each told its start (e.g. to seed itself by position, so results do not
+    depend on the order MONAI runs them in); the result on the CPU."""
+    if window is None or all(w >= s for w, s in zip(window, x.shape[2:], strict=True)):
+        return fn(x.to(device), None).cpu()
+
+    def predictor(part: torch.Tensor, coords: list) -> torch.Tensor:
+        return fn(part, tuple(int(s.start or 0) for s in coords[0][2:]))
+
+    return blend_windows(x, window, predictor, device, progress, with_coord=True)
 
 
 def num_windows(size: int, window: int, overlap: float = DEFAULT_OVERLAP) -> int:

@@ -2,7 +2,7 @@
 and the seeding that makes both reproducible.
 
 A schedule knows no network: the denoiser comes in as a callable (:data:`ModelFn`), bound to its conditioning by the
-caller (:func:`thinslice.infer.ldm.sample_latent` at inference, the trainer's loss). ResShift and DDIM both satisfy
+caller (:mod:`thinslice.infer.ldm` at inference, the trainer's loss). ResShift and DDIM both satisfy
 :class:`Schedule`, so the loop and the loss below are written once for both.
 """
 

@@ -109,13 +109,13 @@ class LdmOptions(LearnedOptions):
     vae_tile: tuple[int, int, int] = DEFAULT_TILE
 
 
-def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, cubic: Volume, o: LdmOptions,
+def _encode(vae: AutoencoderKL3D, denoiser: LatentDenoiser, prior: Volume, o: LdmOptions,
             timings: dict[str, float]) -> tuple[PaddedLatent, np.ndarray | None]:
     """Encode the prior (padded to the denoiser's size multiple); for residual decoding keep prior - D(y), what the
     first stage loses of it (Haar: what its HU-range clipping loses), added back to every decoded sample."""
     amp = autocast_dtype(o.precision)
     t0 = time.perf_counter()
-    y_hu = cubic.slices_first()
+    y_hu = prior.slices_first()
     mult = tuple(s * m for s, m in zip(vae.total_stride, denoiser.size_multiple, strict=True))
     first = encode_padded(vae, y_hu, mult, o.vae_tile, o.progress, amp)
     timings["encode"] = time.perf_counter() - t0

@@ -20,7 +20,7 @@ import torch
 
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.device import resolve_device
-from thinslice.infer.ldm import Ldm, LdmOptions, run_ldm
+from thinslice.infer.ldm import Ldm, LdmOptions
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.planes import Planes
 from thinslice.infer.upsample import get_method
@@ -86,22 +86,19 @@ def main() -> None:
     acquisition = Acquisition.of(thick)
     prior = pipeline.prior(thick, thin_mm, acquisition)
     t_prior = time.perf_counter() - start
-    result = run_ldm(thick, thin_mm, pipeline.vae, pipeline.denoiser, options, acquisition, prior, pipeline.latent)
+    result = pipeline.refine(thick, prior, acquisition)
     total = time.perf_counter() - start
     out = result.volume.slices_first()
-    info = result.info
     print(f"ldm on {args.device} ({torch.get_num_threads()} threads), {source}: thick {thick.slices_first().shape} "
-          f"-> thin {out.shape}, latent {info['latent_shape']}, sampling {info['window']}, {info['steps']} steps, "
-          f"{args.samples} sample(s), {args.precision}, prior {pipeline.latent.prior}, first stage "
+          f"-> thin {out.shape}: {result.report['ldm']}, prior {pipeline.latent.prior}, first stage "
           f"{pipeline.latent.first_stage}")
     print(f"  {'prior':<12s} {t_prior:8.1f} s")
-    for stage, seconds in info["timings_s"].items():  # type: ignore[union-attr]
-        if stage != "prior":
-            print(f"  {stage:<12s} {seconds:8.1f} s")
+    for stage_seconds in result.report["ldm_timing_s"].split(", "):
+        stage, seconds = stage_seconds.rsplit(" ", 1)
+        print(f"  {stage:<12s} {float(seconds):8.1f} s")
     print(f"  {'total':<12s} {total:8.1f} s")
-    res = info.get("consistency_hu", {})
-    if res:
-        print(f"  consistency |A x - thick| mean {res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g} HU")
+    if "consistency_hu" in result.report:
+        print(f"  consistency {result.report['consistency_hu']}")
     print(f"peak RSS {peak_rss_gb():.2f} GB (after building the input: {rss_input:.2f} GB)")
 
 

@@ -118,7 +118,7 @@ def test_init_fine_tunes_from_a_bundle_and_refuses_another_architecture(tmp_path
 
 def test_channels_last_sampling_gives_the_same_latent() -> None:
     """The CPU layout switch is a speed change only."""
-    from thinslice.infer.sampler import sample_latent
+    from thinslice.diffusion.sampling import make_schedule, reverse_process
     from thinslice.models.factory import build_denoiser
 
     preset = load_preset("tiny")
@@ -128,10 +128,13 @@ def test_channels_last_sampling_gives_the_same_latent() -> None:
         for p in denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     y = torch.randn(1, preset.latent_channels, 4, 16, 16)
-    a = sample_latent(denoiser, y, 4.0, generator=torch.Generator().manual_seed(3))
+    def sample_latent(y: torch.Tensor) -> torch.Tensor:
+        return reverse_process(make_schedule(denoiser.cfg), lambda x, t, yy: denoiser.guided(x, t, yy, 4.0), y,
+                               torch.Generator().manual_seed(3))
+
+    a = sample_latent(y)
     assert not denoiser.channels_last
     denoiser.use_channels_last()
     assert denoiser.channels_last
-    b = sample_latent(denoiser, y.contiguous(memory_format=torch.channels_last_3d), 4.0,
-                      generator=torch.Generator().manual_seed(3))
+    b = sample_latent(y.contiguous(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -9,8 +9,14 @@ import torch
 
 from thinslice.diffusion.ddim import DDIMSchedule
 from thinslice.diffusion.resshift import ResShiftConfig, ResShiftSchedule
+from thinslice.diffusion.sampling import (
+    Schedule,
+    denoising_mse,
+    diffusion_loss,
+    make_schedule,
+    reverse_process,
+)
 from thinslice.errors import ThinsliceError
-from thinslice.infer.sampler import diffusion_loss, reverse_process, sample_latent
 from thinslice.models.control import IRControlNet
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.unet import LatentUNet3D
@@ -56,7 +62,7 @@ def test_q_sample_statistics() -> None:
         eta = float(sched.etas[step])
         assert xt.mean().item() == pytest.approx(0.3 + eta * (-0.8), abs=5 * 2 * math.sqrt(eta / n))
         assert xt.std().item() == pytest.approx(2.0 * math.sqrt(eta), rel=0.01)
-    prior = sched.prior_sample(y, torch.randn(n, 1, generator=g))
+    prior = sched.init_latent(y, torch.randn(n, 1, generator=g))
     assert prior.std().item() == pytest.approx(2.0 * 0.99, rel=0.01)
 
 
@@ -91,9 +97,9 @@ def test_prediction_conversions_are_consistent(prediction: str) -> None:
     x0, y, noise = (torch.randn(5, 2, 3, 4, 4, generator=g) for _ in range(3))
     t = torch.tensor([0, 3, 7, 11, 14])
     xt = sched.q_sample(x0, y, t, noise)
-    target = sched.training_target(x0, y, noise)
+    target = sched.training_target(x0, y, t, noise)
     assert torch.allclose(sched.x0_from_output(target, xt, y, t), x0, atol=1e-5)
-    assert sched.loss(lambda x, tt, yy: target, x0, y, t, noise).item() == pytest.approx(0.0, abs=1e-12)
+    assert denoising_mse(sched, lambda x, tt, yy: target, x0, y, t, noise).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def oracle(sched: ResShiftSchedule, x0: torch.Tensor):
@@ -152,9 +158,9 @@ def test_ddim_with_oracle_recovers_x0(prediction: str) -> None:
     assert torch.allclose(out, x0, atol=1e-4)
     t = torch.tensor([500])
     noise = torch.randn_like(x0)
-    xt = sched.q_sample(x0, t, noise)
+    xt = sched.q_sample(x0, y, t, noise)
     assert torch.allclose(xt, abar[500].sqrt() * x0 + (1 - abar[500]).sqrt() * noise, atol=1e-6)
-    assert sched.loss(model_fn, x0, y, t, noise).item() == pytest.approx(0.0, abs=1e-8)
+    assert denoising_mse(sched, model_fn, x0, y, t, noise).item() == pytest.approx(0.0, abs=1e-8)
 
 
 def tiny_denoiser(method: str = "resshift", seed: int = 0) -> LatentDenoiser:
@@ -166,23 +172,42 @@ def tiny_denoiser(method: str = "resshift", seed: int = 0) -> LatentDenoiser:
     return LatentDenoiser(unet, control, cfg)
 
 
-def test_sample_latent_is_seeded_and_checks_method() -> None:
-    den = tiny_denoiser()
+def sample_latent(den: LatentDenoiser, y: torch.Tensor, seed: int, method: str | None = None,
+                  steps: int | None = None) -> torch.Tensor:
+    """The denoiser as a ``ModelFn`` through the schedule it was trained with, as ldm binds it."""
+    return reverse_process(make_schedule(den.cfg, method), lambda x, t, yy: den.guided(x, t, yy, 3.0), y,
+                           torch.Generator().manual_seed(seed), steps)
+
+
+def test_sampling_a_denoiser_is_seeded_and_checks_method() -> None:
+    den = tiny_denoiser().eval()
     for p in den.parameters():  # non-trivial outputs (zero-initialised layers would hide differences)
         torch.nn.init.normal_(p, std=0.05)
     y = torch.randn(1, 4, 4, 16, 16)
-    a = sample_latent(den, y, 3.0, generator=torch.Generator().manual_seed(0))
-    b = sample_latent(den, y, 3.0, generator=torch.Generator().manual_seed(0))
-    c = sample_latent(den, y, 3.0, generator=torch.Generator().manual_seed(1))
+    a, b, c = sample_latent(den, y, 0), sample_latent(den, y, 0), sample_latent(den, y, 1)
     assert a.shape == y.shape and torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ThinsliceError):
-        sample_latent(den, y, 3.0, method="ddim")
-    with pytest.raises(ThinsliceError):
-        sample_latent(den, y, 3.0, steps=7)
-    ddim = tiny_denoiser("ddim")
-    d1 = sample_latent(ddim, y, 3.0, steps=3, generator=torch.Generator().manual_seed(0))
-    d2 = sample_latent(ddim, y, 3.0, steps=3, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(d1, d2)
+    with pytest.raises(ThinsliceError, match="trained for the 'resshift' sampler"):
+        sample_latent(den, y, 0, method="ddim")
+    with pytest.raises(ThinsliceError, match="cannot sample with 7"):
+        sample_latent(den, y, 0, steps=7)
+    ddim = tiny_denoiser("ddim").eval()
+    assert torch.equal(sample_latent(ddim, y, 0, steps=3), sample_latent(ddim, y, 0, steps=3))
+
+
+def test_both_schedules_satisfy_the_protocol_and_an_x0_oracle_gives_x0_back() -> None:
+    """The one contract: ResShift and DDIM are both a :class:`Schedule` (no alias methods needed), and the one
+    reverse process with a model that returns the true x0 lands exactly on x0 for ResShift."""
+    resshift, ddim = make_schedule(ResShiftConfig.fast()), make_schedule(ResShiftConfig(method="ddim"))
+    assert isinstance(resshift, Schedule) and isinstance(ddim, Schedule)
+    assert isinstance(resshift, ResShiftSchedule) and isinstance(ddim, DDIMSchedule)
+    assert not isinstance(object(), Schedule)
+    for name in ("add_noise", "prior_sample", "scale_input", "loss"):
+        assert not hasattr(resshift, name) and not hasattr(ddim, name)
+    g = torch.Generator().manual_seed(11)
+    x0, y = torch.randn(1, 2, 4, 8, 8, generator=g), torch.randn(1, 2, 4, 8, 8, generator=g)
+    out = reverse_process(resshift, lambda x, t, yy: x0, y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+    assert not torch.allclose(out, y, atol=0.1)
 
 
 def test_tiny_denoiser_overfits_a_pair() -> None:
@@ -202,14 +227,14 @@ def test_tiny_denoiser_overfits_a_pair() -> None:
 
     def eval_loss() -> float:
         with torch.no_grad():
-            return sched.loss(model_fn, xb, yb, eval_t, eval_noise).item()
+            return denoising_mse(sched, model_fn, xb, yb, eval_t, eval_noise).item()
 
     before = eval_loss()
     opt = torch.optim.Adam(den.parameters(), lr=2e-3)
     for _ in range(30):
         t = sched.sample_timesteps(2, generator=g)
-        loss = sched.loss(model_fn, x0.expand(2, -1, -1, -1, -1), y.expand(2, -1, -1, -1, -1), t,
-                          torch.randn(2, *x0.shape[1:], generator=g))
+        loss = denoising_mse(sched, model_fn, x0.expand(2, -1, -1, -1, -1), y.expand(2, -1, -1, -1, -1), t,
+                             torch.randn(2, *x0.shape[1:], generator=g))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -225,20 +250,26 @@ def test_diffusion_loss_drops_only_the_network_condition() -> None:
     x0, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 8, 8, generator=g)
     seen = []
     den.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
-    loss = diffusion_loss(den, x0, y, 3.0, generator=torch.Generator().manual_seed(1), cfg_dropout=1.0)
+    sched = ResShiftSchedule(den.cfg)
+
+    def model_fn(x, tt, yy, drop):
+        return den(x, tt, yy, 3.0, drop_mask=drop)
+
+    loss = diffusion_loss(sched, model_fn, x0, y, generator=torch.Generator().manual_seed(1), cfg_dropout=1.0)
     loss.backward()
     assert torch.isfinite(loss) and den.null_condition.grad is not None and den.null_condition.grad.abs().sum() > 0
     assert torch.equal(seen[-1], den.null_like(y).detach())  # the network saw the null latent ...
-    again = diffusion_loss(den, x0, y, 3.0, generator=torch.Generator().manual_seed(1), cfg_dropout=1.0)
+    again = diffusion_loss(sched, model_fn, x0, y, generator=torch.Generator().manual_seed(1), cfg_dropout=1.0)
     assert again.item() == pytest.approx(loss.item())  # ... and the loss is seeded
     # Same draws by hand: the forward process uses the original y, only the network's input is nulled.
     g1 = torch.Generator().manual_seed(1)
-    sched = ResShiftSchedule(den.cfg)
     t = sched.sample_timesteps(2, generator=g1)
     torch.rand(2, generator=g1)
     noise = torch.randn(x0.shape, generator=g1)
     mask = torch.ones(2, dtype=torch.bool)
-    manual = sched.loss(lambda x, tt, yy: den(x, tt, yy, 3.0, drop_mask=mask), x0, y, t, noise)
+    manual = denoising_mse(sched, lambda x, tt, yy: den(x, tt, yy, 3.0, drop_mask=mask), x0, y, t, noise)
     assert manual.item() == pytest.approx(loss.item(), rel=1e-6)
     ddim = tiny_denoiser("ddim")
-    assert torch.isfinite(diffusion_loss(ddim, x0, y, 3.0, generator=g))
+    ddim_loss = diffusion_loss(make_schedule(ddim.cfg), lambda x, tt, yy, drop: ddim(x, tt, yy, 3.0, drop_mask=drop),
+                               x0, y, cfg_dropout=ddim.cfg.cfg_dropout, generator=g)
+    assert torch.isfinite(ddim_loss)

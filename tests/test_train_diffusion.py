@@ -12,9 +12,9 @@ import torch
 from thinslice.checkpoints.bundle import load_denoiser, load_vae, save_model
 from thinslice.checkpoints.files import record_of
 from thinslice.cli.main import main
+from thinslice.diffusion.sampling import make_schedule
 from thinslice.errors import ThinsliceError
 from thinslice.examples.pairs import PairSampler, make_pair, pair_margin
-from thinslice.infer.sampler import make_schedule
 from thinslice.models.factory import build_denoiser, build_vae
 from thinslice.presets import load_preset
 from thinslice.train.diffusion import (
@@ -115,7 +115,7 @@ def test_cfg_dropout_is_active_in_the_training_loss() -> None:
     preset = load_preset("tiny")
     denoiser = build_denoiser(preset)
     spy = _Spy(denoiser)
-    loss_fn = DiffusionLoss(None, make_schedule(denoiser), preset.diffusion.cfg_dropout)
+    loss_fn = DiffusionLoss(None, make_schedule(denoiser.cfg), preset.diffusion.cfg_dropout)
     latent = torch.randn(64, 4, 2, 4, 4)
     with torch.no_grad():
         for seed in range(10):
@@ -129,7 +129,7 @@ def test_cfg_dropout_is_active_in_the_training_loss() -> None:
 # --------------------------------------------------------------------------------------------------- train
 def _fixed_loss(denoiser, vae, thin_phantom) -> float:
     sampler = PairSampler([thin_phantom], (8, 32, 32), 4, load_preset("tiny").degradation, seed=123)
-    loss_fn = DiffusionLoss(vae, make_schedule(denoiser), 0.0)
+    loss_fn = DiffusionLoss(vae, make_schedule(denoiser.cfg), 0.0)
     with torch.no_grad():
         return float(np.mean([float(loss_fn({"denoiser": denoiser}, sampler.next_batch(), 0)[0]) for _ in range(3)]))
 

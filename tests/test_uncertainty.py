@@ -12,6 +12,7 @@ from thinslice.infer.uncertainty import (
     Entry,
     Features,
     StdModel,
+    Welford,
     conformal_scale,
     coverage,
     find_calibration,
@@ -99,3 +100,18 @@ def test_ldm_uncertainty_means_samples() -> None:
     assert _uncertainty_options(get_method("ldm"), {"uncertainty": True}) == {"samples": 4}
     assert _uncertainty_options(get_method("ldm"), {"uncertainty": True, "samples": 8}) == {"samples": 8}
     assert _uncertainty_options(get_method("planes"), {"uncertainty": True}) == {"uncertainty": True}
+
+
+def test_welford_matches_the_mean_and_std_of_held_samples() -> None:
+    """ldm's running mean/std (the samples are never held at once) equals numpy's over the held samples."""
+    samples = np.random.default_rng(3).normal(-500.0, 40.0, (5, 4, 6, 7)).astype(np.float32)
+    acc, mean_only = Welford(samples.shape[1:], True), Welford(samples.shape[1:], False)
+    for x in samples:
+        acc.add(x)
+        mean_only.add(x)
+    np.testing.assert_allclose(acc.mean, samples.mean(axis=0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(acc.std(), samples.std(axis=0, ddof=1), rtol=1e-4, atol=1e-3)
+    assert mean_only.std() is None and np.array_equal(mean_only.mean, acc.mean)
+    single = Welford((2, 2), False)
+    single.add(samples[0, 0, :2, :2])
+    assert np.array_equal(single.mean, samples[0, 0, :2, :2])  # one sample: its own values, bit for bit

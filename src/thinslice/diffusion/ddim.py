@@ -1,9 +1,10 @@
 """Alternative to ResShift: a standard DDPM noise schedule (1000 steps), LR latent concatenated, DDIM sampling.
 
-A thin wrapper around MONAI's ``DDPMScheduler`` (training noise) and ``DDIMScheduler`` (sampling) giving the same
-``loss`` / ``sample`` interface as :class:`thinslice.diffusion.resshift.ResShiftSchedule`, so that training and
-inference can switch with ``diffusion.method`` / ``--sampler``. Unlike ResShift, sampling starts from pure noise
-(y only enters through the network's conditioning) and the network input is x_t itself (unit variance already).
+A thin wrapper around MONAI's ``DDPMScheduler`` (training noise) and ``DDIMScheduler`` (sampling) satisfying the
+same :class:`thinslice.diffusion.sampling.Schedule` protocol as :class:`thinslice.diffusion.resshift.ResShiftSchedule`,
+so that training and inference can switch with ``diffusion.method`` / ``--sampler``. Unlike ResShift, sampling starts
+from pure noise (y only enters through the network's conditioning) and the network input is x_t itself (unit
+variance already).
 Timesteps are MONAI's: integers in [0, ddim_train_steps - 1].
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from thinslice.diffusion.resshift import ModelFn, ResShiftConfig
+from thinslice.diffusion.resshift import ResShiftConfig
 
 DDIM_PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -37,32 +38,17 @@ class DDIMSchedule:
         t = torch.randint(0, self.num_train_steps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t of the DDPM forward process (``y`` unused: DDIM does not shift towards the LR latent)."""
         return self.train_scheduler.add_noise(x0, noise, t)
 
-    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def training_target(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Epsilon or v, as the network is trained to predict (``y`` unused)."""
         if self.cfg.ddim_prediction == "epsilon":
             return noise
         return self.train_scheduler.get_velocity(x0, noise, t)
 
-    def loss(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        reduction: str = "mean",
-    ) -> torch.Tensor:
-        """MSE on epsilon or v."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        output = model_fn(self.q_sample(x0, t, noise), t, y)
-        target = self.training_target(x0, t, noise)
-        per_sample = ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)
-        return per_sample.mean() if reduction == "mean" else per_sample
-
-    # ---- step API (the loop is thinslice.infer.sampler.reverse_process) --------------------------------------------
+    # ---- step API (the loop is thinslice.diffusion.sampling.reverse_process) ---------------------------------------
     def set_timesteps(self, steps: int | None = None) -> list[int]:
         """DDIM timesteps for ``steps`` (default cfg.ddim_sample_steps), any number up to the training steps."""
         self.sampler = DDIMScheduler(num_train_timesteps=self.num_train_steps, schedule=self.cfg.ddim_schedule,
@@ -85,6 +71,3 @@ class DDIMSchedule:
              noise: torch.Tensor | None) -> torch.Tensor:
         x, _ = self.sampler.step(output.float(), int(t[0]), x_t.float(), eta=0.0)
         return x.to(y.dtype)
-
-    def add_noise(self, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.q_sample(x0, t, noise)

@@ -17,15 +17,12 @@ The paper's ``eta_0 = 0`` is ``etas_prev[0]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from thinslice.errors import ThinsliceError
 from thinslice.presets import METHODS, PREDICTIONS, ResShiftConfig  # noqa: F401 (the schedule settings live with the presets)
-
-# model_fn(x_t_scaled, t, y) -> network output (x0, residual y - x0 or noise, see ResShiftConfig.prediction).
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def exponential_sqrt_etas(
@@ -47,7 +44,8 @@ def _per_sample(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tenso
 
 
 class ResShiftSchedule:
-    """Forward process, training target/loss, posterior and sampler of ResShift (see module docstring)."""
+    """Forward process, training target, posterior and step API of ResShift (see module docstring); satisfies
+    :class:`thinslice.diffusion.sampling.Schedule`, whose functions run the loss and the sampling loop."""
 
     def __init__(self, cfg: ResShiftConfig | None = None) -> None:
         self.cfg = cfg or ResShiftConfig()
@@ -78,18 +76,18 @@ class ResShiftSchedule:
         sqrt_eta = self._coef(self.sqrt_etas, t, x0)
         return x0 + eta * (y - x0) + self.kappa * sqrt_eta * noise
 
-    def prior_sample(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_T = y + kappa sqrt(eta_T) noise."""
+    def init_latent(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Where sampling starts: x_T = y + kappa sqrt(eta_T) noise (the LR latent, shifted)."""
         return y + self.kappa * float(self.sqrt_etas[-1]) * noise
 
-    def scale_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def scale_model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Network input x_t / sqrt(kappa^2 eta_t + 1) (official ``scale_input``), keeping its variance near 1."""
         std = torch.sqrt(self._coef(self.etas, t, x_t) * self.kappa**2 + 1)
         return x_t / std
 
     # ---- prediction types ------------------------------------------------------------------------------------
-    def training_target(self, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network regresses for ``cfg.prediction``."""
+    def training_target(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network regresses for ``cfg.prediction`` (``t`` unused: the targets do not depend on it)."""
         if self.cfg.prediction == "x0":
             return x0
         if self.cfg.prediction == "residual":
@@ -115,27 +113,6 @@ class ResShiftSchedule:
         t = torch.randint(0, self.num_steps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
-    def loss(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        reduction: str = "mean",
-    ) -> torch.Tensor:
-        """MSE between the network output and its target (official ResShift trains MSE on x0).
-
-        ``reduction="none"`` gives one value per batch element (e.g. for per-timestep logging).
-        """
-        if noise is None:
-            noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, y, t, noise)
-        output = model_fn(self.scale_input(x_t, t), t, y)
-        target = self.training_target(x0, y, noise)
-        per_sample = ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)
-        return per_sample.mean() if reduction == "mean" else per_sample
-
     # ---- reverse process -------------------------------------------------------------------------------------
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -145,21 +122,14 @@ class ResShiftSchedule:
         variance = self._coef(self.posterior_variance, t, x_t)
         return mean, variance
 
-    # ---- step API (the MONAI/diffusers scheduler shape; the loop is thinslice.infer.sampler.reverse_process) ------
+    # ---- step API (the MONAI/diffusers scheduler shape; the loop is thinslice.diffusion.sampling.reverse_process) --
     def set_timesteps(self, steps: int | None = None) -> list[int]:
         """The reverse timesteps T-1 .. 0; a ResShift model samples with exactly the T steps it was trained with."""
         if steps is not None and int(steps) != self.num_steps:
-            raise ValueError(f"this ResShift model was trained with {self.num_steps} steps; it cannot sample with "
+            raise ThinsliceError(f"this ResShift model was trained with {self.num_steps} steps; it cannot sample with "
                              f"{steps} (leave --steps out)")
         self.timesteps = list(range(self.num_steps - 1, -1, -1))
         return self.timesteps
-
-    def init_latent(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Where sampling starts: x_T = y + kappa sqrt(eta_T) noise (the LR latent, shifted)."""
-        return self.prior_sample(y, noise)
-
-    def scale_model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scale_input(x_t, t)
 
     def step_needs_noise(self, step: int) -> bool:
         """Whether :meth:`step` at ``step`` adds noise (all but the last step)."""
@@ -172,7 +142,3 @@ class ResShiftSchedule:
         x0_pred = self.x0_from_output(output, x_t, y, t)
         mean, variance = self.q_posterior_mean_variance(x0_pred, x_t, t)
         return mean + torch.sqrt(variance) * noise if noise is not None else mean
-
-    def add_noise(self, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The forward process x_t (training): :meth:`q_sample`."""
-        return self.q_sample(x0, y, t, noise)

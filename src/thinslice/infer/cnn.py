@@ -1,7 +1,7 @@
 """``--method cnn``: the supervised residual CNN baseline refining a cubic-upsampled volume.
 
 Cubic B-spline upsampling to the thin grid, HU -> model range, :class:`~thinslice.models.baseline.ResidualCNN3D`
-over the whole volume in overlapping windows (MONAI ``sliding_window_inference``, Gaussian blending), back to HU,
+over the whole volume in overlapping windows (:func:`thinslice.models.windows.blend_windows`), back to HU,
 then data consistency with the thick input, on by default (:mod:`thinslice.infer.consistency`).
 """
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from thinslice.checkpoints.bundle import load_baseline
 from thinslice.checkpoints.files import keep_record, loaded_preset, weights_label
@@ -23,8 +22,8 @@ from thinslice.infer.upsample import register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.intensity import HU_MAX, HU_MIN, hu_to_model, model_to_hu
+from thinslice.models.windows import blend_windows, fit_window
 
-DEFAULT_OVERLAP = 0.25
 # Inference windows are the training patch times this per axis: fewer window borders, still small in memory.
 ROI_SCALE = (2, 2, 2)
 
@@ -51,9 +50,7 @@ def refine_cnn(
     amp = autocast_dtype(precision)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(hu_to_model(np.asarray(lr_hu_slices_first, np.float32))))[None, None]
-    roi = roi or default_roi(model)
-    # Windows no larger than the volume: MONAI would otherwise pad with zeros (~1000 HU in model range).
-    roi = tuple(min(int(r), int(n)) for r, n in zip(roi, x.shape[2:], strict=True))
+    roi = fit_window(roi or default_roi(model), tuple(x.shape[2:]))
     was_training = model.training
     model.eval()
 
@@ -61,10 +58,7 @@ def refine_cnn(
         with autocast(device, amp):
             return model(window).float()
 
-    out = sliding_window_inference(
-        x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=DEFAULT_OVERLAP, mode="gaussian",
-        sw_device=device, device=torch.device("cpu"), progress=progress,
-    )
+    out = blend_windows(x, roi, predictor, device, progress)
     model.train(was_training)
     hu = model_to_hu(out[0, 0].float().numpy())
     return np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)

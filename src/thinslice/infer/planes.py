@@ -32,6 +32,7 @@ from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
 from thinslice.models.kinds import network_kind
 from thinslice.models.planes import PlanesNet, acquisition_vector
+from thinslice.models.windows import halo_tiles
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ def refine_planes(
     return total
 
 
-# 3D networks run on in-plane tiles of the whole thick stack; the halo covers the receptive field (two 3-wide
-# convolutions per block plus head, body tail and output: 2 * num_blocks + 3 pixels), so tiles join exactly.
+# 3D networks run on in-plane tiles of the whole thick stack (:func:`thinslice.models.windows.halo_tiles`); the halo
+# covers the receptive field (two 3-wide convolutions per block plus head, body tail and output: 2 * num_blocks + 3
+# pixels), so tiles join exactly.
 BLOCK_TILE = 160
 
 
@@ -133,21 +135,17 @@ def refine_blocks(model: PlanesNet, thick_hu: np.ndarray, base_hu: np.ndarray, c
     model = model.to(memory_format=torch.channels_last_3d)
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
-    halo = 2 * model.cfg.num_blocks + 3
     out = np.empty(base_hu.shape, np.float32)
-    starts = [(a, b) for a in range(0, base_hu.shape[1], BLOCK_TILE) for b in range(0, base_hu.shape[2], BLOCK_TILE)]
-    for a0, b0 in tqdm(starts, desc="planes", unit="tile", disable=not progress, leave=False):
-        a1, b1 = min(a0 + BLOCK_TILE, base_hu.shape[1]), min(b0 + BLOCK_TILE, base_hu.shape[2])
-        ea, eb = max(0, a0 - halo), max(0, b0 - halo)
-        window = (slice(None), slice(ea, min(a1 + halo, base_hu.shape[1])), slice(eb, min(b1 + halo, base_hu.shape[2])))
+    tiles = halo_tiles(base_hu.shape[1:], BLOCK_TILE, 2 * model.cfg.num_blocks + 3)
+    for tile in tqdm(tiles, desc="planes", unit="tile", disable=not progress, leave=False):
+        window, inner, target = ((slice(None), *part) for part in (tile.read, tile.core, tile.write))
         t = torch.from_numpy(hu_to_model(thick_hu[window]))[None, None].to(device)
         b = torch.from_numpy(hu_to_model(base_hu[window]))[None, None].to(device)
         with autocast(device, amp):
             y = model(t, b, cond_t)
             residual = (y - b).float()[0, 0].cpu().numpy() * (HU_RANGE / 2)
-        inner = (slice(None), slice(a0 - ea, a0 - ea + a1 - a0), slice(b0 - eb, b0 - eb + b1 - b0))
         # As in refine_planes: the residual goes onto the unclipped estimate.
-        out[:, a0:a1, b0:b1] = base_hu[:, a0:a1, b0:b1] + residual[inner]
+        out[target] = base_hu[target] + residual[inner]
     return out
 
 

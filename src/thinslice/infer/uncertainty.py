@@ -304,3 +304,29 @@ def attach_std(result: Result, bundle: str | Path, method: str, factor: int, wei
     result.report["uncertainty"] = (f"{lookup.note}; 90% interval wider than {WIDE_HU:g} HU in {wide:.1%} of body "
                                     "voxels")
     volume.metadata["uncertainty"] = result.report["uncertainty"]
+
+
+class Welford:
+    """Running per-voxel mean and (``with_var``) sum of squared deviations of several samples, in place in float32
+    accumulators of the output size (ldm's ``--samples``: the samples are never held at once):
+    delta = x - mean_old; mean += delta / n; m2 += delta * (x - mean_new) = delta^2 (n - 1) / n."""
+
+    def __init__(self, shape: tuple[int, ...], with_var: bool) -> None:
+        self.n = 0
+        self.mean = np.zeros(shape, np.float32)
+        self.m2 = np.zeros(shape, np.float32) if with_var else None
+
+    def add(self, x: np.ndarray) -> None:
+        self.n += 1
+        delta = np.subtract(x, self.mean, dtype=np.float32)
+        self.mean += delta / self.n
+        if self.m2 is not None and self.n > 1:
+            np.multiply(delta, delta, out=delta)
+            delta *= (self.n - 1) / self.n
+            self.m2 += delta
+
+    def std(self) -> np.ndarray | None:
+        """The samples' standard deviation (n - 1 in the denominator); None without ``with_var``."""
+        if self.m2 is None:
+            return None
+        return np.sqrt(np.maximum(self.m2 / (self.n - 1), 0.0)).astype(np.float32)

@@ -261,3 +261,19 @@ class CubicDC(Pipeline):
 register_pipeline(Linear)
 register_pipeline(Cubic)
 register_pipeline(CubicDC)
+
+
+def prior_estimate(kind: str, planes: Pipeline | None, thick: Volume, spacing_mm: float,
+                   acquisition: Acquisition) -> Volume:
+    """The estimate a denoiser refines (``latent.prior`` ``kind``): the planes output, cubic-dc where the planes
+    network cannot serve the input, or cubic. Inference and the trainer's prior pairs both call this, so the model
+    is trained on the prior it meets."""
+    if kind == "planes" and planes is not None:
+        reason = planes.applicable(thick, spacing_mm, getattr(planes.options, "checkpoint", None))
+        if reason is None:
+            return planes(thick, spacing_mm, acquisition).volume
+        log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
+    if kind in ("planes", "cubic-dc"):
+        return CubicDC()(thick, spacing_mm, acquisition).volume
+    return interpolate_volume(thick, spacing_mm, "cubic")
+

@@ -1,7 +1,8 @@
 """Tiled encode/decode of whole CT volumes with the 3D VAE, so memory stays at a few GB for 512x512x300.
 
-Built on MONAI's ``sliding_window_inference`` (Gaussian blending; since MONAI 1.3 it accepts predictor outputs of a
-different spatial size than the window, which is what encode (smaller) and decode (larger) produce). What is added
+Built on MONAI's ``sliding_window_inference`` (Gaussian blending, through
+:func:`thinslice.models.windows.blend_windows`; since MONAI 1.3 it accepts predictor outputs of a different spatial
+size than the window, which is what encode (smaller) and decode (larger) produce). What is added
 here, and why:
 
 - the volume is padded at the far end of each axis with air (-1 in model range) to a multiple of the VAE's total
@@ -16,20 +17,20 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
-from monai.inferers import sliding_window_inference
 
 from thinslice.errors import ThinsliceError
 from thinslice.models.intensity import hu_to_model, model_to_hu
 from thinslice.models.vae import AutoencoderKL3D
+from thinslice.models.windows import DEFAULT_OVERLAP, aligned_overlaps, blend_windows
 
 AIR_MODEL = -1.0  # air (HU_MIN) in model range
 DEFAULT_TILE = (32, 128, 128)
-DEFAULT_OVERLAP = 0.25
 
 
 def _round_tile(tile: tuple[int, int, int], stride: tuple[int, int, int]) -> tuple[int, ...]:
@@ -38,16 +39,6 @@ def _round_tile(tile: tuple[int, int, int], stride: tuple[int, int, int]) -> tup
 
 def _padded_shape(shape: tuple[int, ...], tile: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, ...]:
     return tuple(max(t, math.ceil(n / s) * s) for n, t, s in zip(shape, tile, stride, strict=True))
-
-
-def _overlaps(tile: tuple[int, ...], stride: tuple[int, ...], overlap: float) -> tuple[float, ...]:
-    """Per-axis overlap fractions whose scan interval ``int(tile * (1 - o))`` (MONAI's rule) is a stride multiple."""
-    result = []
-    for t, s in zip(tile, stride, strict=True):
-        interval = max(s, (int(t * (1.0 - overlap)) // s) * s)
-        # +0.5 keeps int() from rounding down through float error.
-        result.append(min(max(1.0 - (interval + 0.5) / t, 0.0), 0.999))
-    return tuple(result)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -109,10 +100,7 @@ def encode_volume(
             mean = vae.encode(window)[0]
         return mean.float()
 
-    latent = sliding_window_inference(
-        x, roi_size=tile_r, sw_batch_size=1, predictor=predictor, overlap=_overlaps(tile_r, stride, overlap),
-        mode="gaussian", sw_device=device, device=torch.device("cpu"), progress=progress,
-    )
+    latent = blend_windows(x, tile_r, predictor, device, progress, aligned_overlaps(tile_r, stride, overlap))
     vae.train(was_training)
     # Keep the stride padding (decode crops it with out_shape), drop the padding up to one tile.
     keep = tuple(math.ceil(n / s) for n, s in zip(shape, stride, strict=True))
@@ -171,11 +159,8 @@ def decode_volume(
         return outputs, weight
 
     # One latent voxel of overlap is the least that avoids hard seams.
-    overlaps = _overlaps(tile_lat, (1, 1, 1), overlap)
-    image = sliding_window_inference(
-        z, roi_size=tile_lat, sw_batch_size=1, predictor=predictor, overlap=overlaps, mode="gaussian",
-        sw_device=device, device=torch.device("cpu"), progress=progress, process_fn=blend_weights,
-    )[0, 0]
+    overlaps = aligned_overlaps(tile_lat, (1, 1, 1), overlap)
+    image = blend_windows(z, tile_lat, predictor, device, progress, overlaps, process_fn=blend_weights)[0, 0]
     if out_shape is not None:
         image = image[: out_shape[0], : out_shape[1], : out_shape[2]]
     vae.train(was_training)
@@ -188,3 +173,35 @@ def reconstruct_volume(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, **kwar
     return decode_volume(vae, latent, out_shape=tuple(hu_slices_first.shape), **kwargs)
 
 
+@dataclass(frozen=True)
+class PaddedLatent:
+    """The latent (1, C, d, h, w) of a HU volume of ``shape`` that was edge-padded to ``padded_shape`` and encoded
+    in tiles of ``tile``: what :func:`decode_padded` decodes and crops back."""
+
+    latent: torch.Tensor
+    shape: tuple[int, ...]
+    padded_shape: tuple[int, ...]
+    tile: tuple[int, ...]
+
+
+def encode_padded(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, multiple: tuple[int, ...],
+                  tile: tuple[int, int, int] = DEFAULT_TILE, progress: bool = False,
+                  autocast_dtype: torch.dtype | None = None) -> PaddedLatent:
+    """:func:`encode_volume` of the volume edge-padded at the far end of each axis to ``multiple`` (e.g. the
+    stride times a denoiser's size multiple, so latent sizes fit it). Edge, not air: no artificial boundary in the
+    latent. Tiles are no larger than the padded volume (tiling pads small volumes up to a whole tile otherwise)."""
+    hu = np.ascontiguousarray(hu_slices_first)
+    pads = [(0, (-n) % m) for n, m in zip(hu.shape, multiple, strict=True)]
+    padded = np.pad(hu, pads, mode="edge") if any(p for _, p in pads) else hu
+    tile_p = tuple(min(int(t), n) for t, n in zip(tile, padded.shape, strict=True))
+    latent = encode_volume(vae, padded, tile=tile_p, progress=progress, autocast_dtype=autocast_dtype)  # type: ignore[arg-type]
+    return PaddedLatent(latent[None], hu.shape, padded.shape, tile_p)
+
+
+def decode_padded(vae: AutoencoderKL3D, encoded: PaddedLatent, latent: torch.Tensor, progress: bool = False,
+                  autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """HU volume of ``encoded.shape`` from a latent (C, d, h, w) the size of ``encoded.latent`` (that one or a
+    sample conditioned on it), decoded in the same tiles and cropped back."""
+    x = decode_volume(vae, latent, out_shape=encoded.padded_shape, tile=encoded.tile, progress=progress,  # type: ignore[arg-type]
+                      autocast_dtype=autocast_dtype)
+    return x[: encoded.shape[0], : encoded.shape[1], : encoded.shape[2]]

@@ -14,7 +14,7 @@ samplers:
 - **a latent cache** (``--cache``, made by ``thinslice encode``): no VAE work per step, only the cached
   factors/profiles.
 
-The loss is :func:`~thinslice.infer.sampler.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of
+The loss is :func:`~thinslice.diffusion.sampling.diffusion_loss` (uniform timestep, classifier-free-guidance dropout of
 the network's condition), with its timesteps/noise/dropout drawn from a generator seeded by the batch, so resume is
 exact. ``--init DIR`` starts from a bundle's denoiser (same architecture and latent space).
 
@@ -51,13 +51,14 @@ from thinslice.checkpoints.bundle import load_denoiser, load_model, save_model
 from thinslice.checkpoints.files import record_of
 from thinslice.device import resolve_device
 from thinslice.diffusion.resshift import ResShiftConfig
+from thinslice.diffusion.sampling import diffusion_loss, make_schedule
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.examples.pairs import PairSampler
 from thinslice.examples.prior_pairs import CropBatches, PriorPairSampler, build_pairs, fits, residual_scale
-from thinslice.infer.ldm import Ldm, LdmOptions, latent_config, prior_estimate
+from thinslice.infer.ldm import Ldm, LdmOptions, latent_config
 from thinslice.infer.pipeline import Acquisition, Pipeline
-from thinslice.infer.sampler import diffusion_loss, make_schedule
+from thinslice.infer.upsample import prior_estimate
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
 from thinslice.models.factory import build_denoiser
@@ -190,8 +191,12 @@ class DiffusionLoss:
         if self.residual_scale > 0:  # residual latents: s (x0 - y) diffused from zero, the network told y
             x0, y, condition = (x0 - y) * self.residual_scale, torch.zeros_like(y), y
         generator = torch.Generator(device="cpu").manual_seed(int(batch["seed"]))
-        loss = diffusion_loss(models["denoiser"], x0, y, batch["factor"], generator=generator,
-                              schedule=self.schedule, cfg_dropout=self.cfg_dropout, condition=condition)
+        told, denoiser, factor = y if condition is None else condition, models["denoiser"], batch["factor"]
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, _y: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+            return denoiser(x, t, told, factor, drop_mask=drop)
+
+        loss = diffusion_loss(self.schedule, model_fn, x0, y, cfg_dropout=self.cfg_dropout, generator=generator)
         return loss, {}
 
 
@@ -394,7 +399,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     cases = validation_cases(val_volumes, size=max(val_crop[1:]), depth=val_crop[0])
     validate = make_validate_fn(stage.model, cases, latent=latent, planes=planes)
     export = _exporter(stage, record_preset, diffusion_cfg.num_steps != preset.diffusion.num_steps, planes)
-    loss_fn = DiffusionLoss(stage.model, make_schedule(denoiser), diffusion_cfg.cfg_dropout, latent.residual_scale)
+    loss_fn = DiffusionLoss(stage.model, make_schedule(denoiser.cfg), diffusion_cfg.cfg_dropout, latent.residual_scale)
     trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, engine_config(run_dir, tc, opts, seed, ema_decay),
                       validate_fn=validate, export_fn=export)
     stage.model.to(trainer.device)

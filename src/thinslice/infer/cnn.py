@@ -31,7 +31,8 @@ ROI_SCALE = (2, 2, 2)
 def default_roi(model: ResidualCNN3D) -> tuple[int, int, int]:
     preset = loaded_preset(model)
     patch = getattr(getattr(preset, "train_baseline", None), "patch_size", (32, 64, 64))
-    return tuple(int(p) * k for p, k in zip(patch, ROI_SCALE, strict=True))  # type: ignore[return-value]
+    d, h, w = (int(p) * k for p, k in zip(patch, ROI_SCALE, strict=True))
+    return d, h, w
 
 
 @torch.no_grad()

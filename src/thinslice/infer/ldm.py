@@ -31,6 +31,7 @@ from thinslice.diffusion.sampling import make_schedule, reverse_process, seeded_
 from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
+from thinslice.infer.planes import Planes
 from thinslice.infer.uncertainty import Welford, attach_std
 from thinslice.infer.upsample import prior_estimate, register_pipeline
 from thinslice.io.volume import Volume
@@ -161,12 +162,12 @@ def _plan(denoiser: LatentDenoiser, vae: AutoencoderKL3D, first: PaddedLatent, o
           latent: LatentConfig) -> tuple[_Plan, str]:
     """Latent window (None: whole) and guidance scale of the run, and the report line that says so."""
     device = next(denoiser.parameters()).device
-    latent_shape = tuple(int(n) for n in first.latent.shape[2:])
+    d, h, w = (int(n) for n in first.latent.shape[2:])
+    latent_shape = (d, h, w)
     scale = denoiser.cfg.guidance_scale if o.guidance_scale is None else float(o.guidance_scale)
     budget = int(o.memory_limit_gb * 1024**3) if o.memory_limit_gb else available_memory_bytes(device)
     train_patch = getattr(getattr(loaded_preset(denoiser), "train_diffusion", None), "patch_size", DEFAULT_TRAIN_PATCH)
-    window = latent_window(denoiser, vae.total_stride, latent_shape, o.patch_size, budget, scale,  # type: ignore[arg-type]
-                           train_patch)
+    window = latent_window(denoiser, vae.total_stride, latent_shape, o.patch_size, budget, scale, train_patch)
     steps = o.steps or (denoiser.cfg.num_steps if denoiser.cfg.method == "resshift" else denoiser.cfg.ddim_sample_steps)
     mode = "whole latent" if window is None else "latent windows " + "x".join(str(w) for w in window)
     line = (f"{denoiser.cfg.method} {steps} steps, factor {factor:.3g}, {o.decode} decode, {o.precision}, "
@@ -211,11 +212,10 @@ class Ldm(Pipeline):
     # denoiser's record asks for them; the lossless Haar first stage has no weights.
     weights = ("denoiser",)
     preference = 2
-    consistent = False  # type: ignore[assignment]  (every sample is projected inside, before averaging)
     vae: AutoencoderKL3D
     denoiser: LatentDenoiser
     latent: LatentConfig = LatentConfig()
-    planes: Pipeline | None = None
+    planes: Planes | None = None
 
     @classmethod
     def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None,
@@ -238,16 +238,17 @@ class Ldm(Pipeline):
             raise ThinsliceError(f"the denoiser in {bundle} works on a VAE's latents, but the folder has no "
                                  "vae.safetensors: put the VAE it was trained with beside it")
         self.vae = load_vae(bundle, device, preset=o.preset) if stage is None else stage.to(device)  # type: ignore
-        if self.latent.prior == "planes":
-            from thinslice.infer.planes import Planes
-
-            # With samples, planes also keeps its passes' disagreement: the std map builds on it (docs/uncertainty.md)
+        if self.latent.prior == "planes":  # with samples it keeps its passes' disagreement for the std map
             self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision,
                                                  uncertainty=o.samples > 1)
 
+    @property
+    def consistent(self) -> bool:
+        return False  # every sample is projected inside, before averaging
+
     def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
         if self.planes is not None:
-            self.planes.last_spread = None  # type: ignore[attr-defined]  (set again only if planes serves this input)
+            self.planes.last_spread = None  # set again only if planes serves this input
         return prior_estimate(self.latent.prior, self.planes, thick, spacing_mm, acquisition)
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:

@@ -15,7 +15,8 @@ from torch import nn
 from thinslice.models.denoiser import LatentDenoiser, denoiser_from_preset
 from thinslice.models.kinds import network_kind
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import Preset, load_preset
+from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
+from thinslice.presets import LatentConfig, Preset, load_preset
 
 
 def build_model(kind: str, source: str | Path | Preset | Any) -> nn.Module:
@@ -31,15 +32,19 @@ def build_vae(preset: str | Path | Preset) -> AutoencoderKL3D:
     return AutoencoderKL3D(load_preset(preset).vae)
 
 
-def build_first_stage(preset: str | Path | Preset) -> nn.Module | None:
+def build_first_stage(preset: str | Path | Preset) -> HaarFirstStage | None:
     """The parameter-free first stage of ``preset.latent`` (the Haar transform), or None when it is the trained
     VAE (loaded from its weights file instead)."""
-    from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
-
     latent = load_preset(preset).latent
     if latent.first_stage == "haar":
-        return HaarFirstStage(WaveletConfig(strides=tuple(latent.wavelet_strides)))  # type: ignore[arg-type]
+        return build_haar(latent)
     return None
+
+
+def build_haar(latent: LatentConfig) -> HaarFirstStage:
+    """The parameter-free Haar first stage of a preset's ``latent`` section."""
+    d, h, w = (int(s) for s in latent.wavelet_strides)
+    return HaarFirstStage(WaveletConfig(strides=(d, h, w)))
 
 
 def build_baseline(preset: str | Path | Preset) -> nn.Module:

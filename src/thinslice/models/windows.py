@@ -150,13 +150,14 @@ def latent_window(denoiser: LatentDenoiser, vae_stride: tuple[int, int, int], la
     mult = denoiser.size_multiple
     if patch_size is not None:
         win = [_round_down(p // s, m) for p, s, m in zip(patch_size, vae_stride, mult, strict=True)]
-        return tuple(min(w, n) for w, n in zip(win, latent_shape, strict=True))  # type: ignore[return-value]
+        d, h, w = (min(w, n) for w, n in zip(win, latent_shape, strict=True))
+        return d, h, w
     if estimate_sampling_bytes(denoiser, latent_shape, guidance_scale) <= budget_bytes:
         return None
     smallest = [min(n, _round_down(p // s, m))
                 for p, s, m, n in zip(train_patch, vae_stride, mult, latent_shape, strict=True)]
     candidates = [sorted({*range(lo, n + 1, m), n}) for lo, m, n in zip(smallest, mult, latent_shape, strict=True)]
-    best: tuple[int, int, int] = tuple(smallest)  # type: ignore[assignment]
+    best = (smallest[0], smallest[1], smallest[2])
     best_cost = math.inf
     for wd in candidates[0]:
         for wh in candidates[1]:

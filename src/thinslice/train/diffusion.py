@@ -61,11 +61,10 @@ from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.upsample import prior_estimate
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
-from thinslice.models.factory import build_denoiser
+from thinslice.models.factory import build_denoiser, build_haar
 from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
 from thinslice.presets import LatentConfig, Preset, load_preset
 from thinslice.train.engine import (
     RunOptions,
@@ -119,7 +118,8 @@ def schedule_for_steps(base: ResShiftConfig, steps: int | None) -> ResShiftConfi
 
 def default_val_crop(patch: tuple[int, ...]) -> tuple[int, int, int]:
     """Validation crop: :data:`DEFAULT_VAL_CROP`, but no larger than the training patch (cheap on small presets)."""
-    return tuple(min(int(c), int(p)) for c, p in zip(DEFAULT_VAL_CROP, patch, strict=True))  # type: ignore[return-value]
+    d, h, w = (min(int(c), int(p)) for c, p in zip(DEFAULT_VAL_CROP, patch, strict=True))
+    return d, h, w
 
 
 def check_patch_fits(patch: tuple[int, int, int], vae: AutoencoderKL3D, multiple: tuple[int, int, int]) -> None:
@@ -276,7 +276,7 @@ class _FirstStage:
 
 def _first_stage(latent: LatentConfig, opts: DiffusionTrainOptions) -> _FirstStage:
     if latent.first_stage == "haar":
-        stage = HaarFirstStage(WaveletConfig(strides=tuple(latent.wavelet_strides)))  # type: ignore[arg-type]
+        stage = build_haar(latent)
         stage.requires_grad_(False)
         return _FirstStage(stage.eval(), "haar-" + "x".join(map(str, latent.wavelet_strides)), None, None)
     vae = load_frozen_vae(opts.vae)

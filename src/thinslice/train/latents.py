@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,10 +193,10 @@ class CacheSpec:
 
 
 def build_latent_cache(sources: Sequence[str | Path | tuple[str, Volume]], vae: AutoencoderKL3D, vae_hash: str,
-                       out_dir: str | Path, spec: CacheSpec | None = None, **fields: object) -> LatentCache:
+                       out_dir: str | Path, spec: CacheSpec | None = None, **fields: Any) -> LatentCache:
     """Encode ``sources`` (files or (name, Volume)) into ``out_dir``; reuse entries that are still valid.
     ``spec`` (or its fields as keywords) says what to encode."""
-    spec = dataclasses.replace(spec or CacheSpec(), **fields)  # type: ignore[arg-type]
+    spec = dataclasses.replace(spec or CacheSpec(), **fields)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     old = _reusable_entries(out, vae_hash, spec)

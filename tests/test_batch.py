@@ -194,6 +194,7 @@ def test_manifest_overrides_and_pool(tree, tmp_path):
     assert all(r["worker"].split(":")[1] != str(os.getpid()) for r in ledger.values())  # ran in pool processes
 
 
+@pytest.mark.slow  # about 10-50 s on 2 cores; `pytest -m 'not slow'` skips it in a quick loop
 def test_ray_local_cluster(tmp_path):
     """A cohort on Ray actors (a 2-CPU local cluster on loopback): the same ledger, written by the driver."""
     ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'thinslice[ray]')")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from thinslice.checkpoints.bundle import save_model
@@ -38,6 +39,7 @@ def test_packed_arrays_keep_geometry_and_body(thin_phantom, tmp_path) -> None:
     assert back.spacing == cropped.spacing and held[0][0] == "b_heldout"
 
 
+@pytest.mark.slow  # about 10-50 s on 2 cores; `pytest -m 'not slow'` skips it in a quick loop
 def test_recipe_trains_and_scores_with_the_tiny_preset(thin_phantom, tmp_path) -> None:
     pack, recipe = _module("pack_arrays"), _module("gpu_recipe")
     data = tmp_path / "data"

@@ -132,6 +132,7 @@ def test_the_locator_prefers_an_explicit_file_then_the_folder_then_the_shipped_o
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # about 10-50 s on 2 cores; `pytest -m 'not slow'` skips it in a quick loop
 @pytest.mark.skipif(not read_manifest(), reason="no weights ship in this checkout")
 def test_shipped_networks_saved_again_give_the_same_outputs(tmp_path) -> None:
     """A slim record carries everything inference reads: each shipped network re-saved in the current format runs

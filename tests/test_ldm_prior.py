@@ -52,6 +52,7 @@ def test_pairs_hold_prior_and_truth_latents_and_the_scale_makes_the_residual_uni
     assert torch.equal(sampler.next_batch()["hr_latent"], batch["hr_latent"])  # exact resume
 
 
+@pytest.mark.slow  # about 10-50 s on 2 cores; `pytest -m 'not slow'` skips it in a quick loop
 def test_train_on_wavelet_latents_from_the_planes_prior_then_upsample(tmp_path, thin_phantom) -> None:
     planes = tmp_path / "planes"
     _planes_bundle(planes)

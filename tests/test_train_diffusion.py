@@ -194,6 +194,7 @@ def test_fast_schedule_no_control_and_latent_cache(tmp_path, vae_file, thin_phan
         train_diffusion([thin_phantom], None, _opts(tmp_path / "x", other, max_steps=1, cache=cache))
 
 
+@pytest.mark.slow  # about 10-50 s on 2 cores; `pytest -m 'not slow'` skips it in a quick loop
 def test_cli_end_to_end(tmp_path, vae_file, thin_data_folder) -> None:
     data = thin_data_folder
     out = tmp_path / "run"

@@ -29,9 +29,11 @@ from thinslice.io.mask import body_mask
 from thinslice.io.volume import Volume
 
 # The features each method's map is built from (docs/uncertainty.md says why: for ldm the planes passes'
-# disagreement carries most of the information, the samples' spread little).
-FEATURES = {"planes": Features(("spread", "contrast"), (3, 7, 7)),
-            "ldm": Features(("spread", "planes_spread", "contrast"), (3, 7, 7))}
+# disagreement carries most of the information, the samples' spread little; the image noise and the intensity
+# classes let one fit on a chest serve a head: session 7's design points, benchmarks/uncertainty_designs.py).
+CLASSES = ("noise", "lung", "bone")
+FEATURES = {"planes": Features(("spread", "contrast", *CLASSES), (3, 7, 7)),
+            "ldm": Features(("spread", "planes_spread", "contrast", *CLASSES), (3, 7, 7))}
 DEFAULT_FACTORS = {"planes": [2, 3, 4, 5, 6], "ldm": [4]}
 
 

@@ -115,3 +115,25 @@ def test_welford_matches_the_mean_and_std_of_held_samples() -> None:
     single = Welford((2, 2), False)
     single.add(samples[0, 0, :2, :2])
     assert np.array_equal(single.mean, samples[0, 0, :2, :2])  # one sample: its own values, bit for bit
+
+
+def test_intensity_class_features_let_one_fit_serve_both_classes() -> None:
+    """Errors twice as wide in lung as in soft tissue at the same spread: with the ``lung`` feature the fitted std
+    follows the class, so each class's 90% interval covers 90% (without it, lung under-covers, tissue over-covers)."""
+    rng = np.random.default_rng(3)
+    shape = (32, 40, 40)
+    mean = np.full(shape, 40.0, np.float32)
+    mean[:, 10:30, 10:30] = -850.0  # a lung inside the body (the body mask fills it)
+    spread = np.full(shape, 20.0, np.float32)
+    scale = np.where(mean < -500, 2.0, 1.0).astype(np.float32) * spread
+    truth = mean - rng.standard_normal(shape).astype(np.float32) * scale
+    cases = [({"mean": mean, "spread": spread}, truth)]
+    lung = mean < -500
+    for names, ok in ((("spread",), False), (("spread", "lung"), True)):
+        model, _, _ = fit_model(cases, Features(names, (1, 3, 3)), k=4)
+        std, error = model.std({"mean": mean, "spread": spread}), mean - truth
+        inner = np.ones(shape, bool)
+        inner[:, 8:32, 8:32] = False  # away from the class border, where the window mixes them
+        inner[:, 12:28, 12:28] = True
+        by_class = [coverage(error[m & inner], std[m & inner])["0.9"] for m in (lung, ~lung)]
+        assert all(abs(c - 0.9) < 0.02 for c in by_class) == ok, (names, by_class)

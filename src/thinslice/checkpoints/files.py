@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -202,7 +201,3 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
                              "use the preset the weights were trained with")
     model.load_state_dict(state, strict=True)
 
-
-def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    """Weights as numpy arrays (comparisons in tests and tools)."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

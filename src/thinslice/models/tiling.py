@@ -167,12 +167,6 @@ def decode_volume(
     return model_to_hu(image.clamp(-1.0, 1.0)).numpy().astype(np.float32)
 
 
-def reconstruct_volume(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, **kwargs) -> np.ndarray:
-    """Encode then decode a HU volume (tiled); same shape out. Keyword arguments go to both functions."""
-    latent = encode_volume(vae, hu_slices_first, **kwargs)
-    return decode_volume(vae, latent, out_shape=tuple(hu_slices_first.shape), **kwargs)
-
-
 @dataclass(frozen=True)
 class PaddedLatent:
     """The latent (1, C, d, h, w) of a HU volume of ``shape`` that was edge-padded to ``padded_shape`` and encoded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thinslice.checkpoints.bundle import save_model
+from thinslice.checkpoints.bundle import DEFAULT_BUNDLE_DIR, save_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.infer.uncertainty import (
@@ -17,6 +17,7 @@ from thinslice.infer.uncertainty import (
     coverage,
     find_calibration,
     fit_model,
+    read_calibrations,
     write_calibrations,
 )
 from thinslice.io import read_volume, write_volume
@@ -75,7 +76,11 @@ def test_planes_uncertainty_writes_a_map_with_the_outputs_geometry(tmp_path, thi
     from thinslice.infer.planes import Planes
 
     hashes = Planes.from_pretrained(bundle).network_hashes(2)
-    write_calibrations(bundle, [Entry("planes", 2, hashes, StdModel(Features(), (np.log(7.0), 0.0, 0.0), 1.0))])
+    # every feature the shipped planes calibration uses must be computable in a run (zero weights: std 7 HU)
+    shipped = [e for e in read_calibrations(DEFAULT_BUNDLE_DIR) if e.method == "planes"]
+    names = shipped[0].model.features.names if shipped else Features().names
+    flat = StdModel(Features(names, (3, 7, 7)), (np.log(7.0), *[0.0] * len(names)), 1.0)
+    write_calibrations(bundle, [Entry("planes", 2, hashes, flat)])
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "calibrated for planes x2" in printed and "wider than 50 HU in 0.0% of body voxels" in printed

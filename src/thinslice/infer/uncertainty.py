@@ -39,6 +39,7 @@ WIDE_HU = 50.0  # the summary counts body voxels whose 90% interval is wider tha
 REFIT = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fit_uncertainty.py"
 # Intensity classes as features: (low, high] HU of the output.
 CLASS_THRESHOLDS_HU = {"lung": (-np.inf, -500.0), "bone": (300.0, np.inf)}
+FROM_OUTPUT = ("contrast", "noise", *CLASS_THRESHOLDS_HU)  # features computed from the output alone
 FIT_VOXELS = 400_000  # voxels drawn at random for the likelihood fit (keeps it to seconds)
 
 
@@ -289,7 +290,7 @@ def attach_std(result: Result, bundle: str | Path, method: str, factor: int, wei
     maps["mean"] = mean = volume.slices_first()
     lookup = find_calibration(bundle, method, factor, weights, samples)
     needed = lookup.entry.model.features.names if lookup.entry else ()
-    missing = [n for n in needed if n not in (*maps, "contrast", "noise")]
+    missing = [n for n in needed if n not in (*maps, *FROM_OUTPUT)]
     if missing:  # e.g. ldm's planes prior could not serve this input, so there is no planes disagreement
         lookup = Lookup(None, f"UNCALIBRATED (no {', '.join(missing)} map in this run, which the calibration needs)")
     std = lookup.entry.model.std(maps) if lookup.entry else maps["spread"]

@@ -35,6 +35,9 @@ def designs(method: str) -> dict[str, Features]:
     base = {"planes": ("spread", "contrast"), "ldm": ("spread", "planes_spread", "contrast")}[method]
     found = {f"{' + '.join(base)} {name}".strip(): Features((*base, *extra), WINDOW) for name, extra in EXTRA.items()}
     found["wider window 5x11x11"] = Features(base, (5, 11, 11))
+    if method == "ldm":  # the shipped ldm design: without the samples' spread
+        found["planes_spread + contrast + noise + classes"] = Features(
+            ("planes_spread", "contrast", *EXTRA["+ noise + classes"]), WINDOW)
     return found
 
 

@@ -229,3 +229,26 @@ def test_one_batch_per_folder_and_users_files_kept(tmp_path):
     assert (tmp_path / "out" / "ct.nii.gz").read_bytes() == b"the user's own file"
     (tmp_path / "out" / "ct.nii.gz").unlink()
     assert run_batch([tmp_path / "in"], tmp_path / "out", settings, progress=False).exit_code == 0
+
+
+def test_uncertainty_maps_in_the_ledger_and_on_the_qc_page(tmp_path):
+    """``--uncertainty`` with planes: each case's std map beside its output (same grid), its summary in the ledger
+    and its thumbnail under the case's strip on the QC page; a method without a map (cubic-dc) ignores the flag."""
+    from thinslice.checkpoints.bundle import save_model
+    from thinslice.models.factory import build_planes
+
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    save_model(build_planes("tiny"), "planes", "tiny", bundle)
+    write_volume(_thick(1), tmp_path / "in" / "ct.nii.gz")
+    args = ["batch", str(tmp_path / "in"), "--spacing", "1.25", "--checkpoint", str(bundle), "--uncertainty", "-q"]
+    assert main([*args, "--out", str(out), "--method", "planes"]) == 0
+    row = _journal(out)[-1]
+    thin, std = read_volume(out / "ct.nii.gz"), read_volume(out / "ct_std.nii.gz")
+    assert std.grid_differences(thin) == [] and np.all(std.array >= 0)
+    assert row["std_output"].endswith("ct_std.nii.gz") and "UNCALIBRATED" in row["uncertainty"]
+    assert 0.0 <= row["wide_fraction"] <= 1.0
+    assert (out / "qc" / "ct_std.png").is_file()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png") == 2 and "alt='std'" in page
+    assert main([*args, "--out", str(tmp_path / "dc"), "--method", "cubic-dc"]) == 0
+    assert not (tmp_path / "dc" / "ct_std.nii.gz").exists() and _journal(tmp_path / "dc")[-1]["std_output"] == ""

@@ -14,7 +14,6 @@ from thinslice.checkpoints.bundle import (
     load_vae,
     save_model,
 )
-from thinslice.cli.cmd_upsample import std_path_for
 from thinslice.cli.main import main
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
@@ -26,6 +25,7 @@ from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.ldm import Ldm, LdmOptions
 from thinslice.infer.upsample import get_method, run_method
 from thinslice.io import read_volume, write_volume
+from thinslice.io.writers import std_path_for
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_denoiser
 from thinslice.models.vae import AutoencoderKL3D

@@ -62,6 +62,9 @@ def _method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapt", action="store_true", default=None, help="cnn, planes: fine-tune on each input")
     group.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="fine-tuning steps for --adapt")
     group.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="bf16 autocast or fp32")
+    group.add_argument("--uncertainty", action="store_true", default=None,
+                       help="planes, ldm: write each case's calibrated std map (<name>_std) and show it on the QC page")
+    group.add_argument("--samples", type=int, default=None, metavar="N", help="ldm: samples averaged (>= 2: std map)")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="extra method-specific option (repeatable)")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 from thinslice.cli.checks import check_output, check_positive, warn_if_sparse
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
@@ -131,6 +130,7 @@ def _samples(options: dict[str, object]) -> int:
 def run(args: argparse.Namespace) -> int:
     from thinslice.infer.upsample import get_method, run_method
     from thinslice.io import read_volume, write_volume
+    from thinslice.io.writers import std_dtype
 
     refuse_same_path(args.output, args.input)
     check_positive(args.spacing, "--spacing")
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     thin = result.volume
     if std_path is not None and "std" in result.extras:
         # A DICOM std map is a series of its own beside the output: source SeriesNumber + 2000, "... <method> std".
-        written_std = write_volume(result.extras["std"], std_path, dtype=_std_dtype(std_path),
+        written_std = write_volume(result.extras["std"], std_path, dtype=std_dtype(std_path),
                                    method=f"{method.name} std", series_number_offset=2000)
         thin.metadata["std_map"] = str(written_std)
         print(f"wrote {written_std}: std map, {result.report.get('uncertainty', 'uncalibrated')}")
@@ -168,11 +168,13 @@ def run(args: argparse.Namespace) -> int:
 def _std_path(args: argparse.Namespace, options: dict[str, object]):
     """Where the uncertainty map goes (``--samples`` >= 2 or ``--uncertainty``): beside the output, ``ct.nii.gz`` ->
     ``ct_std.nii.gz``; checked against the input before any work."""
+    from thinslice.io.writers import std_dtype, std_path_for
+
     if _samples(options) < 2 and not options.get("uncertainty"):
         return None
     path = std_path_for(args.output)
     refuse_same_path(str(path), args.input)
-    check_output(path, _std_dtype(path))
+    check_output(path, std_dtype(path))
     return path
 
 
@@ -185,23 +187,3 @@ def _snapped_spacing(thick, spacing: float) -> float:
         log.info(f"note: --spacing {spacing:g} taken as {snapped:.6g} mm ({thick.slice_spacing:.4g} "
                  f"mm / {round(thick.slice_spacing / snapped)})")
     return snapped
-
-
-def std_path_for(output: str | Path) -> Path:
-    """Where the uncertainty map of ``output`` goes: ``ct.nii.gz`` -> ``ct_std.nii.gz``, folder ``out/`` ->
-    ``out_std/``."""
-    from thinslice.io.readers import file_extension
-
-    text = str(output).rstrip("/\\")
-    path = Path(text)
-    ext = file_extension(path)
-    if ext and path.name.lower().endswith(ext) and len(path.name) > len(ext):
-        return path.with_name(path.name[: -len(ext)] + "_std" + path.name[-len(ext):])
-    return path.with_name(path.name + "_std")
-
-
-
-def _std_dtype(path) -> str:
-    from thinslice.io.writers import is_folder_output
-
-    return "int16" if is_folder_output(path) else "float32"

@@ -130,10 +130,11 @@ def _execute(todo: list[Case], settings: Settings, ledger: Ledger, total: int, w
 
 def finish(ledger: Ledger, row: dict) -> None:
     """Keep one finished case: its thumbnail in DIR/qc, its row in the journal and table, a log line."""
-    thumbnail = row.pop("thumbnail_png", None)
-    if thumbnail:
-        with atomic_output(ledger.out_dir / QC_FOLDER / f"{row['name']}.png", suffix=".png") as tmp:
-            tmp.write_bytes(thumbnail)
+    for key, suffix in (("thumbnail_png", ""), ("std_thumbnail_png", "_std")):
+        thumbnail = row.pop(key, None)
+        if thumbnail:
+            with atomic_output(ledger.out_dir / QC_FOLDER / f"{row['name']}{suffix}.png", suffix=".png") as tmp:
+                tmp.write_bytes(thumbnail)
     ledger.record(row)
     ledger.write_table()
     if row["status"] == "done":

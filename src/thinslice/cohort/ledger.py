@@ -23,8 +23,8 @@ JOURNAL = "cases.jsonl"
 TABLE = "cases.csv"
 COLUMNS = ("name", "status", "reason", "input", "series_uid", "input_bytes", "input_sha256", "output", "method",
            "requested_method", "factor", "spacing_in_mm", "spacing_out_mm", "shape_in", "shape_out",
-           "dc_residual_hu", "hu_min", "hu_max", "seconds", "peak_memory_mb", "warnings", "flags", "worker",
-           "finished", "key", "signature", "label")
+           "dc_residual_hu", "hu_min", "hu_max", "seconds", "peak_memory_mb", "std_output", "wide_fraction",
+           "uncertainty", "warnings", "flags", "worker", "finished", "key", "signature", "label")
 STATUSES = ("done", "failed", "skipped")
 
 

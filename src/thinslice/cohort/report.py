@@ -19,7 +19,8 @@ REPORT = "report.html"
 # (header, ledger column, numeric) in display order; the thumbnail column comes first.
 COLUMNS = (("case", "name", False), ("status", "status", False), ("method", "method", False),
            ("factor", "factor", True), ("DC residual (HU)", "dc_residual_hu", True), ("HU min", "hu_min", True),
-           ("seconds", "seconds", True), ("peak MB", "peak_memory_mb", True), ("flags", "flags", False),
+           ("seconds", "seconds", True), ("peak MB", "peak_memory_mb", True),
+           ("90% interval > 50 HU", "wide_fraction", True), ("flags", "flags", False),
            ("reason / warnings", "reason", False))
 
 STYLE = """
@@ -117,8 +118,11 @@ def _number(value: object) -> str:
 
 
 def _thumbnail(out_dir: Path, row: dict) -> str:
-    path = out_dir / QC_FOLDER / f"{row.get('name')}.png"
-    if row.get("status") != "done" or not row.get("name") or not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<img alt='' src='data:image/png;base64,{data}'>"
+    """The case's strip (thick above thin) and, under it, its std map's (when the case made one)."""
+    images = []
+    for suffix, alt in (("", ""), ("_std", "std")):
+        path = out_dir / QC_FOLDER / f"{row.get('name')}{suffix}.png"
+        if row.get("status") == "done" and row.get("name") and path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            images.append(f"<img alt='{alt}' title='{alt}' src='data:image/png;base64,{data}'>")
+    return "".join(images)

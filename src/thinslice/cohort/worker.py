@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from thinslice.cohort.cases import Case
-from thinslice.cohort.thumbnails import thumbnail_png
+from thinslice.cohort.thumbnails import std_thumbnail_png, thumbnail_png
 from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.volume import Volume
@@ -95,17 +95,34 @@ class CaseRunner:
                                  "--out")
         thick = read_volume(case.path, series_uid=case.series_uid or None)
         method, note = self._choose(case, thick)
-        thin, acquisition = self._apply(method, case, thick)
+        result, acquisition = self._apply(method, case, thick)
+        thin = result.volume
+        std = result.extras.get("std")
+        facts = self._write_std(case, std, method) if std is not None else {}
         written = write_volume(thin, case.output, dtype=self.dtype, reference_input=case.path,
                                overwrite=case.replace_output, method=method)
-        facts = measure(thick, thin, acquisition)
+        facts.update(measure(thick, thin, acquisition))
         facts.update(method=method, output=str(written).rstrip("/" + os.sep), reason=note or "",
                      input_bytes=_input_bytes(case), input_sha256=_sha256(case))
         if note:
             facts["flags"] = ["fallback method"]
         if self.thumbnails:
             facts["thumbnail_png"] = thumbnail_png(thick, thin)
+            if std is not None:
+                facts["std_thumbnail_png"] = std_thumbnail_png(std)
         return facts
+
+    def _write_std(self, case: Case, std: Volume, method: str) -> dict:
+        """The calibrated std map beside the output (``<name>_std``, as ``thinslice upsample`` writes it), before the
+        output, so that a case whose output exists is complete; its report line goes to the ledger."""
+        from thinslice.io import write_volume
+        from thinslice.io.writers import std_dtype, std_path_for
+
+        path = std_path_for(case.output)
+        written = write_volume(std, path, dtype=std_dtype(path), overwrite=case.replace_output,
+                               method=f"{method} std", series_number_offset=2000)
+        return {"std_output": str(written).rstrip("/" + os.sep), "uncertainty": std.metadata.get("uncertainty", ""),
+                "wide_fraction": float(std.metadata.get("wide_fraction", "nan"))}
 
     def _choose(self, case: Case, thick: Volume) -> tuple[str, str | None]:
         """The method to run: the case's, or ``auto``'s choice for this input with its note when it fell back."""
@@ -123,8 +140,7 @@ class CaseRunner:
         typed, profile, thickness = split_options(entry, case.options)
         acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None
         spacing = snap_spacing(thick, case.spacing)  # as run_method: 1.667 for 5 mm slices means 5/3
-        result = self._pipeline(method, typed)(thick, spacing, acquisition)
-        return result.volume, acquisition
+        return self._pipeline(method, typed)(thick, spacing, acquisition), acquisition
 
     def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]) -> Pipeline:
         """The loaded pipeline for ``method`` and its typed options (loaded on first use, then reused)."""
@@ -145,6 +161,8 @@ def split_options(entry, options: tuple[tuple[str, object], ...]) -> tuple[tuple
     from thinslice.infer.options import coerce_options, option_types
 
     used = {k: v for k, v in options if k in entry.options and v is not None}
+    if dict(options).get("uncertainty") and "uncertainty" not in entry.options and "samples" in entry.options:
+        used["samples"] = max(int(str(used.get("samples") or 1)), 4)  # ldm's map comes from its samples
     typed = coerce_options(used, option_types(entry.pipeline.Options))
     profile, thickness = typed.pop("profile", None), typed.pop("thickness", None)
     return tuple(sorted(typed.items())), profile, thickness

@@ -302,6 +302,7 @@ def attach_std(result: Result, bundle: str | Path, method: str, factor: int, wei
                                                      for lv, m in lookup.entry.multipliers.items())
     result.extras["std"] = std_volume
     wide = wide_fraction(std, body_mask(mean))
+    std_volume.metadata["wide_fraction"] = f"{wide:.4f}"  # the summary as a number (batch's ledger and QC page)
     result.report["uncertainty"] = (f"{lookup.note}; 90% interval wider than {WIDE_HU:g} HU in {wide:.1%} of body "
                                     "voxels")
     volume.metadata["uncertainty"] = result.report["uncertainty"]

@@ -29,6 +29,22 @@ DTYPES = ("int16", "float32")
 _META_PREFIX = "thinslice_"  # same prefix the reader restores metadata from
 
 
+def std_path_for(output: str | Path) -> Path:
+    """Where the uncertainty map of ``output`` goes: ``ct.nii.gz`` -> ``ct_std.nii.gz``, folder ``out/`` ->
+    ``out_std/`` (``thinslice upsample`` and ``thinslice batch`` alike)."""
+    text = str(output).rstrip("/\\")
+    path = Path(text)
+    ext = file_extension(path)
+    if ext and path.name.lower().endswith(ext) and len(path.name) > len(ext):
+        return path.with_name(path.name[: -len(ext)] + "_std" + path.name[-len(ext):])
+    return path.with_name(path.name + "_std")
+
+
+def std_dtype(path: str | Path) -> str:
+    """Voxel type of a std map: float32 in files, int16 HU in a DICOM series (its rescale keeps 1 HU steps)."""
+    return "int16" if is_folder_output(path) else "float32"
+
+
 def is_folder_output(path: str | Path) -> bool:
     """True when ``path`` names a DICOM series folder: it ends with a separator or has no extension."""
     text = str(path)

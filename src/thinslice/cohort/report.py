@@ -20,7 +20,7 @@ REPORT = "report.html"
 COLUMNS = (("case", "name", False), ("status", "status", False), ("method", "method", False),
            ("factor", "factor", True), ("DC residual (HU)", "dc_residual_hu", True), ("HU min", "hu_min", True),
            ("seconds", "seconds", True), ("peak MB", "peak_memory_mb", True),
-           ("90% interval > 50 HU", "wide_fraction", True), ("flags", "flags", False),
+           ("share of body with 90% interval > 50 HU", "wide_fraction", True), ("flags", "flags", False),
            ("reason / warnings", "reason", False))
 
 STYLE = """
@@ -36,6 +36,7 @@ td.reason{max-width:340px;overflow-wrap:anywhere;color:#555}
 td.case{max-width:300px;overflow-wrap:anywhere}
 .src{color:#777;font-size:11px}
 img{display:block;height:150px;cursor:zoom-in}
+img.std{height:75px;margin-top:3px}
 img.big{height:auto;cursor:zoom-out}
 .done{color:#17702b;font-weight:600}.failed{color:#b3261e;font-weight:600}.skipped{color:#777}
 .flag{display:inline-block;background:#fde2b3;color:#7a4b00;border-radius:3px;padding:1px 5px;margin:1px;
@@ -73,7 +74,8 @@ def write_report(out_dir: Path, rows: list[dict]) -> Path:
             f"<div class=summary>{summary}<span>flagged: <b>{flagged}</b></span><span>updated "
             f"{time.strftime('%Y-%m-%d %H:%M')}</span></div>"
             "<p>Thumbnails: thick input (top) and thin output (bottom); axial, coronal, sagittal through the same "
-            "point (click one to enlarge it). Click a column header to sort.</p>"
+            "point; with --uncertainty, the std map under them (0-60 HU: bright where the network guessed). Click a "
+            "thumbnail to enlarge it, a column header to sort.</p>"
             f"<table><thead><tr>{header}</tr></thead><tbody>\n{body}\n</tbody></table>"
             f"<script>{SCRIPT}</script></body></html>\n")
     return write_text_atomic(out_dir / REPORT, page)
@@ -124,5 +126,5 @@ def _thumbnail(out_dir: Path, row: dict) -> str:
         path = out_dir / QC_FOLDER / f"{row.get('name')}{suffix}.png"
         if row.get("status") == "done" and row.get("name") and path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            images.append(f"<img alt='{alt}' title='{alt}' src='data:image/png;base64,{data}'>")
+            images.append(f"<img alt='{alt}' title='{alt}' class='{alt}' src='data:image/png;base64,{data}'>")
     return "".join(images)

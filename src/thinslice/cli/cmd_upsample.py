@@ -103,7 +103,7 @@ def method_options(method, args: argparse.Namespace) -> dict[str, object]:
         log.info(f"note: method '{method.name}' does not use {flags}; ignored")
     options = {k: v for k, v in options.items() if k in method.options}
     if "progress" in method.options:
-        options.setdefault("progress", True)  # learned methods take seconds to minutes: show how far they are
+        options.setdefault("progress", not getattr(args, "quiet", False))  # minutes: show how far (-q: not)
     return coerce_options(options, option_types(method.pipeline.Options))
 
 

@@ -115,6 +115,20 @@ def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thi
         sys.modules.pop("toy_thinslice_plugin", None)
 
 
+def test_a_broken_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    (tmp_path / "broken_thinslice_plugin.py").write_text("raise ImportError('needs a package that is missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint("broken", "broken_thinslice_plugin", registry.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [point] if group == registry.ENTRY_POINT_GROUP else real(group=group))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "UPSAMPLERS", dict(registry.UPSAMPLERS))
+    with caplog.at_level("WARNING", logger="thinslice"):
+        assert {"planes", "cubic-dc"} <= set(available_methods())
+    assert "broken_thinslice_plugin was not loaded" in caplog.text
+
+
 # ------------------------------------------------------------------ a new network kind: table row, model, pipeline
 @dataclasses.dataclass
 class ShiftConfig:

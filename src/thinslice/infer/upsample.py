@@ -170,7 +170,14 @@ def _load_plugins() -> None:
         return
     _plugins_loaded = True
     for module in method_modules():
-        importlib.import_module(module)
+        if module in METHOD_MODULES:
+            importlib.import_module(module)
+            continue
+        try:  # a broken plug-in must not take the package's own methods down with it
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import error of a third-party module
+            log.warning("method plug-in %s was not loaded (%s: %s); its methods are unavailable", module,
+                        type(exc).__name__, exc)
 
 
 def available_methods() -> list[str]:

@@ -96,15 +96,21 @@ class Doubled(Pipeline):
 '''
 
 
-def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thick):
-    (tmp_path / "toy_thinslice_plugin.py").write_text(PLUGIN)
+def _install_plugin(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """``module`` (with ``source``) on the path and named by a ``thinslice.methods`` entry point, the registry
+    reset to load plug-ins again (both restored after the test)."""
+    (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    point = importlib.metadata.EntryPoint("toy", "toy_thinslice_plugin", registry.ENTRY_POINT_GROUP)
+    point = importlib.metadata.EntryPoint(module, module, registry.ENTRY_POINT_GROUP)
     real = importlib.metadata.entry_points
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group=None: [point] if group == registry.ENTRY_POINT_GROUP else real(group=group))
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     monkeypatch.setattr(registry, "UPSAMPLERS", dict(registry.UPSAMPLERS))
+
+
+def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thick):
+    _install_plugin(tmp_path, monkeypatch, "toy_thinslice_plugin", PLUGIN)
     try:
         assert "toy-doubled" in available_methods()
         cubic = run_method(thick, SPACING, "cubic").volume.array
@@ -116,14 +122,8 @@ def test_a_plugin_method_registers_by_its_entry_point(tmp_path, monkeypatch, thi
 
 
 def test_a_broken_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
-    (tmp_path / "broken_thinslice_plugin.py").write_text("raise ImportError('needs a package that is missing')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    point = importlib.metadata.EntryPoint("broken", "broken_thinslice_plugin", registry.ENTRY_POINT_GROUP)
-    real = importlib.metadata.entry_points
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: [point] if group == registry.ENTRY_POINT_GROUP else real(group=group))
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
-    monkeypatch.setattr(registry, "UPSAMPLERS", dict(registry.UPSAMPLERS))
+    _install_plugin(tmp_path, monkeypatch, "broken_thinslice_plugin",
+                    "raise ImportError('needs a package that is missing')\n")
     with caplog.at_level("WARNING", logger="thinslice"):
         assert {"planes", "cubic-dc"} <= set(available_methods())
     assert "broken_thinslice_plugin was not loaded" in caplog.text

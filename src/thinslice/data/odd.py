@@ -137,15 +137,10 @@ def radiographs(folder: Path, count: int = 4) -> None:
 
 def enhanced_multiframe(path: Path, frames: int = 6) -> None:
     """An Enhanced MR multi-frame file: geometry only in the functional group sequences."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.EnhancedMRImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds = _new_object(pydicom.uid.EnhancedMRImageStorage)
     ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "MR", 7, "enhanced t1"
     _pixel_module(ds, np.zeros((frames, 16, 16), np.uint16))
     ds.NumberOfFrames = frames
@@ -164,6 +159,19 @@ def enhanced_multiframe(path: Path, frames: int = 6) -> None:
     ds.save_as(str(path), enforce_file_format=True)
 
 
+def _new_object(sop_class: str):
+    """An empty DICOM object of ``sop_class`` with its file meta and new instance, study and series UIDs."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    return ds
+
+
 def _pixel_module(ds, pixels: np.ndarray) -> None:
     ds.Rows, ds.Columns = pixels.shape[-2:]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -174,14 +182,7 @@ def _pixel_module(ds, pixels: np.ndarray) -> None:
 
 def overlay_object(path: Path) -> None:
     """A secondary-capture (OT) image with a multi-frame overlay, the kind of file GDCM's scanner trips over."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds = _new_object(pydicom.uid.SecondaryCaptureImageStorage)
     ds.Modality, ds.SeriesNumber = "OT", 99
     _pixel_module(ds, np.zeros((16, 16), np.uint16))
     for tag, vr, value in ((0x60000010, "US", 16), (0x60000011, "US", 16), (0x60000015, "IS", "5"),
@@ -257,13 +258,6 @@ def many_series(folder: Path, series: int = 24, slices: int = 35, size: int = 64
 
 
 def _structure_set(path: Path) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.RTStructureSetStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds = _new_object(pydicom.uid.RTStructureSetStorage)
     ds.Modality, ds.SeriesNumber = "RTSTRUCT", 1000
     ds.save_as(str(path), enforce_file_format=True)

@@ -110,16 +110,17 @@ def method_options(method, args: argparse.Namespace) -> dict[str, object]:
 def _uncertainty_options(method, options: dict[str, object]) -> dict[str, object]:
     """``--uncertainty``: planes computes its map itself, ldm from its samples (4 unless --samples says); any other
     method has none, which is an error rather than a silently missing file."""
+    from thinslice.infer.upsample import UNCERTAINTY_SAMPLES, uncertainty_by_samples
+
     if not options.get("uncertainty") or "uncertainty" in method.options:
         return options
-    options = {k: v for k, v in options.items() if k != "uncertainty"}
     if "samples" not in method.options:
         raise ThinsliceError(f"method '{method.name}' gives no uncertainty map: use --method planes --uncertainty "
                              "(cheap) or --method ldm --samples 4")
-    if _samples(options) < 2:
-        log.info(f"note: {method.name} --uncertainty takes --samples 4")
-        options["samples"] = 4
-    return options
+    converted = uncertainty_by_samples(method, options)
+    if converted.get("samples") != options.get("samples"):
+        log.info(f"note: {method.name} --uncertainty takes --samples {UNCERTAINTY_SAMPLES}")
+    return converted
 
 
 def _samples(options: dict[str, object]) -> int:
@@ -130,7 +131,7 @@ def _samples(options: dict[str, object]) -> int:
 def run(args: argparse.Namespace) -> int:
     from thinslice.infer.upsample import get_method, run_method
     from thinslice.io import read_volume, write_volume
-    from thinslice.io.writers import std_dtype
+    from thinslice.io.writers import write_std_map
 
     refuse_same_path(args.output, args.input)
     check_positive(args.spacing, "--spacing")
@@ -155,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
     thin = result.volume
     if std_path is not None and "std" in result.extras:
         # A DICOM std map is a series of its own beside the output: source SeriesNumber + 2000, "... <method> std".
-        written_std = write_volume(result.extras["std"], std_path, dtype=std_dtype(std_path),
-                                   method=f"{method.name} std", series_number_offset=2000)
+        written_std = write_std_map(result.extras["std"], std_path, method.name)
         thin.metadata["std_map"] = str(written_std)
         print(f"wrote {written_std}: std map, {result.report.get('uncertainty', 'uncalibrated')}")
     written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input, method=method.name)

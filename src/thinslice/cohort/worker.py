@@ -115,12 +115,9 @@ class CaseRunner:
     def _write_std(self, case: Case, std: Volume, method: str) -> dict:
         """The calibrated std map beside the output (``<name>_std``, as ``thinslice upsample`` writes it), before the
         output, so that a case whose output exists is complete; its report line goes to the ledger."""
-        from thinslice.io import write_volume
-        from thinslice.io.writers import std_dtype, std_path_for
+        from thinslice.io.writers import std_path_for, write_std_map
 
-        path = std_path_for(case.output)
-        written = write_volume(std, path, dtype=std_dtype(path), overwrite=case.replace_output,
-                               method=f"{method} std", series_number_offset=2000)
+        written = write_std_map(std, std_path_for(case.output), method, overwrite=case.replace_output)
         return {"std_output": str(written).rstrip("/" + os.sep), "uncertainty": std.metadata.get("uncertainty", ""),
                 "wide_fraction": float(std.metadata.get("wide_fraction", "nan"))}
 
@@ -159,10 +156,10 @@ def split_options(entry, options: tuple[tuple[str, object], ...]) -> tuple[tuple
                                                                            object]:
     """The options ``entry`` uses, typed from their command-line text: (pipeline options, profile, thickness)."""
     from thinslice.infer.options import coerce_options, option_types
+    from thinslice.infer.upsample import uncertainty_by_samples
 
-    used = {k: v for k, v in options if k in entry.options and v is not None}
-    if dict(options).get("uncertainty") and "uncertainty" not in entry.options and "samples" in entry.options:
-        used["samples"] = max(int(str(used.get("samples") or 1)), 4)  # ldm's map comes from its samples
+    given = uncertainty_by_samples(entry, {k: v for k, v in options if v is not None})
+    used = {k: v for k, v in given.items() if k in entry.options}
     typed = coerce_options(used, option_types(entry.pipeline.Options))
     profile, thickness = typed.pop("profile", None), typed.pop("thickness", None)
     return tuple(sorted(typed.items())), profile, thickness

@@ -45,6 +45,13 @@ def std_dtype(path: str | Path) -> str:
     return "int16" if is_folder_output(path) else "float32"
 
 
+def write_std_map(std: Volume, path: str | Path, method: str, overwrite: bool = False) -> Path:
+    """Write an uncertainty map beside its output: float32 in a file, a DICOM series of its own (the source's
+    SeriesNumber + 2000, described as ``<method> std``) in a folder."""
+    return write_volume(std, path, dtype=std_dtype(path), overwrite=overwrite, method=f"{method} std",
+                        series_number_offset=2000)
+
+
 def is_folder_output(path: str | Path) -> bool:
     """True when ``path`` names a DICOM series folder: it ends with a separator or has no extension."""
     text = str(path)

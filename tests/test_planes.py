@@ -278,6 +278,29 @@ def test_init_starts_training_from_existing_weights(tmp_path) -> None:
         initial_planes(load_preset("small"), str(tmp_path / "bundle"), resume=False)
 
 
+def test_init_deepens_a_network_with_identity_blocks(tmp_path) -> None:
+    """--init with a preset of more residual blocks: the source's blocks are copied and the new ones start as the
+    identity, so the deeper network computes what the source did; fewer blocks than the source is refused."""
+    from thinslice.train.planes import initial_planes
+
+    tiny = load_preset("tiny")
+    source = _random_heads(build_planes(tiny), 5)
+    save_model(source, "planes", tiny, tmp_path / "bundle")
+    deeper = dataclasses.replace(tiny, planes=dataclasses.replace(tiny.planes, num_blocks=tiny.planes.num_blocks + 2))
+    model = initial_planes(deeper, str(tmp_path / "bundle"), resume=False).eval()
+    assert len(model.body) == len(source.body) + 2
+    k = tiny.planes.factors[0]
+    m, w = 6, 20
+    thick = torch.randn(1, source.cfg.planes, m, w)
+    base = torch.randn(1, source.cfg.planes, m * k, w)
+    cond = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    with torch.no_grad():
+        assert torch.allclose(model(thick, base, cond), source(thick, base, cond), atol=1e-6)
+    save_model(model, "planes", deeper, tmp_path / "deep")
+    with pytest.raises(ThinsliceError, match="num_blocks"):
+        initial_planes(tiny, str(tmp_path / "deep"), resume=False)
+
+
 def test_weights_saved_before_a_config_field_existed_still_match_their_preset(tmp_path) -> None:
     """A file whose preset record lacks a newer field (e.g. planes.dims) has that field's default: --preset with the
     same architecture is accepted, not refused as another preset."""

@@ -65,7 +65,7 @@ from thinslice.models.factory import build_denoiser, build_haar
 from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import LatentConfig, Preset, load_preset
+from thinslice.presets import ControlConfig, LatentConfig, Preset, TrainConfig, load_preset
 from thinslice.train.engine import (
     RunOptions,
     Trainer,
@@ -248,11 +248,11 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
     return model.eval()
 
 
-def _batches(opts: DiffusionTrainOptions, train: Sequence[Volume | str | Path], tc: Any, vae: AutoencoderKL3D,
-             patch: tuple[int, ...], seed: int) -> Any:
+def _batches(opts: DiffusionTrainOptions, train: Sequence[Volume | str | Path], preset: Preset, tc: Any,
+             vae: AutoencoderKL3D, patch: tuple[int, ...], seed: int) -> Any:
     """Training batches: latent crops from ``opts.cache`` (made with this VAE), else pairs encoded on the fly."""
     if not opts.cache:
-        return PairSampler(train, patch, tc.batch_size, load_preset(opts.preset).degradation, seed=seed)  # type: ignore[arg-type]
+        return PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
     record = record_of(vae)
     cache = LatentCache.load(opts.cache, record.content_hash if record else "")
     if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
@@ -300,7 +300,7 @@ def _load_init(denoiser: nn.Module, init: nn.Module, where: object) -> None:
         raise ThinsliceError(f"--init {where}: its denoiser has another architecture than this preset's (unet, "
                              "control, latent channels); pass --preset with its architecture or train from scratch")
     denoiser.load_state_dict(theirs)
-    log.info("train: initialised the denoiser from %s", where)
+    log.info("initialised the denoiser from %s", where)
 
 
 def _latent_setting(preset: Preset, opts: DiffusionTrainOptions) -> LatentConfig:
@@ -347,16 +347,31 @@ def _prior_batches(train: Sequence[Volume | str | Path], preset: Preset, opts: D
                         opts.prior_workers)
     scale = latent.residual_scale or residual_scale(pairs)
     latent = dataclasses.replace(latent, residual_scale=scale)
-    log.info("train: %d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
+    log.info("%d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
     return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent, planes  # type: ignore[arg-type]
 
 
-def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
-                    opts: DiffusionTrainOptions) -> TrainResult:
-    """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
+@dataclass(frozen=True)
+class _Plan:
+    """A diffusion run resolved once from its options; the steps of :func:`train_diffusion` take their parts."""
+
+    preset: Preset
+    tc: TrainConfig
+    seed: int
+    ema_decay: float | None
+    latent: LatentConfig
+    init: nn.Module | None  # the --init denoiser
+    stage: _FirstStage
+    diffusion: ResShiftConfig  # the schedule --steps picks
+    control: ControlConfig  # the preset's, or off with --no-control
+    record: dict[str, Any]  # train_config.json: what a resumed run must match
+
+
+def _plan(opts: DiffusionTrainOptions) -> _Plan:
+    """The preset with the run's overrides, the ``--init`` weights and the frozen first stage; a resumed run must
+    match what it started with."""
     preset = load_preset(opts.preset)
     tc, seed, ema_decay = run_settings(preset.train_diffusion, opts)
-    run_dir = Path(opts.run_dir)
     latent = _latent_setting(preset, opts)
     init = _init_denoiser(opts)
     if init is not None:  # fine-tuning keeps the latent space the weights were trained in
@@ -369,8 +384,16 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
               "control": control_cfg.enabled, "unet": dataclasses.asdict(preset.unet),
               "cache": str(opts.cache) if opts.cache else None, "first_stage": latent.first_stage,
               "prior": latent.prior, "train_diffusion": dataclasses.asdict(tc), "seed": seed}
-    check_run_record(run_dir, record, opts.resume, ("vae_hash", "steps", "control", "unet", "first_stage", "prior"))
+    check_run_record(Path(opts.run_dir), record, opts.resume,
+                     ("vae_hash", "steps", "control", "unet", "first_stage", "prior"))
+    return _Plan(preset, tc, seed, ema_decay, latent, init, stage, diffusion_cfg, control_cfg, record)
 
+
+def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
+                    opts: DiffusionTrainOptions) -> TrainResult:
+    """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
+    plan = _plan(opts)
+    preset, tc, seed, latent, stage = plan.preset, plan.tc, plan.seed, plan.latent, plan.stage
     patch = tuple(int(p) for p in tc.patch_size)
     latent_crop = tuple(p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
     planes = None
@@ -378,34 +401,33 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
         batches, latent, planes = _prior_batches(train, preset, opts, stage, latent_crop,
                                                  (latent, tc.batch_size, seed))
     else:
-        batches = _batches(opts, train, tc, stage.model, patch, seed)
-    # The record keeps the preset's own diffusion section, so the bundle names a non-default schedule's file
-    # denoiser-<T>step.safetensors; the first-stage sections are the actual ones (VAE config, latent space).
-    record_preset = dataclasses.replace(preset, vae=stage.config or preset.vae, control=control_cfg, latent=latent)
-    build_preset = dataclasses.replace(record_preset, diffusion=diffusion_cfg)
+        batches = _batches(opts, train, preset, tc, stage.model, patch, seed)
+    record_preset = dataclasses.replace(preset, vae=stage.config or preset.vae, control=plan.control, latent=latent)
+    build_preset = dataclasses.replace(record_preset, diffusion=plan.diffusion)
 
     torch.manual_seed(seed)
     denoiser = build_denoiser(build_preset)
-    if init is not None:
-        _load_init(denoiser, init, opts.init)
+    if plan.init is not None:
+        _load_init(denoiser, plan.init, opts.init)
     if opts.gradient_checkpointing:
         denoiser.set_gradient_checkpointing(True)
     check_patch_fits(patch, stage.model, denoiser.size_multiple)  # type: ignore[arg-type]
 
     val_volumes = list(val) if val else list(train)
     if not val:
-        log.warning("train: no --val volumes; validation PSNR is measured on crops of the training volumes")
+        log.warning("no --val volumes; validation PSNR is measured on crops of the training volumes")
     val_crop = opts.val_crop or default_val_crop(patch)
     cases = validation_cases(val_volumes, size=max(val_crop[1:]), depth=val_crop[0])
     validate = make_validate_fn(stage.model, cases, latent=latent, planes=planes)
-    export = _exporter(stage, record_preset, diffusion_cfg.num_steps != preset.diffusion.num_steps, planes)
-    loss_fn = DiffusionLoss(stage.model, make_schedule(denoiser.cfg), diffusion_cfg.cfg_dropout, latent.residual_scale)
-    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches, engine_config(run_dir, tc, opts, seed, ema_decay),
+    export = _exporter(stage, record_preset, plan.diffusion.num_steps != preset.diffusion.num_steps, planes)
+    loss_fn = DiffusionLoss(stage.model, make_schedule(denoiser.cfg), plan.diffusion.cfg_dropout, latent.residual_scale)
+    trainer = Trainer({"denoiser": denoiser}, loss_fn, batches,
+                      engine_config(Path(opts.run_dir), tc, opts, seed, plan.ema_decay),
                       validate_fn=validate, export_fn=export)
     stage.model.to(trainer.device)
-    summary = {"steps": diffusion_cfg.num_steps, "control": control_cfg.enabled, "vae_hash": stage.hash,
+    summary = {"steps": plan.diffusion.num_steps, "control": plan.control.enabled, "vae_hash": stage.hash,
                "first_stage": latent.first_stage, "prior": latent.prior, "residual_scale": latent.residual_scale}
-    return fit_run(trainer, opts, record, build_preset, summary)
+    return fit_run(trainer, opts, plan.record, build_preset, summary)
 
 
 def _exporter(stage: _FirstStage, record_preset: Preset, non_default_steps: bool, planes: Pipeline | None):

@@ -70,27 +70,40 @@ def initial_planes(preset: Preset, init: str | None, resume: bool) -> nn.Module:
     """A fresh network, or one started from ``init`` (a bundle folder, or one planes weights file such as
     ``planes-x4.safetensors``) when not resuming (a resumed run continues from its own checkpoint).
 
-    The trunk must match the preset's (channels, blocks, context, dims: refused in one line otherwise); the heads of
+    The trunk must match the preset's (channels, context, dims: refused in one line otherwise); the heads of
     the factors both networks have are copied too, a factor the source lacks starts fresh (e.g. a x4/x5 network
-    started from the x4 one)."""
+    started from the x4 one). A preset with more residual blocks deepens the source: the extra blocks start as the
+    identity (their last convolution zero), so training starts from the source's function with more capacity."""
     model = build_planes(preset)
     if init and not resume:
         source = _init_source(init)
         mine, theirs = model.cfg, source.cfg
-        trunk = ("channels", "num_blocks", "context", "dims")
-        if any(getattr(mine, f) != getattr(theirs, f) for f in trunk):
+        trunk = ("channels", "context", "dims")
+        if any(getattr(mine, f) != getattr(theirs, f) for f in trunk) or mine.num_blocks < theirs.num_blocks:
             def arch(cfg: object) -> str:
-                return ", ".join(f"{f} {getattr(cfg, f)}" for f in trunk)
+                return ", ".join(f"{f} {getattr(cfg, f)}" for f in (*trunk, "num_blocks"))
 
             raise ThinsliceError(f"--init {init} has another architecture ({arch(theirs)}) than the preset "
-                                 f"({arch(mine)}): pick weights trained with the same preset")
+                                 f"({arch(mine)}): pick weights trained with the same preset (or with fewer "
+                                 "blocks, to deepen them)")
         state = model.state_dict()
         shared = {k: v for k, v in source.state_dict().items() if k in state and v.shape == state[k].shape}
         model.load_state_dict(shared, strict=False)
+        _identity_blocks(model, theirs.num_blocks)
         fresh = sorted({int(k) for k in mine.factors} - {int(k) for k in theirs.factors})
-        log.info("train-planes: initialised from %s%s", init,
-                 f" (heads for factors {', '.join(map(str, fresh))} start fresh)" if fresh else "")
+        log.info("initialised from %s%s%s", init,
+                 f" (heads for factors {', '.join(map(str, fresh))} start fresh)" if fresh else "",
+                 f" (blocks {theirs.num_blocks}-{mine.num_blocks - 1} added as the identity)"
+                 if mine.num_blocks > theirs.num_blocks else "")
     return model
+
+
+def _identity_blocks(model: nn.Module, copied: int) -> None:
+    """Zero the last convolution of every residual block after the first ``copied``: a block x + 0.1 * conv2(...)
+    is then the identity, and the deepened network computes what the source did."""
+    for block in list(model.body)[copied:]:
+        nn.init.zeros_(block.conv2.weight)
+        nn.init.zeros_(block.conv2.bias)
 
 
 def _init_source(init: str) -> nn.Module:

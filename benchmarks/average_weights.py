@@ -1,0 +1,41 @@
+"""Average the weights of two or more networks of one architecture (a "model soup": one network, no extra cost at
+inference), saved as a self-describing weights file with the first network's record.
+
+    .venv/bin/python benchmarks/average_weights.py runs/planes_clin_mix/final/planes.safetensors \
+        runs/planes_clin_plain/final/planes.safetensors --out runs/soup_pm/final/planes.safetensors
+
+Works for networks fine-tuned from one start point (here: the clinical x4/x5 networks trained with and without the
+acquisition mix, both from the session-5 x4 network), whose weights stay in one basin; docs/clinical.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from thinslice.checkpoints.bundle import load_model, save_model
+from thinslice.checkpoints.files import record_of
+from thinslice.errors import ThinsliceError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+", help="weights files (.safetensors) of one network kind and architecture")
+    parser.add_argument("--kind", default="planes")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    models = [load_model(args.kind, path) for path in args.weights]
+    states = [m.state_dict() for m in models]
+    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
+        raise ThinsliceError("the networks have different architectures: only one architecture can be averaged")
+    first = states[0]
+    models[0].load_state_dict({k: sum(s[k] for s in states) / len(states) if first[k].is_floating_point()
+                               else first[k] for k in first})
+    record = record_of(models[0])
+    assert record is not None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"{args.out}: content hash {save_model(models[0], args.kind, record.preset, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

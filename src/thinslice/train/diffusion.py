@@ -65,7 +65,7 @@ from thinslice.models.factory import build_denoiser, build_haar
 from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
-from thinslice.presets import ControlConfig, LatentConfig, Preset, TrainConfig, load_preset
+from thinslice.presets import ControlConfig, DegradationConfig, LatentConfig, Preset, TrainConfig, load_preset
 from thinslice.train.engine import (
     RunOptions,
     Trainer,
@@ -248,20 +248,21 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
     return model.eval()
 
 
-def _batches(opts: DiffusionTrainOptions, train: Sequence[Volume | str | Path], preset: Preset, tc: Any,
-             vae: AutoencoderKL3D, patch: tuple[int, ...], seed: int) -> Any:
-    """Training batches: latent crops from ``opts.cache`` (made with this VAE), else pairs encoded on the fly."""
-    if not opts.cache:
-        return PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
+def _batches(cache_dir: Path | None, train: Sequence[Volume | str | Path], degradation: DegradationConfig,
+             batch_size: int, vae: AutoencoderKL3D, patch: tuple[int, ...], seed: int) -> Any:
+    """Training batches: latent crops from ``cache_dir`` (``--cache``, made with this VAE), else pairs encoded on the
+    fly."""
+    if not cache_dir:
+        return PairSampler(train, patch, batch_size, degradation, seed=seed)  # type: ignore[arg-type]
     record = record_of(vae)
-    cache = LatentCache.load(opts.cache, record.content_hash if record else "")
+    cache = LatentCache.load(cache_dir, record.content_hash if record else "")
     if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
         raise ThinsliceError(
-            f"latent cache {opts.cache} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
+            f"latent cache {cache_dir} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
             f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
         )
     latent_crop = tuple(p // s for p, s in zip(patch, vae.total_stride, strict=True))
-    return LatentCropSampler(cache, latent_crop, tc.batch_size, seed=seed)  # type: ignore[arg-type]
+    return LatentCropSampler(cache, latent_crop, batch_size, seed=seed)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -274,23 +275,23 @@ class _FirstStage:
     config: Any  # the VAE's config for the record (None: the Haar stage, described by latent)
 
 
-def _first_stage(latent: LatentConfig, opts: DiffusionTrainOptions) -> _FirstStage:
+def _first_stage(latent: LatentConfig, vae_source: str | Path | None) -> _FirstStage:
     if latent.first_stage == "haar":
         stage = build_haar(latent)
         stage.requires_grad_(False)
         return _FirstStage(stage.eval(), "haar-" + "x".join(map(str, latent.wavelet_strides)), None, None)
-    vae = load_frozen_vae(opts.vae)
+    vae = load_frozen_vae(vae_source)
     record = record_of(vae)
     assert record is not None  # load_frozen_vae checked it
     return _FirstStage(vae, record.content_hash, record.path, vae.config)
 
 
-def _init_denoiser(opts: DiffusionTrainOptions) -> nn.Module | None:
+def _init_denoiser(init: str | Path | None, resume: bool) -> nn.Module | None:
     """The ``--init`` bundle's denoiser (None without ``--init`` or when resuming: a resumed run continues from its
     own checkpoint)."""
-    if not opts.init or opts.resume:
+    if not init or resume:
         return None
-    return load_denoiser(Ldm.locate_weights(opts.init))
+    return load_denoiser(Ldm.locate_weights(str(init)))
 
 
 def _load_init(denoiser: nn.Module, init: nn.Module, where: object) -> None:
@@ -303,12 +304,11 @@ def _load_init(denoiser: nn.Module, init: nn.Module, where: object) -> None:
     log.info("initialised the denoiser from %s", where)
 
 
-def _latent_setting(preset: Preset, opts: DiffusionTrainOptions) -> LatentConfig:
+def _latent_setting(latent: LatentConfig, first_stage: str | None, prior: str | None) -> LatentConfig:
     """The preset's latent section with the run's overrides (first stage, prior); the residual scale is set later,
     from the data."""
-    latent = preset.latent
-    return dataclasses.replace(latent, first_stage=opts.first_stage or latent.first_stage,
-                               prior=opts.prior or latent.prior, residual_scale=0.0)
+    return dataclasses.replace(latent, first_stage=first_stage or latent.first_stage, prior=prior or latent.prior,
+                               residual_scale=0.0)
 
 
 def _named_volumes(train: Sequence[Volume | str | Path]) -> list[tuple[str, Volume]]:
@@ -318,14 +318,14 @@ def _named_volumes(train: Sequence[Volume | str | Path]) -> list[tuple[str, Volu
             for i, v in enumerate(train)]
 
 
-def _prior_pipeline(latent: LatentConfig, opts: DiffusionTrainOptions) -> Pipeline | None:
+def _prior_pipeline(latent: LatentConfig, planes: str | Path | None, device: str) -> Pipeline | None:
     """The planes pipeline that makes the prior (None for the interpolation priors), on the training device."""
     if latent.prior != "planes":
         return None
     from thinslice.infer.planes import Planes
 
-    device = str(resolve_device(None if opts.device == "auto" else opts.device))
-    return Planes.from_pretrained(opts.planes, device=device, precision="bf16")
+    where = str(resolve_device(None if device == "auto" else device))
+    return Planes.from_pretrained(planes, device=where, precision="bf16")
 
 
 def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
@@ -336,19 +336,16 @@ def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
     return prior
 
 
-def _prior_batches(train: Sequence[Volume | str | Path], preset: Preset, opts: DiffusionTrainOptions,
-                   stage: _FirstStage, latent_crop: tuple[int, ...], setting: tuple[LatentConfig, int, int]):
+def _prior_batches(train: Sequence[Volume | str | Path], degradations: Sequence[tuple[float, str]], workers: int,
+                   planes: Pipeline | None, stage: _FirstStage, latent_crop: tuple[int, ...],
+                   setting: tuple[LatentConfig, int, int]):
     """Prior pairs of every training volume and degradation, their residual scale, and the crop sampler."""
     latent, batch_size, seed = setting
-    planes = _prior_pipeline(latent, opts)
-    degradations = opts.degradations or tuple((float(f), p) for f in preset.degradation.factors
-                                              for p in preset.degradation.profiles)
-    pairs = build_pairs(_named_volumes(train), degradations, _prior_fn(latent, planes), stage.model,
-                        opts.prior_workers)
+    pairs = build_pairs(_named_volumes(train), degradations, _prior_fn(latent, planes), stage.model, workers)
     scale = latent.residual_scale or residual_scale(pairs)
     latent = dataclasses.replace(latent, residual_scale=scale)
     log.info("%d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
-    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent, planes  # type: ignore[arg-type]
+    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -372,11 +369,11 @@ def _plan(opts: DiffusionTrainOptions) -> _Plan:
     match what it started with."""
     preset = load_preset(opts.preset)
     tc, seed, ema_decay = run_settings(preset.train_diffusion, opts)
-    latent = _latent_setting(preset, opts)
-    init = _init_denoiser(opts)
+    latent = _latent_setting(preset.latent, opts.first_stage, opts.prior)
+    init = _init_denoiser(opts.init, opts.resume)
     if init is not None:  # fine-tuning keeps the latent space the weights were trained in
         latent = dataclasses.replace(latent, residual_scale=latent_config(init).residual_scale)
-    stage = _first_stage(latent, opts)
+    stage = _first_stage(latent, opts.vae)
     diffusion_cfg = schedule_for_steps(preset.diffusion, opts.steps)
     control_cfg = preset.control if opts.control else dataclasses.replace(preset.control, enabled=False)
     record = {"kind": "diffusion", "preset": preset.name, "vae_hash": stage.hash,
@@ -398,10 +395,13 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     latent_crop = tuple(p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
     planes = None
     if latent.first_stage == "haar" or latent.prior != "cubic":
-        batches, latent, planes = _prior_batches(train, preset, opts, stage, latent_crop,
-                                                 (latent, tc.batch_size, seed))
+        planes = _prior_pipeline(latent, opts.planes, opts.device)
+        degradations = opts.degradations or tuple((float(f), p) for f in preset.degradation.factors
+                                                  for p in preset.degradation.profiles)
+        batches, latent = _prior_batches(train, degradations, opts.prior_workers, planes, stage, latent_crop,
+                                         (latent, tc.batch_size, seed))
     else:
-        batches = _batches(opts, train, preset, tc, stage.model, patch, seed)
+        batches = _batches(opts.cache, train, preset.degradation, tc.batch_size, stage.model, patch, seed)
     record_preset = dataclasses.replace(preset, vae=stage.config or preset.vae, control=plan.control, latent=latent)
     build_preset = dataclasses.replace(record_preset, diffusion=plan.diffusion)
 

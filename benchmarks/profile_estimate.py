@@ -15,8 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from thinslice.degrade import estimate
-from thinslice.degrade.estimate import estimate_profile
+from thinslice.degrade.estimate import SHAPES, estimate_profile
 from thinslice.degrade.profiles import degrade
 from thinslice.io import read_volume
 
@@ -29,17 +28,16 @@ def main() -> None:
     parser.add_argument("volumes", nargs="+")
     parser.add_argument("--spacing-mm", type=float, default=5.0)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--shapes", nargs="+", default=list(estimate.SHAPES),
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES),
                         help="candidate shapes (a design point: gaussian tailed)")
     args = parser.parse_args()
-    estimate.SHAPES = tuple(args.shapes)
     rows = []
     for path in args.volumes:
         thin = read_volume(path)
         for shape, ratio in CASES:
             thick = degrade(thin, thickness=ratio * args.spacing_mm, spacing=args.spacing_mm, profile=shape)
             start = time.perf_counter()
-            est = estimate_profile(thick)
+            est = estimate_profile(thick, args.shapes)
             err = 100 * (est.fwhm_mm / (ratio * args.spacing_mm) - 1)
             rows.append({"volume": Path(path).name, "true": f"{shape} {ratio:g}x", "estimate": est.profile,
                          "fwhm_ratio": round(est.ratio, 3), "error_pct": round(err, 1),

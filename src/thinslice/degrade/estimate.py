@@ -20,6 +20,7 @@ candidates are :func:`thinslice.degrade.profiles.profile_matrix`, the operator s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,9 @@ class ProfileEstimate:
         return f"{self.profile}, FWHM {self.fwhm_mm:.2f} mm ({self.ratio:.2f} x spacing), estimated from the scan"
 
 
-def estimate_profile(thick: Volume) -> ProfileEstimate:
-    """The slice profile of ``thick`` estimated from its own through-plane and in-plane spectra."""
+def estimate_profile(thick: Volume, shapes: Sequence[str] = SHAPES) -> ProfileEstimate:
+    """The slice profile of ``thick`` estimated from its own through-plane and in-plane spectra; ``shapes`` are the
+    candidate shapes (other families are design points: benchmarks/profile_estimate.py --shapes)."""
     hu = np.clip(thick.slices_first().astype(np.float32), -1024.0, 2000.0)
     if hu.shape[0] < MIN_SLICES:
         raise ThinsliceError(f"--profile auto needs at least {MIN_SLICES} slices to estimate the slice profile, the "
@@ -64,7 +66,7 @@ def estimate_profile(thick: Volume) -> ProfileEstimate:
     target = _spectrum(_through_plane_segments(hu))
     lines = _inplane_lines(hu)
     fits = {shape: np.array([_distance(target, _candidate_spectrum(lines, pixel, spacing, r, shape))
-                             for r in RATIOS]) for shape in SHAPES}
+                             for r in RATIOS]) for shape in shapes}
     shape = min(fits, key=lambda s: float(fits[s].min()))
     ratio = _refine(RATIOS, fits[shape])
     return ProfileEstimate(shape, ratio * spacing, ratio, float(fits[shape].min()))

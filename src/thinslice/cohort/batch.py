@@ -252,10 +252,15 @@ def _variant(item: Found, settings: Settings) -> str:
 
 
 def _warn_repeats(repeats: list[Found]) -> None:
-    first, again = repeats[0], [r.source or r.path for r in repeats[1:]]
+    """One line for all repeats of one request: where it was first given, and where again (the first few)."""
+    first = repeats[0].source or repeats[0].path
+    again = [r.source or r.path for r in repeats[1:]]
+    where = [a.rpartition(" line ") for a in again]
+    if all(sep and head == first.rpartition(" line ")[0] for head, sep, _ in where):
+        again = [f"line {number}" for _, _, number in where]  # all in the first row's manifest
     shown = ", ".join(again[:5]) + (f" and {len(again) - 5} more" if len(again) > 5 else "")
     log.warning("%s is given %d times with the same settings (%s; again at %s): it is one case, run once",
-                first.path, len(repeats), first.source or first.path, shown)
+                repeats[0].path, len(repeats), first, shown)
 
 
 def _ext(item: Found, settings: Settings) -> str:

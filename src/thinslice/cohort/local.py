@@ -77,14 +77,21 @@ def _feed(pool: ProcessPoolExecutor, cases: list[Case], on_row: Callable[[dict],
         except BrokenProcessPool:
             on_row(failed_row(case, BROKEN))
 
-    while waiting and len(running) < workers:
-        submit()
-    while running:
-        finished, _ = wait(running, return_when=FIRST_COMPLETED)
-        for future in finished:
-            on_row(_row_of(future, running.pop(future)))
-            if waiting:
-                submit()
+    try:
+        while waiting and len(running) < workers:
+            submit()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                on_row(_row_of(future, running.pop(future)))
+                if waiting:
+                    submit()
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # interrupted (SIGTERM, Ctrl-C): keep what has already come back
+            for future, case in list(running.items()):
+                if future.done() and not future.cancelled():
+                    on_row(_row_of(future, case))
+        raise
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:

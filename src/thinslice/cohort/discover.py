@@ -118,8 +118,9 @@ def scan_folder(folder: Path, skip: Collection[str] = frozenset()) -> tuple[list
     """The volume files and DICOM series stored directly in ``folder`` (the files in ``skip`` left out)."""
     found: list[Found] = []
     maybe_dicom = False
+    real = os.path.realpath(folder) if skip else ""
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file() or (skip and os.path.realpath(entry) in skip):
+        if entry.name.startswith(".") or not entry.is_file() or (skip and _real(real, entry) in skip):
             continue
         if file_extension(entry) in VOLUME_EXTENSIONS:
             found.append(volume_file(entry))
@@ -137,6 +138,12 @@ def scan_folder(folder: Path, skip: Collection[str] = frozenset()) -> tuple[list
         found += [case] if case else []
         skipped += [skip_] if skip_ else []
     return found, skipped
+
+
+def _real(real_folder: str, entry: Path) -> str:
+    """The resolved path of ``entry`` of a folder whose resolved path is ``real_folder`` (one system call unless the
+    entry is itself a link: an archive of a million slices is not resolved component by component)."""
+    return os.path.realpath(entry) if entry.is_symlink() else os.path.join(real_folder, entry.name)
 
 
 # -------------------------------------------------------------------------------------------------- DICOM

@@ -221,7 +221,8 @@ def plan(found: list[Found], settings: Settings, out_dir: Path, ledger: Ledger) 
         case = Case(key=item.key, name=names[item.key], kind=item.kind, path=item.path, spacing=float(spacing),
                     method=method, options=options, output=output, signature=signature,
                     series_uid=item.series_uid, label=item.label)
-        mine = all(ledger.owns(p) or not os.path.lexists(p.rstrip("/" + os.sep)) for p in target_paths(case))
+        own_output, std = target_paths(case)
+        mine = ledger.owns(own_output) and (ledger.owns(std) or not os.path.lexists(std))
         cases.append(replace(case, replace_output=settings.overwrite or mine))
     return cases
 

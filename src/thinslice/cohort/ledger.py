@@ -1,12 +1,12 @@
 """The ledger of a cohort: ``DIR/cases.sqlite`` (the record), exported as ``DIR/cases.jsonl`` and ``DIR/cases.csv``.
 
-The record is an SQLite database (WAL mode, ``synchronous=FULL``): one row per case with its latest outcome, every
-outcome in order (``events``), and every output path the batch has claimed (``outputs``). Each change is one
-transaction, committed before the driver goes on, so a ``kill -9`` loses at most the cases in flight and never
-leaves a half-written record. A case's output paths are claimed *before* the case is handed to a worker: an output
-that exists under a claimed name is this batch's own (a complete file, as every write is atomic), so a resume
-replaces it by redoing its case instead of failing it as somebody else's file; and discovery never takes such a file
-for an input when ``--out`` lies inside an input folder.
+The record is an SQLite database (WAL mode, exclusive locking, ``synchronous=FULL``): one row per case with its
+latest outcome, every outcome in order (``events``), and every output path the batch has claimed (``outputs``).
+Each change is one transaction, committed before the driver goes on, so a ``kill -9`` loses at most the cases in
+flight and never leaves a half-written record. A case's output paths are claimed *before* the case is handed to a
+worker: an output that exists under a claimed name is this batch's own (a complete file, as every write is atomic),
+so a resume replaces it by redoing its case instead of failing it as somebody else's file; and discovery never
+takes such a file for an input when ``--out`` lies inside an input folder.
 
 ``cases.jsonl`` (every finished row, in order) and ``cases.csv`` (the latest row per case, for a spreadsheet) are
 views for people and scripts; ``cases.jsonl`` is rewritten from the record whenever it lags behind it (a kill
@@ -175,7 +175,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     """The ledger database, created if need be; WAL with full sync: a commit survives a kill or a power cut."""
     try:
         db = sqlite3.connect(path, timeout=30, isolation_level="DEFERRED", check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")  # where the file system refuses WAL, SQLite keeps its rollback journal
+        # One writer (the batch's lock says so): exclusive locking keeps WAL's index in memory instead of a shared
+        # -shm file, which is what makes WAL unsafe on NFS; where WAL is refused SQLite keeps its rollback journal.
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
     except sqlite3.DatabaseError as exc:

@@ -82,15 +82,23 @@ def test_os_errors_are_one_line(tmp_path, small, monkeypatch, capsys) -> None:
 
 
 def test_stale_temporaries_of_dead_runs_are_removed_on_the_next_write(tmp_path, small) -> None:
-    dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
+    """A temporary goes when its lock can be taken (its writer ended), or, without a lock file (older versions), when
+    a day old; one whose lock is held stays, whatever process id its name carries."""
+    import fcntl
+
+    dead = tmp_path / f"{TEMP_PREFIX}999999999-abcdefgh"
     dead.mkdir()
     (dead / "half.nii.gz").write_bytes(b"\x00" * 10)
-    dead_file = tmp_path / f"{TEMP_PREFIX}999999999-out.nii.gz.x.tmp"
-    dead_file.write_bytes(b"\x00")
-    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-busy"  # a live writer's folder is left alone
-    mine.mkdir()
-    write_volume(small, tmp_path / "v.nii.gz")
-    assert not dead.exists() and not dead_file.exists() and mine.exists()
+    (tmp_path / f"{dead.name}.lock").write_bytes(b"")
+    old_file = tmp_path / f"{TEMP_PREFIX}999999999-out.nii.gz.x.tmp"
+    old_file.write_bytes(b"\x00")
+    os.utime(old_file, (1e9, 1e9))
+    busy = tmp_path / f"{TEMP_PREFIX}999999999-busybusy"  # a live writer's folder is left alone
+    busy.mkdir()
+    with open(tmp_path / f"{busy.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        write_volume(small, tmp_path / "v.nii.gz")
+    assert not dead.exists() and not old_file.exists() and busy.exists()
 
 
 def test_output_values_round_trip_exactly(tmp_path, small) -> None:

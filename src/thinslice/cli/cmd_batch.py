@@ -1,6 +1,7 @@
 """``thinslice batch``: a cohort (files, folders, DICOM trees, CSV manifests) to thin slices in one resumable run.
 
-Writes the outputs, the ledger (``cases.csv`` + ``cases.jsonl``) and the QC page (``report.html``) into ``--out``.
+Writes the outputs, the ledger (``cases.sqlite``, exported as ``cases.csv`` + ``cases.jsonl``) and the QC page
+(``report.html``) into ``--out``.
 Exit code 0 when no case failed, 1 when some did (their reasons are in the ledger), 2 for a usage error.
 """
 
@@ -33,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cases run at once on this machine (default 1); with --ray: at most N Ray workers")
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bar and no line per case (errors only; same as thinslice -q batch)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing files under the output names that this batch did not write (by "
+                             "default such a case fails and the file is left as it is)")
     parser.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
                         help="leave the thumbnails out of report.html")
     dist = parser.add_argument_group("distribution on Ray (pip install 'thinslice[ray]')")
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.spacing is not None and not args.spacing > 0:
         raise ThinsliceError("--spacing must be a positive number of mm")
     settings = Settings(spacing=args.spacing, method=args.method, options=collect_options(args), fmt=args.fmt,
-                        dtype=args.dtype, thumbnails=args.thumbnails)
+                        dtype=args.dtype, thumbnails=args.thumbnails, overwrite=args.overwrite)
     ray = None
     if args.ray is not None:
         ray = RayOptions(address=args.ray, workers=args.workers or 0, cpus_per_worker=args.cpus_per_worker,

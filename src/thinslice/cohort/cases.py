@@ -26,6 +26,7 @@ class Settings:
     fmt: str = "auto"
     dtype: str = "int16"
     thumbnails: bool = True
+    overwrite: bool = False  # replace existing files under the output names that are not this batch's own
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Found:
     method: str | None = None
     options: tuple[tuple[str, object], ...] = ()
     name: str | None = None
+    source: str = ""  # where it was given: the command-line input, or "manifest.csv line 3"
 
 
 def files_signature(files: tuple[str, ...]) -> str:

@@ -13,7 +13,8 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,14 @@ _NOT_IMAGES = (".raw", ".raw.gz", ".zraw", ".img", ".txt", ".csv", ".json", ".md
 MANIFEST_COLUMNS = ("input", "output", "spacing", "method", "options", "series")
 
 
-def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple[list[Found], list[Skip]]:
+def discover(inputs: Iterable[str | Path], exclude: Path | None = None,
+             skip: Collection[str] = frozenset()) -> tuple[list[Found], list[Skip]]:
     """Every case under ``inputs`` (files, folders, DICOM trees, ``.csv`` manifests) and every input skipped.
 
-    ``exclude`` (the output folder) is never searched. An input that does not exist is an error, not a skip: it is
-    a typo in the command, not a property of the data.
+    ``exclude`` (the output folder) is never searched, nor are the files and folders whose resolved paths are in
+    ``skip`` (what the batch wrote, for an output folder inside an input folder). An input that does not exist is
+    an error, not a skip: it is a typo in the command, not a property of the data. An input given twice is returned
+    twice (each with its ``source``): the batch decides what repeats mean.
     """
     found: list[Found] = []
     skipped: list[Skip] = []
@@ -47,25 +51,14 @@ def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple
         if not path.exists():
             raise ThinsliceError(f"input {path} does not exist; check the path")
         if path.is_file() and path.name.lower().endswith(".csv"):
-            f, s = read_manifest(path, exclude)
+            f, s = read_manifest(path, exclude, skip)
         elif path.is_dir():
-            f, s = scan_tree(path, exclude)
+            f, s = scan_tree(path, exclude, skip)
         else:
             f, s = _single_file(path)
-        found += f
+        found += [x if x.source else replace(x, source=str(path)) for x in f]
         skipped += s
-    return _unique(found), skipped
-
-
-def _unique(found: list[Found]) -> list[Found]:
-    """The cases with duplicates (an input given twice, a folder and a file inside it) removed, first one kept."""
-    seen: set[str] = set()
-    out = []
-    for case in found:
-        if case.key not in seen:
-            seen.add(case.key)
-            out.append(case)
-    return out
+    return found, skipped
 
 
 def _single_file(path: Path) -> tuple[list[Found], list[Skip]]:
@@ -96,26 +89,38 @@ def volume_file(path: Path) -> Found:
 
 
 # ------------------------------------------------------------------------------------------------ folders
-def scan_tree(root: Path, exclude: Path | None = None) -> tuple[list[Found], list[Skip]]:
-    """Volume files and DICOM series in ``root`` and all its subfolders (hidden folders and ``exclude`` left out)."""
+def scan_tree(root: Path, exclude: Path | None = None,
+              skip: Collection[str] = frozenset()) -> tuple[list[Found], list[Skip]]:
+    """Volume files and DICOM series in ``root`` and all its subfolders (hidden folders, ``exclude`` and the paths in
+    ``skip`` left out). Symbolic links to folders are followed (archives are often assembled from links), each real
+    folder visited once, so a link loop or two links to one folder cannot repeat or hang the search."""
     found: list[Found] = []
     skipped: list[Skip] = []
-    excluded = exclude.resolve() if exclude is not None else None
-    for folder, dirs, _names in os.walk(root):
+    excluded = {str(exclude.resolve())} if exclude is not None else set()
+    excluded |= set(skip)
+    visited: set[str] = set()
+    for folder, dirs, _names in os.walk(root, followlinks=True):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != excluded)
-        f, s = scan_folder(here)
+        real = os.path.realpath(here)
+        if real in visited or (real in excluded and here != root):  # (--out may be the input folder itself)
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(here / d) not in excluded
+                         and os.path.realpath(here / d) not in visited)
+        f, s = scan_folder(here, skip)
         found += f
         skipped += s
     return found, skipped
 
 
-def scan_folder(folder: Path) -> tuple[list[Found], list[Skip]]:
-    """The volume files and DICOM series stored directly in ``folder``."""
+def scan_folder(folder: Path, skip: Collection[str] = frozenset()) -> tuple[list[Found], list[Skip]]:
+    """The volume files and DICOM series stored directly in ``folder`` (the files in ``skip`` left out)."""
     found: list[Found] = []
     maybe_dicom = False
+    real = os.path.realpath(folder) if skip else ""
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith(".") or not entry.is_file() or (skip and _real(real, entry) in skip):
             continue
         if file_extension(entry) in VOLUME_EXTENSIONS:
             found.append(volume_file(entry))
@@ -129,10 +134,16 @@ def scan_folder(folder: Path) -> tuple[list[Found], list[Skip]]:
         return found, [Skip(str(folder.resolve()), str(folder), f"cannot list the DICOM series: {exc}")]
     skipped: list[Skip] = []
     for info in series:
-        case, skip = dicom_series(folder, info)
+        case, skip_ = dicom_series(folder, info)
         found += [case] if case else []
-        skipped += [skip] if skip else []
+        skipped += [skip_] if skip_ else []
     return found, skipped
+
+
+def _real(real_folder: str, entry: Path) -> str:
+    """The resolved path of ``entry`` of a folder whose resolved path is ``real_folder`` (one system call unless the
+    entry is itself a link: an archive of a million slices is not resolved component by component)."""
+    return os.path.realpath(entry) if entry.is_symlink() else os.path.join(real_folder, entry.name)
 
 
 # -------------------------------------------------------------------------------------------------- DICOM
@@ -241,7 +252,8 @@ def safe_name(text: str, limit: int = 80) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- manifest
-def read_manifest(path: Path, exclude: Path | None = None) -> tuple[list[Found], list[Skip]]:
+def read_manifest(path: Path, exclude: Path | None = None,
+                  skip: Collection[str] = frozenset()) -> tuple[list[Found], list[Skip]]:
     """Cases from a CSV manifest: columns ``input`` (required), ``output`` (a name), ``spacing``, ``method``,
     ``options`` (``KEY=VALUE`` separated by ``;``) and ``series`` (a UID); relative inputs are relative to the
     manifest's folder."""
@@ -256,13 +268,14 @@ def read_manifest(path: Path, exclude: Path | None = None) -> tuple[list[Found],
     found: list[Found] = []
     skipped: list[Skip] = []
     for number, row in enumerate(rows, start=2):
-        f, s = _manifest_row(path, number, row, exclude)
+        f, s = _manifest_row(path, number, row, exclude, skip)
         found += f
         skipped += s
     return found, skipped
 
 
-def _manifest_row(manifest: Path, number: int, row: dict, exclude: Path | None) -> tuple[list[Found], list[Skip]]:
+def _manifest_row(manifest: Path, number: int, row: dict, exclude: Path | None,
+                  skip: Collection[str] = frozenset()) -> tuple[list[Found], list[Skip]]:
     where = f"{manifest} line {number}"
     text = (row.get("input") or "").strip()
     if not text:
@@ -270,7 +283,7 @@ def _manifest_row(manifest: Path, number: int, row: dict, exclude: Path | None) 
     source = Path(text) if Path(text).is_absolute() else manifest.parent / text
     if not source.exists():
         return [], [Skip(f"{source.resolve()}", str(source), f"{where}: input does not exist")]
-    found, skipped = scan_tree(source, exclude) if source.is_dir() else _single_file(source)
+    found, skipped = scan_tree(source, exclude, skip) if source.is_dir() else _single_file(source)
     series = (row.get("series") or "").strip()
     if series:
         found = [f for f in found if _is_series(f.series_uid, series)]
@@ -281,7 +294,7 @@ def _manifest_row(manifest: Path, number: int, row: dict, exclude: Path | None) 
     if overrides.get("name") and len(found) > 1:
         raise ThinsliceError(f"{where}: output name {overrides['name']!r} for {len(found)} series; add a 'series' "
                              "column or list each series on its own line")
-    return [_with(f, overrides) for f in found], skipped
+    return [_with(f, {**overrides, "source": where}) for f in found], skipped
 
 
 def _overrides(where: str, row: dict) -> dict:

@@ -100,9 +100,10 @@ def start_actors(ray, options: RayOptions, count: int, dtype: str, thumbnails: b
 
 
 def run_ray(cases: Sequence[Case], on_row: Callable[[dict], None], options: RayOptions, *, dtype: str = "int16",
-            thumbnails: bool = True, method: str = "auto",
-            method_options: tuple[tuple[str, object], ...] = ()) -> None:
-    """Run ``cases`` on Ray actors, calling ``on_row`` (in the driver) as each finishes."""
+            thumbnails: bool = True, method: str = "auto", method_options: tuple[tuple[str, object], ...] = (),
+            on_start: Callable[[Case], None] | None = None) -> None:
+    """Run ``cases`` on Ray actors, calling ``on_start`` before each case is handed out and ``on_row`` (in the
+    driver) as each finishes."""
     if not cases:
         return
     ray = connect(options)
@@ -113,6 +114,8 @@ def run_ray(cases: Sequence[Case], on_row: Callable[[dict], None], options: RayO
     def feed(actor) -> None:
         if waiting:
             case = waiting.pop()
+            if on_start is not None:
+                on_start(case)
             running[actor.run.remote(case)] = (actor, case)
 
     for actor in actors:

@@ -91,8 +91,8 @@ class CaseRunner:
         from thinslice.io import read_volume, write_volume
 
         if Path(case.output).exists() and not case.replace_output:
-            raise ThinsliceError(f"{case.output} exists and is not from this batch; move it away or choose another "
-                                 "--out")
+            raise ThinsliceError(f"{case.output} exists and is not from this batch; left as it is: move it away, "
+                                 "choose another --out, or give --overwrite to replace it")
         thick = read_volume(case.path, series_uid=case.series_uid or None)
         method, note = self._choose(case, thick)
         result, acquisition = self._apply(method, case, thick)

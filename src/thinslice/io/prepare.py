@@ -26,6 +26,7 @@ from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.dicom import header_text, read_header
 from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension, read_volume
+from thinslice.io.tables import spreadsheet_safe
 from thinslice.io.volume import Volume
 from thinslice.io.writers import write_volume
 
@@ -355,7 +356,7 @@ def _csv_text(rows: list[SeriesRow]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row.as_dict())
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.as_dict().items()})
     return buffer.getvalue()
 
 

@@ -6,6 +6,7 @@ volume was read from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -162,25 +163,24 @@ def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
             image.SetMetaData(_META_PREFIX + clean_key, clean_value)
     # Write into a private temporary folder under the final name (so that detached headers such as .mhd/.nhdr
     # reference the right data file), check it, then move the files into place, header last.
-    try:
-        tmp_dir = make_temp_dir(path.parent)
-    except OSError as exc:
-        raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            with native_messages_to_log():
-                sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
-        except RuntimeError as exc:
-            raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
-        _verify_written(tmp_dir / path.name, image, path)
-        produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
-        for item in produced:
-            os.replace(item, path.parent / item.name)
-    except OSError as exc:
-        raise ThinsliceError(f"cannot write {path}: {os_reason(exc)}; the previous file, if any, is unchanged"
-                             ) from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir = stack.enter_context(make_temp_dir(path.parent))
+        except OSError as exc:
+            raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
+        try:
+            try:
+                with native_messages_to_log():
+                    sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
+            except RuntimeError as exc:
+                raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
+            _verify_written(tmp_dir / path.name, image, path)
+            produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
+            for item in produced:
+                os.replace(item, path.parent / item.name)
+        except OSError as exc:
+            raise ThinsliceError(f"cannot write {path}: {os_reason(exc)}; the previous file, if any, is unchanged"
+                                 ) from None
 
 
 def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
@@ -222,7 +222,12 @@ def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, option
 
 def _replace_dicom_folder(volume: Volume, folder: Path, non_empty: bool, options: DicomSeriesOptions) -> None:
     """Write the series into a temporary folder, then swap it in (the old series is restored if the swap fails)."""
-    tmp_dir = make_temp_dir(folder.parent)
+    with make_temp_dir(folder.parent) as tmp_dir:
+        _swap_dicom_folder(volume, folder, tmp_dir, non_empty, options)
+
+
+def _swap_dicom_folder(volume: Volume, folder: Path, tmp_dir: Path, non_empty: bool,
+                       options: DicomSeriesOptions) -> None:
     old_dir: Path | None = None
     swapped = False
     try:

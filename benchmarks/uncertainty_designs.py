@@ -1,4 +1,4 @@
-"""Design points of the uncertainty calibration, compared on cached runs (docs/uncertainty.md, "Design points").
+"""Design points of the uncertainty calibration, compared on cached runs (docs/design/uncertainty.md, "Design points").
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uncertainty_designs.py [--run planes|ldm:4|ldm:8] \
         [--cache runs/unc_cache] [--factor 4]

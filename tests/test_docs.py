@@ -102,7 +102,7 @@ def _commands_and_options() -> list[tuple[str, str]]:
     from thinslice.cli.main import build_parser
 
     parser = build_parser()
-    found = [("", s) for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    found = [("", s) for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue

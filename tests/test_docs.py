@@ -85,6 +85,7 @@ def test_no_work_round_or_issue_labels() -> None:
     assert not found, "development labels (name the design by topic or date instead):\n" + "\n".join(found)
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     """The user guide, design notes, model cards and API reference build without a warning."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:

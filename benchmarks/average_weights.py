@@ -5,7 +5,7 @@ inference), saved as a self-describing weights file with the first network's rec
         runs/planes_clin_plain/final/planes.safetensors --out runs/soup_pm/final/planes.safetensors
 
 Works for networks fine-tuned from one start point (here: the clinical x4/x5 networks trained with and without the
-acquisition mix, both from the session-5 x4 network), whose weights stay in one basin; docs/clinical.md.
+acquisition mix, both from the x4 network of 2026-11-30), whose weights stay in one basin; docs/design/clinical.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Write the data split (thinslice.data.split, docs/clinical.md) of the shared CT folder as NIfTI files.
+"""Write the data split (thinslice.data.split, docs/design/clinical.md) of the shared CT folder as NIfTI files.
 
     .venv/bin/python benchmarks/clinical_split.py --data ../shared/data/ct --out runs/split
 

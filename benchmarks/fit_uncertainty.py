@@ -28,10 +28,10 @@ from thinslice.io import read_volume
 from thinslice.io.mask import body_mask
 from thinslice.io.volume import Volume
 
-# The features each method's map is built from (docs/uncertainty.md says why): the planes passes' disagreement is
+# The features each method's map is built from (docs/design/uncertainty.md says why): the planes passes' disagreement is
 # the informative signal (ldm starts from planes and uses it too; its samples' spread made the chest-fitted map
 # over-cover a chest and was left out), the image noise and the intensity classes let one fit on a chest serve a
-# head (session 7's design points: benchmarks/uncertainty_designs.py).
+# head (the clinical retrain's design points: benchmarks/uncertainty_designs.py).
 CLASSES = ("noise", "lung", "bone")
 FEATURES = {"planes": Features(("spread", "contrast", *CLASSES), (3, 7, 7)),
             "ldm": Features(("planes_spread", "contrast", *CLASSES), (3, 7, 7))}

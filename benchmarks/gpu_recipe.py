@@ -10,7 +10,7 @@ in its own process, all at once on the one GPU. Writes to ``--out``:
 - ``scores.json``: held-out PSNR (cubic-dc, planes, one ldm sample, mean of 4), sharpness, consistency residual and
   GPU seconds per volume.
 
-Run on the device machine (see docs/diffusion.md)::
+Run on the device machine (see docs/design/diffusion.md)::
 
     python benchmarks/gpu_recipe.py --data .gpu/data --out $OUT --minutes 5
 

@@ -1,5 +1,5 @@
 """Calibration of the ldm std map on a held-out volume: rank correlation of std with |error|, coverage of
-mean +- 2 std, and one PNG of the error beside the std (docs/diffusion.md).
+mean +- 2 std, and one PNG of the error beside the std (docs/design/diffusion.md).
 
     .venv/bin/python benchmarks/ldm_calibration.py --data runs/data/ct02_upper61.nii.gz --samples 8 \\
         [--checkpoint DIR] [--factor 4] [--profile gaussian] --out docs/images/ldm_calibration.png

@@ -4,7 +4,7 @@ final projection, adaptation.
     .venv/bin/python benchmarks/planes_design_points.py [--data runs/data/ct02_upper61.nii.gz] \
         [--checkpoint runs/planes_main/final]
 
-Prints PSNR, SSIM and seconds per variant (docs/planes.md#inference-side-design-points).
+Prints PSNR, SSIM and seconds per variant (docs/design/planes.md#inference-side-design-points).
 """
 
 from __future__ import annotations

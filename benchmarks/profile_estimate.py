@@ -5,7 +5,7 @@
 
 Prints, per volume and true profile (Gaussian FWHM 0.8/1.0/1.3/1.6 x the spacing, box, triangle, tailed), the estimated
 shape and FWHM and the FWHM error in percent (target: within 15%); the tailed row's error is against its nominal FWHM.
-``--shapes gaussian tailed`` adds the tailed candidates (docs/clinical.md: not kept).
+``--shapes gaussian tailed`` adds the tailed candidates (docs/design/clinical.md: not kept).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 For each volume and central in-plane crop (the whole field of view, then smaller squares), prints the fraction of
 the crop's in-plane border that lies in the body (above -500 HU) and the FWHM error of the estimate for Gaussian
-profiles of 1.0x and 1.6x the 5 mm spacing (docs/clinical.md: why --profile auto is not the default).
+profiles of 1.0x and 1.6x the 5 mm spacing (docs/design/clinical.md: why --profile auto is not the default).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Does ``thinslice selfcheck`` rank the methods as the thin truth does? (docs/clinical.md)
+"""Does ``thinslice selfcheck`` rank the methods as the thin truth does? (docs/design/clinical.md)
 
     .venv/bin/python benchmarks/selfcheck_ranking.py runs/split/heldout/ct07_from175.nii.gz --thickness 5 \
         --methods linear cubic cubic-dc planes ldm --precision bf16 [--checkpoint BUNDLE] [--json out.json]

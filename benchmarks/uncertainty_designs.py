@@ -1,4 +1,4 @@
-"""Design points of the uncertainty calibration, compared on cached runs (docs/uncertainty.md, "Design points").
+"""Design points of the uncertainty calibration, compared on cached runs (docs/design/uncertainty.md, "Design points").
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uncertainty_designs.py [--run planes|ldm:4|ldm:8] \
         [--cache runs/unc_cache] [--factor 4]
@@ -31,7 +31,7 @@ EXTRA = {"": (), "+ noise": ("noise",), "+ intensity classes": ("lung", "bone"),
 
 
 def designs(method: str) -> dict[str, Features]:
-    """The session-6 features of ``method`` with each extra set, and a wider window."""
+    """The first calibration's features of ``method`` with each extra set, and a wider window."""
     base = {"planes": ("spread", "contrast"), "ldm": ("spread", "planes_spread", "contrast")}[method]
     found = {f"{' + '.join(base)} {name}".strip(): Features((*base, *extra), WINDOW) for name, extra in EXTRA.items()}
     found["wider window 5x11x11"] = Features(base, (5, 11, 11))

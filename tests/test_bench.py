@@ -28,7 +28,7 @@ def test_benchmark_rows_and_scores(thin, tmp_path):
     for r in rows:
         assert 20 < r.psnr < 80 and 0 < r.ssim <= 1 and r.seconds >= 0 and r.peak_rss_mb > 10
     # decimate keeps thin slices; interpolation passes through its samples, so only the half-slice label offset
-    # (see docs/interpolation-baselines.md) keeps the residual from being zero; gaussian inputs are not reproduced
+    # (docs/design/interpolation-baselines.md) keeps the residual from being zero; gaussian inputs are not reproduced
     assert all(r.dc_residual_hu >= 0 for r in rows)
     assert (tmp_path / "fig.png").stat().st_size > 5000
 

@@ -254,7 +254,7 @@ class PlaneSamplingConfig:
     overlap_fraction: float = 0.25
     max_overlap: float = 2.2
     noise_hu: float = 0.0
-    # Real acquisitions (docs/clinical.md): with probability ``profile_mismatch`` the slabs are made with a profile
+    # Real scans (docs/design/clinical.md): with probability ``profile_mismatch`` the slabs are made with a profile
     # drawn from the family (degrade.PROFILE_FAMILY) and a FWHM of U(``mismatch_fwhm``) x the declared thickness,
     # while the network and the consistency step are told the declared one, as a user who does not know the
     # scanner's slice sensitivity profile would tell them.

@@ -1,6 +1,6 @@
 """The data split every recipe uses: which slices of the shared CT volumes train, and which are held out.
 
-Written down once here (and in docs/clinical.md) so that training recipes, the benchmark and the uncertainty
+Written down once here (and in docs/design/clinical.md) so that training recipes, the benchmark and the uncertainty
 calibration cannot drift apart. A part is a volume named by its prefix (``ct07``) and a range of its slices in
 slices-first order ("lower" = the first slices, "upper" = the last), so the held-out parts are contiguous slabs
 that no training example ever overlaps.

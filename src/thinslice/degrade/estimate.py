@@ -12,7 +12,7 @@ profile's fall-off near the Nyquist frequency.
 What a spectrum below the slice Nyquist frequency tells is the profile's *width* (its second moment), not its shape:
 a box and a Gaussian of the same variance differ by less than 0.3 dB of power there (measured on ct07: the box
 candidate fitted every true profile as well as the Gaussian did). So the estimate is the Gaussian of the same width,
-reported as such; a box of thickness T comes out as a Gaussian of FWHM about 0.7 T (docs/clinical.md).
+reported as such; a box of thickness T comes out as a Gaussian of FWHM about 0.7 T (docs/design/clinical.md).
 
 Written here because no imaging library estimates a slice sensitivity profile; the spectra are numpy FFTs and the
 candidates are :func:`thinslice.degrade.profiles.profile_matrix`, the operator simulation and consistency use.

@@ -15,7 +15,7 @@ Overlapping slices (thickness well above the spacing, the usual clinical reconst
 its smallest singular values approach zero and the exact projection amplifies whatever the model ``A`` gets wrong
 (the ends of the stack, the true profile) by ``1/sigma``. There the pseudo-inverse is replaced by a Tikhonov-filtered
 one, ``sigma / (sigma^2 + lambda)`` with ``lambda = (0.05 sigma_max)^2``, chosen from the operator's own spectrum
-(docs/reliability.md and docs/benchmark.md have the overlap cases behind these two numbers).
+(docs/reliability.md and docs/design/benchmark.md have the overlap cases behind these two numbers).
 
 In degrade/ (beside the profiles) rather than in infer/ because training examples are built from the same matrices
 (:func:`cell_operators`: the planes network's thick input and cubic-dc base), and training examples import no

@@ -21,7 +21,7 @@ Conventions (positions in mm along the slice direction, thin spacing ``s``, thic
   this is plain decimation. For even factors the slab centre lies half-way between two thin slices; the lower one
   is kept, half a thin slice from the nominal centre. The geometry still reports the nominal centre so that the
   thick grid, and hence every upsampling grid and training pair, stays aligned with the thin source for all three
-  profiles (see docs/interpolation-baselines.md).
+  profiles (see docs/design/interpolation-baselines.md).
 
 Rows are normalised to sum to 1 over the thin slices that exist, which renormalises the profile at volume ends.
 """

@@ -9,7 +9,7 @@ Two checks, each with a truth the scan itself holds:
   scan holds the answer.
 
 Each method's scores are the mean over the checks; the recommended method is the one with the highest PSNR.
-docs/clinical.md shows on ct02 and ct07 (which have truth) that this ranking is the truth's ranking.
+docs/design/clinical.md shows on ct02 and ct07 (which have truth) that this ranking is the truth's ranking.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def refine_cnn(
     """``model`` applied to a cubic-upsampled HU volume (D, H, W) in overlapping windows; HU out, same shape.
 
     ``precision="bf16"`` runs the convolutions under autocast (the network predicts a small residual over its
-    input, so bf16 rounding barely shows in HU; see docs/benchmark.md).
+    input, so bf16 rounding barely shows in HU; see docs/design/benchmark.md).
     """
     amp = autocast_dtype(precision)
     device = next(model.parameters()).device
@@ -68,7 +68,7 @@ def refine_cnn(
 @dataclass(frozen=True)
 class CnnOptions(LearnedOptions):
     patch_size: tuple[int, int, int] | None = None  # inference window D H W (default: twice the training patch)
-    consistency: bool = True  # on ct02 the projection alone adds 0.8-1.3 dB to cubic (docs/benchmark.md)
+    consistency: bool = True  # on ct02 the projection alone adds 0.8-1.3 dB to cubic (docs/design/benchmark.md)
     adapt: bool = False  # fine-tune on the input itself first (in-plane axes degraded like the slice axis, SMORE)
     adapt_steps: int = 200
 

@@ -282,7 +282,7 @@ class Ldm(Pipeline):
 
     def _attach_std(self, result: Result, thick: Volume, prior: Volume) -> None:
         """The samples' spread (with the planes prior's, when it served this input) calibrated into
-        ``extras["std"]`` (docs/uncertainty.md)."""
+        ``extras["std"]`` (docs/design/uncertainty.md)."""
         planes_spread = getattr(self.planes, "last_spread", None)
         if planes_spread is not None and planes_spread.array.shape == result.extras["spread"].array.shape:
             result.extras["planes_spread"] = planes_spread

@@ -40,7 +40,7 @@ ORIENTATIONS = ("coronal", "sagittal")
 # The planes row of the kinds table: names of the all-factor file and the per-factor planes-x<k> files.
 PLANES = network_kind("planes")
 # Planes per network call: small batches stay in cache (48 channels x 75 rows x 512 px x 2 bytes = 3.7 MB per plane
-# and layer); 8 measured fastest on the 2-core CPU (docs/planes.md).
+# and layer); 8 measured fastest on the 2-core CPU (docs/design/planes.md).
 PLANES_PER_BATCH = 8
 
 
@@ -188,7 +188,7 @@ class Planes(Pipeline):
     preference = 3
     model: PlanesNet
     # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
-    # factor, as one network per factor measures better than one for all (docs/planes.md).
+    # factor, as one network per factor measures better than one for all (docs/design/planes.md).
     specialists: dict[int, PlanesNet] = {}
     last_spread: Volume | None = None
 

@@ -10,7 +10,7 @@ likelihood on held-out pairs, and then scaled by split conformal calibration (Vo
 
 The fit ships beside the weights (``weights/calibration.json``), keyed by method, factor, (ldm) samples and the
 content hashes of the networks; weights that changed since the fit are detected and their map reported as
-uncalibrated. Refit: ``benchmarks/fit_uncertainty.py`` (docs/uncertainty.md).
+uncalibrated. Refit: ``benchmarks/fit_uncertainty.py`` (docs/design/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Features:
     ``planes_spread``: local RMS of the planes passes' disagreement (ldm starts from planes and can use it too);
     ``contrast``: local standard deviation of the output (edges are where through-plane guesses go wrong);
     ``noise``: local RMS of the output's in-plane high-pass (3x3), i.e. the image noise, which sets the floor of
-    the error (tried, not in the shipped fits: docs/uncertainty.md);
+    the error (tried, not in the shipped fits: docs/design/uncertainty.md);
     ``lung`` / ``bone``: local fraction of the output's voxels below -500 HU / above 300 HU (intensity classes: the
     errors of a head's brain and a chest's lungs are distributed differently at the same spread).
     """

@@ -142,6 +142,10 @@ def _version(path: Path, raw: bytes) -> tuple[int, str]:
         size = struct.unpack(endian + "i", raw[:4])[0]
         if size == 348 or (size == 540 and len(raw) >= 540):
             version = 1 if size == 348 else 2
+            stored = struct.unpack(endian + "f", raw[108:112])[0] if version == 1 else 0.0
+            if not np.isfinite(stored) or stored < 0:
+                raise ThinsliceError(f"cannot read {path}: its header's vox_offset ({stored}) is not a byte position; "
+                                     "the header is damaged, export the volume again")
             offset = _vox_offset(raw)
             if offset > HEADER_BYTES_LIMIT:
                 raise ThinsliceError(f"cannot read {path}: its header puts the voxels at byte {offset} (vox_offset), "
@@ -175,8 +179,22 @@ def _check_extensions(path: Path, raw: bytes, version: int, endian: str) -> None
 def _lps_geometry(path: Path, header, raw: bytes, endian: str) -> tuple[np.ndarray, np.ndarray]:
     """(3x3 matrix, origin) in LPS mm of nibabel's affine: the sform if set, else the qform (pixdim made positive,
     the slice direction from qfac = pixdim[0]), else pixdim alone; with a warning where the choice is not obvious."""
+    try:
+        affine = _best_affine(path, header, _raw_pixdim(raw, endian))
+    except Exception as exc:  # nibabel's HeaderDataError / ValueError for quaternions or codes it cannot use
+        raise ThinsliceError(f"cannot read {path}: its NIfTI orientation is damaged ({str(exc)[:160]}); export the "
+                             "volume again") from None
+    affine = affine * _UNIT_MM.get(header.get_xyzt_units()[0], 1.0)
+    matrix, origin = _RAS_TO_LPS @ affine[:3, :3], _RAS_TO_LPS @ affine[:3, 3]
+    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin))) or abs(np.linalg.det(matrix)) < 1e-12:
+        raise ThinsliceError(f"cannot read {path}: its NIfTI orientation (sform/qform) is not a valid grid (zero, "
+                             "infinite or NaN entries); fix the header or export the volume again")
+    return matrix, origin
+
+
+def _best_affine(path: Path, header, pixdim: np.ndarray) -> np.ndarray:
+    """nibabel's choice of affine (sform, else qform, else pixdim), with a warning where the choice is not obvious."""
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
-    pixdim = _raw_pixdim(raw, endian)
     if qcode > 0 and scode <= 0 and np.any(pixdim < 0):
         log.warning("%s: the header has a negative voxel size (pixdim %s); read as its absolute value with the "
                     "slice direction from qfac (pixdim[0]), as the NIfTI standard and nibabel do", path,
@@ -187,17 +205,7 @@ def _lps_geometry(path: Path, header, raw: bytes, endian: str) -> tuple[np.ndarr
     if qcode <= 0 and scode <= 0:
         log.warning("%s: the header has no orientation (qform_code = sform_code = 0); the voxel size is used with "
                     "nibabel's default orientation", path)
-    try:
-        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-    except Exception as exc:  # nibabel's HeaderDataError for quaternions or codes it cannot use
-        raise ThinsliceError(f"cannot read {path}: its NIfTI orientation is damaged ({str(exc)[:160]}); export the "
-                             "volume again") from None
-    affine = affine * _UNIT_MM.get(header.get_xyzt_units()[0], 1.0)
-    matrix, origin = _RAS_TO_LPS @ affine[:3, :3], _RAS_TO_LPS @ affine[:3, 3]
-    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin))) or abs(np.linalg.det(matrix)) < 1e-12:
-        raise ThinsliceError(f"cannot read {path}: its NIfTI orientation (sform/qform) is not a valid grid (zero, "
-                             "infinite or NaN entries); fix the header or export the volume again")
-    return matrix, origin
+    return np.asarray(header.get_best_affine(), dtype=np.float64)
 
 
 def _raw_pixdim(raw: bytes, endian: str) -> np.ndarray:

@@ -141,9 +141,9 @@ def refuse_overwriting_input(out: Path, ref: Path) -> None:
     for target in targets:
         for source in inputs:
             if _same_file(target, source):
-                what = "is the input" if target == out else f"writes {target.name}, which is"
-                raise ThinsliceError(f"output {out} {what} a file the input {ref} is read from ({source}); choose "
-                                     "another output path")
+                what = "is" if target == out else f"writes {target.name}, which is"
+                raise ThinsliceError(f"output {out} {what} a file the input {ref} is read from ({source.name}); "
+                                     "choose another output path")
 
 
 def files_written(path: Path) -> list[Path]:

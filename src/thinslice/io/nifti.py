@@ -186,7 +186,10 @@ def _lps_geometry(path: Path, header, raw: bytes, endian: str) -> tuple[np.ndarr
                              "volume again") from None
     affine = affine * _UNIT_MM.get(header.get_xyzt_units()[0], 1.0)
     matrix, origin = _RAS_TO_LPS @ affine[:3, :3], _RAS_TO_LPS @ affine[:3, 3]
-    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin))) or abs(np.linalg.det(matrix)) < 1e-12:
+    norms = np.linalg.norm(matrix, axis=0)
+    finite = bool(np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin)) and np.all(norms > 0))
+    # Zero, NaN or parallel axes are no grid; the voxel size is checked on its own (against CT voxel sizes).
+    if not finite or abs(np.linalg.det(matrix / norms)) < 1e-6:
         raise ThinsliceError(f"cannot read {path}: its NIfTI orientation (sform/qform) is not a valid grid (zero, "
                              "infinite or NaN entries); fix the header or export the volume again")
     return matrix, origin

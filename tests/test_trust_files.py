@@ -314,3 +314,22 @@ def test_any_nifti_header_gives_nibabel_geometry_or_one_error(tmp_path, dims, nd
     expected = np.asanyarray(reference.dataobj).reshape(reference.shape[:3]).transpose(2, 1, 0)
     np.testing.assert_allclose(volume.array, expected.astype(np.float32), rtol=1e-6)  # as float32, as read
     _assert_same_geometry(volume, reference.affine, reference.shape)
+
+
+# --------------------------------------------------------------------------------------- cohort resume
+def test_the_cohort_signature_and_hash_cover_the_data_file(tmp_path):
+    from types import SimpleNamespace
+
+    from thinslice.cohort.cases import files_signature
+    from thinslice.cohort.discover import volume_file
+    from thinslice.cohort.worker import _sha256
+
+    data = _raw(tmp_path)
+    header = _nhdr(tmp_path, "data file: v.raw")
+    found = volume_file(header)
+    assert str(data.resolve()) in found.files
+    signature, digest = files_signature(found.files), _sha256(SimpleNamespace(path=str(header)))
+    data.write_bytes(_voxels()[::-1].tobytes(order="F"))  # same size, new content
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    assert files_signature(volume_file(header).files) != signature
+    assert _sha256(SimpleNamespace(path=str(header))) != digest

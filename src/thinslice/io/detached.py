@@ -55,9 +55,13 @@ def data_files(header: Path) -> list[Path]:
 
 
 def _header_text(header: Path) -> str:
+    """The header's text: its first 64 KB, or up to :data:`HEADER_LIMIT` for an NRRD or MetaImage header (whose
+    LIST of data files may be long); other files (a 1 GB volume in another format) are not read further."""
     try:
         with open(header, "rb") as fh:
-            raw = fh.read(HEADER_LIMIT)
+            raw = fh.read(1 << 16)
+            if raw.startswith(b"NRRD") or b"ElementDataFile" in raw or header.name.lower().endswith((".mha", ".mhd")):
+                raw += fh.read(HEADER_LIMIT - len(raw))
     except OSError as exc:
         raise ThinsliceError(f"cannot read {header}: {os_reason(exc)}") from None
     return raw.decode("latin-1")

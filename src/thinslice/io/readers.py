@@ -102,7 +102,7 @@ def files_read(path: str | Path, series_uid: str | None = None) -> list[Path]:
     if path.is_dir() or file_extension(path) in DICOM_EXTENSIONS or (
             path.is_file() and file_extension(path) not in VOLUME_EXTENSIONS and is_dicom_file(path)):
         return _dicom_files_read(path, series_uid)
-    if not path.is_file():
+    if not path.is_file() or file_extension(path) in (".nii", ".nii.gz"):
         return [path]
     files = [path, *data_files(path)]
     if path.suffix.lower() == ".hdr":  # an Analyze/NIfTI pair keeps its voxels in the .img beside it

@@ -48,8 +48,7 @@ class NiftiHeader:
     @property
     def sheared(self) -> bool:
         """Whether the voxel axes are not perpendicular (an sform written for an uncorrected gantry tilt)."""
-        unit = self.matrix / np.linalg.norm(self.matrix, axis=0)
-        return float(np.abs(unit.T @ unit - np.eye(3)).max()) > 1e-4
+        return _is_sheared(self.matrix)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -198,17 +197,30 @@ def _lps_geometry(path: Path, header, raw: bytes, endian: str) -> tuple[np.ndarr
 def _best_affine(path: Path, header, pixdim: np.ndarray) -> np.ndarray:
     """nibabel's choice of affine (sform, else qform, else pixdim), with a warning where the choice is not obvious."""
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
-    if qcode > 0 and scode <= 0 and np.any(pixdim < 0):
-        log.warning("%s: the header has a negative voxel size (pixdim %s); read as its absolute value with the "
-                    "slice direction from qfac (pixdim[0]), as the NIfTI standard and nibabel do", path,
-                    tuple(float(v) for v in pixdim))
-    if qcode > 0 and scode > 0 and not np.allclose(header.get_qform(), header.get_sform(), atol=1e-3):
+    if qcode > 0 and np.any(pixdim < 0):
+        how = "using the sform" if scode > 0 else "read as its absolute value, the slice direction from qfac"
+        log.warning("%s: the header has a negative voxel size (pixdim %s), which the NIfTI standard does not allow; "
+                    "%s, as nibabel does", path, tuple(float(v) for v in pixdim), how)
+    sform = header.get_sform()
+    # A sheared sform never equals its qform (dcm2niix writes the nearest orthogonal one); the reader says it is
+    # sheared instead.
+    if qcode > 0 and scode > 0 and not _is_sheared(sform[:3, :3]) and not np.allclose(header.get_qform(), sform,
+                                                                                          atol=1e-3):
         log.warning("%s: the header's qform and sform disagree (e.g. a negative voxel size); using the sform, as "
                     "nibabel does (fix the header to silence this)", path)
     if qcode <= 0 and scode <= 0:
         log.warning("%s: the header has no orientation (qform_code = sform_code = 0); the voxel size is used with "
                     "nibabel's default orientation", path)
     return np.asarray(header.get_best_affine(), dtype=np.float64)
+
+
+def _is_sheared(matrix: np.ndarray) -> bool:
+    """Whether the columns (voxel axes) of a 3x3 matrix are not perpendicular."""
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or not np.all(norms > 0):
+        return False
+    unit = matrix / norms
+    return float(np.abs(unit.T @ unit - np.eye(3)).max()) > 1e-4
 
 
 def _raw_pixdim(raw: bytes, endian: str) -> np.ndarray:

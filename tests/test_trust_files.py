@@ -333,3 +333,11 @@ def test_the_cohort_signature_and_hash_cover_the_data_file(tmp_path):
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
     assert files_signature(volume_file(header).files) != signature
     assert _sha256(SimpleNamespace(path=str(header))) != digest
+
+
+def test_a_complete_gzip_stream_of_a_cut_nifti_is_truncated(tmp_path):
+    plain = _nifti(tmp_path / "v.nii", _voxels())
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(plain.read_bytes()[:-100]))  # a valid stream, 100 voxel bytes short
+    with pytest.raises(ThinsliceError, match="truncated or corrupt .* header promises"):
+        read_volume(cut)

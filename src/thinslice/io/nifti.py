@@ -41,6 +41,7 @@ class NiftiHeader:
     """What the reader needs from a NIfTI header: nibabel's header, its version and the geometry in LPS mm."""
 
     header: object  # nibabel.Nifti1Header or Nifti2Header
+    raw: bytes  # the header as stored, with its extensions
     version: int
     matrix: np.ndarray  # 3x3, columns = the i, j, k steps in mm (LPS)
     origin: np.ndarray  # 3, LPS mm
@@ -88,7 +89,7 @@ def read_header(path: Path) -> NiftiHeader:
         raise ThinsliceError(f"cannot read {path}: its NIfTI header is damaged ({str(exc)[:160]}); export the "
                              "volume again") from None
     matrix, origin = _lps_geometry(path, header, raw, endian)
-    return NiftiHeader(header=header, version=version, matrix=matrix, origin=origin)
+    return NiftiHeader(header=header, raw=raw, version=version, matrix=matrix, origin=origin)
 
 
 def _header_bytes(path: Path) -> bytes:
@@ -230,16 +231,33 @@ def _raw_pixdim(raw: bytes, endian: str) -> np.ndarray:
     return np.array(struct.unpack(endian + "3d", raw[112:136]), dtype=np.float64)
 
 
-def read_voxels(path: Path) -> np.ndarray:
+def read_voxels(path: Path, expected_bytes: int) -> np.ndarray:
     """The voxels of a NIfTI file as nibabel reads them (slope and intercept applied where set), in (k, j, i)
-    order; the stored values are checked before the scaling casts them."""
+    order; the stored values are checked before the scaling casts them.
+
+    One pass over the file: a gzip stream is read to its end, so that its CRC is checked too (ITK and nibabel
+    stop after the voxels and would take a damaged or cut stream for a complete one). ``expected_bytes``: the
+    header's vox_offset + voxel bytes, for the message when the file is shorter.
+    """
+    gz = path.name.lower().endswith(".gz")
+    present = path.stat().st_size
+    if not gz and present < expected_bytes:
+        raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected_bytes} bytes that its "
+                             "header promises); copy or export it again")
     try:
-        with _quiet_nibabel():
-            image = nib.load(str(path))
+        with _quiet_nibabel(), (gzip.open if gz else open)(path, "rb") as fh:
+            image = nib.Nifti1Image.from_stream(fh) if _is_nifti1(fh) else nib.Nifti2Image.from_stream(fh)
             proxy = image.dataobj
             data = np.asanyarray(proxy.get_unscaled())
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ThinsliceError(f"cannot read the voxels of {path}: the file is corrupt or truncated ({exc})") from None
+            while fh.read(1 << 22):  # to the end of a gzip stream, where its CRC is checked
+                pass
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ThinsliceError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc}); copy or "
+                             "export it again") from None
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise ThinsliceError(f"cannot read {path}: the file is truncated or corrupt (its header promises "
+                             f"{expected_bytes} bytes; {reason}); copy or export it again") from None
     if data.dtype.names or data.dtype.kind == "c":
         raise ThinsliceError(f"{path} has {data.dtype} voxels (colour or complex); thinslice needs a grey-value CT "
                              "volume in HU")
@@ -249,3 +267,10 @@ def read_voxels(path: Path) -> np.ndarray:
         check_voxel_values(data, path)  # before the scaling below casts to float32
         data = data.astype(np.float32) * np.float32(slope) + np.float32(inter)
     return data
+
+
+def _is_nifti1(fh) -> bool:
+    """Whether the open file holds a NIfTI-1 header (sizeof_hdr 348 in either byte order); rewinds it."""
+    start = fh.read(4)
+    fh.seek(0)
+    return start in (struct.pack("<i", 348), struct.pack(">i", 348))

@@ -173,8 +173,8 @@ def _read_nifti_file(path: Path) -> Volume:
     shape = nifti.shape
     _check_dimensions(path, len(shape), shape, 1)
     check_read_size(path, int(np.prod(shape)), nifti.bytes_per_voxel, "x".join(map(str, shape)))
-    _check_nifti_pixdim(path, _check_nifti_complete(path))
-    array = read_nifti_voxels(path)  # native values checked (NaN, infinity, range) before any scaling
+    _check_nifti_pixdim(path, nifti.raw)
+    array = read_nifti_voxels(path, _nifti_expected_bytes(nifti.raw) or 0)  # native values checked before scaling
     check_voxel_values(array, path)
     image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
     metadata = {"source": str(path)}

@@ -55,16 +55,26 @@ def data_files(header: Path) -> list[Path]:
 
 
 def _header_text(header: Path) -> str:
-    """The header's text: its first 64 KB, or up to :data:`HEADER_LIMIT` for an NRRD or MetaImage header (whose
-    LIST of data files may be long); other files (a 1 GB volume in another format) are not read further."""
+    """The header's text: its first 64 KB, or up to :data:`HEADER_LIMIT` where a header goes on past them (a long
+    LIST of data files); the voxels of a 1 GB file with its data inside are not read."""
     try:
         with open(header, "rb") as fh:
             raw = fh.read(1 << 16)
-            if raw.startswith(b"NRRD") or b"ElementDataFile" in raw or header.name.lower().endswith((".mha", ".mhd")):
+            if _header_goes_on(raw, header):
                 raw += fh.read(HEADER_LIMIT - len(raw))
     except OSError as exc:
         raise ThinsliceError(f"cannot read {header}: {os_reason(exc)}") from None
     return raw.decode("latin-1")
+
+
+def _header_goes_on(raw: bytes, header: Path) -> bool:
+    """Whether the header text may continue past ``raw``: an NRRD header ends at its first empty line, a
+    MetaImage header at its ElementDataFile line unless that starts a LIST."""
+    if raw.startswith(b"NRRD"):
+        return b"\n\n" not in raw.replace(b"\r\n", b"\n")
+    if b"ElementDataFile" in raw or header.name.lower().endswith((".mha", ".mhd")):
+        return b"ElementDataFile" not in raw or re.search(rb"ElementDataFile\s*[=:]\s*LIST", raw, re.I) is not None
+    return False
 
 
 def _nrrd_names(text: str, header: Path) -> list[str]:

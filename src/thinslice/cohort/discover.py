@@ -22,7 +22,7 @@ import numpy as np
 from thinslice.cohort.cases import Found, Skip
 from thinslice.errors import ThinsliceError
 from thinslice.io import list_dicom_series
-from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension
+from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension, files_read
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,16 @@ def volume_file(path: Path) -> Found:
     # Detached headers (.nhdr/.mhd) are written as their single-file twins, which carry the data inside.
     out_ext = {".nhdr": ".nrrd", ".mhd": ".mha"}.get(ext, ext)
     return Found(key=str(path.resolve()), kind="file", path=str(path), base_name=safe_name(stem),
-                 files=(str(path.resolve()),), ext=out_ext, label=path.name)
+                 files=_volume_files(path), ext=out_ext, label=path.name)
+
+
+def _volume_files(path: Path) -> tuple[str, ...]:
+    """The header and every data file it names, so that a resume notices a replaced data file too (a header that
+    names a file outside its folder is refused when the case is read)."""
+    try:
+        return tuple(str(p.resolve()) for p in files_read(path))
+    except ThinsliceError:
+        return (str(path.resolve()),)
 
 
 # ------------------------------------------------------------------------------------------------ folders

@@ -210,14 +210,22 @@ def _input_bytes(case: Case) -> int:
 
 
 def _sha256(case: Case) -> str:
-    """Content hash of a single-file input (DICOM series are identified by their UID instead)."""
+    """Content hash of a file input: its header and the detached data files it names, in the order read (DICOM
+    series are identified by their UID instead)."""
     path = Path(case.path)
     if not path.is_file():
         return ""
+    from thinslice.io.readers import files_read
+
+    try:
+        files = files_read(path)
+    except ThinsliceError:
+        files = [path]  # the read refuses the case and says why
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
+    for name in files:
+        with open(name, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import native_messages_to_log
+from thinslice.io.detached import data_files, regular_file_check
 from thinslice.io.dicom import header_text, is_dicom_file, read_header
 from thinslice.io.dicom_study import SOURCE_KEY, capture_source
 from thinslice.io.discovery import FolderScan, SeriesInfo, library_messages_to_debug, scan_dicom_folder
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
+from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values
+from thinslice.io.nifti import read_header as read_nifti_header
+from thinslice.io.nifti import read_voxels as read_nifti_voxels
 from thinslice.io.volume import ISO_TOL, Volume
 
 sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
@@ -76,6 +78,7 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
         raise ThinsliceError(f"{path} does not exist; check the path")
     if path.is_dir():
         return read_dicom_folder(path, series_uid)
+    regular_file_check(path)  # a named pipe or a device would block or never end
     ext = file_extension(path)
     if ext in DICOM_EXTENSIONS or (ext not in VOLUME_EXTENSIONS and is_dicom_file(path)):
         with library_messages_to_debug():
@@ -90,6 +93,34 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     return _read_image_file(path, ext)
 
 
+def files_read(path: str | Path, series_uid: str | None = None) -> list[Path]:
+    """Every file a :func:`read_volume` of ``path`` opens: the file with its detached data files (an .nhdr/.mhd
+    header names them), or the files of the DICOM series (all series of a folder where none is picked). Used to
+    keep an output from replacing any of them and to notice a changed data file when a cohort is resumed; a
+    header that names a data file outside its folder is refused here too."""
+    path = Path(path)
+    if path.is_dir() or file_extension(path) in DICOM_EXTENSIONS or (
+            path.is_file() and file_extension(path) not in VOLUME_EXTENSIONS and is_dicom_file(path)):
+        return _dicom_files_read(path, series_uid)
+    if not path.is_file() or file_extension(path) in (".nii", ".nii.gz"):
+        return [path]
+    files = [path, *data_files(path)]
+    if path.suffix.lower() == ".hdr":  # an Analyze/NIfTI pair keeps its voxels in the .img beside it
+        files += [p for p in (path.with_suffix(".img"), path.with_suffix(".img.gz")) if p.is_file()]
+    return files
+
+
+def _dicom_files_read(path: Path, series_uid: str | None) -> list[Path]:
+    folder = path if path.is_dir() else path.parent
+    with library_messages_to_debug():
+        scan = scan_dicom_folder(folder)
+    try:
+        chosen = [scan.pick(series_uid, file=None if path.is_dir() else path)]
+    except ThinsliceError:
+        chosen = scan.series
+    return [Path(f) for series in chosen for f in series.files] or [path]
+
+
 def read_dicom_folder(folder: Path, series_uid: str | None = None, scan: FolderScan | None = None) -> Volume:
     """:func:`read_volume` of a DICOM folder; ``scan``: its headers, when the caller has scanned them already."""
     with library_messages_to_debug():
@@ -98,11 +129,13 @@ def read_dicom_folder(folder: Path, series_uid: str | None = None, scan: FolderS
 
 # ------------------------------------------------------------------------------------------------ one file
 def _read_image_file(path: Path, ext: str) -> Volume:
+    if ext in (".nii", ".nii.gz"):
+        return _read_nifti_file(path)
+    data_files(path)  # refuses a detached data file that does not lie beside its header
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    shear = _sheared_sform(path) if ext in (".nii", ".nii.gz") else None
     try:
-        with native_messages_to_log(), _sform_permissive(shear is not None):
+        with native_messages_to_log():
             reader.ReadImageInformation()
     except RuntimeError as exc:
         if ext in VOLUME_EXTENSIONS:
@@ -113,33 +146,61 @@ def _read_image_file(path: Path, ext: str) -> Volume:
             "NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder") from None
     size = reader.GetSize()
     _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
-    if ext in (".nii", ".nii.gz"):
-        header = _check_nifti_complete(path)
-        _check_nifti_pixdim(path, header)
+    check_read_size(path, int(np.prod(size)), _pixel_bytes(reader.GetPixelID()), "x".join(map(str, size)))
     try:
-        with native_messages_to_log(), _sform_permissive(shear is not None):
+        with native_messages_to_log():
             image = reader.Execute()
     except RuntimeError as exc:
         raise ThinsliceError(f"cannot read the voxels of {path}: the file is corrupt or truncated "
                              f"({_sitk_reason(exc)})") from None
     if image.GetDimension() == 4:  # a 4D file whose 4th axis has size 1
         image = image[:, :, :, 0]
-    if ext in (".nii", ".nii.gz") and shear is None:
-        _prefer_sform(image, path, header)
+    check_voxel_values(sitk.GetArrayViewFromImage(image), path)  # before the cast below
     image = sitk.Cast(image, sitk.sitkFloat32)
+    check_voxel_size(path, image.GetSpacing())
     metadata = {"source": str(path)}
-    if shear is not None:
-        image = _sheared_nifti_image(image, shear, path, metadata)
-    thickness = None
     for key in reader.GetMetaDataKeys():
         if key.startswith(_META_PREFIX):
             metadata[key[len(_META_PREFIX):]] = reader.GetMetaData(key)
     notes = " ".join(reader.GetMetaData(k) for k in ("ITK_FileNotes", "descrip") if reader.HasMetaDataKey(k))
+    return _to_volume(image, path, metadata, _noted_thickness(metadata, notes), padding_hu=None)
+
+
+def _read_nifti_file(path: Path) -> Volume:
+    """A NIfTI-1 or NIfTI-2 file, decoded by nibabel after the header checks (dimensions, memory, completeness):
+    ITK turns NaN voxels into 0, does not open NIfTI-2, and reads unusual qforms differently from the standard."""
+    nifti = read_nifti_header(path)
+    shape = nifti.shape
+    _check_dimensions(path, len(shape), shape, 1)
+    check_read_size(path, int(np.prod(shape)), nifti.bytes_per_voxel, "x".join(map(str, shape)))
+    _check_nifti_pixdim(path, nifti.raw)
+    array = read_nifti_voxels(path, _nifti_expected_bytes(nifti.raw) or 0)  # native values checked before scaling
+    check_voxel_values(array, path)
+    image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+    metadata = {"source": str(path)}
+    if nifti.sheared:
+        image = _sheared_nifti_image(image, (nifti.matrix, nifti.origin), path, metadata)
+    else:
+        spacing = np.linalg.norm(nifti.matrix, axis=0)
+        image.SetSpacing(tuple(float(s) for s in spacing))
+        image.SetDirection(tuple(float(d) for d in (nifti.matrix / spacing).ravel()))
+        image.SetOrigin(tuple(float(o) for o in nifti.origin))
+    check_voxel_size(path, image.GetSpacing())
+    return _to_volume(image, path, metadata, _noted_thickness(metadata, nifti.description), padding_hu=None)
+
+
+def _noted_thickness(metadata: dict[str, str], notes: str) -> float | None:
+    """The slice thickness thinslice recorded when it wrote the file (a metadata key, or a note in descrip)."""
     match = re.search(r"slice_thickness=([0-9.eE+-]+)", notes)
     text = metadata.pop("slice_thickness", None) or (match.group(1) if match else None)
-    if text:
-        thickness = _positive_float(text)
-    return _to_volume(image, path, metadata, thickness, padding_hu=None)
+    return _positive_float(text) if text else None
+
+
+def _pixel_bytes(pixel_id: int) -> int:
+    """Bytes per voxel of an ITK pixel type (8 for the 64-bit and any other type)."""
+    sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+             sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
+    return sizes.get(pixel_id, 8)
 
 
 def _check_dimensions(path: Path, dim: int, size: tuple[int, ...], components: int) -> None:
@@ -207,68 +268,6 @@ def _check_nifti_complete(path: Path) -> bytes:
         raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected} bytes that its "
                              "header promises); copy or export it again")
     return header
-
-
-def _prefer_sform(image: sitk.Image, path: Path, header: bytes) -> None:
-    """Where a NIfTI-1 header's qform and sform disagree (e.g. a negative pixdim flips the qform's slice axis), use
-    the sform, as nibabel and most viewers do, and say so; ITK would silently follow the qform."""
-    if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348:
-        return  # NIfTI-2 or big-endian: left to ITK
-    if struct.unpack("<h", header[254:256])[0] <= 0 or struct.unpack("<h", header[252:254])[0] <= 0:
-        return  # only one of the two is set: no conflict
-    rows = np.array(struct.unpack("<12f", header[280:328]), dtype=np.float64).reshape(3, 4)
-    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    matrix, origin = ras_to_lps @ rows[:, :3], ras_to_lps @ rows[:, 3]
-    spacing = np.linalg.norm(matrix, axis=0)
-    if not np.all(spacing > 0) or not np.all(np.isfinite(matrix)):
-        return
-    direction = matrix / spacing
-    itk_direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    if np.allclose(direction, itk_direction, atol=1e-3) and np.allclose(origin, image.GetOrigin(), atol=1e-2):
-        return
-    log.warning("%s: the header's qform and sform disagree (e.g. a negative voxel size); using the sform, as nibabel "
-                "does (fix the header to silence this)", path)
-    image.SetDirection(tuple(direction.ravel()))
-    image.SetOrigin(tuple(origin))
-    image.SetSpacing(tuple(spacing))
-
-
-def _sheared_sform(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(3x3 matrix, origin) in LPS of a NIfTI-1 sform whose columns are not perpendicular (dcm2niix writes one for
-    an uncorrected gantry tilt), else None. ITK would replace such a grid by its qform or call the file corrupt."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            header = fh.read(348)
-    except (OSError, EOFError, zlib.error):
-        return None  # the regular checks report the damage
-    if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348 or struct.unpack("<h", header[254:256])[0] <= 0:
-        return None
-    rows = np.array(struct.unpack("<12f", header[280:328]), dtype=np.float64).reshape(3, 4)
-    lps = np.diag([-1.0, -1.0, 1.0]) @ rows
-    matrix = lps[:, :3]
-    norms = np.linalg.norm(matrix, axis=0)
-    if not np.all(np.isfinite(matrix)) or not np.all(norms > 0):
-        return None
-    unit = matrix / norms
-    cosines = np.abs(unit.T @ unit - np.eye(3))
-    return (matrix, lps[:, 3]) if cosines.max() > 1e-4 else None
-
-
-@contextmanager
-def _sform_permissive(on: bool) -> Iterator[None]:
-    """Let ITK read the voxels of a file with a sheared sform (its geometry is then taken from the sform here)."""
-    key = "ITK_NIFTI_SFORM_PERMISSIVE"
-    saved = os.environ.get(key)
-    if on:
-        os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if on and saved is None:
-            os.environ.pop(key, None)
-        elif on and saved is not None:
-            os.environ[key] = saved
 
 
 def _sheared_nifti_image(image: sitk.Image, shear: tuple[np.ndarray, np.ndarray], path: Path,

@@ -119,18 +119,49 @@ def check_file_target(path: Path) -> None:
 
 
 def refuse_overwriting_input(out: Path, ref: Path) -> None:
-    """Fail when writing ``out`` would replace or sit around the input ``ref``."""
+    """Fail when writing ``out`` would replace or sit around the input ``ref``: every file the write creates (an
+    .mhd/.nhdr output writes its data file beside it) is compared with every file a read of ``ref`` opens (a
+    detached header's data files, a DICOM series' files), not the two paths alone."""
+    from thinslice.io.readers import files_read
+
     out_abs, ref_abs = out.resolve(), ref.resolve()
-    same = out_abs == ref_abs
-    if not same and out.exists() and ref.exists():
-        try:
-            same = os.path.samefile(out, ref)
-        except OSError:
-            same = False
-    if same:
+    if _same_file(out, ref):
         raise ThinsliceError(f"output {out} is the input file/folder; choose another output path")
     if ref_abs.is_relative_to(out_abs):
         raise ThinsliceError(f"output {out} contains the input {ref}; choose another output path")
+    targets = files_written(out)
+    # Every file a read opens lies in the input's folder (detached data must lie beside its header): an output
+    # elsewhere needs no look at the input's files (a DICOM folder would be scanned again).
+    base = ref_abs if ref_abs.is_dir() else ref_abs.parent
+    if not any(t.resolve().is_relative_to(base) for t in targets):
+        return
+    try:
+        inputs = files_read(ref)
+    except ThinsliceError:
+        inputs = [ref]  # the read itself will say what is wrong with the input
+    for target in targets:
+        for source in inputs:
+            if _same_file(target, source):
+                what = "is" if target == out else f"writes {target.name}, which is"
+                raise ThinsliceError(f"output {out} {what} a file the input {ref} is read from ({source.name}); "
+                                     "choose another output path")
+
+
+def files_written(path: Path) -> list[Path]:
+    """The files a file output creates: the path itself, and for a detached header (.mhd, .nhdr) the data file ITK
+    writes beside it (compressed or not)."""
+    stem = path.name[: len(path.name) - len(path.suffix)]
+    beside = {".mhd": (".zraw", ".raw"), ".nhdr": (".raw.gz", ".raw")}.get(path.suffix.lower(), ())
+    return [path, *(path.with_name(stem + ext) for ext in beside)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def volume_to_image(volume: Volume, dtype: str = "float32") -> sitk.Image:

@@ -296,6 +296,25 @@ def _read_header(path: Path) -> dict | None:
     return header
 
 
+def describe_damage(path: Path) -> str:
+    """What makes ``path`` (a file that starts like DICOM) unreadable, in a few words, for a message that names it."""
+    try:
+        with library_messages_to_debug():
+            ds = read_dataset(path, defer_size=256)
+            ds.get("SeriesInstanceUID")
+    except Exception as exc:  # noqa: BLE001 - what pydicom says is the reason
+        return f"not parseable: {str(exc).splitlines()[0][:80]}"
+    size = path.stat().st_size
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag, keep_deferred=True)
+        end = int(getattr(element, "value_tell", 0) or 0) + int(getattr(element, "length", 0) or 0)
+        if getattr(element, "length", 0) != 0xFFFFFFFF and end > size:
+            return f"element {tag} claims {element.length} bytes, past the end of the {size}-byte file"
+    if "SeriesInstanceUID" not in ds:
+        return "no SeriesInstanceUID (the header is cut short or damaged)"
+    return "damaged header"
+
+
 def _geometry_problem(ds: pydicom.Dataset) -> str:
     """What is impossible in a file's geometry ('' when nothing): NaN or infinite values, a spacing of zero, below
     zero or far beyond any scanner's (ITK would silently take 1 mm, or fail with a raw numerical message)."""

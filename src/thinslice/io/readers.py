@@ -27,6 +27,7 @@ from thinslice.io.dicom_study import SOURCE_KEY, capture_source
 from thinslice.io.discovery import (
     FolderScan,
     SeriesInfo,
+    describe_damage,
     find_dicomdir,
     library_messages_to_debug,
     scan_dicom_folder,
@@ -355,7 +356,10 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
     def tag(key: str, index: int = 0) -> str:
         return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else ""
 
-    image, notes = _regularise_slice_geometry(image, [tag("0020|0032", i) for i in range(len(files))], source)
+    try:
+        image, notes = _regularise_slice_geometry(image, [tag("0020|0032", i) for i in range(len(files))], source)
+    except ThinsliceError as exc:
+        raise _with_unreadable(exc, scan) from None
     metadata = {"source": str(source)}
     metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
     metadata.update(notes)
@@ -365,6 +369,16 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
         metadata[SOURCE_KEY] = record
     thickness = _positive_float(tag("0018|0050"))
     return _to_volume(image, source, metadata, thickness, padding_hu=_padding_hu(tag), stacked=True)
+
+
+def _with_unreadable(exc: ThinsliceError, scan: FolderScan) -> ThinsliceError:
+    """``exc`` (missing or doubled slices) naming the DICOM files beside the series that could not be read: they may
+    be the missing slices."""
+    if not scan.unreadable:
+        return exc
+    names = ", ".join(f"{p.name} ({describe_damage(p)})" for p in scan.unreadable[:3])
+    return ThinsliceError(f"{exc}; {len(scan.unreadable)} damaged file(s) beside it may be the missing slices: "
+                          f"{names}")
 
 
 def _check_series(series: SeriesInfo, source: Path) -> None:
@@ -379,9 +393,7 @@ def _check_series(series: SeriesInfo, source: Path) -> None:
     if series.object_kind:
         raise ThinsliceError(f"{source}: {what} is {series.object_kind}")
     if series.problems:
-        more = f" (and {len(series.problems) - 1} more file(s))" if len(series.problems) > 1 else ""
-        raise ThinsliceError(f"{series.folder / series.problems[0]}{more}; remove or replace the file(s) (the rest "
-                             "of the series is read when they are gone)")
+        raise ThinsliceError(_problems_text(series))
     if len(series.sizes) > 1:
         sizes = ", ".join(f"{size} ({n} files)" for size, n in series.sizes)
         raise ThinsliceError(f"{source}: {what} mixes image sizes {sizes}, so it is not one volume; move the files "
@@ -398,6 +410,20 @@ def _check_series(series: SeriesInfo, source: Path) -> None:
     width, height = (series.sizes[0][0].split("x") + ["", ""])[:2]
     check_read_size(source, series.voxels, series.bytes_per_voxel,
                     f"{width}x{height}x{series.count}" if height else "")
+
+
+def _problems_text(series: SeriesInfo) -> str:
+    """One line naming the first damaged file of ``series`` and what is wrong with it, and what to do."""
+    count = len(series.problems)
+    first = series.folder / series.problems[0]
+    if series.num_files == 1:
+        return f"{first}; export the file again"
+    if count >= series.num_files:
+        return f"{first} (and every other file of its series likewise): fix or export the series again"
+    more = f" (and {count - 1} more file(s) of its series)" if count > 1 else ""
+    advice = "remove or replace them" if count > 1 else (
+        "remove the wrong one" if " and " in series.problems[0].split(":")[0] else "remove or replace it")
+    return f"{first}{more}; {advice}, and the rest of the series is read without it"
 
 
 def _sop_name(uid: str) -> str:

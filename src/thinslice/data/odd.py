@@ -393,6 +393,7 @@ def segmentation_object(path: Path, frames: int = 4) -> None:
     ds.BitsAllocated = ds.BitsStored = 1
     ds.HighBit, ds.PixelRepresentation, ds.NumberOfFrames = 0, 0, frames
     ds.PixelData = bytes(16 * 16 * frames // 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
 
 

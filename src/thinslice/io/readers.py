@@ -575,7 +575,12 @@ def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickn
             array[mask] = AIR_HU
             rule = f"<= {PADDING_BELOW_HU:g} HU" + (" or at PixelPaddingValue" if padding_hu else "")
             metadata["padding_replaced"] = f"{count} voxels ({rule}) set to {AIR_HU:g} HU"
-    _warn_if_not_hu(array, source)
+    modality = metadata.get("modality", "CT") or "CT"
+    if modality.upper() != "CT":
+        log.warning("%s: Modality %s, not CT: thinslice's models and defaults assume CT in HU (a DICOM output is "
+                    "refused; NIfTI/NRRD/MHA are written)", source, modality)
+    else:
+        _warn_if_not_hu(array, source)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     axis = _stack_axis(image.GetSpacing()) if stacked else _recorded_axis(metadata)
     if axis is not None:

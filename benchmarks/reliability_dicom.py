@@ -36,6 +36,7 @@ def _inputs() -> dict[str, object]:
     for damage in _DAMAGES:
         odd.series_with_bad_file(D / f"bad_{damage}", damage)
     odd.huge_series(D / "huge")
+    odd.compressed_series(D / "rle_lie", claimed_frames=3)
     odd.series_with_window(D / "mr", modality="MR")
     odd.series_with_window(D / "pet", modality="PT", Units="BQML")
     truth["slope"] = odd.fractional_slope_series(D / "slope", slope=0.001)
@@ -237,6 +238,9 @@ def cases() -> list[Case]:
         found.append(error_case(f"8. pixel data shorter than its header ({what})",
                                 ["upsample", D / f"lie_{lie}.dcm", D / f"lie_{lie}.nii.gz", *_UPSAMPLE],
                                 f"lie_{lie}.dcm: pixel data holds 8192 bytes but its header"))
+    found.append(error_case("8. compressed (RLE) pixel data with fewer frames than NumberOfFrames",
+                            ["upsample", D / "rle_lie", D / "rle.nii.gz", *_UPSAMPLE],
+                            "IMG0002.dcm: its compressed pixel data holds 1 frame(s)"))
     for name, text in _SPACINGS.items():
         found.append(error_case(f"9. PixelSpacing {text}", ["upsample", D / f"spacing_{name}", D / "sp.nii.gz",
                                                              *_UPSAMPLE], "IMG0000.dcm: PixelSpacing"))

@@ -56,6 +56,13 @@ def test_a_truncated_slice_is_named_with_the_bytes_present(tmp_path):
     _refused(tmp_path / "s", "IMG0003.dcm", "cut short: 1348 of 2048 bytes", "remove or replace it")
 
 
+def test_compressed_pixel_data_with_fewer_frames_than_the_header_is_refused(tmp_path):
+    odd.compressed_series(tmp_path / "ok")
+    assert read_volume(tmp_path / "ok").shape_ijk == (32, 32, 6)  # well-formed RLE: no false alarm
+    odd.compressed_series(tmp_path / "lie", claimed_frames=3)
+    _refused(tmp_path / "lie", "IMG0002.dcm: its compressed pixel data holds 1 frame(s)", "describes 3")
+
+
 def test_a_header_beyond_any_memory_is_refused_before_decoding(tmp_path):
     odd.huge_series(tmp_path / "big", files=16)
     assert sum(p.stat().st_blocks for p in (tmp_path / "big").iterdir()) * 512 < 10**6  # sparse: nothing stored

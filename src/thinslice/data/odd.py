@@ -1,5 +1,7 @@
 """Small synthetic archives with the odd properties real ones have (gantry tilt, sheared NIfTI, sagittal stacks,
-radiographs, multi-frame objects, scouts in a series, damaged files, many series), built from the chest phantom.
+radiographs, multi-frame objects, scouts in a series, damaged files, many series) and hostile objects (headers that
+lie about their pixel data, impossible spacing, one bad file in a series, old files without file meta, DICOMDIR
+exports, SEG objects, dose screens), built from the chest phantom.
 
 The tests and ``benchmarks/reliability.py`` use them, so that every case runs without outside data. Each writer
 returns what a correct reader must find (e.g. the world position of a marker), not just the files.
@@ -345,6 +347,19 @@ def _claim_huge_length(path: Path) -> None:
         raise ValueError(f"{path} has no DerivationDescription to damage")
     data[at + 6: at + 8] = b"\xff\xff"
     path.write_bytes(bytes(data))
+
+
+def compressed_series(folder: Path, claimed_frames: int | None = None) -> list[Path]:
+    """A 6-slice series in RLE Lossless (encapsulated pixel data); ``claimed_frames``: the third file's header says
+    that many frames while its pixel data holds one."""
+    paths = write_series(phantom(n=6), folder)
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(str(path))
+        ds.compress(pydicom.uid.RLELossless)
+        if claimed_frames is not None and index == 2:
+            ds.NumberOfFrames = claimed_frames
+        ds.save_as(str(path))
+    return paths
 
 
 def acr_nema_series(folder: Path, patient: str = "Old^Archive") -> list[Path]:

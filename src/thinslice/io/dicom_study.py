@@ -102,7 +102,10 @@ def capture_source(first_file: Path, instances: list[tuple[str, str]]) -> str | 
         record = _record(ds, instances)
         pydicom.Dataset.from_json(record.kept)  # what cannot be written back is found now, not at writing
     except Exception as exc:  # noqa: BLE001 - reading the volume worked; only the study link is lost
-        log.warning("%s: its patient and study cannot be kept for a DICOM output (%s)", first_file, exc)
+        # pydicom's own text for a file it does not recognise is advice to a programmer (force=True): not shown
+        reason = ("its header is not readable DICOM" if isinstance(exc, pydicom.errors.InvalidDicomError)
+                  else str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+        log.warning("%s: its patient and study cannot be kept for a DICOM output (%s)", first_file, reason)
         return None
     return record.to_json()
 

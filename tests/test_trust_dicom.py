@@ -53,7 +53,7 @@ def test_pixel_data_that_does_not_match_the_header_is_refused_naming_the_file(tm
 
 def test_a_truncated_slice_is_named_with_the_bytes_present(tmp_path):
     odd.series_with_bad_file(tmp_path / "s", "truncated")
-    _refused(tmp_path / "s", "IMG0003.dcm", "cut short: 1348 of 2048 bytes", "remove or replace it")
+    _refused(tmp_path / "s", "IMG0003.dcm", "cut short: 1348 of 2048 bytes", "replace it with an intact copy")
 
 
 def test_compressed_pixel_data_with_fewer_frames_than_the_header_is_refused(tmp_path):

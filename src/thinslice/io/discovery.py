@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -346,8 +347,7 @@ def _pixel_problem(path: Path, ds: pydicom.Dataset) -> str:
     slices) or stacking garbage, so the lengths are compared here, from the header alone."""
     element = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
     if element is None:
-        return ("no pixel data (the file is truncated, or an element's length runs past its end); copy or export "
-                "it again")
+        return "no pixel data (the file is truncated, or an element's length runs past its end)"
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(float(ds.get("NumberOfFrames") or 1))
@@ -355,7 +355,7 @@ def _pixel_problem(path: Path, ds: pydicom.Dataset) -> str:
     except (TypeError, ValueError, AttributeError):
         return "Rows, Columns, NumberOfFrames, SamplesPerPixel or BitsAllocated is not a number"
     what = f"Rows {rows} x Columns {columns} x {frames} frame(s) x {samples} sample(s) x {bits} bits"
-    if min(rows, columns, frames, samples) < 1 or bits not in (1, 8, 16, 32, 64):
+    if min(rows, columns, frames, samples) < 1 or not 1 <= bits <= 64:  # 12: packed pixels of old archives
         return f"its header describes no image ({what})"
     if element.length == 0xFFFFFFFF:  # encapsulated (compressed) pixel data: one frame per fragment at least
         return _fragment_problem(ds, frames, what)
@@ -376,10 +376,7 @@ def _fragment_problem(ds: pydicom.Dataset, frames: int, what: str) -> str:
     from pydicom.encaps import generate_fragments, parse_basic_offsets
 
     try:
-        data = ds.PixelData
-        from io import BytesIO
-
-        buffer = BytesIO(data)
+        buffer = BytesIO(ds.PixelData)
         offsets = parse_basic_offsets(buffer)
         count = len(offsets) if offsets else sum(1 for _ in generate_fragments(buffer))
     except Exception as exc:  # noqa: BLE001 - damaged encapsulation fails in pydicom in many ways

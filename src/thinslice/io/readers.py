@@ -421,9 +421,9 @@ def _problems_text(series: SeriesInfo) -> str:
     if count >= series.num_files:
         return f"{first} (and every other file of its series likewise): fix or export the series again"
     more = f" (and {count - 1} more file(s) of its series)" if count > 1 else ""
-    advice = "remove or replace them" if count > 1 else (
-        "remove the wrong one" if " and " in series.problems[0].split(":")[0] else "remove or replace it")
-    return f"{first}{more}; {advice}, and the rest of the series is read without it"
+    if count == 1 and " and " in series.problems[0].split(":")[0]:  # one instance in two files
+        return f"{first}; remove the file that does not belong to the series"
+    return f"{first}{more}; replace {'them' if count > 1 else 'it'} with an intact copy or export the series again"
 
 
 def _sop_name(uid: str) -> str:

@@ -8,8 +8,10 @@ the values a careful reader (pydicom, dcm2niix) finds. Inputs come from :mod:`th
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -187,3 +189,16 @@ def test_fractional_slope_values_agree_with_dcm2niix(tmp_path):
                    capture_output=True, check=True)
     ref = read_volume(tmp_path / "nii" / "ref.nii")
     assert _same_world_voxels(read_volume(tmp_path / "in"), ref) < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy is not installed")
+@pytest.mark.parametrize("source", ["slope", "window", "old"])
+def test_dciodvfy_finds_no_error_in_outputs_that_carry_slope_window_and_old_studies(tmp_path, source):
+    spec = importlib.util.spec_from_file_location(
+        "dicom_output_check", Path(__file__).parents[1] / "benchmarks" / "dicom_output_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    build = {"slope": odd.fractional_slope_series, "window": odd.series_with_window, "old": odd.acr_nema_series}
+    build[source](tmp_path / "in")
+    out = write_volume(read_volume(tmp_path / "in"), tmp_path / "out")
+    assert check.dciodvfy_errors(sorted(out.iterdir())[0]) == []

@@ -165,7 +165,8 @@ def dicom_series(folder: Path, info: object) -> tuple[Found | None, Skip | None]
     first = headers[0] if headers else None
     label = _label(first, folder)
     key = f"{folder.resolve()}#{uid}"
-    reason = series_skip_reason(headers, len(files))
+    # then what discovery saw in the pixel headers: a segmentation, a dose screen or exam summary, a scout
+    reason = series_skip_reason(headers, len(files)) or str(getattr(info, "not_stack", ""))
     if reason:
         return None, Skip(key, str(folder), reason, uid, label)
     return Found(key=key, kind="dicom", path=str(folder), base_name=dicom_name(first, uid), files=files,
@@ -234,13 +235,10 @@ def _files_of(folder: Path, uid: str) -> tuple[str, ...]:
 
 
 def _header(path: Path):
-    """The DICOM header of ``path`` (no pixels), or None when it is not a DICOM file."""
-    import pydicom
+    """The DICOM header of ``path`` (no pixels; old files without file meta too), or None when it is not DICOM."""
+    from thinslice.io.dicom import read_header
 
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception:  # noqa: BLE001 - any file of an archive may make pydicom fail in its own way
-        return None
+    return read_header(path, _HEADER_TAGS)
 
 
 def _text(header, keyword: str) -> str:

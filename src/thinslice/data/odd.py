@@ -1,5 +1,7 @@
 """Small synthetic archives with the odd properties real ones have (gantry tilt, sheared NIfTI, sagittal stacks,
-radiographs, multi-frame objects, scouts in a series, damaged files, many series), built from the chest phantom.
+radiographs, multi-frame objects, scouts in a series, damaged files, many series) and hostile objects (headers that
+lie about their pixel data, impossible spacing, one bad file in a series, old files without file meta, DICOMDIR
+exports, SEG objects, dose screens), built from the chest phantom.
 
 The tests and ``benchmarks/reliability.py`` use them, so that every case runs without outside data. Each writer
 returns what a correct reader must find (e.g. the world position of a marker), not just the files.
@@ -63,11 +65,15 @@ def write_series(vol: Volume, folder: Path, prefix: str = "IMG") -> list[Path]:
 
 
 def edit_headers(paths: list[Path], change) -> None:
-    """Apply ``change(dataset, index)`` to every file and save it in place."""
-    for index, path in enumerate(paths):
-        ds = pydicom.dcmread(str(path))
-        change(ds, index)
-        ds.save_as(str(path))
+    """Apply ``change(dataset, index)`` to every file and save it in place (pydicom's complaints about the odd
+    values written on purpose go to the debug log)."""
+    from thinslice.io.discovery import library_messages_to_debug
+
+    with library_messages_to_debug():
+        for index, path in enumerate(paths):
+            ds = pydicom.dcmread(str(path))
+            change(ds, index)
+            ds.save_as(str(path))
 
 
 # ---------------------------------------------------------------------------------------------- geometry cases
@@ -261,3 +267,215 @@ def _structure_set(path: Path) -> None:
     ds = _new_object(pydicom.uid.RTStructureSetStorage)
     ds.Modality, ds.SeriesNumber = "RTSTRUCT", 1000
     ds.save_as(str(path), enforce_file_format=True)
+
+
+# ------------------------------------------------------------------------------------------- hostile objects
+# Headers that do not match their pixel data, as damaged or hand-edited exports hold them.
+HEADER_LIES = {
+    "frames": {"NumberOfFrames": 4},  # one frame of pixels
+    "rows": {"Rows": 128, "Columns": 128},  # 64 x 64 pixels
+    "bits": {"BitsAllocated": 32, "BitsStored": 32, "HighBit": 31},  # 16-bit pixels
+    "huge_frames": {"NumberOfFrames": 100000},  # a 9 KB file claiming 800 MB of pixels
+}
+
+
+def lying_header_file(path: Path, lie: str) -> None:
+    """One 64 x 64 CT slice whose header says something else about its pixel data (see :data:`HEADER_LIES`)."""
+    folder = path.parent / f"{path.stem}_series"
+    first = write_series(phantom(n=2, size=64), folder)[0]
+    ds = pydicom.dcmread(str(first))
+    for keyword, value in HEADER_LIES[lie].items():
+        setattr(ds, keyword, value)
+    ds.save_as(str(path))
+    shutil.rmtree(folder)
+
+
+def series_with_spacing(folder: Path, spacing: str) -> list[Path]:
+    """A series whose PixelSpacing is ``spacing`` (DICOM text such as '0\\0', '-0.7\\-0.7', 'nan\\nan')."""
+    paths = write_series(phantom(n=6), folder)
+    text = spacing.split("\\")
+
+    def change(ds, index):
+        ds["PixelSpacing"].value = text
+
+    edit_headers(paths, change)
+    return paths
+
+
+def series_with_bad_file(folder: Path, damage: str) -> Path:
+    """An 8-slice series with one damaged file; returns that file. ``damage``: ``truncated`` (pixel data cut),
+    ``huge_length`` (an element claiming 64 KB in the middle of a 3 KB header), ``no_position`` (no
+    ImagePositionPatient), ``nan_orientation``/``nan_position`` (NaN in the geometry), ``duplicate`` (one file copied
+    under another name), ``same_uid`` (two slices carrying one SOPInstanceUID)."""
+    paths = write_series(phantom(n=8), folder)
+    bad = paths[3]
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-700])
+    elif damage == "huge_length":
+        _claim_huge_length(bad)
+    elif damage == "duplicate":
+        shutil.copy(bad, folder / "IMG_copy.dcm")
+        return folder / "IMG_copy.dcm"
+    else:
+        _damage_header(bad, damage, pydicom.dcmread(str(paths[5])).SOPInstanceUID)
+    return bad
+
+
+def _damage_header(path: Path, damage: str, other_uid: str) -> None:
+    from thinslice.io.discovery import library_messages_to_debug
+
+    with library_messages_to_debug():  # pydicom's complaints about the NaN written on purpose
+        ds = pydicom.dcmread(str(path))
+        if damage == "no_position":
+            del ds.ImagePositionPatient
+        elif damage == "nan_orientation":
+            ds["ImageOrientationPatient"].value = ["nan", "0", "0", "0", "1", "0"]
+        elif damage == "nan_position":
+            ds["ImagePositionPatient"].value = ["0", "nan", "9"]
+        elif damage == "same_uid":
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = other_uid
+        else:
+            raise ValueError(damage)
+        ds.save_as(str(path))
+
+
+def _claim_huge_length(path: Path) -> None:
+    """Set the length of the (explicit VR) DerivationDescription to 65535 bytes, far past the end of the file."""
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<HH", 0x0008, 0x2111) + b"ST")
+    if at < 0:
+        raise ValueError(f"{path} has no DerivationDescription to damage")
+    data[at + 6: at + 8] = b"\xff\xff"
+    path.write_bytes(bytes(data))
+
+
+def compressed_series(folder: Path, claimed_frames: int | None = None) -> list[Path]:
+    """A 6-slice series in RLE Lossless (encapsulated pixel data); ``claimed_frames``: the third file's header says
+    that many frames while its pixel data holds one."""
+    paths = write_series(phantom(n=6), folder)
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(str(path))
+        ds.compress(pydicom.uid.RLELossless)
+        if claimed_frames is not None and index == 2:
+            ds.NumberOfFrames = claimed_frames
+        ds.save_as(str(path))
+    return paths
+
+
+def acr_nema_series(folder: Path, patient: str = "Old^Archive") -> list[Path]:
+    """A CT series written as old archives hold it: no preamble, no "DICM", no file meta, implicit VR little
+    endian. The patient, dates, StudyID and description are set, for a DICOM output to keep."""
+    paths = write_series(phantom(n=6), folder)
+
+    def strip(ds, index):
+        ds.PatientName, ds.StudyDate, ds.StudyID = patient, "19990412", "4711"
+        ds.StudyDescription, ds.SeriesDescription, ds.PatientPosition = "CT THORAX", "THORAX 3MM", "FFS"
+
+    edit_headers(paths, strip)
+    for path in paths:
+        ds = pydicom.dcmread(str(path))
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return paths
+
+
+def dicomdir_export(root: Path) -> Volume:
+    """A CD-style export: a DICOMDIR at ``root``, the series' files in ``root/DICOM/...`` with 8-character names.
+    Returns the volume written."""
+    from pydicom.fileset import FileSet
+
+    vol = phantom(n=6)
+    staging = root.parent / f"{root.name}_staging"
+    paths = write_series(vol, staging)
+    fs = FileSet()
+    for path in paths:
+        ds = pydicom.dcmread(str(path))
+        ds.PatientID, ds.StudyDate, ds.StudyTime, ds.StudyID = "CD1", "20240105", "101500", "1"  # records need them
+        fs.add(ds)
+    root.mkdir(parents=True, exist_ok=True)
+    fs.write(str(root))
+    shutil.rmtree(staging)
+    return vol
+
+
+def segmentation_object(path: Path, frames: int = 4) -> None:
+    """A DICOM SEG (binary segmentation, geometry per frame) of 16 x 16 frames."""
+    ds = _new_object(pydicom.uid.SegmentationStorage)
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "SEG", 300, "lung mask"
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit, ds.PixelRepresentation, ds.NumberOfFrames = 0, 0, frames
+    ds.PixelData = bytes(16 * 16 * frames // 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def exam_summary(folder: Path, pages: int = 2) -> None:
+    """Philips-style dose screens ("Exam Summary"): secondary-capture images, Modality CT, no patient geometry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series = pydicom.uid.generate_uid()
+    for page in range(pages):
+        ds = _new_object(pydicom.uid.SecondaryCaptureImageStorage)
+        ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = series, "CT", 999
+        ds.SeriesDescription, ds.ImageType = "Exam Summary", ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+        ds.PatientID, ds.InstanceNumber = "P1", page + 1
+        _pixel_module(ds, np.zeros((32, 32), np.uint16))
+        ds.save_as(str(folder / f"DOSE{page:02d}.dcm"), enforce_file_format=True)
+
+
+def fractional_slope_series(folder: Path, slope: float = 0.001) -> np.ndarray:
+    """A CT series (Modality CT, e.g. a parametric map saved as CT) whose stored integers 0..20000 mean
+    0..20 in steps of ``slope``; returns the true values (numpy order)."""
+    vol = phantom(n=6)
+    stored = np.rint((vol.array - vol.array.min()) / (vol.array.max() - vol.array.min()) * 20000).astype(np.int16)
+    paths = write_series(vol, folder)
+
+    def rescale(ds, index):
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", "0"
+        ds.PixelData = np.ascontiguousarray(stored[index]).astype("<i2").tobytes()
+
+    edit_headers(paths, rescale)
+    return stored.astype(np.float64) * slope
+
+
+def series_with_window(folder: Path, center: str = "40", width: str = "80", modality: str = "CT",
+                       **extra: object) -> list[Path]:
+    """A series whose WindowCenter/WindowWidth are ``center``/``width`` (a head CT's 40/80), Modality ``modality``
+    (MR or PT for the non-CT cases; ``extra`` e.g. Units='BQML')."""
+    paths = write_series(phantom(n=6), folder)
+
+    def change(ds, index):
+        ds.WindowCenter, ds.WindowWidth, ds.Modality = center, width, modality
+        if modality != "CT":
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = (
+                pydicom.uid.MRImageStorage if modality == "MR" else pydicom.uid.PositronEmissionTomographyImageStorage)
+        for keyword, value in extra.items():
+            setattr(ds, keyword, value)
+
+    edit_headers(paths, change)
+    return paths
+
+
+def huge_series(folder: Path, side: int = 45000, files: int = 16) -> None:
+    """``files`` slices whose header says ``side`` x ``side`` pixels, as sparse files of the full length (nothing
+    is stored on disk): more than any machine's memory, found from the headers alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series = pydicom.uid.generate_uid()
+    for k in range(files):
+        ds = _new_object(pydicom.uid.CTImageStorage)
+        ds.SeriesInstanceUID, ds.Modality = series, "CT"
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 3.0 * k], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.01, 0.01]
+        _pixel_module(ds, np.zeros((2, 2), np.uint16))
+        ds.Rows = ds.Columns = side
+        ds.PixelData = b""
+        path = folder / f"BIG{k:03d}.dcm"
+        ds.save_as(str(path), enforce_file_format=True)
+        data = bytearray(path.read_bytes())
+        length = side * side * 2
+        data[-4:] = struct.pack("<I", length)  # the (empty) PixelData element's length, as it comes last
+        path.write_bytes(bytes(data))
+        with open(path, "r+b") as fh:
+            fh.truncate(len(data) + length)  # sparse: the pixels are holes of zeros

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,21 +28,26 @@ from thinslice.io.dicom_study import (
     series_description,
     set_character_set,
 )
-from thinslice.io.discovery import SeriesInfo, is_dicom_file, list_dicom_series  # noqa: F401  (listing lives there)
+from thinslice.io.discovery import SeriesInfo, is_dicom_file, list_dicom_series, read_dataset  # noqa: F401
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
 sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 pydicom = lazy_import("pydicom")
 
+log = logging.getLogger(__name__)
+
 # DICOM decimal strings (DS) hold at most 16 characters.
 _DS_MAX_LEN = 16
+# The display window of a CT output whose source carried none (a lung window).
+DEFAULT_WINDOW = ("-600", "1500")
 
 
 def read_header(path: Path, tags: list[str] | None = None) -> pydicom.Dataset | None:
-    """The DICOM header of ``path`` without pixel data, or None when the file is not DICOM."""
+    """The DICOM header of ``path`` without pixel data (old files without file meta too), or None when the file is
+    not DICOM."""
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
+        return read_dataset(path, stop_before_pixels=True, specific_tags=tags)
     except pydicom.errors.InvalidDicomError:
         return None
     except Exception:  # noqa: BLE001 - any other file found while scanning a tree may make pydicom fail oddly
@@ -101,7 +107,9 @@ def _right_handed_grid(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarr
 @dataclass(frozen=True)
 class DicomSeriesOptions:
     """What a written DICOM series says about itself. Values are HU rounded to integers and stored as int16 (or
-    uint16 with ``rescale_intercept``, e.g. -1024, when ``unsigned``); RescaleSlope is 1. Unset UIDs are generated;
+    uint16 with ``rescale_intercept``, e.g. -1024, when ``unsigned``); RescaleSlope is 1, unless the source stored
+    finer steps (metadata ``value_step``, a fractional RescaleSlope), which are then kept. The display window is the
+    source's (metadata ``window_center``/``window_width``), else a lung window. Unset UIDs are generated;
     patient, study and frame of reference are the DICOM source's (:mod:`thinslice.io.dicom_study`) unless given.
     Unset, the series number is the source's + ``series_number_offset`` (1 without a source) and the description
     '<source description> <mm> mm thinslice <method>' (``method``: else the one in metadata ``upsample``)."""
@@ -129,12 +137,16 @@ def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesO
     :func:`thinslice.io.writers.write_volume`, which wraps this.
     """
     o = dataclasses.replace(options or DicomSeriesOptions(), **fields)
+    check_ct_output(volume, o.modality)
     array, origin, direction = _right_handed_grid(volume)
-    stored = np.rint(array - np.float32(o.rescale_intercept))  # float32 holds every int16/uint16 value exactly
     lo, hi = (0, 65535) if o.unsigned else (-32768, 32767)
+    slope = rescale_slope(array, volume.metadata, o.rescale_intercept, (lo, hi))
+    # float64: the division by a fractional slope must not add float32 rounding to the stored integers
+    stored = np.rint((array.astype(np.float64) - o.rescale_intercept) / slope)
     stored = np.clip(stored, lo, hi).astype(np.uint16 if o.unsigned else np.int16)
     source = SourceSeries.from_metadata(volume.metadata)
     header = _series_header(volume, o, direction, stored.shape[1:], source)
+    header.RescaleSlope = format_ds(slope)
     sk = volume.spacing[2]
     paths: list[Path] = []
     for k in range(stored.shape[0]):
@@ -146,6 +158,48 @@ def write_dicom_series(volume: Volume, folder: str | Path, options: DicomSeriesO
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def check_ct_output(volume: Volume, modality: str = "CT") -> None:
+    """Refuse a CT Image Storage output of a volume read from another modality (MR, PET, ...): it would be labelled
+    CT, lose its units (e.g. PET's) and be filed into the patient's study as a CT series."""
+    source = str(volume.metadata.get("modality", "") or "CT").upper()
+    if modality == "CT" and source != "CT":
+        raise ThinsliceError(f"the input is {source} (Modality {source}), and thinslice writes DICOM output only as "
+                             "CT images; write a NIfTI file (.nii.gz) instead")
+
+
+def rescale_slope(array: np.ndarray, metadata: dict[str, str], intercept: float, limits: tuple[int, int]) -> float:
+    """RescaleSlope of a DICOM output: 1 (integer HU), or the source's finer value step (metadata ``value_step``,
+    e.g. 0.001) so that 20,000 levels stay 20,000 levels; a step too fine for the values' range in 16 bits is
+    widened to the finest that fits (and said)."""
+    try:
+        step = float(metadata.get("value_step", "1"))
+    except ValueError:
+        step = 1.0
+    if not (np.isfinite(step) and 0 < step < 1):
+        return 1.0
+    low, high = float(array.min()) - intercept, float(array.max()) - intercept
+    fits = max(high / limits[1] if high > 0 else 0.0, low / limits[0] if low < 0 and limits[0] < 0 else 0.0)
+    slope = float(format_ds(min(1.0, max(step, fits * 1.0001))))
+    if slope > step:
+        log.warning("the values (%.4g to %.4g) do not fit 16 bits in the source's steps of %.4g; the DICOM output "
+                    "stores them in steps of %.4g", low + intercept, high + intercept, step, slope)
+    else:
+        log.info("the DICOM output keeps the source's value steps of %.4g (RescaleSlope %s)", step, format_ds(slope))
+    return slope
+
+
+def _window(metadata: dict[str, str]) -> tuple[list[str], list[str]]:
+    """WindowCenter and WindowWidth of the output: the source's (all its windows), else :data:`DEFAULT_WINDOW`."""
+    try:
+        centers = [format_ds(float(v)) for v in metadata.get("window_center", "").split("\\") if v.strip()]
+        widths = [format_ds(float(v)) for v in metadata.get("window_width", "").split("\\") if v.strip()]
+    except (ValueError, ThinsliceError):
+        centers = widths = []
+    if centers and len(centers) == len(widths) and all(float(w) >= 1 for w in widths):
+        return centers, widths
+    return [DEFAULT_WINDOW[0]], [DEFAULT_WINDOW[1]]
 
 
 def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
@@ -185,6 +239,10 @@ def _series_header(volume: Volume, o: DicomSeriesOptions, direction: np.ndarray,
     ds.SliceThickness = format_ds(thickness) if thickness else ""
     ds.SpacingBetweenSlices = format_ds(sk)
     _pixel_format(ds, o, rows_columns)
+    if o.modality == "CT":
+        center, width = _window(meta)
+        ds.WindowCenter = center if len(center) > 1 else center[0]
+        ds.WindowWidth = width if len(width) > 1 else width[0]
     set_character_set(ds, source)
     return ds
 
@@ -206,8 +264,6 @@ def _pixel_format(ds: pydicom.Dataset, o: DicomSeriesOptions, rows_columns: tupl
     ds.RescaleIntercept = format_ds(o.rescale_intercept)
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU" if o.modality == "CT" else "US"
-    if o.modality == "CT":
-        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
     if o.pixel_padding_value is not None:
         ds.add_new(0x00280120, "US" if o.unsigned else "SS", int(o.pixel_padding_value))
 

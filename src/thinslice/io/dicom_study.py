@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thinslice.io.discovery import read_dataset
 from thinslice.io.lazy import lazy_import
 
 pydicom = lazy_import("pydicom")
@@ -96,12 +97,15 @@ def capture_source(first_file: Path, instances: list[tuple[str, str]]) -> str | 
     (SOPInstanceUID, ImagePositionPatient text) in slice order. None (and a warning) when the header cannot be
     read: the volume is then written like one from a file without DICOM source."""
     try:
-        ds = pydicom.dcmread(str(first_file), stop_before_pixels=True)
+        ds = read_dataset(first_file, stop_before_pixels=True)  # old files without file meta too
         ds.decode()  # text to str in the source's character set, so that it can be re-encoded in ours
         record = _record(ds, instances)
         pydicom.Dataset.from_json(record.kept)  # what cannot be written back is found now, not at writing
     except Exception as exc:  # noqa: BLE001 - reading the volume worked; only the study link is lost
-        log.warning("%s: its patient and study cannot be kept for a DICOM output (%s)", first_file, exc)
+        # pydicom's own text for a file it does not recognise is advice to a programmer (force=True): not shown
+        reason = ("its header is not readable DICOM" if isinstance(exc, pydicom.errors.InvalidDicomError)
+                  else str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+        log.warning("%s: its patient and study cannot be kept for a DICOM output (%s)", first_file, reason)
         return None
     return record.to_json()
 

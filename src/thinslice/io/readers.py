@@ -23,7 +23,14 @@ from thinslice.io.atomic import native_messages_to_log
 from thinslice.io.detached import data_files, regular_file_check
 from thinslice.io.dicom import header_text, is_dicom_file, read_header
 from thinslice.io.dicom_study import SOURCE_KEY, capture_source
-from thinslice.io.discovery import FolderScan, SeriesInfo, library_messages_to_debug, scan_dicom_folder
+from thinslice.io.discovery import (
+    FolderScan,
+    SeriesInfo,
+    describe_damage,
+    find_dicomdir,
+    library_messages_to_debug,
+    scan_dicom_folder,
+)
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values
@@ -55,6 +62,8 @@ _DICOM_META_TAGS = {
     "manufacturer": "0008|0070",
     "kernel": "0018|1210",
     "body_part": "0018|0015",
+    "window_center": "0028|1050",
+    "window_width": "0028|1051",
 }
 _META_PREFIX = "thinslice_"
 
@@ -82,9 +91,11 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     ext = file_extension(path)
     if ext in DICOM_EXTENSIONS or (ext not in VOLUME_EXTENSIONS and is_dicom_file(path)):
         with library_messages_to_debug():
-            ds = read_header(path, ["SeriesInstanceUID"])
+            ds = read_header(path, ["SeriesInstanceUID", "DirectoryRecordSequence"])
         if ds is None:
             raise ThinsliceError(f"{path} is not a readable DICOM file (corrupt or truncated?)")
+        if "DirectoryRecordSequence" in ds:  # a DICOMDIR: the series it lists, from its folder
+            return read_dicom_folder(path.parent, series_uid)
         own_uid = header_text(ds, "SeriesInstanceUID")
         if series_uid and own_uid and series_uid != own_uid:
             raise ThinsliceError(f"{path} belongs to series {own_uid}, not {series_uid}; pass the folder instead")
@@ -312,6 +323,8 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
 def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path | None = None,
                        scan: FolderScan | None = None) -> Volume:
     scan = scan or scan_dicom_folder(folder)
+    if not scan.series and folder.is_dir() and find_dicomdir(folder):
+        scan = scan_dicom_folder(folder, follow_dicomdir=True)  # a CD/DVD export: the files its DICOMDIR lists
     if not scan.series:
         subdirs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
         hint = (f"; it has {len(subdirs)} subfolder(s): pass the folder of one series, or use `thinslice prepare` "
@@ -341,10 +354,14 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
     def tag(key: str, index: int = 0) -> str:
         return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else ""
 
-    image, notes = _regularise_slice_geometry(image, [tag("0020|0032", i) for i in range(len(files))], source)
+    try:
+        image, notes = _regularise_slice_geometry(image, [tag("0020|0032", i) for i in range(len(files))], source)
+    except ThinsliceError as exc:
+        raise _with_unreadable(exc, scan) from None
     metadata = {"source": str(source)}
     metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
     metadata.update(notes)
+    metadata.update(_value_step([tag("0028|1053", i) for i in range(len(files))]))
     instances = [(tag("0008|0018", i), tag("0020|0032", i)) for i in range(len(files))]
     if record := capture_source(Path(files[0]), instances):  # kept for a DICOM output (dicom_study)
         metadata[SOURCE_KEY] = record
@@ -352,14 +369,29 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, single_file: Path |
     return _to_volume(image, source, metadata, thickness, padding_hu=_padding_hu(tag), stacked=True)
 
 
+def _with_unreadable(exc: ThinsliceError, scan: FolderScan) -> ThinsliceError:
+    """``exc`` (missing or doubled slices) naming the DICOM files beside the series that could not be read: they may
+    be the missing slices."""
+    if not scan.unreadable:
+        return exc
+    names = ", ".join(f"{p.name} ({describe_damage(p)})" for p in scan.unreadable[:3])
+    return ThinsliceError(f"{exc}; {len(scan.unreadable)} damaged file(s) beside it may be the missing slices: "
+                          f"{names}")
+
+
 def _check_series(series: SeriesInfo, source: Path) -> None:
-    """Refuse, in one line and before any pixel is decoded, a series that is not a slice stack with a geometry:
-    ITK would stack radiographs or multi-frame objects into an invented 1 x 1 x 1 mm volume."""
+    """Refuse, in one line and before any pixel is decoded, a series that is not a slice stack with a geometry, or
+    one with a damaged file (named): ITK would stack radiographs or multi-frame objects into an invented 1 x 1 x 1 mm
+    volume, pad short pixel data with 0 HU, or fail with a message that names no file."""
     name = f"#{series.number}" if series.number is not None else (series.label or series.uid)
     what = f"series {name} ({series.description or 'no description'!r}, {series.modality or '?'})"
     if not series.is_image:
         raise ThinsliceError(f"{source}: {what} holds no images (e.g. a structure set or a report); pick an image "
                              "series with --series")
+    if series.object_kind:
+        raise ThinsliceError(f"{source}: {what} is {series.object_kind}")
+    if series.problems:
+        raise ThinsliceError(_problems_text(series))
     if len(series.sizes) > 1:
         sizes = ", ".join(f"{size} ({n} files)" for size, n in series.sizes)
         raise ThinsliceError(f"{source}: {what} mixes image sizes {sizes}, so it is not one volume; move the files "
@@ -373,6 +405,23 @@ def _check_series(series: SeriesInfo, source: Path) -> None:
         raise ThinsliceError(f"{source}: {what} has no patient geometry (ImagePositionPatient, "
                              "ImageOrientationPatient or PixelSpacing missing, e.g. radiographs or screen captures); "
                              "thinslice needs a CT slice stack with positions and a voxel size")
+    width, height = (series.sizes[0][0].split("x") + ["", ""])[:2]
+    check_read_size(source, series.voxels, series.bytes_per_voxel,
+                    f"{width}x{height}x{series.count}" if height else "")
+
+
+def _problems_text(series: SeriesInfo) -> str:
+    """One line naming the first damaged file of ``series`` and what is wrong with it, and what to do."""
+    count = len(series.problems)
+    first = series.folder / series.problems[0]
+    if series.num_files == 1:
+        return f"{first}; export the file again"
+    if count >= series.num_files:
+        return f"{first} (and every other file of its series likewise): fix or export the series again"
+    more = f" (and {count - 1} more file(s) of its series)" if count > 1 else ""
+    if count == 1 and " and " in series.problems[0].split(":")[0]:  # one instance in two files
+        return f"{first}; remove the file that does not belong to the series"
+    return f"{first}{more}; replace {'them' if count > 1 else 'it'} with an intact copy or export the series again"
 
 
 def _sop_name(uid: str) -> str:
@@ -408,10 +457,19 @@ def _read_single_dicom_file(path: Path, source: Path) -> Volume:
 
     metadata = {"source": str(source)}
     metadata.update({name: value for name, key in _DICOM_META_TAGS.items() if (value := tag(key))})
+    metadata.update(_value_step([tag("0028|1053")]))
     if record := capture_source(path, [(tag("0008|0018"), "")]):  # kept for a DICOM output (dicom_study)
         metadata[SOURCE_KEY] = record
     return _to_volume(image, source, metadata, _positive_float(tag("0018|0050")), padding_hu=_padding_hu(tag),
                       stacked=True)
+
+
+def _value_step(slopes: list[str]) -> dict[str, str]:
+    """{"value_step": slope} when the series stores values in steps finer than 1 (a fractional RescaleSlope, e.g.
+    0.001): the writers then keep them (float32 files, the slope in a DICOM output) instead of rounding to integers."""
+    values = [v for v in (_positive_float(text) for text in slopes) if v is not None]
+    step = min(values) if values else 1.0
+    return {"value_step": f"{step:.10g}"} if step < 1.0 else {}
 
 
 def _regularise_slice_geometry(image: sitk.Image, positions_text: list[str], source: Path
@@ -515,7 +573,12 @@ def _to_volume(image: sitk.Image, source: Path, metadata: dict[str, str], thickn
             array[mask] = AIR_HU
             rule = f"<= {PADDING_BELOW_HU:g} HU" + (" or at PixelPaddingValue" if padding_hu else "")
             metadata["padding_replaced"] = f"{count} voxels ({rule}) set to {AIR_HU:g} HU"
-    _warn_if_not_hu(array, source)
+    modality = metadata.get("modality", "CT") or "CT"
+    if modality.upper() != "CT":
+        log.warning("%s: Modality %s, not CT: thinslice's models and defaults assume CT in HU (a DICOM output is "
+                    "refused; NIfTI/NRRD/MHA are written)", source, modality)
+    else:
+        _warn_if_not_hu(array, source)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     axis = _stack_axis(image.GetSpacing()) if stacked else _recorded_axis(metadata)
     if axis is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to_log
-from thinslice.io.dicom import DicomSeriesOptions, write_dicom_series
+from thinslice.io.dicom import DicomSeriesOptions, check_ct_output, write_dicom_series
 from thinslice.io.dicom_study import SOURCE_KEY
 from thinslice.io.lazy import lazy_import
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
@@ -27,6 +28,7 @@ from thinslice.io.volume import Volume
 sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 DTYPES = ("int16", "float32")
+log = logging.getLogger(__name__)
 _META_PREFIX = "thinslice_"  # same prefix the reader restores metadata from
 
 
@@ -91,6 +93,7 @@ def write_volume(
     if reference_input is not None:
         refuse_overwriting_input(path, Path(reference_input))
     if folder_output:
+        check_ct_output(volume)
         if dtype != "int16":
             raise ThinsliceError("DICOM series are written as int16 HU; use dtype int16 or write NIfTI/NRRD/MHA "
                                  "for float32 values")
@@ -100,8 +103,22 @@ def write_volume(
         _write_dicom_folder(volume, path, overwrite=overwrite, options=options)
         return path
     check_file_target(path)
-    _write_image_file(volume, path, dtype)
+    _write_image_file(volume, path, _file_dtype(volume, dtype, path))
     return path
+
+
+def _file_dtype(volume: Volume, dtype: str, path: Path) -> str:
+    """``dtype``, but float32 where int16 would round away the source's finer value steps (a fractional
+    RescaleSlope such as 0.001 recorded as metadata ``value_step``): 21 levels instead of 20,000."""
+    try:
+        step = float(volume.metadata.get("value_step", "1"))
+    except ValueError:
+        step = 1.0
+    if dtype != "int16" or not (np.isfinite(step) and 0 < step < 1):
+        return dtype
+    log.warning("%s: the source stores values in steps of %.4g (its RescaleSlope), which int16 would round to "
+                "whole numbers; written as float32 instead", path, step)
+    return "float32"
 
 
 def check_file_target(path: Path) -> None:

@@ -715,6 +715,9 @@ def _stop_server(server: subprocess.Popen) -> None:
 
 def _serve() -> None:
     """The read server: requests (path, timeout, available) in on stdin, :class:`Outcome` objects out."""
+    import logging
+
+    logging.disable(logging.CRITICAL)  # the warm-up's warnings are not the caller's
     _warm_up()
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever a library prints must not mix with the answers

@@ -884,7 +884,9 @@ def nibabel_problems(volume, path: Path) -> list[str]:
     try:
         image = nibabel.load(str(path))
         header = image.header
-        coded = int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0
+        codes = (int(header["sform_code"]), int(header["qform_code"]))
+        # Codes outside 0..4 are invalid, and nibabel and ITK read them differently: no reference there.
+        coded = max(codes) > 0 and min(codes) >= 0 and max(codes) <= 4
         affine = np.asarray(image.affine, dtype=np.float64)
         data = np.asarray(image.dataobj, dtype=np.float64)
     except Exception:  # noqa: BLE001 - nibabel refusing a hostile file is not thinslice's problem

@@ -11,7 +11,7 @@ that hangs on a FIFO or allocates what a header claims cannot take the test proc
 
 Headers are packed by hand (``struct``) rather than with nibabel, pynrrd or SimpleITK: those libraries refuse to
 write most of these fields, which is the point. Everything is small (well under 1 MB per file) and the same for
-the same seed.
+the same seed, except the UIDs the DICOM series writer makes new on every build.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from thinslice.cli.checks import SEED, ranged
 from thinslice.errors import ThinsliceError
 
 
@@ -20,11 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src_dir", metavar="SRC_DIR", help="folder with DICOM studies or volume files")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing)")
-    parser.add_argument("--min-slices", type=int, default=16, help="skip series with fewer slices (default 16)")
-    parser.add_argument("--max-slice-spacing", type=float, default=3.0,
+    parser.add_argument("--min-slices", type=ranged(int, 1, 100_000),
+                        default=16, help="skip series with fewer slices (default 16)")
+    parser.add_argument("--max-slice-spacing", type=ranged(float, 0.05, 1000), default=3.0,
                         help="skip series whose slices are further apart, in mm (default 3.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (default 0)")
-    parser.add_argument("--split", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"),
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the patient shuffle (default 0)")
+    parser.add_argument("--split", type=ranged(float, 0, 1), nargs=3,
+                        default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"),
                         help="patient fractions of the train/val/test splits (default 0.7 0.15 0.15)")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     parser.set_defaults(func=run)

@@ -78,9 +78,10 @@ def write_volume(
     ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd`` write one file (``dtype`` int16: HU rounded and
     clipped to the int16 range; float32: values as they are). A path without extension, or ending with ``/``, writes
     a DICOM CT series (int16 HU) into that folder; an existing non-empty folder is only replaced with
-    ``overwrite=True``. Files are always replaced atomically. ``reference_input`` is the file or folder the volume
-    came from: writing over it is refused. A DICOM series keeps the patient and study of a DICOM source;
-    ``series_description`` replaces the default '<source description> <mm> mm thinslice <method>';
+    ``overwrite=True``. An existing file is replaced, atomically, as ``SimpleITK.WriteImage`` and ``nibabel.save``
+    do (the command line refuses it unless ``--overwrite``: see ``thinslice.cli.checks``). ``reference_input`` is
+    the file or folder the volume came from: writing over it is refused. A DICOM series keeps the patient and study
+    of a DICOM source; ``series_description`` replaces the default '<source description> <mm> mm thinslice <method>';
     ``series_number_offset`` (default 1000) is added to the source's SeriesNumber for the new series.
     """
     if dtype not in DTYPES:
@@ -119,7 +120,7 @@ def check_file_target(path: Path) -> None:
 
 def refuse_overwriting_input(out: Path, ref: Path) -> None:
     """Fail when writing ``out`` would replace or sit around the input ``ref``."""
-    out_abs, ref_abs = out.resolve(), ref.resolve()
+    out_abs, ref_abs = _resolved(out, "output"), _resolved(ref, "input")
     same = out_abs == ref_abs
     if not same and out.exists() and ref.exists():
         try:
@@ -130,6 +131,15 @@ def refuse_overwriting_input(out: Path, ref: Path) -> None:
         raise ThinsliceError(f"output {out} is the input file/folder; choose another output path")
     if ref_abs.is_relative_to(out_abs):
         raise ThinsliceError(f"output {out} contains the input {ref}; choose another output path")
+
+
+def _resolved(path: Path, role: str) -> Path:
+    """``path.resolve()``; a symbolic-link loop (which ``resolve`` raises as RuntimeError or OSError) is one line."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        raise ThinsliceError(f"{role} {path} is a symbolic link that loops back on itself (or a folder on its path "
+                             "is); point it at a real file or folder") from None
 
 
 def volume_to_image(volume: Volume, dtype: str = "float32") -> sitk.Image:
@@ -200,6 +210,9 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
         same = back.shape == meant.shape and np.array_equal(back, meant, equal_nan=back.dtype.kind == "f")
     except (RuntimeError, ThinsliceError):
         same = False
+    if not same and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise ThinsliceError(f"cannot write {path}: the volume holds non-finite values (NaN or infinity), which do "
+                             f"not read back from {file_extension(path)}; the previous file, if any, is unchanged")
     if not same:
         free = shutil.disk_usage(path.parent).free
         raise ThinsliceError(f"cannot write {path}: the written file does not read back ({free / 2**20:.0f} MB free "

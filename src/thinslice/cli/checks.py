@@ -56,14 +56,15 @@ def ranged(kind: type, low: float, high: float) -> Callable[[str], float]:
     argparse's one-line error ("argument --samples: must be a whole number from 1 to 64, got 100000000") before any
     work, instead of hours of computation or a crash deep inside a method."""
     what = "a whole number" if kind is int else "a number"
+    span = f"from {low:d} to {high:d}" if kind is int else f"from {low:g} to {high:g}"
 
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what} from {low:g} to {high:g}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text!r}") from None
         if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be {what} from {low:g} to {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its message for values it cannot convert

@@ -84,6 +84,34 @@ def overwrite_case() -> Case:
                 "rc 2 'exists; pass --overwrite' (file kept), then rc 0 'replaced the existing'", check)
 
 
+def demo_rerun_case() -> Case:
+    """``make demo`` twice: the demo owns its folder, so the second run replaces its own files and says so."""
+    def check() -> tuple[bool, str]:
+        out = W / "demo_out"
+        args = ("demo", "--out", out, "--method", "linear", "--factor", "2")
+        first, second = run(*args), run(*args)
+        ok = first.rc == second.rc == 0 and second.clean and "replacing the 6 files of an earlier demo" in second.err
+        return ok, f"rc {first.rc}, then rc {second.rc}: {second.err.strip().splitlines()[0][:120]}"
+
+    return Case("demo run twice into one folder", "thinslice demo --out demo_out --method linear --factor 2 (twice)",
+                "rc 0 both; the second says it replaces the earlier demo's files", check)
+
+
+def prepare_case() -> Case:
+    def check() -> tuple[bool, str]:
+        src, out = W / "prep_src", W / "prep_out"
+        src.mkdir(exist_ok=True)
+        out.mkdir(exist_ok=True)
+        (out / "series.csv").write_text("the user's table")
+        res = run("prepare", src, out, "--no-progress")
+        ok = res.rc == 2 and res.clean and "pass --overwrite" in res.message
+        ok = ok and (out / "series.csv").read_text() == "the user's table"
+        return ok, f"rc {res.rc}: {res.message[:140]}"
+
+    return Case("prepare into a folder holding series.csv", "thinslice prepare prep_src prep_out",
+                "rc 2, one line, series.csv kept", check)
+
+
 # --------------------------------------------------------------------------------------------------- thin grid
 def grid_case(name: str, key: str, spacing: float, n_expected: int) -> Case:
     """The output has ``n_expected`` slices, centred on the input's extent (equal margins at both ends, each less
@@ -181,6 +209,8 @@ def cases() -> list[Case]:
         _lazy_error("upsample --uncertainty beside an existing std map", lambda p: [*up, p["thick"], W / "fresh.nii.gz",
                     "--spacing", "1", "--method", "planes", "--uncertainty"],
                     "fresh_std.nii.gz exists; pass --overwrite", unchanged=["fresh_std.nii.gz"]),
+        demo_rerun_case(),
+        prepare_case(),
         _lazy_error("DICOM output into a non-empty folder (kept)", lambda p: [*up, p["thick"], W / "series/",
                     "--spacing", "1", "--overwrite"], "not empty", unchanged=["series/keep.txt"]),
         grid_case("thin grid: 4.8 mm (stored 4.7999997) -> 2 mm", "t48", 2.0, 84),

@@ -194,3 +194,16 @@ def test_spacing_and_thickness_out_of_range_are_one_line(thick_file, tmp_path, c
     assert main(["degrade", str(thick_file), out, "--thickness", "5000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("is not a CT slice spacing or thickness" in line for line in err)
+
+
+def test_prepare_refuses_the_files_of_an_earlier_prepare(tmp_path, capsys) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.txt").write_text("my own list\n")
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds train.txt" in err and "pass --overwrite" in err
+    assert (tmp_path / "out" / "train.txt").read_text() == "my own list\n"
+    # With --overwrite it goes on to the source (empty here: its own one-line error).
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress", "--overwrite"]) == 2
+    assert "no DICOM series" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from thinslice.cli.main import main
 from thinslice.degrade.grid import thin_grid, thin_positions, whole_extent
+from thinslice.degrade.pairs import simulate_pair
 from thinslice.degrade.profiles import degrade
 from thinslice.errors import ThinsliceError
 from thinslice.io import read_volume, write_volume
@@ -74,6 +75,10 @@ def test_a_simulated_stack_keeps_an_extent_of_whole_thin_slices() -> None:
     kept = whole_extent(thick, 1.25)
     assert kept.num_slices == 18 and _margins(kept, 1.25) == pytest.approx((0.0, 0.0), abs=1e-9)
     assert whole_extent(degrade(thin, factor=4), 1.25).num_slices == 12  # whole already: unchanged
+    # 5 mm from 0.9765625 mm slices (500 mm / 512) is 128/25 thin slices: a multiple of 25 slabs is kept.
+    fine = _stack(300, 0.9765625, rows=2)
+    thick, target = simulate_pair(fine, thickness=5.0, spacing=5.0)
+    assert (thick.num_slices, target.num_slices) == (50, 256)
 
 
 def test_spacing_below_any_ct_is_refused() -> None:

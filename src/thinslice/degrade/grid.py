@@ -116,20 +116,21 @@ def target_grid_volume(thick: Volume, spacing_mm: float) -> Volume:
                              slice_thickness=float(spacing_mm))
 
 
-# Trailing thick slices :func:`whole_extent` may drop (a factor p/q needs a multiple of q slabs; bench's 5 mm from
-# 0.7 mm is 50/7).
+# Trailing thick slices :func:`whole_extent` may drop: at least this many, and up to a quarter of the stack (a factor
+# p/q needs a multiple of q slabs: 5 mm from 0.7 mm is 50/7, from 0.9765625 mm 128/25).
 _MAX_DROPPED = 8
 
 
 def whole_extent(thick: Volume, thin_spacing: float) -> Volume:
     """``thick`` without the fewest trailing slices that leave an extent of whole thin slices, so that the centred
-    thin grid lies on the thin slices ``thick`` was simulated from (``thick`` itself when none is needed or none of
-    up to :data:`_MAX_DROPPED` helps).
+    thin grid lies on the thin slices ``thick`` was simulated from (``thick`` itself when none is needed or none
+    within :data:`_MAX_DROPPED` or a quarter of the stack helps).
 
     A stack simulated at a non-integer factor (48 slices / 2.5 -> 19 slabs, 47.5 thin slices deep) would otherwise be
     upsampled a quarter of a slice off its truth, and could not be scored against it without resampling.
     """
-    for keep in range(thick.num_slices, max(thick.num_slices - _MAX_DROPPED, 2) - 1, -1):
+    fewest = max(thick.num_slices - max(_MAX_DROPPED, thick.num_slices // 4), 2)
+    for keep in range(thick.num_slices, fewest - 1, -1):
         trimmed = thick if keep == thick.num_slices else thick.with_slices(
             thick.slices_first()[:keep], thick.slice_spacing, 0.0, thick.slice_thickness)
         if fills_extent(trimmed, thin_spacing):

@@ -85,6 +85,11 @@ def check_input(path: str | Path) -> None:
     _refuse_link_loop(Path(path), "input")
 
 
+def check_output_path(path: str | Path) -> None:
+    """Refuse an output that is (or lies under) a symbolic-link loop, before anything compares it with the input."""
+    _refuse_link_loop(Path(path), "output")
+
+
 def check_output(output: str | Path, dtype: str = "int16", overwrite: bool = False) -> None:
     """Refuse an output the writers would refuse, or one that is not a place for a file: '-', a device, a pipe, a
     path under a regular file; and an existing output file unless ``overwrite`` (nothing the user had is replaced

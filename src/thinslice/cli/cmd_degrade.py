@@ -13,6 +13,7 @@ from thinslice.cli.checks import (
     check_input,
     check_mm,
     check_output,
+    check_output_path,
     check_positive,
     note_replaced,
     output_exists,
@@ -51,9 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def refuse_same_path(output: str, *inputs: str) -> None:
-    """Fail before any work when the output would replace (or contain) an input."""
+    """Fail before any work when the output would replace (or contain) an input (a symbolic-link loop, which
+    cannot be compared, first: one line instead of the traceback of ``Path.resolve``)."""
     from thinslice.io.writers import refuse_overwriting_input
 
+    check_output_path(output)
+    for item in inputs:
+        check_input(item)
     for item in inputs:
         refuse_overwriting_input(Path(output), Path(item))
 

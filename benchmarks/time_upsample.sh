@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 one() {  # method [extra arguments] -> "seconds peak_MB"
     local method=$1; shift
-    /usr/bin/time -f "%e %M" -o "$out/t" .venv/bin/thinslice -q upsample "$input" "$out/o.nii.gz" \
+    /usr/bin/time -f "%e %M" -o "$out/t" .venv/bin/thinslice -q upsample "$input" "$out/o.nii.gz" --overwrite \
         --spacing "$spacing" --method "$method" "$@" >/dev/null
     awk '{printf "%.1f %.0f\n", $1, $2 / 1024}' "$out/t"
 }

@@ -137,9 +137,11 @@ def test_simulate_pair_target_is_on_the_upsampling_grid(thin_phantom: Volume, pr
     assert target.num_slices == n == 4 * thick.num_slices
     assert target.slice_positions_mm()[0] == pytest.approx(thick.slice_positions_mm()[0] + offset)
     np.testing.assert_array_equal(target.slices_first(), thin_phantom.slices_first()[:n])
-    # Non-integer factor: 48 / 2.5 -> 19 thick slices covering 47.5 thin slices -> 47 targets.
+    # Non-integer factor: 48 / 2.5 -> 19 thick slices covering 47.5 thin slices; the centred grid would sit a quarter
+    # slice off the thin slices, so the pair keeps 18 (45 thin slices, a whole number) and 45 targets.
     thick, target = simulate_pair(thin_phantom, factor=2.5, profile=profile)
-    assert (thick.num_slices, target.num_slices) == (19, 47)
+    assert (thick.num_slices, target.num_slices) == (18, 45)
+    np.testing.assert_array_equal(target.slices_first(), thin_phantom.slices_first()[:45])
 
 
 def test_array_helpers_match_volume_degrade(thin_phantom: Volume) -> None:

@@ -120,7 +120,7 @@ def test_cli_upsample(thin_phantom: Volume, tmp_path, capsys) -> None:
 
     assert main(["upsample", str(src), str(src), "--spacing", "1.25"]) == 2
     assert "is the input" in capsys.readouterr().err
-    assert main(["upsample", str(src), str(out), "--spacing", "1.25", "--method", "nope"]) == 2
+    assert main(["upsample", str(src), str(out), "--spacing", "1.25", "--method", "nope", "--overwrite"]) == 2
     assert "available methods are" in capsys.readouterr().err
 
 

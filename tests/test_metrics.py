@@ -99,16 +99,17 @@ def test_cli_chain_degrade_upsample_evaluate(thin_phantom: Volume, tmp_path, cap
     thin = tmp_path / "thin.nii.gz"
     write_volume(thin_phantom, thin)
     thick, up = tmp_path / "thick.nii.gz", tmp_path / "up.nii.gz"
-    # 2.5 x 1.25 mm: 19 thick slices cover 47.5 thin ones, so the upsampled grid has 47 of the 48 slices.
+    # 2.5 x 1.25 mm: 19 thick slices would cover 47.5 thin ones; degrade keeps 18 (45 thin ones, a whole number) so
+    # that the upsampled grid, centred on the stack, has 45 of the 48 thin slices.
     assert main(["degrade", str(thin), str(thick), "--thickness", "3.125", "--profile", "gaussian"]) == 0
     assert main(["upsample", str(thick), str(up), "--spacing", "1.25", "--method", "linear"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(up), str(thin), "--json"]) == 2
     err = capsys.readouterr().err
-    assert "different grids" in err and "pass --overlap" in err and "47 of them overlap" in err
+    assert "different grids" in err and "pass --overlap" in err and "45 of them overlap" in err
     assert main(["evaluate", str(up), str(thin), "--json", "--overlap", "--trim", "2"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert scores["n_slices"] == 43 and 25 < scores["psnr"] < 60 and 0.5 < scores["ssim"] < 1.0
+    assert scores["n_slices"] == 41 and 25 < scores["psnr"] < 60 and 0.5 < scores["ssim"] < 1.0
     assert main(["evaluate", str(up), str(up)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["PSNR", "(dB)", "inf"] and "HU-MAE body    0.00" in table

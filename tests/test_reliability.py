@@ -132,7 +132,7 @@ def test_an_output_grid_that_cannot_fit_in_memory_is_refused_before_work(small, 
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(ThinsliceError, match=r"available: choose a coarser --spacing"):
-        upsample(small, 0.01, method="cubic")
+        upsample(small, 0.1, method="cubic")  # 320 slices: 4 MB of work, over 1 MB
 
 
 def test_the_command_line_parses_without_importing_torch() -> None:

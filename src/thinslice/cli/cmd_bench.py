@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from thinslice.cli.checks import FACTOR, ranged
 from thinslice.degrade.profiles import PROFILES
 
 log = logging.getLogger("thinslice.cli")
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", nargs="+", required=True,
                         help="thin-slice volumes: files, folders of NIfTI/NRRD/MHA, or split .txt files")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md, bench.png")
-    parser.add_argument("--factors", type=float, nargs="*", default=[2.0, 4.0],
+    parser.add_argument("--factors", type=FACTOR, nargs="*", default=[2.0, 4.0],
                         help="factor cases (thick spacing = factor x the volume's spacing); none with --mm only")
     parser.add_argument("--profiles", nargs="+", default=["gaussian", "decimate"], choices=PROFILES,
                         help="slice profiles to simulate (triangle, trapezoid, tailed: profiles the methods are not "
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mm", nargs="*", default=[], metavar="T[/S]",
                         help="clinical cases named in millimetres, back to each volume's own spacing: 5 (5 mm slices "
                              "every 5 mm), 5/2.5 (5 mm every 2.5 mm), ...; e.g. --mm 5 3 5/2.5 2/1 on a 1 mm volume")
-    parser.add_argument("--overlaps", type=float, nargs="*", default=[], metavar="RATIO",
+    parser.add_argument("--overlaps", type=ranged(float, 1, 16), nargs="*", default=[], metavar="RATIO",
                         help="extra cases with overlapping slices: slice thickness = RATIO x slice spacing (e.g. 1.5 2 "
                              "3), for the gaussian and box profiles")
     parser.add_argument("--methods", nargs="+", default=["linear", "cubic", "cubic-dc", "planes", "cnn", "ldm"],

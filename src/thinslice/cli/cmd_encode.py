@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from thinslice.cli.checks import FACTOR, PATCH
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -18,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", required=True, help="VAE weights (.safetensors or a train-vae run folder) or a preset name "
                    "with bundled weights")
     p.add_argument("--out", required=True, type=Path, help="cache folder")
-    p.add_argument("--factors", nargs="*", type=float, default=[2.0, 4.0], help="thick/thin factors (default 2 4)")
+    p.add_argument("--factors", nargs="*", type=FACTOR, default=[2.0, 4.0], help="thick/thin factors (default 2 4)")
     p.add_argument("--profiles", nargs="*", default=["gaussian"], help="slice profiles (default gaussian)")
-    p.add_argument("--tile", nargs=3, type=int, default=None, metavar=("D", "H", "W"),
+    p.add_argument("--tile", nargs=3, type=PATCH, default=None, metavar=("D", "H", "W"),
                    help="tile size in voxels for tiled encoding (default 32 128 128)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=run)

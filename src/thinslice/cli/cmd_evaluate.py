@@ -7,6 +7,8 @@ import json
 import math
 import time
 
+from thinslice.cli.checks import ranged
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -19,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("pred", metavar="PRED", help="predicted volume (file or DICOM folder)")
     parser.add_argument("ref", metavar="REF", help="reference volume (file or DICOM folder)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
-    parser.add_argument("--trim", type=int, default=0, metavar="N", help="drop N slices at both ends before scoring")
+    parser.add_argument("--trim", type=ranged(int, 0, 100_000), default=0, metavar="N",
+                        help="drop N slices at both ends before scoring")
     parser.add_argument("--overlap", action="store_true",
                         help="score only the common slices when the volumes cover different slice ranges")
     parser.set_defaults(func=run)

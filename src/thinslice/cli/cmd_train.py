@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from thinslice.cli.checks import SEED, STEPS, ranged
+
 
 def add_generic_options(p: argparse.ArgumentParser) -> None:
     """Options every trainer shares (``train``, ``train-baseline``, ``train-vae``); see :func:`run_options`."""
@@ -16,20 +18,24 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="tiny, small, paper or a preset .json (default small)")
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, TensorBoard logs, weights)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (default: from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default: preset)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: preset)")
-    p.add_argument("--ema-decay", type=float, default=None,
+    p.add_argument("--max-steps", type=ranged(int, 1, 10**9),
+                   default=None, help="total optimiser steps (default: from the preset)")
+    p.add_argument("--batch-size", type=ranged(int, 1, 4096),
+                   default=None, help="patches per step and process (default: preset)")
+    p.add_argument("--lr", type=ranged(float, 1e-10, 1), default=None, help="peak learning rate (default: preset)")
+    p.add_argument("--ema-decay", type=ranged(float, 0, 0.99999), default=None,
                    help="EMA of the weights used for validation and export (0 = off; default: preset)")
-    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (0 = only at the end)")
+    p.add_argument("--val-every", type=ranged(int, 0, 10**9),
+                   default=None, help="validate every N steps (0 = only at the end)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", "--mixed-precision", dest="mixed_precision", default="no",
                    choices=["no", "fp32", "fp16", "bf16"],
                    help="autocast precision, as for upsample --precision: fp32 (= no), bf16 (CPUs and recent GPUs), "
                         "fp16 (GPUs only); --mixed-precision is the same option")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--time-limit-min", "--time-limit", dest="time_limit_min", type=float, default=None,
+    p.add_argument("--seed", type=SEED, default=None)
+    p.add_argument("--time-limit-min", "--time-limit", dest="time_limit_min", type=ranged(float, 0.01, 10**6),
+                   default=None,
                    metavar="MIN", help="stop (with a checkpoint) after this many minutes; continue with --resume")
 
 
@@ -78,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="start from this bundle's denoiser (fine-tune the shipped or your own model on your data)")
     p.add_argument("--planes", default=None, metavar="DIR",
                    help="bundle with planes.safetensors for --prior planes (default: the shipped weights)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=STEPS, default=None,
                    help="ResShift sampling steps the model is trained for: 15 (paper) or 4 (fast schedule, saved as "
                    "denoiser-4step.safetensors); default: the preset's")
     p.add_argument("--no-control", action="store_true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from thinslice.cli.checks import ranged
 from thinslice.cli.cmd_train import add_generic_options, check_out_folder, run_options
 
 
@@ -18,10 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_generic_options(p)
     p.add_argument("--init", default=None,
                    help="start from thinslice VAE weights (.safetensors) or a diffusers 2D AutoencoderKL folder/hub id")
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--ssim-weight", type=float, default=0.2)
-    p.add_argument("--adv-weight", type=float, default=0.0, help="patch-GAN weight (0 = off, e.g. 0.01)")
-    p.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial loss is on")
+    p.add_argument("--kl-weight", type=ranged(float, 0, 1e6), default=1e-6)
+    p.add_argument("--ssim-weight", type=ranged(float, 0, 1e6), default=0.2)
+    p.add_argument("--adv-weight", type=ranged(float, 0, 1e6),
+                   default=0.0, help="patch-GAN weight (0 = off, e.g. 0.01)")
+    p.add_argument("--adv-start", type=ranged(int, 0, 10**9),
+                   default=0, help="step from which the adversarial loss is on")
     p.set_defaults(func=run)
 
 

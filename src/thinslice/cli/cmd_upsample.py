@@ -11,8 +11,21 @@ import argparse
 import logging
 import time
 
-from thinslice.cli.checks import check_output, check_positive, warn_if_sparse
+from thinslice.cli.checks import (
+    ADAPT_STEPS,
+    PATCH,
+    SAMPLES,
+    SEED,
+    STEPS,
+    check_input,
+    check_mm,
+    check_output,
+    note_replaced,
+    output_exists,
+    warn_if_sparse,
+)
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
+from thinslice.degrade.grid import thin_grid
 from thinslice.degrade.profiles import PROFILES
 from thinslice.errors import ThinsliceError
 
@@ -35,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", metavar="IN", help="thick-slice volume file or DICOM series folder")
     parser.add_argument("output", metavar="OUT", help="output file (.nii.gz, .nrrd, .mha) or folder for DICOM")
-    parser.add_argument("--spacing", type=float, required=True, metavar="MM", help="output slice spacing in mm")
+    parser.add_argument("--spacing", type=float, required=True, metavar="MM",
+                        help="output slice spacing in mm (0.05 to 1000)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT (and its _std map) when it exists (default: refuse, nothing is replaced)")
     parser.add_argument("--method", default="auto", help="upsampling method (default: auto = the best method whose "
                         "weights ship with thinslice, else cubic); an unknown name "
                         "lists the available ones")
@@ -53,20 +69,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "slice spacing)")
     learned = parser.add_argument_group("options of learned methods (ignored by linear/cubic)")
     learned.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
-    learned.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    learned.add_argument("--steps", type=int, default=None, help="number of sampling steps")
-    learned.add_argument("--samples", type=int, default=None, help="number of samples to average")
+    learned.add_argument("--seed", type=SEED, default=None, help="random seed for sampling (0 to 2^32-1)")
+    learned.add_argument("--steps", type=STEPS, default=None, help="number of sampling steps (1 to 1000)")
+    learned.add_argument("--samples", type=SAMPLES, default=None, help="number of samples to average (1 to 64)")
     learned.add_argument("--uncertainty", action="store_true", default=None,
                          help="write a calibrated std map beside the output (<stem>_std; mean +- 1.645 std is the "
                               "90%% interval): planes from its two passes (cheap), ldm from --samples N (default 4)")
     learned.add_argument("--checkpoint", default=None, help="model checkpoint (file or folder)")
     learned.add_argument("--preset", default=None, help="model preset: tiny, small, paper or a .json file")
-    learned.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+    learned.add_argument("--patch-size", type=PATCH, nargs=3, default=None, metavar=("D", "H", "W"),
                          help="process the volume in patches of this size (voxels) to bound memory")
     learned.add_argument("--adapt", action="store_true", default=None,
                          help="cnn, planes: fine-tune on the input itself first (its in-plane axes as training "
                               "pairs; planes: at most 3 minutes, --option adapt_seconds=S)")
-    learned.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+    learned.add_argument("--adapt-steps", type=ADAPT_STEPS, default=None, metavar="N",
                          help="fine-tuning steps for --adapt (cnn: default 200, ~20-50 on a CPU; planes: 1500)")
     learned.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                          help="bf16: autocast, about twice as fast on recent CPUs and GPUs (default fp32; planes: "
@@ -133,16 +149,19 @@ def run(args: argparse.Namespace) -> int:
     from thinslice.io import read_volume, write_volume
     from thinslice.io.writers import write_std_map
 
+    check_input(args.input)
     refuse_same_path(args.output, args.input)
-    check_positive(args.spacing, "--spacing")
-    check_positive(args.thickness, "--thickness")
-    check_output(args.output, args.dtype)
+    check_mm(args.spacing, "--spacing")
+    check_mm(args.thickness, "--thickness")
+    check_output(args.output, args.dtype, overwrite=args.overwrite)
+    replacing = output_exists(args.output)
     if args.method != "auto":
         get_method(args.method)  # an unknown name fails before the volume is read
     start = time.perf_counter()
     thick = read_volume(args.input, series_uid=args.series)
     warn_if_sparse(thick)
     spacing = _snapped_spacing(thick, args.spacing)
+    thin_grid(thick, spacing)  # an output grid that cannot fit in memory is refused before any method runs
     if args.method == "auto":
         from thinslice.infer.upsample import choose_auto
 
@@ -156,10 +175,13 @@ def run(args: argparse.Namespace) -> int:
     thin = result.volume
     if std_path is not None and "std" in result.extras:
         # A DICOM std map is a series of its own beside the output: source SeriesNumber + 2000, "... <method> std".
+        std_existed = output_exists(std_path)
         written_std = write_std_map(result.extras["std"], std_path, method.name)
+        note_replaced(written_std, std_existed)
         thin.metadata["std_map"] = str(written_std)
         print(f"wrote {written_std}: std map, {result.report.get('uncertainty', 'uncalibrated')}")
     written = write_volume(thin, args.output, dtype=args.dtype, reference_input=args.input, method=method.name)
+    note_replaced(written, replacing)
     print(f"wrote {written}: {thick.num_slices} -> {thin.num_slices} slices, {summary(thin)}, "
           f"{method.name}, {time.perf_counter() - start:.1f} s")
     return 0
@@ -174,7 +196,7 @@ def _std_path(args: argparse.Namespace, options: dict[str, object]):
         return None
     path = std_path_for(args.output)
     refuse_same_path(str(path), args.input)
-    check_output(path, std_dtype(path))
+    check_output(path, std_dtype(path), overwrite=args.overwrite)
     return path
 
 

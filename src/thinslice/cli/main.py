@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "?"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse's one-line usage error (2) or --help (0): an exit code, as for the rest
+            return exc.code if isinstance(exc.code, int) else 2
         command = args.command or "?"
         _setup_logging(args.verbose, args.quiet, command)
         if not getattr(args, "func", None):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from thinslice.degrade.grid import thin_grid
+from thinslice.degrade.grid import thin_grid, whole_extent
 from thinslice.degrade.profiles import (
     ThickSliceSpec,
     apply_profile,
@@ -42,10 +42,13 @@ def simulate_pair(
     """``(thick, target)``: a simulated thick volume and the thin volume cropped to its upsampling grid.
 
     The target holds exactly the thin slices of ``thin_grid(thick, thin spacing)``; thin slices beyond the last
-    complete thick slab are dropped.
+    complete thick slab are dropped. The thin grid is centred on the thick stack, so it lies on the thin slices only
+    when the stack's extent is a whole number of them: at a non-integer factor (2.5) trailing thick slices are
+    dropped until it is (19 slabs of 2.5 -> 18, 45 targets).
     """
     thick = degrade(thin, factor=factor, thickness=thickness, spacing=spacing, profile=profile)
     s = thin.slice_spacing
+    thick = whole_extent(thick, s)
     n, first_offset = thin_grid(thick, s)
     # Offset of the grid's first slice from the thin volume's first slice, in thin slices.
     start_mm = float(thick.slice_positions_mm()[0] - thin.slice_positions_mm()[0]) + first_offset

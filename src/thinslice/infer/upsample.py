@@ -76,7 +76,7 @@ class UpsampleMethod:
 
     def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
         """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
-        return self.pipeline.applicable(thick, float(spacing_mm), checkpoint)
+        return too_few_slices(self, thick) or self.pipeline.applicable(thick, float(spacing_mm), checkpoint)
 
     def bundle(self, checkpoint: str | Path | None) -> Path:
         """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error."""
@@ -90,6 +90,19 @@ class UpsampleMethod:
     def fn(self, thick: Volume, spacing_mm: float, **options: object) -> Volume:
         """Run the method (as :func:`upsample` with this method)."""
         return upsample(thick, spacing_mm, self.name, **options)
+
+
+# Data consistency compares the output with the thick slices whose profile lies on the output grid: the two end
+# slices of a stack reach beyond it, so a stack needs a third one in between to be checked against at all.
+MIN_CONSISTENCY_SLICES = 3
+
+
+def too_few_slices(method: UpsampleMethod, thick: Volume) -> str | None:
+    """Why ``method`` cannot serve a stack this short (None: it can)."""
+    if method.uses_profile and thick.num_slices < MIN_CONSISTENCY_SLICES:
+        return (f"{method.name} needs at least {MIN_CONSISTENCY_SLICES} slices for data consistency, the input has "
+                f"{thick.num_slices}")
+    return None
 
 
 log = logging.getLogger(__name__)
@@ -170,7 +183,8 @@ def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
     reason = get_method(name).refuses(thick, snap_spacing(thick, spacing_mm))
     if reason is None:
         return name, None
-    return FALLBACK_METHOD, f"auto: {name} cannot serve this input ({reason}); using {FALLBACK_METHOD}"
+    fallback = FALLBACK_METHOD if get_method(FALLBACK_METHOD).refuses(thick, spacing_mm) is None else "cubic"
+    return fallback, f"auto: {name} cannot serve this input ({reason}); using {fallback}"
 
 
 def method_modules() -> list[str]:
@@ -230,6 +244,8 @@ def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **option
     """:func:`upsample`, returning the whole :class:`~thinslice.infer.pipeline.Result`."""
     entry = get_method(method)
     spacing_mm = snap_spacing(thick, spacing_mm)  # 1.667 for 5 mm slices means 5/3
+    if reason := too_few_slices(entry, thick):
+        raise ThinsliceError(f"{reason}; use --method cubic or linear, or give a longer stack")
     given = {k: v for k, v in options.items() if v is not None}
     acquisition = None
     if entry.uses_profile:  # otherwise profile/thickness stay in ``given`` and make_options refuses them

@@ -81,9 +81,10 @@ def write_volume(
     ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd`` write one file (``dtype`` int16: HU rounded and
     clipped to the int16 range; float32: values as they are). A path without extension, or ending with ``/``, writes
     a DICOM CT series (int16 HU) into that folder; an existing non-empty folder is only replaced with
-    ``overwrite=True``. Files are always replaced atomically. ``reference_input`` is the file or folder the volume
-    came from: writing over it is refused. A DICOM series keeps the patient and study of a DICOM source;
-    ``series_description`` replaces the default '<source description> <mm> mm thinslice <method>';
+    ``overwrite=True``. An existing file is replaced, atomically, as ``SimpleITK.WriteImage`` and ``nibabel.save``
+    do (the command line refuses it unless ``--overwrite``: see ``thinslice.cli.checks``). ``reference_input`` is
+    the file or folder the volume came from: writing over it is refused. A DICOM series keeps the patient and study
+    of a DICOM source; ``series_description`` replaces the default '<source description> <mm> mm thinslice <method>';
     ``series_number_offset`` (default 1000) is added to the source's SeriesNumber for the new series.
     """
     if dtype not in DTYPES:
@@ -248,6 +249,9 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
         same = back.shape == meant.shape and np.array_equal(back, meant, equal_nan=back.dtype.kind == "f")
     except (RuntimeError, ThinsliceError):
         same = False
+    if not same and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise ThinsliceError(f"cannot write {path}: the volume holds non-finite values (NaN or infinity), which do "
+                             f"not read back from {file_extension(path)}; the previous file, if any, is unchanged")
     if not same:
         free = shutil.disk_usage(path.parent).free
         raise ThinsliceError(f"cannot write {path}: the written file does not read back ({free / 2**20:.0f} MB free "

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import thinslice
@@ -33,6 +32,7 @@ from thinslice.checkpoints.files import (
     check_architecture,
     load_state_strict,
     read_metadata,
+    read_weights,
     remember,
     write_weights,
 )
@@ -151,14 +151,29 @@ def load_model(kind: str, source: Source, preset: str | Path | Preset | None = N
     if file_kind != kind:
         raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
     row = network_kind(kind)
-    record = json.loads(meta["preset_config"])
-    file_preset = preset_from_dict({k: v for k, v in record.items() if k == "name" or k in PRESET_SECTIONS})
+    record, file_preset = _read_record(row, path, meta)
     if preset is not None:
         check_architecture(row.sections, path, file_preset, load_preset(preset))
-    model = row.build(row.config_of(file_preset, record))
-    load_state_strict(model, load_file(str(path), device="cpu"), str(path))
+    config = row.config_of(file_preset, record)
+    row.check_size(config, str(path))
+    model = row.build(config)
+    load_state_strict(model, read_weights(path, meta), str(path))
     model = model.to(device).eval()
     return remember(model, WeightsRecord(kind, path, file_preset, meta.get("content_hash", ""), meta))
+
+
+def _read_record(row: NetworkKind, path: Path, meta: dict[str, str]) -> tuple[dict, Preset]:
+    """A file's record and the preset it describes, checked against its kind's limits before anything is built."""
+    try:
+        record = json.loads(meta["preset_config"])
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        row.check_record(record, str(path))
+        preset = preset_from_dict({k: v for k, v in record.items() if k == "name" or k in PRESET_SECTIONS})
+    except (ValueError, TypeError, AttributeError) as exc:  # bad JSON or a field of the wrong type
+        raise ThinsliceError(f"{path} has a damaged record of its network ({str(exc).strip()[:100]}); copy it "
+                             "again or retrain it") from exc
+    return record, preset
 
 
 def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",

@@ -3,9 +3,10 @@ sampler, random generators) as a pair of files, ``<name>.safetensors`` (its tens
 (everything else, with a placeholder where each tensor was).
 
 Why not Accelerate's ``save_state``/``load_state``: they store optimiser, scheduler, RNG and registered objects with
-``torch.save`` (pickle), and load the registered ones with ``torch.load(weights_only=False)``, so a crafted file in a
-run folder runs code on ``--resume``. Reading a pair here builds only dicts, lists, tuples, numbers, strings, tensors
-and numpy arrays (the JSON decoder and safetensors cannot build anything else), whatever the files hold.
+``torch.save`` (pickle), and load the registered ones with torch's unsafe unpickler (``weights_only`` off), so a
+crafted file in a run folder runs code on ``--resume``. Reading a pair here builds only dicts, lists, tuples,
+numbers, strings, tensors and numpy arrays (the JSON decoder and safetensors cannot build anything else), whatever
+the files hold.
 
 The encoding is hand-written because no library stores nested Python state (int dict keys, tuples, numpy arrays,
 big integers of a generator state) safely; it is small: a tensor is ``{"__tensor__": key}``, a numpy array

@@ -19,12 +19,12 @@ with another VAE is refused. Shipped weights live in the package folder ``thinsl
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import thinslice
@@ -33,6 +33,7 @@ from thinslice.checkpoints.files import (
     check_architecture,
     load_state_strict,
     read_metadata,
+    read_weights,
     remember,
     write_weights,
 )
@@ -45,6 +46,7 @@ from thinslice.models.planes import PlanesNet
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import PRESET_NAMES, Preset, load_preset, preset_from_dict
 
+log = logging.getLogger(__name__)
 DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
 Source = str | Path | None
 
@@ -54,17 +56,18 @@ def locate_weights(source: Source, kinds: str | Sequence[str], label: str | None
     """The one locator: the folder holding the weights of ``kinds`` (e.g. ('denoiser',)).
 
     ``source`` is a weights file of a known kind (its folder), a folder (it, its ``final/`` or its ``best/``: a
-    training run), a preset name (the shipped folder, when its files were trained with that preset) or None (the
-    shipped folder). Every failure is one ThinsliceError line that names ``label`` (the method; default the kinds)
+    training run), a preset name (the shipped folder, when its files were trained with that preset; any text that
+    does not look like a path is a name, see :func:`is_bare_name`) or None (the shipped folder). Every failure is
+    one ThinsliceError line that names ``label`` (the method; default the kinds)
     and says how to get the weights (the kind's training command).
     """
     rows = [network_kind(k) for k in ((kinds,) if isinstance(kinds, str) else kinds)]
     label = label or "/".join(r.name for r in rows)
     if source is None:
         return _holding((DEFAULT_BUNDLE_DIR,), rows, label)
+    if is_bare_name(source):
+        return _shipped_for_preset(_shipped_name(str(source)), rows)
     path = Path(source).expanduser()
-    if str(source) in PRESET_NAMES and not path.exists():
-        return _shipped_for_preset(str(source), rows)
     needed = ", ".join(r.file for r in rows)
     if path.is_file():
         if not any(row.owns(path.name) for row in network_kinds()):
@@ -74,6 +77,31 @@ def locate_weights(source: Source, kinds: str | Sequence[str], label: str | None
         raise ThinsliceError(f"weights not found: {path} does not exist; pass a folder holding {needed}, a "
                              f".safetensors file or a preset name ({', '.join(PRESET_NAMES)})")
     return _holding((path, path / "final", path / "best"), rows, label)
+
+
+def is_bare_name(source: Source) -> bool:
+    """Whether ``source`` names shipped weights by its form alone (text with no path separator, not starting with
+    ``.`` or ``~``, not a ``.safetensors`` file name), whatever the current folder holds: ``--checkpoint small`` must
+    not mean a folder ``./small`` that happens to be there (``./small`` does). A :class:`~pathlib.Path` is a path."""
+    if not isinstance(source, str):
+        return False
+    return not ("/" in source or "\\" in source or source.startswith((".", "~")) or source.endswith(".safetensors"))
+
+
+def _shipped_name(name: str) -> str:
+    """``name`` when it is a shipped (preset) name, else one line saying so, suggesting ``./name`` when there is
+    such a folder or file here; a folder here under a shipped name is mentioned, not used."""
+    here = Path(name).exists()
+    if name not in PRESET_NAMES:
+        if here:
+            raise ThinsliceError(f"--checkpoint {name} is not a shipped name ({', '.join(PRESET_NAMES)}); for the "
+                                 f"'{name}' here pass a path: --checkpoint ./{name}")
+        raise ThinsliceError(f"--checkpoint {name} is neither a shipped name ({', '.join(PRESET_NAMES)}) nor a path; "
+                             f"pass a folder or .safetensors file as a path (e.g. ./{name} or /data/runs/{name})")
+    if here:
+        log.warning("--checkpoint %s means the shipped '%s' weights; for the '%s' here pass --checkpoint ./%s",
+                    name, name, name, name)
+    return name
 
 
 def _holding(folders: tuple[Path, ...], rows: list[NetworkKind], label: str) -> Path:
@@ -103,7 +131,7 @@ def _shipped_for_preset(name: str, rows: list[NetworkKind]) -> Path:
 def weights_path(source: Source, kind: str, variant: int | None = None) -> Path:
     """The file of ``kind`` (its numbered ``variant``, e.g. planes-x4): ``source`` itself when it is a file, else
     that file in the folder :func:`locate_weights` finds."""
-    if source is not None and Path(source).expanduser().is_file():
+    if source is not None and not is_bare_name(source) and Path(source).expanduser().is_file():
         return Path(source).expanduser()
     return locate_weights(source, kind) / network_kind(kind).file_name(variant)
 
@@ -151,14 +179,29 @@ def load_model(kind: str, source: Source, preset: str | Path | Preset | None = N
     if file_kind != kind:
         raise ThinsliceError(f"{path} holds '{file_kind}' weights, but '{kind}' weights were expected")
     row = network_kind(kind)
-    record = json.loads(meta["preset_config"])
-    file_preset = preset_from_dict({k: v for k, v in record.items() if k == "name" or k in PRESET_SECTIONS})
+    record, file_preset = _read_record(row, path, meta)
     if preset is not None:
         check_architecture(row.sections, path, file_preset, load_preset(preset))
-    model = row.build(row.config_of(file_preset, record))
-    load_state_strict(model, load_file(str(path), device="cpu"), str(path))
+    config = row.config_of(file_preset, record)
+    row.check_size(config, str(path))
+    model = row.build(config)
+    load_state_strict(model, read_weights(path, meta), str(path))
     model = model.to(device).eval()
     return remember(model, WeightsRecord(kind, path, file_preset, meta.get("content_hash", ""), meta))
+
+
+def _read_record(row: NetworkKind, path: Path, meta: dict[str, str]) -> tuple[dict, Preset]:
+    """A file's record and the preset it describes, checked against its kind's limits before anything is built."""
+    try:
+        record = json.loads(meta["preset_config"])
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        row.check_record(record, str(path))
+        preset = preset_from_dict({k: v for k, v in record.items() if k == "name" or k in PRESET_SECTIONS})
+    except (ValueError, TypeError, AttributeError) as exc:  # bad JSON or a field of the wrong type
+        raise ThinsliceError(f"{path} has a damaged record of its network ({str(exc).strip()[:100]}); copy it "
+                             "again or retrain it") from exc
+    return record, preset
 
 
 def load_vae(bundle: str | Path, device: str | torch.device | None = "cpu",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from torch import nn
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import atomic_output
 from thinslice.presets import Preset
+
+log = logging.getLogger(__name__)
 
 # 1: the whole preset recorded; 2: the kind's own sections and what inference reads (both load).
 FORMAT_VERSION = "2"
@@ -118,7 +121,7 @@ def convert_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch
     meta = read_metadata(src)
     if "content_hash" not in meta:
         raise ThinsliceError(f"{src} has no thinslice metadata; save weights with thinslice (save_model)")
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in read_weights(src, meta).items()}
     digest = tensors_hash(tensors)
     meta = {**meta, **(metadata or {}), "content_hash": digest}
     _write_atomic(dst, tensors, meta)
@@ -136,6 +139,27 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except Exception as exc:  # safetensors raises its own error types
         raise ThinsliceError(f"{path} is not a safetensors weights file ({exc})") from exc
     return dict(meta)
+
+
+def read_weights(path: str | Path, meta: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (on the CPU), checked against the content hash its metadata records: a file
+    changed after saving (flipped bits, a bad copy, tampering) is refused in one line instead of running as a
+    network that silently gives wrong volumes. A file without a hash (saved before files recorded one) loads with a
+    debug note."""
+    path = Path(path)
+    meta = read_metadata(path) if meta is None else meta
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or short data
+        raise ThinsliceError(f"{path} is damaged ({str(exc).strip()[:100] or type(exc).__name__}); copy it again "
+                             "or retrain it") from exc
+    recorded = meta.get("content_hash")
+    if not recorded:
+        log.debug("%s records no content hash (saved by an older thinslice); its tensors are not checked", path)
+    elif tensors_hash(tensors) != recorded:
+        raise ThinsliceError(f"{path} is damaged (content hash mismatch: its tensors changed after it was saved); "
+                             "copy it again, reinstall thinslice for shipped weights, or retrain it")
+    return tensors
 
 
 def weights_hash(path: str | Path) -> str:

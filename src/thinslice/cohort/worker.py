@@ -131,13 +131,14 @@ class CaseRunner:
 
     def _apply(self, method: str, case: Case, thick: Volume):
         """Run ``method`` with the options it uses (others ignored: ``auto`` may pick a method that has fewer)."""
-        from thinslice.infer.pipeline import Acquisition
+        from thinslice.infer.pipeline import Acquisition, check_finite
 
         entry = method_entry(method)
         typed, profile, thickness = split_options(entry, case.options)
         acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None
         spacing = snap_spacing(thick, case.spacing)  # as run_method: 1.667 for 5 mm slices means 5/3
-        return self._pipeline(method, typed)(thick, spacing, acquisition), acquisition
+        result = check_finite(self._pipeline(method, typed)(thick, spacing, acquisition), method)
+        return result, acquisition
 
     def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]) -> Pipeline:
         """The loaded pipeline for ``method`` and its typed options (loaded on first use, then reused)."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from thinslice.degrade.operators import plausible_thickness
 from thinslice.degrade.profiles import check_profile
 from thinslice.errors import ThinsliceError
@@ -186,6 +188,20 @@ class Pipeline:
                                                f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
         result.volume.metadata.update(result.report)
         return result
+
+
+def check_finite(result: Result, method: str) -> Result:
+    """``result`` when every voxel of its volume and extras is finite, else one line naming ``method``: a NaN or
+    inf (damaged weights, an overflow) must stop the command before anything is written, as no reader of the
+    output would notice it. Called where results leave the registry (``run_method``, the batch worker), so
+    every method, plug-ins included, is checked in one place."""
+    for label, volume in {"volume": result.volume, **result.extras}.items():
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(volume.array))))
+        if bad:
+            what = "" if label == "volume" else f" in its {label} map"
+            raise ThinsliceError(f"method '{method}' produced {bad} non-finite voxels (NaN or inf){what}; nothing "
+                                 "was written; its weights may be damaged: try another --method (e.g. cubic-dc)")
+    return result
 
 
 def make_options(cls: type[Pipeline], values: Mapping[str, Any]) -> Any:

@@ -4,8 +4,9 @@ Every method is a :class:`~thinslice.infer.pipeline.Pipeline` class registered w
 Interpolation ("linear", "cubic", "cubic-dc") is registered here; learned methods (planes, CNN baseline, latent
 diffusion) in their own modules, listed in :data:`METHOD_MODULES` and imported on first use so that ``thinslice
 --help`` does not import torch models up front. A plug-in package adds methods through the ``thinslice.methods``
-entry-point group (each entry names a module that registers pipelines when imported). Every method returns a volume on
-:func:`thinslice.degrade.grid.thin_grid` of the input.
+entry-point group (each entry names a module that registers pipelines when imported, or ``module:attr`` with a
+Pipeline class or a registering function); a plug-in that fails to load is skipped with a warning, and none may take
+a name already taken. Every method returns a volume on :func:`thinslice.degrade.grid.thin_grid` of the input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError
 from thinslice.infer.interpolate import interpolate_volume
-from thinslice.infer.pipeline import Acquisition, Pipeline, Result, make_options
+from thinslice.infer.pipeline import Acquisition, Pipeline, Result, check_finite, make_options
 from thinslice.io.volume import Volume
 
 UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
@@ -187,11 +188,15 @@ def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
     return fallback, f"auto: {name} cannot serve this input ({reason}); using {fallback}"
 
 
+def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed plug-ins: entry points of the ``thinslice.methods`` group."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 def method_modules() -> list[str]:
     """The modules that register methods: the package's own (:data:`METHOD_MODULES`), then those of installed
-    plug-ins (entry points of the ``thinslice.methods`` group)."""
-    plugins = [entry.value for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
-    return [*METHOD_MODULES, *plugins]
+    plug-ins (the module part of each entry point, ``module`` or ``module:attr``)."""
+    return [*METHOD_MODULES, *(entry.module for entry in plugin_entry_points())]
 
 
 def _load_plugins() -> None:
@@ -199,15 +204,36 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for module in method_modules():
-        if module in METHOD_MODULES:
-            importlib.import_module(module)
-            continue
-        try:  # a broken plug-in must not take the package's own methods down with it
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - any import error of a third-party module
-            log.warning("method plug-in %s was not loaded (%s: %s); its methods are unavailable", module,
-                        type(exc).__name__, exc)
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+    for entry in plugin_entry_points():
+        _load_plugin(entry)
+
+
+def _load_plugin(entry: importlib.metadata.EntryPoint) -> None:
+    """Import one plug-in (``module``, or ``module:attr`` naming a Pipeline class to register or a function that
+    registers); whatever goes wrong is one warning naming it and its methods stay unavailable, so that a broken or
+    hostile plug-in cannot end every command (``sys.exit`` at import included) nor take a built-in method's name
+    (outputs would say ``cubic-dc`` for another method's volume). Ctrl-C still stops the command."""
+    before = dict(UPSAMPLERS)
+    try:
+        loaded = entry.load()
+        if isinstance(loaded, type) and issubclass(loaded, Pipeline):
+            register_pipeline(loaded)
+        elif callable(loaded) and ":" in entry.value:
+            loaded()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any failure of third-party code, SystemExit included
+        UPSAMPLERS.clear()
+        UPSAMPLERS.update(before)
+        log.warning("method plug-in %s was not loaded (%s: %s); its methods are unavailable", entry.value,
+                    type(exc).__name__, exc)
+        return
+    for name in [n for n in before if UPSAMPLERS.get(n) != before[n]]:
+        UPSAMPLERS[name] = before[name]
+        log.warning("method plug-in %s tried to replace the method '%s'; a plug-in cannot take a name that is "
+                    "taken (built-in or an earlier plug-in's), so '%s' stays as it was", entry.value, name, name)
 
 
 def available_methods() -> list[str]:
@@ -255,7 +281,7 @@ def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **option
             _report_thickness_contradiction(thick, acquisition.thickness_mm)
     pipeline = entry.pipeline(make_options(entry.pipeline, given))  # names checked there, types by the pipeline
     pipeline.load()
-    result = pipeline(thick, float(spacing_mm), acquisition)
+    result = check_finite(pipeline(thick, float(spacing_mm), acquisition), method)
     result.volume.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
     return result
 

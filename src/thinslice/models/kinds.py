@@ -15,12 +15,14 @@ before this (format 1) carry the whole preset and load as they are.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from thinslice.errors import ThinsliceError
@@ -32,6 +34,22 @@ from thinslice.presets import Preset
 
 # Sections a preset has; a plug-in kind's own section (config_type) is recorded beside them, outside the Preset.
 PRESET_SECTIONS = frozenset(f.name for f in dataclasses.fields(Preset)) - {"name"}
+
+
+# Limits on what a weights file's record may ask for, checked before its network is built: the record is plain
+# text that anyone can edit, and 200,000 channels would make the builder try to allocate a terabyte. Each integer of
+# an architecture field (lists element by element) must lie in 0..limit; the limits are far above every preset
+# (the paper preset has 256 channels and 8 blocks at most). A field not listed gets FIELD_LIMIT.
+FIELD_LIMITS: Mapping[str, int] = {
+    "channels": 1024, "base_channels": 512, "in_channels": 16, "latent_channels": 64, "num_blocks": 64,
+    "num_res_blocks": 8, "channel_mult": 16, "num_head_channels": 1024, "attention_head_channels": 1024,
+    "norm_num_groups": 512, "attention_levels": 8, "strides": 4, "factors": 16, "context": 8,
+    "attention_window": 512, "dims": 3,
+}
+FIELD_LIMIT = 4096
+# Parameters a network of a file's record may have (counted on the meta device, without allocating): 200 M, some
+# 30 times the paper denoiser.
+MAX_PARAMETERS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,8 @@ class NetworkKind:
     variant: str | None = None
     config_type: type | None = None
     describe: Callable[[nn.Module, Preset], Saving] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)  # per-field overrides of FIELD_LIMITS
+    max_parameters: int = MAX_PARAMETERS
 
     @property
     def file(self) -> str:
@@ -110,6 +130,34 @@ class NetworkKind:
                                  f"{self.config_type.__name__} instead of a preset")
         return self.config_type(**{k: _tuples(v) for k, v in record[section].items()})
 
+    def check_record(self, record: Mapping[str, Any], source: str) -> None:
+        """Refuse, in one line, a file record whose architecture fields lie outside this kind's limits (see
+        :data:`FIELD_LIMITS`), before anything is built from it."""
+        for section in self.sections:
+            values = record.get(section, {})
+            if not isinstance(values, Mapping):
+                raise ThinsliceError(f"{source}: its record's '{section}' is not a section; the file is damaged")
+            for key, value in values.items():
+                limit = self.limits.get(key, FIELD_LIMITS.get(key, FIELD_LIMIT))
+                bad = next((v for v in _numbers(value) if not _within(v, limit)), None)
+                if bad is not None:
+                    raise ThinsliceError(
+                        f"{source} asks for {section}.{key} = {bad}, outside 0..{limit} for a '{self.name}' network; "
+                        "the file is damaged or was not saved by thinslice"
+                    )
+
+    def check_size(self, config: Any, source: str) -> None:
+        """Refuse a network of more than ``max_parameters`` parameters, counted on the meta device (no memory)."""
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in self.build(config).parameters())
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ThinsliceError(f"{source}: its record does not describe a buildable '{self.name}' network "
+                                 f"({str(exc).strip()[:100]}); the file is damaged") from exc
+        if count > self.max_parameters:
+            raise ThinsliceError(f"{source} describes a '{self.name}' network of {count:,} parameters, above the "
+                                 f"limit of {self.max_parameters:,}; the file is damaged or was not saved by thinslice")
+
     def record(self, model: nn.Module | Mapping[str, Any], preset: Preset) -> tuple[dict[str, Any], Saving]:
         """What a file of this kind records (the JSON ``preset_config``) and how the network is saved."""
         if self.describe is not None and isinstance(model, nn.Module):
@@ -142,6 +190,19 @@ def _own_config(model: Any, kind: str) -> Any:
     if not dataclasses.is_dataclass(own):
         raise ThinsliceError(f"a '{kind}' network must carry its config dataclass as .config to be saved")
     return own
+
+
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers in a record field (lists flattened; booleans, strings and None are not numbers here)."""
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def _within(value: int | float, limit: int) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)  # scales and factors: any finite value builds a network of the same size
+    return 0 <= value <= limit
 
 
 def _tuples(value: Any) -> Any:

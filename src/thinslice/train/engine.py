@@ -8,9 +8,10 @@ best/final weights as self-describing safetensors files (``run_dir/best/<name>.s
 ``run_dir/final/<name>.safetensors``; EMA weights when EMA is on).
 
 Exact resume: a checkpoint holds models, optimiser, LR scheduler, EMA, step/best metric, the Python/numpy/torch RNG
-states (Accelerate's ``save_state``) and the state of the batch iterator when it has ``state_dict``/
-``load_state_dict`` (e.g. :class:`thinslice.examples.base.ExampleSampler` with its one numpy Generator). So N steps
-straight and N/2 + resume + N/2 give the same weights on CPU (tested).
+states and the state of the batch iterator when it has ``state_dict``/``load_state_dict`` (e.g.
+:class:`thinslice.examples.base.ExampleSampler` with its one numpy Generator), all as safetensors + JSON
+(:mod:`thinslice.train.run_state`; never pickle, so a file planted in a run folder cannot run code on ``--resume``).
+So N steps straight and N/2 + resume + N/2 give the same weights on CPU (tested).
 
 Multi-GPU: start any trainer with ``accelerate launch -m thinslice.cli.main train-... `` (or ``accelerate launch
 $(which thinslice) train-...``); models and optimiser go through ``accelerator.prepare`` and each process draws its
@@ -42,6 +43,7 @@ from thinslice.errors import ThinsliceError
 from thinslice.examples.fit import warmup_cosine  # the LR schedule, shared with --adapt
 from thinslice.io.atomic import write_text_atomic
 from thinslice.presets import Preset, TrainConfig
+from thinslice.train.run_state import read_state, refuse_pickles, rng_state, set_rng_state, write_state
 
 LossFn = Callable[[dict[str, nn.Module], Any, int], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[dict[str, nn.Module], int], dict[str, Any]]
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "step_"
+# Written into each checkpoint's trainer_state.json; checkpoints without it are Accelerate's pickle-based ones.
+CHECKPOINT_FORMAT = "thinslice-state-2"
 
 
 @dataclass
@@ -353,13 +357,6 @@ class Trainer:
         self.state = _TrainState()
         self.batches = batches
         self._iter: Iterator[Any] | None = None
-        # Registration order is the checkpoint layout: keep it fixed.
-        acc.register_for_checkpointing(self.scheduler, self.state)
-        for name in self.trainable:
-            if name in self.ema:
-                acc.register_for_checkpointing(self.ema[name])
-        if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
-            acc.register_for_checkpointing(batches)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """One AdamW over all trainable parameters (per-model LR scale as parameter groups)."""
@@ -394,11 +391,13 @@ class Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        self._write_state(tmp)
         acc.wait_for_everyone()
         if self.is_main:
-            info = {"step": self.state.step, "best": self.state.best, "best_step": self.state.best_step,
+            info = {"format": CHECKPOINT_FORMAT, "step": self.state.step, "best": self.state.best,
+                    "best_step": self.state.best_step,
                     "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}}
             (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1))
             if final.exists():
@@ -409,8 +408,37 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _stateful(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the step, by file name: the unwrapped networks, their EMA copies, the
+        optimiser, the LR schedule, the batch iterator (when it has a state) and the mixed-precision scaler."""
+        objects: dict[str, Any] = {f"model_{name}": self.unwrapped(name) for name in self.models}
+        objects.update({f"ema_{name}": ema for name, ema in self.ema.items()})
+        objects.update(optimizer=self.optimizer, scheduler=self.scheduler)
+        if hasattr(self.batches, "state_dict") and hasattr(self.batches, "load_state_dict"):
+            objects["sampler"] = self.batches
+        if self.accelerator.scaler is not None:
+            objects["scaler"] = self.accelerator.scaler
+        return objects
+
+    def _write_state(self, folder: Path) -> None:
+        """Every process writes its generators; the main process writes the shared state (see :mod:`.run_state`)."""
+        write_state(folder, f"rng_{self.accelerator.process_index}", rng_state())
+        if self.is_main:
+            for name, obj in self._stateful().items():
+                write_state(folder, name, obj.state_dict())
+
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        """Continue from checkpoint ``path``: refused in one line when it was written in another format or holds a
+        pickle file (never read); a damaged file raises for :meth:`_load_newest_intact` to try an older one."""
+        path = Path(path)
+        info = json.loads((path / "trainer_state.json").read_text())
+        refuse_pickles(path, older_format=info.get("format") != CHECKPOINT_FORMAT)
+        states = {name: read_state(path, name) for name in self._stateful()}  # all read before any is applied
+        rng = read_state(path, f"rng_{self.accelerator.process_index}")
+        for name, obj in self._stateful().items():
+            obj.load_state_dict(states[name])
+        self.state.load_state_dict(info)
+        set_rng_state(rng)
 
     def _load_newest_intact(self, checkpoints: list[Path]) -> Path:
         """Load the newest checkpoint that reads; a damaged one (a disk filled or a copy cut short) is skipped with a
@@ -419,7 +447,9 @@ class Trainer:
             try:
                 self.load_checkpoint(path)
                 return path
-            except Exception as exc:  # safetensors, torch.load and OS errors all mean "this one is unusable"
+            except ThinsliceError:
+                raise  # refused (another format, a pickle file): not a damaged copy to skip silently
+            except Exception as exc:  # safetensors, JSON, OS and state-shape errors all mean "this one is unusable"
                 reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
                 self._say(f"--resume: checkpoint {path.name} is damaged ({reason}); trying the one before it",
                           logging.WARNING)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from thinslice.checkpoints.bundle import save_model
-from thinslice.checkpoints.files import load_state_strict, read_metadata
+from thinslice.checkpoints.files import load_state_strict, read_metadata, read_weights
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.metrics import psnr
 from thinslice.examples.patches import PatchSampler, _source_from
@@ -112,9 +112,7 @@ def initialise_from(vae: AutoencoderKL3D, init: str) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         meta = read_metadata(path)
         if meta.get("thinslice_kind") == "vae":
-            from safetensors.torch import load_file
-
-            load_state_strict(vae, load_file(str(path)), str(path))
+            load_state_strict(vae, read_weights(path, meta), str(path))
             return f"initialised from thinslice VAE weights {path}"
         raise ThinsliceError(f"{path} is not thinslice VAE weights; for a diffusers model pass its folder")
     from thinslice.models.pretrained import import_diffusers_autoencoder

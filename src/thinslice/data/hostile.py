@@ -17,15 +17,15 @@ the same seed, except the UIDs the DICOM series writer makes new on every build.
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
-import pickle
 import struct
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -684,9 +684,21 @@ def probe(path: Path, timeout: float = PROBE_TIMEOUT_S, available: int = PROBE_A
     global _SERVER
     if _SERVER is None or _SERVER.poll() is not None:
         _SERVER = _start_server()
-    pickle.dump((str(path), float(timeout), int(available)), _SERVER.stdin)
+    _SERVER.stdin.write(json.dumps([str(path), float(timeout), int(available)]).encode() + b"\n")
     _SERVER.stdin.flush()
-    return pickle.load(_SERVER.stdout)
+    return _outcome_from_json(_SERVER.stdout.readline())
+
+
+def _outcome_to_json(outcome: Outcome) -> bytes:
+    """One line of JSON (the read server's answers: plain data, never pickle, like everything the package reads)."""
+    return json.dumps(asdict(outcome)).encode() + b"\n"
+
+
+def _outcome_from_json(line: bytes) -> Outcome:
+    data = json.loads(line)
+    if data.get("shape") is not None:
+        data["shape"] = tuple(data["shape"])
+    return Outcome(**data)
 
 
 _SERVER: subprocess.Popen | None = None
@@ -723,11 +735,11 @@ def _serve() -> None:
     os.dup2(2, 1)  # whatever a library prints must not mix with the answers
     requests = sys.stdin.buffer
     while True:
-        try:
-            path, timeout, available = pickle.load(requests)
-        except EOFError:
+        line = requests.readline()
+        if not line:
             return
-        pickle.dump(_fork_read(path, timeout, available), answers)
+        path, timeout, available = json.loads(line)
+        answers.write(_outcome_to_json(_fork_read(path, timeout, available)))
         answers.flush()
 
 
@@ -765,7 +777,7 @@ def _fork_read(path: str, timeout: float, available: int) -> Outcome:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)
-            os.write(write_end, pickle.dumps(_child_outcome(path, available)))
+            os.write(write_end, _outcome_to_json(_child_outcome(path, available)))
         finally:
             os._exit(0)
     os.close(write_end)
@@ -789,7 +801,7 @@ def _fork_read(path: str, timeout: float, available: int) -> Outcome:
     if not chunks:
         how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
         return Outcome("crash", f"the reading process died ({how})", seconds=seconds)
-    outcome = pickle.loads(b"".join(chunks))
+    outcome = _outcome_from_json(b"".join(chunks))
     outcome.seconds = seconds
     return outcome
 

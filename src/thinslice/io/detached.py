@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import zlib
 from pathlib import Path
 
 from thinslice.errors import ThinsliceError, os_reason
@@ -52,6 +53,33 @@ def data_files(header: Path) -> list[Path]:
     else:
         return []
     return [_checked(header, name) for name in names]
+
+
+def check_compressed_data(header: Path, files: list[Path]) -> None:
+    """Refuse a MetaImage header saying ``CompressedData = True`` whose data are not a zlib (or gzip) stream: ITK
+    then reads the raw bytes as if inflated and returns garbage voxels without a word."""
+    text = _header_text(header)
+    if _meta_line(text.splitlines()) is None or not re.search(r"^\s*CompressedData\s*=\s*True\s*$", text, re.I | re.M):
+        return
+    where = files[0] if files else header
+    try:
+        with open(where, "rb") as fh:
+            if not files:  # LOCAL: the data follow the ElementDataFile line of the header itself
+                fh.seek(_local_data_offset(fh.read(HEADER_LIMIT)))
+            start = fh.read(1 << 12)
+        zlib.decompressobj(wbits=47).decompress(start)  # 47: a zlib or a gzip header, detected
+    except OSError as exc:
+        raise ThinsliceError(f"cannot read {where}: {os_reason(exc)}") from None
+    except zlib.error:
+        raise ThinsliceError(f"{header} says CompressedData = True but its data in {where.name} are not compressed "
+                             "(not a zlib stream); fix the header (CompressedData = False) or export it again"
+                             ) from None
+
+
+def _local_data_offset(raw: bytes) -> int:
+    """Where the voxels of a MetaImage with its data inside start: after the line of ElementDataFile."""
+    match = re.search(rb"^[ \t]*ElementDataFile[ \t]*[=:][^\n]*\n", raw, re.I | re.M)
+    return match.end() if match else len(raw)
 
 
 def _header_text(header: Path) -> str:

@@ -38,17 +38,17 @@ class Stack:
 
 
 def stack_from_offsets(array: np.ndarray, spacing_ij: tuple[float, float], axes_ij: np.ndarray,
-                       origin: np.ndarray, offsets: np.ndarray, fill: float) -> Stack:
+                       origin: np.ndarray, offsets: np.ndarray, fill: float, source: object = "the image") -> Stack:
     """The orthogonal stack equivalent to slices ``array[k]`` whose first voxel lies at ``origin + offsets[k]``.
 
     ``axes_ij`` holds the in-plane unit vectors as columns (3 x 2); ``offsets`` (nk x 3, mm) are the slice positions
     relative to slice 0 (even spacing along the normal is the caller's check). Voxels outside the sheared input get
-    ``fill``.
+    ``fill``. ``source`` names the file in a refusal.
     """
     di, dj = axes_ij[:, 0], axes_ij[:, 1]
     if abs(float(np.dot(di, dj))) > _PERPENDICULAR_TOL:
-        raise ThinsliceError("the in-plane axes of the image are not perpendicular (an in-plane shear); resample it "
-                             "to an orthogonal grid with the tool that made it, then pass the result")
+        raise ThinsliceError(f"{source}: the in-plane axes of the image are not perpendicular (an in-plane shear); "
+                             "resample it to an orthogonal grid with the tool that made it, then pass the result")
     normal = np.cross(di, dj)
     normal /= np.linalg.norm(normal)
     along = offsets @ normal

@@ -25,10 +25,20 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def voxel_count(shape) -> int:
+    """The number of voxels of ``shape`` in Python integers: numpy's product wraps around at 2**63, so a header
+    claiming 2**31 x 2**31 x 2**20 voxels would count as a negative (or small) volume and pass the check."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
 def check_read_size(source: str | Path, voxels: int, bytes_per_voxel: int, shape: str = "") -> None:
     """Refuse, in one line and before reading voxels, a volume whose header asks for more memory than there is.
 
-    ``voxels`` and ``bytes_per_voxel`` come from the header (``shape`` says it back to the user, e.g. "512x512x300").
+    ``voxels`` (from :func:`voxel_count`) and ``bytes_per_voxel`` come from the header (``shape`` says it back to the
+    user, e.g. "512x512x300").
     """
     need = int(voxels) * (int(bytes_per_voxel) + 4 * (READ_COPIES - 1))
     have = available_memory()

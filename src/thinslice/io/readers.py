@@ -20,7 +20,7 @@ import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import native_messages_to_log
-from thinslice.io.detached import data_files, regular_file_check
+from thinslice.io.detached import check_compressed_data, data_files, regular_file_check
 from thinslice.io.dicom import header_text, is_dicom_file, read_header
 from thinslice.io.dicom_study import SOURCE_KEY, capture_source
 from thinslice.io.discovery import (
@@ -33,7 +33,7 @@ from thinslice.io.discovery import (
 )
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
-from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values
+from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values, voxel_count
 from thinslice.io.nifti import read_header as read_nifti_header
 from thinslice.io.nifti import read_voxels as read_nifti_voxels
 from thinslice.io.volume import ISO_TOL, Volume
@@ -142,7 +142,8 @@ def read_dicom_folder(folder: Path, series_uid: str | None = None, scan: FolderS
 def _read_image_file(path: Path, ext: str) -> Volume:
     if ext in (".nii", ".nii.gz"):
         return _read_nifti_file(path)
-    data_files(path)  # refuses a detached data file that does not lie beside its header
+    # refuses a detached data file that does not lie beside its header, and "compressed" data that are not
+    check_compressed_data(path, data_files(path))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -157,7 +158,7 @@ def _read_image_file(path: Path, ext: str) -> Volume:
             "NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder") from None
     size = reader.GetSize()
     _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
-    check_read_size(path, int(np.prod(size)), _pixel_bytes(reader.GetPixelID()), "x".join(map(str, size)))
+    check_read_size(path, voxel_count(size), _pixel_bytes(reader.GetPixelID()), "x".join(map(str, size)))
     try:
         with native_messages_to_log():
             image = reader.Execute()
@@ -183,7 +184,7 @@ def _read_nifti_file(path: Path) -> Volume:
     nifti = read_nifti_header(path)
     shape = nifti.shape
     _check_dimensions(path, len(shape), shape, 1)
-    check_read_size(path, int(np.prod(shape)), nifti.bytes_per_voxel, "x".join(map(str, shape)))
+    check_read_size(path, voxel_count(shape), nifti.bytes_per_voxel, "x".join(map(str, shape)))
     _check_nifti_pixdim(path, nifti.raw)
     array = read_nifti_voxels(path, _nifti_expected_bytes(nifti.raw) or 0)  # native values checked before scaling
     check_voxel_values(array, path)
@@ -289,7 +290,7 @@ def _sheared_nifti_image(image: sitk.Image, shear: tuple[np.ndarray, np.ndarray]
     array = sitk.GetArrayFromImage(image)
     offsets = np.arange(array.shape[0])[:, None] * matrix[:, 2][None, :]
     stack = stack_from_offsets(array, (spacing[0], spacing[1]), matrix[:, :2] / spacing[:2], origin, offsets,
-                               fill=float(array.min()))
+                               fill=float(array.min()), source=path)
     if stack.tilt_deg > 0:
         metadata["gantry_tilt_deg"] = f"{stack.tilt_deg:.2f}"
         metadata["geometry"] = "sheared sform resampled onto an orthogonal grid"
@@ -315,7 +316,7 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     ndim = int(dims[0])
     if not 1 <= ndim <= 7 or bitpix <= 0:
         return None
-    voxels = int(np.prod([max(1, int(d)) for d in dims[1: ndim + 1]]))
+    voxels = voxel_count(max(1, int(d)) for d in dims[1: ndim + 1])
     return max(offset, 348) + voxels * bitpix // 8
 
 
@@ -516,7 +517,7 @@ def _unshear(image: sitk.Image, offsets: np.ndarray, source: Path, notes: dict[s
         return image
     array = sitk.GetArrayFromImage(image)
     stack = stack_from_offsets(array, image.GetSpacing()[:2], direction[:, :2], np.asarray(image.GetOrigin()),
-                               offsets, fill=float(array.min()))
+                               offsets, fill=float(array.min()), source=source)
     notes["gantry_tilt_deg"] = f"{stack.tilt_deg:.2f}"
     notes["geometry"] = "gantry tilt resampled onto an orthogonal grid"
     log.warning("%s", describe_tilt(stack, source))

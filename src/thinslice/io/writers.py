@@ -22,6 +22,7 @@ from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to
 from thinslice.io.dicom import DicomSeriesOptions, check_ct_output, write_dicom_series
 from thinslice.io.dicom_study import SOURCE_KEY
 from thinslice.io.lazy import lazy_import
+from thinslice.io.limits import check_voxel_values
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
 
@@ -65,6 +66,17 @@ def is_folder_output(path: str | Path) -> bool:
     return Path(text).is_dir() or Path(text).suffix == ""
 
 
+def _refuse_unreadable_values(volume: Volume, path: Path) -> None:
+    """Never write a volume that the readers would refuse (NaN, infinity, values beyond any CT range): an int16
+    cast would turn NaN into a plausible number, and a float file would be refused by the next program that reads
+    it, far from the step that made the values."""
+    try:
+        check_voxel_values(volume.array, "the volume")
+    except ThinsliceError as exc:
+        raise ThinsliceError(f"not writing {path}: {exc}".replace(" before using the volume", "")
+                             .replace("check the file's scaling", "check the step that made them")) from None
+
+
 def write_volume(
     volume: Volume,
     path: str | Path,
@@ -91,6 +103,7 @@ def write_volume(
         raise ThinsliceError(f"unknown output dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     folder_output = is_folder_output(path)
     path = Path(path)
+    _refuse_unreadable_values(volume, path)
     if reference_input is not None:
         refuse_overwriting_input(path, Path(reference_input))
     if folder_output:

@@ -156,15 +156,16 @@ def stale_temp_case() -> Case:
     def check() -> tuple[bool, str]:
         folder = WORK / "stale"
         folder.mkdir()
-        stale = folder / ".thinslice-tmp-999999999-abcd"
+        stale = folder / ".thinslice-tmp-999999999-abcd1234"  # a killed writer's folder and its (free) lock file
         stale.mkdir()
         (stale / "half.nii.gz").write_bytes(b"\0" * 100)
+        (folder / ".thinslice-tmp-999999999-abcd1234.lock").write_bytes(b"")
         res = run("upsample", WORK / "thick.nii.gz", folder / "x.nii.gz", "--spacing", "2", "--method", "cubic")
         left = sorted(p.name for p in folder.iterdir())
         return res.rc == 0 and left == ["x.nii.gz"], f"rc {res.rc}; left: {left}"
 
     return Case("leftover of a killed run (kill -9) in the output folder",
-                "thinslice upsample thick.nii.gz stale/x.nii.gz (stale/.thinslice-tmp-<dead pid>-*/ present)",
+                "thinslice upsample thick.nii.gz stale/x.nii.gz (stale/.thinslice-tmp-<pid>-<token>/ and its unheld .lock)",
                 "rc 0, the leftover removed", check)
 
 
@@ -467,7 +468,7 @@ def cases(p: dict[str, Path]) -> list[Case]:
         error_case("unknown profile", [*up, "--profile", "lorentzian"], "invalid choice"),
         error_case("planes: spacing that does not divide the slices", [*up[:-1], "3", "--method", "planes",
                    "--checkpoint", W / "tiny_planes"], "divides the slice spacing"),
-        error_case("planes: factor the weights were not trained for", ["upsample", p["thick6"], W / "o.nii.gz",
+        error_case("planes: factor the weights were not trained for", ["upsample", p["thick6"], W / "o6.nii.gz",
                    "--spacing", "2", "--method", "planes", "--checkpoint", W / "tiny_planes"], "trained for factors"),
         error_case("missing checkpoint folder", [*up, "--method", "planes", "--checkpoint", W / "no_such"],
                    "not found"),

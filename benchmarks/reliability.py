@@ -165,7 +165,7 @@ def stale_temp_case() -> Case:
         return res.rc == 0 and left == ["x.nii.gz"], f"rc {res.rc}; left: {left}"
 
     return Case("leftover of a killed run (kill -9) in the output folder",
-                "thinslice upsample thick.nii.gz stale/x.nii.gz (stale/.thinslice-tmp-<pid>-<token>/ and its unheld .lock)",
+                "thinslice upsample thick.nii.gz stale/x.nii.gz (stale/.thinslice-tmp-<pid>-<token>/, its lock unheld)",
                 "rc 0, the leftover removed", check)
 
 

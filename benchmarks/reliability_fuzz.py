@@ -69,6 +69,12 @@ def _check(kind: str, pick: Callable[[hostile.Hostile], bool]) -> Callable[[], t
     return check
 
 
+def _available_memory() -> int:
+    from thinslice.io.limits import available_memory
+
+    return min(available_memory(), MEMORY_CAP)
+
+
 def _info_problem(item: hostile.Hostile) -> str:
     """Why ``thinslice info`` did not handle ``item`` (empty when it did)."""
     def cap() -> None:
@@ -83,7 +89,10 @@ def _info_problem(item: hostile.Hostile) -> str:
     if "Traceback" in proc.stderr:
         return "traceback: " + proc.stderr.strip().splitlines()[-1][:150]
     if proc.returncode == 0:
-        return "rc 0 but the file must be refused" if item.expect == hostile.REFUSE else ""
+        # A file refused in the fuzz tests only for the memory its header claims (they tell the readers there are
+        # 256 MB) is rightly read here when the claim fits this machine: the readers refuse by available memory.
+        fits = 0 < item.claims <= _available_memory() * 0.5
+        return "rc 0 but the file must be refused" if item.expect == hostile.REFUSE and not fits else ""
     if proc.returncode != 2:
         return f"rc {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:150]}"
     if len(errors) != 1:

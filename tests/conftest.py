@@ -38,3 +38,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _thinslice_logger_as_it_was():
+    """The command line points the ``thinslice`` logger at its own stderr handler and stops it propagating (its
+    one-line format); a test that calls ``main`` must not leave it so, or a later test's ``caplog`` sees nothing."""
+    import logging
+
+    logger = logging.getLogger("thinslice")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

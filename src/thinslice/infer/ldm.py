@@ -1,6 +1,6 @@
 """``--method ldm``: thick slices -> thin slices with the 3D latent diffusion model (ResShift + IRControlNet).
 
-The prior the denoiser was trained to refine (:func:`~thinslice.infer.upsample.prior_estimate`) is encoded by the
+The prior the denoiser was trained to refine (:func:`~thinslice.infer.registry.prior_estimate`) is encoded by the
 first stage (:func:`~thinslice.models.tiling.encode_padded`: the lossless Haar transform of the shipped model, or a
 VAE); the HR latent is sampled (:func:`~thinslice.diffusion.sampling.reverse_process`) whole, or in latent windows
 seeded by position when it does not fit in memory (:mod:`thinslice.models.windows`); with residual latents
@@ -32,8 +32,8 @@ from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.planes import Planes
+from thinslice.infer.registry import prior_estimate, register_pipeline
 from thinslice.infer.uncertainty import Welford, attach_std
-from thinslice.infer.upsample import prior_estimate, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_first_stage

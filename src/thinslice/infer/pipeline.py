@@ -5,7 +5,7 @@ models the input's slice profile, the command that trains its weights) and runs 
 
     prior (an interpolation) -> refine (the method's own step) -> data consistency (optional) -> Result
 
-``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.upsample`) derives
+``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.registry`) derives
 "needs weights", "uses the profile", the accepted option names and the training hint from the class, so the CLI,
 bench, demo and ``--method auto`` read one source. Option values are typed here; the CLI turns its strings into them
 with :func:`thinslice.infer.options.coerce_options` (the only place that parses text).
@@ -71,14 +71,28 @@ class Acquisition:
         return self.thickness_mm / float(slice_spacing_mm)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What an :class:`Upsampler` decided for one input before running it: the method (``auto``'s choice), the
+    output spacing as snapped, and notes for the user (a snapped spacing, a fallback, flags the method ignores)."""
+
+    method: str
+    spacing_mm: float
+    notes: tuple[str, ...] = ()
+    fallback: str | None = None  # why auto could not use its recommended method for this input (None: it could)
+
+
 @dataclass
 class Result:
     """What a pipeline returns: the thin volume, extra volumes for the caller to write (e.g. ``std``) and short
-    report lines (also copied into the volume's metadata, which NRRD/MHA headers keep)."""
+    report lines (also copied into the volume's metadata, which NRRD/MHA headers keep); the
+    :class:`~thinslice.infer.upsample.Upsampler` adds the acquisition it assumed and what it decided."""
 
     volume: Volume
     extras: dict[str, Volume] = field(default_factory=dict)
     report: dict[str, str] = field(default_factory=dict)
+    acquisition: Acquisition | None = None  # the profile and thickness the run assumed (None: not modelled)
+    decision: Decision | None = None  # what the Upsampler decided: method (auto's choice), snapped spacing, notes
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.errors import ThinsliceError
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.planes_adapt import adapt_plan, adapt_planes
-from thinslice.infer.upsample import CubicDC, register_pipeline
+from thinslice.infer.registry import CubicDC, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
 from thinslice.models.kinds import network_kind

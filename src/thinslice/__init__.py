@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.volume import Volume
+from thinslice.version import __version__
 
 if TYPE_CHECKING:
     from thinslice.infer.upsample import Upsampler
     from thinslice.io import read_volume, write_volume
 
-__version__ = "0.1.0"
 __all__ = ["ThinsliceError", "Upsampler", "Volume", "__version__", "read_volume", "write_volume"]
 
 

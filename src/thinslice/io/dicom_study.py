@@ -147,7 +147,7 @@ def series_description(head: str, spacing_mm: float, method: str | None) -> str:
 
 def derivation_description(source: SourceSeries | None, spacing_mm: float, method: str | None) -> str:
     """DerivationDescription: what was computed from what, for a reader of the header."""
-    from thinslice import __version__
+    from thinslice.version import __version__
 
     text = (f"thinslice {__version__}" + (f" method {method}" if method else "")
             + f": slices computed along the slice axis at {spacing_mm:.4g} mm spacing")

@@ -188,7 +188,7 @@ def encode_padded(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, multiple: t
     pads = [(0, (-n) % m) for n, m in zip(hu.shape, multiple, strict=True)]
     padded = np.pad(hu, pads, mode="edge") if any(p for _, p in pads) else hu
     tile_p = tuple(min(int(t), n) for t, n in zip(tile, padded.shape, strict=True))
-    latent = encode_volume(vae, padded, tile=tile_p, progress=progress, autocast_dtype=autocast_dtype)  # type: ignore[arg-type]
+    latent = encode_volume(vae, padded, tile=tile_p, progress=progress, autocast_dtype=autocast_dtype)
     return PaddedLatent(latent[None], hu.shape, padded.shape, tile_p)
 
 

@@ -27,13 +27,17 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinslice.data.odd import _new_object, _pixel_module, edit_headers, phantom, write_series
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 
 REFUSE = "refuse"  # the reader must end in a ThinsliceError
 EITHER = "either"  # a correct volume (see Hostile.shape) or a ThinsliceError

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,10 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 
 MARKER_HU = 3000.0  # a bright voxel no phantom tissue reaches, to find a known point after resampling
 MARKER_IJK = (3, 2)  # (i, j) of the marker: in the air around the body, so that its neighbours are exactly -1000

@@ -17,13 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 log = logging.getLogger(__name__)
 
 _TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,10 @@ from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
 
-nib = lazy_import("nibabel")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import nibabel as nib
+else:
+    nib = lazy_import("nibabel")
 log = logging.getLogger(__name__)
 
 # Header plus extensions read at most: CT files carry a few KB of extensions (dcm2niix, AFNI); a vox_offset beyond

@@ -176,7 +176,7 @@ def _new_object(sop_class: str):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     return ds
@@ -337,7 +337,7 @@ def _damage_header(path: Path, damage: str, other_uid: str) -> None:
         elif damage == "nan_position":
             ds["ImagePositionPatient"].value = ["0", "nan", "9"]
         elif damage == "same_uid":
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = other_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(other_uid)
         else:
             raise ValueError(damage)
         ds.save_as(str(path))

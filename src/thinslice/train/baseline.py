@@ -65,7 +65,7 @@ def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> R
         loaded = load_model("baseline", init, preset=preset)
         model.load_state_dict(loaded.state_dict())
         log.info("train-baseline: initialised from %s", getattr(record_of(loaded), "path", init))
-    return model  # type: ignore[return-value]
+    return model
 
 
 def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,

@@ -40,7 +40,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.upsample import prior_estimate
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
+from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_denoiser, build_haar
 from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
@@ -240,7 +241,7 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
     if vae is None:
         raise ThinsliceError("the 'vae' first stage needs --vae (a trained VAE); or train on the lossless wavelet "
                              "first stage with --first-stage haar")
-    model = vae if isinstance(vae, AutoencoderKL3D) else load_model("vae", vae)
+    model = vae if isinstance(vae, AutoencoderKL3D) else cast(AutoencoderKL3D, load_model("vae", vae))
     record = record_of(model)
     if record is None or not record.content_hash:
         raise ThinsliceError("the VAE must come from a thinslice weights file (its hash ties the denoiser to it)")
@@ -286,7 +287,7 @@ def _first_stage(latent: LatentConfig, vae_source: str | Path | None) -> _FirstS
     return _FirstStage(vae, record.content_hash, record.path, vae.config)
 
 
-def _init_denoiser(init: str | Path | None, resume: bool) -> nn.Module | None:
+def _init_denoiser(init: str | Path | None, resume: bool) -> LatentDenoiser | None:
     """The ``--init`` bundle's denoiser (None without ``--init`` or when resuming: a resumed run continues from its
     own checkpoint)."""
     if not init or resume:

@@ -207,7 +207,7 @@ def build_latent_cache(sources: Sequence[str | Path | tuple[str, Volume]], vae: 
             sid = SourceId.of_volume(stem, vol)
         else:
             sid, stem, vol = SourceId.of_file(Path(src)), _stem(Path(src)), None
-        wanted = [(f"{stem}__hr.safetensors", "hr", None, None)]
+        wanted: list[tuple[str, str, float | None, str | None]] = [(f"{stem}__hr.safetensors", "hr", None, None)]
         wanted += [(_pair_file(stem, float(f), p), "pair", float(f), p) for f in spec.factors for p in spec.profiles]
         for file, kind, factor, profile in wanted:
             prev_entry = old.get(file)

@@ -130,7 +130,8 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     check_run_record(run_dir, record, opts.resume, ("planes", "planes_data", "loss"))
     torch.manual_seed(seed)
     layout = torch.channels_last if preset.planes.dims == 2 else torch.channels_last_3d
-    model = initial_planes(preset, opts.init, opts.resume).to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs omit memory_format; ~25% faster on a CPU (bf16)
+    # ~25% faster on a CPU (bf16); Module.to takes memory_format, though torch's stubs leave it out
+    model = initial_planes(preset, opts.init, opts.resume).to(memory_format=layout)  # type: ignore[call-overload]
     sampler = PlaneSampler(train, preset.planes_data, preset.degradation, preset.planes, tc.batch_size, seed)
     # Validated at x4 like every trainer; a network that serves no x4 (e.g. an x5 specialist) at its first factor.
     factors = [int(k) for k in preset.planes.factors]

@@ -82,8 +82,9 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
         log.warning("train-baseline: --gradient-checkpointing has no effect on the small CNN (its memory is small)")
     torch.manual_seed(seed)
     model = initial_baseline(preset, opts.init, opts.resume)
-    patch = tuple(int(p) for p in tc.patch_size)
-    sampler = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
+    d, h, w = (int(p) for p in tc.patch_size)
+    patch = (d, h, w)
+    sampler = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")

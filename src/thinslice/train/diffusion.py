@@ -250,11 +250,11 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
 
 
 def _batches(cache_dir: Path | None, train: Sequence[Volume | str | Path], degradation: DegradationConfig,
-             batch_size: int, vae: AutoencoderKL3D, patch: tuple[int, ...], seed: int) -> Any:
+             batch_size: int, vae: AutoencoderKL3D, patch: tuple[int, int, int], seed: int) -> Any:
     """Training batches: latent crops from ``cache_dir`` (``--cache``, made with this VAE), else pairs encoded on the
     fly."""
     if not cache_dir:
-        return PairSampler(train, patch, batch_size, degradation, seed=seed)  # type: ignore[arg-type]
+        return PairSampler(train, patch, batch_size, degradation, seed=seed)
     record = record_of(vae)
     cache = LatentCache.load(cache_dir, record.content_hash if record else "")
     if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
@@ -262,8 +262,8 @@ def _batches(cache_dir: Path | None, train: Sequence[Volume | str | Path], degra
             f"latent cache {cache_dir} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
             f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
         )
-    latent_crop = tuple(p // s for p, s in zip(patch, vae.total_stride, strict=True))
-    return LatentCropSampler(cache, latent_crop, batch_size, seed=seed)  # type: ignore[arg-type]
+    d, h, w = (p // s for p, s in zip(patch, vae.total_stride, strict=True))
+    return LatentCropSampler(cache, (d, h, w), batch_size, seed=seed)
 
 
 @dataclass
@@ -338,7 +338,7 @@ def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
 
 
 def _prior_batches(train: Sequence[Volume | str | Path], degradations: Sequence[tuple[float, str]], workers: int,
-                   planes: Pipeline | None, stage: _FirstStage, latent_crop: tuple[int, ...],
+                   planes: Pipeline | None, stage: _FirstStage, latent_crop: tuple[int, int, int],
                    setting: tuple[LatentConfig, int, int]):
     """Prior pairs of every training volume and degradation, their residual scale, and the crop sampler."""
     latent, batch_size, seed = setting
@@ -346,7 +346,7 @@ def _prior_batches(train: Sequence[Volume | str | Path], degradations: Sequence[
     scale = latent.residual_scale or residual_scale(pairs)
     latent = dataclasses.replace(latent, residual_scale=scale)
     log.info("%d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
-    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent  # type: ignore[arg-type]
+    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent
 
 
 @dataclass(frozen=True)
@@ -392,8 +392,10 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
     plan = _plan(opts)
     preset, tc, seed, latent, stage = plan.preset, plan.tc, plan.seed, plan.latent, plan.stage
-    patch = tuple(int(p) for p in tc.patch_size)
-    latent_crop = tuple(p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
+    d, h, w = (int(p) for p in tc.patch_size)
+    patch = (d, h, w)
+    ld, lh, lw = (p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
+    latent_crop = (ld, lh, lw)
     planes = None
     if latent.first_stage == "haar" or latent.prior != "cubic":
         planes = _prior_pipeline(latent, opts.planes, opts.device)
@@ -412,7 +414,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
         _load_init(denoiser, plan.init, opts.init)
     if opts.gradient_checkpointing:
         denoiser.set_gradient_checkpointing(True)
-    check_patch_fits(patch, stage.model, denoiser.size_multiple)  # type: ignore[arg-type]
+    check_patch_fits(patch, stage.model, denoiser.size_multiple)
 
     val_volumes = list(val) if val else list(train)
     if not val:

@@ -18,13 +18,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinslice.io.discovery import read_dataset
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 log = logging.getLogger(__name__)
 
 SOURCE_KEY = "dicom_source"

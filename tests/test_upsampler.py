@@ -164,3 +164,35 @@ def test_snap_spacing_and_pipeline_building_live_in_one_module() -> None:
         if re.search(r"\.pipeline\(make_options\(|\bmake_options\(entry", text):
             building.add(path.relative_to(SRC).as_posix())
     assert snapping == {"infer/upsample.py"} and building == {"infer/upsample.py"}
+
+
+def test_every_method_runs_the_shared_skeleton_and_keeps_no_state_between_calls() -> None:
+    """Methods declare their named steps and override steps, never the skeleton itself; nothing a call computes
+    is left on the class or the instance for the next call (a loaded pipeline serves many volumes)."""
+    from thinslice.infer.pipeline import Pipeline
+    from thinslice.infer.registry import UPSAMPLERS, available_methods
+
+    available_methods()
+    for entry in UPSAMPLERS.values():
+        cls = entry.pipeline
+        assert cls.__call__ is Pipeline.__call__, cls.name
+        assert set(cls.steps) <= {"prior", "refine", "consistency", "spread"} and cls.steps[0] == "prior"
+        mutable = [k for k, v in vars(cls).items() if isinstance(v, (dict, list, set)) and not k.startswith("__")]
+        assert mutable == [], (cls.name, mutable)
+
+
+def test_a_function_method_gets_the_acquisition(tmp_path) -> None:
+    from thinslice.infer.registry import UPSAMPLERS, register_method
+
+    seen = {}
+
+    def toy(thick, spacing_mm, profile, thickness):
+        seen.update(profile=profile, thickness=thickness)
+        return upsample(thick, spacing_mm, "cubic")
+
+    register_method("toy-fn", toy, options=("profile",))
+    try:
+        out = Upsampler("toy-fn", profile="box", thickness=6.0)(_thick(1), 1.25).volume
+    finally:
+        UPSAMPLERS.pop("toy-fn")
+    assert seen == {"profile": "box", "thickness": 6.0} and out.num_slices > _thick(1).num_slices

@@ -1,9 +1,14 @@
 """The method contract: every upsampling method is a small :class:`Pipeline` class.
 
 A pipeline declares what it needs as class attributes (its options dataclass, the weights kinds it loads, whether it
-models the input's slice profile, the command that trains its weights) and runs one shared skeleton::
+models the input's slice profile, the named steps it uses) and runs one shared skeleton of named steps::
 
-    prior (an interpolation) -> refine (the method's own step) -> data consistency (optional) -> Result
+    prior (an interpolation) -> refine (the method's own step) -> consistency (the projection) -> spread (std map)
+
+Each step is a method of the class; ``steps`` says which the method uses (cubic-dc: prior and consistency; planes:
+all four; ldm: prior, refine and spread, as it projects each sample inside refine). A call keeps nothing on the
+instance: what one step hands to a later one travels in the :class:`Result` (``extras``), so one loaded pipeline
+serves any number of volumes, one after another or from several threads.
 
 ``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.registry`) derives
 "needs weights", "uses the profile", the accepted option names and the training hint from the class, so the CLI,
@@ -122,7 +127,11 @@ class Pipeline:
     weights: ClassVar[tuple[str, ...]] = ()  # network kinds loaded from a bundle (rows of models.kinds)
     uses_profile: ClassVar[bool] = True  # models the input's slice profile (data consistency)
     preference: ClassVar[int] = 0  # rank among learned methods for --method auto without a manifest
-    always_consistent: ClassVar[bool] = False  # the projection is the method (cubic-dc), not an option
+    # The named steps of the skeleton this method uses (see the module docstring); "consistency" runs when the
+    # method's ``consistency`` option is on, or always where ``always_consistent`` (cubic-dc: the projection is the
+    # method); "spread" runs when refine left a raw spread map in ``extras``.
+    steps: ClassVar[tuple[str, ...]] = ("prior", "refine", "consistency")
+    always_consistent: ClassVar[bool] = False
     model: Any = None  # the network a learned method runs (set by load or from_model)
 
     def __init__(self, options: Any = None) -> None:
@@ -176,11 +185,13 @@ class Pipeline:
 
     @property
     def consistent(self) -> bool:
-        """Whether the skeleton ends with the data-consistency projection."""
-        return self.always_consistent or bool(getattr(self.options, "consistency", False))
+        """Whether the skeleton runs its consistency step (the data-consistency projection)."""
+        wanted = self.always_consistent or bool(getattr(self.options, "consistency", False))
+        return "consistency" in self.steps and wanted
 
-    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
-        """The estimate the method starts from (an interpolation on the thin grid)."""
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume | Result:
+        """The estimate the method starts from (an interpolation on the thin grid); a :class:`Result` when it
+        brings extra maps for the later steps (ldm's planes prior and its passes' disagreement)."""
         from thinslice.infer.interpolate import interpolate_volume
 
         return interpolate_volume(thick, spacing_mm, "cubic")
@@ -189,17 +200,33 @@ class Pipeline:
         """The method's own step (identity for interpolation)."""
         return Result(prior)
 
+    def consistency(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """Project the volume onto {x : A x = thick} for the input's slice profile, with its residual reported."""
+        result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
+        result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "
+                                           f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
+        return result
+
+    def spread(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """Turn the raw spread map in ``extras`` into the calibrated ``extras["std"]`` (methods with a map)."""
+        return result
+
     def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
-        """Run the skeleton; ``acquisition`` defaults to the file's (Gaussian profile, its slice thickness)."""
+        """Run the skeleton's steps; ``acquisition`` defaults to the file's (Gaussian profile, its slice
+        thickness)."""
         if acquisition is None:
             acquisition = Acquisition.of(thick) if self.uses_profile else Acquisition()
-        result = self.refine(thick, self.prior(thick, float(spacing_mm), acquisition), acquisition)
+        begun = self.prior(thick, float(spacing_mm), acquisition)
+        start, handed = (begun.volume, begun.extras) if isinstance(begun, Result) else (begun, {})
+        result = self.refine(thick, start, acquisition) if "refine" in self.steps else Result(start)
+        for name, volume in handed.items():  # the prior's maps, for the spread step
+            result.extras.setdefault(f"prior_{name}", volume)
         if acquisition.estimated:
             result.report["profile"] = acquisition.estimated
         if self.consistent:
-            result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
-            result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "
-                                               f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
+            result = self.consistency(result, thick, acquisition)
+        if "spread" in self.steps and "spread" in result.extras:
+            result = self.spread(result, thick, acquisition)
         result.volume.metadata.update(result.report)
         return result
 

@@ -122,13 +122,13 @@ def register_method(name: str, fn: UpsampleFn, *, description: str = "", options
     class FunctionPipeline(Pipeline):
         Options = function_options
         uses_profile = "profile" in options
+        steps = ("prior",)  # the function is the whole method
 
-        def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
+        def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
             given = {k: v for k, v in dataclasses.asdict(self.options).items() if v is not None}
             if self.uses_profile:
-                acquisition = acquisition or Acquisition.of(thick)
                 given.update(profile=acquisition.profile, thickness=acquisition.thickness_mm)
-            return Result(fn(thick, float(spacing_mm), **given))
+            return fn(thick, float(spacing_mm), **given)
 
     FunctionPipeline.name = name
     FunctionPipeline.description = description
@@ -255,6 +255,7 @@ class Linear(Pipeline):
     name = "linear"
     description = "linear interpolation between neighbouring slices (clamped at the ends)"
     uses_profile = False
+    steps = ("prior",)
 
     def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
         return interpolate_volume(thick, spacing_mm, "linear")
@@ -264,6 +265,7 @@ class Cubic(Pipeline):
     name = "cubic"
     description = "cubic B-spline interpolation through the slices (clamped at the ends)"
     uses_profile = False
+    steps = ("prior",)
 
 
 class CubicDC(Pipeline):
@@ -277,6 +279,7 @@ class CubicDC(Pipeline):
     name = "cubic-dc"
     description = ("cubic B-spline, then data consistency with the thick slices (assumed slice profile: --profile "
                    "gaussian|box|decimate, default gaussian with FWHM = slice thickness)")
+    steps = ("prior", "consistency")
     always_consistent = True
 
 
@@ -290,15 +293,21 @@ def prior_estimate(kind: str, planes: Pipeline | None, thick: Volume, spacing_mm
     """The estimate a denoiser refines (``latent.prior`` ``kind``): the planes output, cubic-dc where the planes
     network cannot serve the input, or cubic. Inference and the trainer's prior pairs both call this, so the model
     is trained on the prior it meets."""
+    return prior_result(kind, planes, thick, spacing_mm, acquisition).volume
+
+
+def prior_result(kind: str, planes: Pipeline | None, thick: Volume, spacing_mm: float,
+                 acquisition: Acquisition) -> Result:
+    """:func:`prior_estimate` with the planes run's extra maps (its passes' disagreement, ``extras["spread"]``,
+    when the planes pipeline was built with ``uncertainty``)."""
     if kind == "planes" and planes is not None:
         reason = planes.applicable(thick, spacing_mm, getattr(planes.options, "checkpoint", None))
         if reason is None:
-            return planes(thick, spacing_mm, acquisition).volume
+            return planes(thick, spacing_mm, acquisition)
         log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
     if kind in ("planes", "cubic-dc"):
-        return CubicDC()(thick, spacing_mm, acquisition).volume
-    return interpolate_volume(thick, spacing_mm, "cubic")
-
+        return Result(CubicDC()(thick, spacing_mm, acquisition).volume)
+    return Result(interpolate_volume(thick, spacing_mm, "cubic"))
 
 
 def find_method(name: str) -> UpsampleMethod:

@@ -185,7 +185,8 @@ def series_skip_reason(headers: list, num_files: int) -> str:
         return "localizer/scout image (ImageType " + "\\".join(sorted(image_type)) + ")"
     if num_files < 2:
         return "only one slice (a scout, a dose report or a single image), not a volume"
-    orientations = {tuple(np.round(_orientation(h), 3)) for h in headers if _orientation(h) is not None}
+    found = [o for h in headers if (o := _orientation(h)) is not None]
+    orientations = {tuple(np.round(o, 3)) for o in found}
     if len(orientations) > 1:
         return f"inconsistent geometry: {len(orientations)} different slice orientations in one series"
     if orientations:

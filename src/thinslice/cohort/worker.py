@@ -24,6 +24,7 @@ from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.volume import Volume
 
 if TYPE_CHECKING:
+    from thinslice.evaluate.bench import PeakRSS
     from thinslice.infer.upsample import Upsampler
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class CaseRunner:
         key = (method, repr(options))
         if key not in self._upsamplers:
             given = {k: v for k, v in options if v is not None}
-            self._upsamplers[key] = Upsampler(method, strict=False, text=True, **{**given, "progress": False})
+            self._upsamplers[key] = Upsampler.of(method, {**given, "progress": False}, strict=False, text=True)
         return self._upsamplers[key]
 
 
@@ -211,7 +212,7 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.mb = 0.0
-        self._sampler = None
+        self._sampler: PeakRSS | None = None
 
     def __enter__(self) -> PeakMemory:
         try:

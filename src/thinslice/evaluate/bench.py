@@ -259,7 +259,7 @@ def told_options(spec: MethodSpec, true_profile: str, thick: Volume) -> dict[str
 
 def _loaded(spec: MethodSpec) -> Upsampler:
     """The upsampler of ``spec`` with its weights loaded, so that a row's seconds are the volume's own."""
-    up = Upsampler(spec.method, **spec.options)
+    up = Upsampler.of(spec.method, spec.options)
     up.preload()
     return up
 
@@ -275,8 +275,9 @@ def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick:
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
     sharpness = through_plane_sharpness(out.slices_first(), truth_power, case.factor)
-    row = BenchRow(name, float(case.factor), case.profile, spec.label, case.ratio, float(scores["psnr"]),
-                   float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness,
+    psnr, ssim, mae = (float(str(scores[k])) for k in ("psnr", "ssim", "mae_hu_body"))
+    row = BenchRow(name, float(case.factor), case.profile, spec.label, case.ratio, psnr, ssim, mae,
+                   float(residual["mean_abs"]), sharpness,
                    seconds, memory.peak_mb, case.label)
     return row, out
 

@@ -104,7 +104,7 @@ def run_selfcheck(scan: Volume, name: str, methods: Sequence[str] = DEFAULT_METH
     if extra is not None:
         checks.append(extra)
     result = SelfCheck(name, {c.name: c.description for c in checks})
-    upsamplers = {spec.label: Upsampler(spec.method, **spec.options) for spec in specs}  # weights load once
+    upsamplers = {spec.label: Upsampler.of(spec.method, spec.options) for spec in specs}  # weights load once
     for check in checks:
         result.per_check[check.name] = {}
         for spec in specs:

@@ -216,7 +216,7 @@ class Ldm(Pipeline):
     vae: AutoencoderKL3D
     denoiser: LatentDenoiser
     latent: LatentConfig = LatentConfig()
-    planes: Planes | None = None
+    planes: Pipeline | None = None  # the planes prior (a Planes pipeline), when the denoiser starts from planes
 
     @classmethod
     def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None,
@@ -290,6 +290,6 @@ class Ldm(Pipeline):
         network_for = getattr(self.planes, "network_for", None)
         if self.latent.prior == "planes" and network_for is not None:
             network = network_for(k)
-            name = network_kind("planes").file_name(k if network is not self.planes.model else None)
+            name = network_kind("planes").file_name(k if network is not getattr(self.planes, "model", None) else None)
             hashes[name] = weights_label(network)
         return hashes

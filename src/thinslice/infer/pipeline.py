@@ -135,10 +135,10 @@ class Pipeline:
     model: Any = None  # the network a learned method runs (set by load or from_model)
 
     def __init__(self, options: Any = None) -> None:
-        self.options = options if options is not None else self.Options()
+        self.options: Any = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}")
-        check_option_types(dataclasses.asdict(self.options), option_types(self.Options))
+        check_option_types(vars(self.options), option_types(self.Options))  # a frozen dataclass's fields
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, **options: Any) -> Pipeline:

@@ -87,7 +87,7 @@ def refine_planes(
 
     device = next(model.parameters()).device
     # channels-last convolutions: 2.5-3x faster under bf16 on the CPU (oneDNN), also faster on GPUs.
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
     total = np.zeros(base_hu.shape, np.float32)
@@ -132,7 +132,7 @@ def refine_blocks(model: PlanesNet, thick_hu: np.ndarray, base_hu: np.ndarray, c
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
     out = np.empty(base_hu.shape, np.float32)

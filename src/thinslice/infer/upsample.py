@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from thinslice.degrade.grid import snap_spacing, thin_grid
@@ -87,6 +88,18 @@ class Upsampler:
 
     def __init__(self, method: str = AUTO, spacing: float | None = None, *, strict: bool = True, text: bool = False,
                  **options: object) -> None:
+        self._setup(method, spacing, strict, text, options)
+
+    @classmethod
+    def of(cls, method: str, options: Mapping[str, object], *, spacing: float | None = None, strict: bool = True,
+           text: bool = False) -> Upsampler:
+        """:class:`Upsampler` with its options as a mapping (callers that hold them as one, e.g. a cohort's)."""
+        up = cls.__new__(cls)
+        up._setup(method, spacing, strict, text, options)
+        return up
+
+    def _setup(self, method: str, spacing: float | None, strict: bool, text: bool,
+               options: Mapping[str, object]) -> None:
         self.method = method
         self.spacing = None if spacing is None else _positive_mm(spacing)
         self.strict, self.text = strict, text
@@ -107,7 +120,7 @@ class Upsampler:
         if method != AUTO and options.get("uncertainty") and not _gives_a_map(find_method(method)):
             raise _no_map(method)  # asked of one named method, a missing map is an error, not a note
         options = {"progress": progress, **options}  # --option progress=... wins
-        return cls(method, getattr(args, "spacing", None), strict=False, text=True, **options)
+        return cls.of(method, options, spacing=getattr(args, "spacing", None), strict=False, text=True)
 
     def decide(self, thick: Volume, spacing_mm: float | None = None) -> Decision:
         """The method, spacing and notes for ``thick`` (``spacing_mm``: this input's, else the upsampler's); an
@@ -232,7 +245,7 @@ def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options:
 
 def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Result:
     """:func:`upsample`, returning the whole :class:`~thinslice.infer.pipeline.Result`."""
-    return Upsampler(method, **options)(thick, spacing_mm)
+    return Upsampler.of(method, options)(thick, spacing_mm)
 
 
 def _positive_mm(value: object) -> float:

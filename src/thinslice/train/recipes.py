@@ -35,6 +35,7 @@ Format (every key but ``note``, ``card`` and ``description`` has an effect)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -342,13 +343,13 @@ def _preset(value: Any, place: str, folder: Path) -> dict[str, Any]:
     base = changes.pop("base", "small")
     name = changes.pop("name", None)
     data = base_preset_dict(base, place, folder)
+    sections = [f.name for f in dataclasses.fields(Preset) if f.name != "name"]
     for section, settings in changes.items():
-        if section not in data or not isinstance(data[section], dict):
-            raise _fail(place, f"preset section '{section}' does not exist (sections: "
-                               f"{', '.join(k for k, v in data.items() if isinstance(v, dict))})")
+        if section not in sections:
+            raise _fail(place, f"preset section '{section}' does not exist (sections: {', '.join(sections)})")
         if not isinstance(settings, dict):
             raise _fail(place, f"preset section '{section}' must be a table of settings")
-        data[section] = {**data[section], **copy.deepcopy(settings)}
+        data[section] = {**data.get(section, {}), **copy.deepcopy(settings)}
     if name is not None:
         data["name"] = str(name)
     build_preset(data, place)

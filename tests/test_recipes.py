@@ -1,0 +1,148 @@
+"""Training recipes (configs/recipes/*.toml) and ``thinslice reproduce``: every shipped recipe reads and checks, every
+chain runs end to end (tiny preset, phantom volumes named like the shared CT folder, a few steps) to a weights file
+the package loads, and a bad recipe is refused in one line before anything trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinslice.checkpoints.bundle import DEFAULT_BUNDLE_DIR, load_model, read_manifest
+from thinslice.checkpoints.files import read_metadata, read_weights
+from thinslice.cli.main import main
+from thinslice.data import split
+from thinslice.data.phantom import make_chest_phantom
+from thinslice.io import write_volume
+from thinslice.train import recipes
+from thinslice.train.reproduce import Overrides, plan, settings_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("baseline", "denoiser", "planes", "planes-x4", "planes-x5")
+# The slice counts of the shared CT volumes (their MANIFEST.md), so the recipes' parts resolve as on the real data.
+SLICES = {"ct02": 141, "ct04": 108, "ct05": 112, "ct06": 20, "ct07": 275, "ct08": 160, "ct09": 134, "ct10": 100}
+
+
+@pytest.fixture(scope="module")
+def ct_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ct")
+    for seed, (prefix, slices) in enumerate(SLICES.items()):
+        write_volume(make_chest_phantom(shape=(slices, 40, 40), spacing=(4.5, 4.5, 1.25), seed=seed),
+                     folder / f"{prefix}_phantom.nii.gz")
+    return folder
+
+
+def test_every_shipped_network_has_a_recipe_that_checks() -> None:
+    """One recipe per shipped weights file; each reads, checks, and its chain ends in that file; the manifest and
+    the model cards point at them."""
+    assert tuple(recipes.available()) == SHIPPED
+    manifest = read_manifest()
+    assert set(manifest["recipe"]) == set(manifest["weights"])
+    for name in SHIPPED:
+        recipe, order = recipes.load(name)
+        assert order[-1].key == f"{name}:{recipe.product}" and (DEFAULT_BUNDLE_DIR / recipe.weights).is_file()
+        assert manifest["recipe"][recipe.weights] == f"configs/recipes/{name}.toml"
+        assert (ROOT / "configs" / "recipes" / f"{name}.toml").resolve() == recipe.path.resolve()
+        card = (ROOT / "docs" / "models" / f"{name}.md").read_text(encoding="utf-8")
+        assert f"configs/recipes/{name}.toml" in card
+
+
+def test_recipes_say_what_the_shipped_files_record() -> None:
+    """The product stage's preset is the one recorded in the shipped file (name, network, example mix), and the
+    x5 chain starts from the planes-x4 recipe's mix network (an explicit stage, no file from version control)."""
+    for name in ("planes", "planes-x4", "planes-x5"):
+        recipe, order = recipes.load(name)
+        product = order[-1]
+        if product.trainer == "average":
+            product = next(s for s in order if s.key == product.ref_key(product.settings["inputs"][0]))
+        meta = json.loads(read_metadata(DEFAULT_BUNDLE_DIR / recipe.weights)["preset_config"])
+        preset = product.preset_data
+        assert preset is not None and meta["name"] == preset["name"]
+        assert {k: meta["planes"][k] for k in ("channels", "num_blocks")} == \
+            {k: preset["planes"][k] for k in ("channels", "num_blocks")}
+        assert list(meta["planes"]["factors"]) == list(preset["planes"]["factors"])
+        assert meta["planes_data"]["profile_mismatch"] == preset["planes_data"].get("profile_mismatch", 0.0)
+    _, order = recipes.load("planes-x5")
+    assert [s.key for s in order] == ["planes-x4:x4_2026_11_30", "planes-x4:clinical_mix", "planes-x5:deep_x5"]
+    mix = settings_of(order[1], Overrides())
+    assert mix["schedule"] == [[40000, 17000], [28000, 28000]] and mix["train"] == \
+        [p.name.replace("_lower", " lower ") for p in split.TRAIN]
+
+
+def test_every_chain_runs_to_loadable_weights_and_a_rerun_reuses_it(ct_folder, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["-q", "reproduce", "all", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny", "--device",
+            "cpu", "--steps-scale", "1e-4"]
+    assert main(args) == 0, capsys.readouterr().err
+    weights = out / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == sorted(recipes.read_recipe(n).weights for n in SHIPPED)
+    x5 = load_model("planes", weights / "planes-x5.safetensors")
+    assert x5.cfg.num_blocks == 10 and tuple(x5.cfg.factors) == (5,)
+    assert load_model("baseline", weights / "baseline.safetensors") is not None
+    assert all(t.dtype == torch.float16 for t in read_weights(weights / "denoiser.safetensors").values()
+               if t.is_floating_point())
+    assert load_model("denoiser", weights / "denoiser.safetensors") is not None
+    # planes-x4 is the average of the two clinical networks; the mix one ran 17,000 of 40,000 steps (scaled: 2 of
+    # 4), then resumed with a schedule that ends at 28,000 (scaled: 3)
+    soup = read_weights(weights / "planes-x4.safetensors")
+    mix, plain = (read_weights(out / "planes-x4" / s / "final" / "planes.safetensors")
+                  for s in ("clinical_mix", "clinical_plain"))
+    assert all(torch.allclose(soup[k], (mix[k] + plain[k]) / 2) for k in soup if soup[k].is_floating_point())
+    assert json.loads((out / "planes-x4" / "clinical_mix" / "final" / "summary.json").read_text())["step"] == 3
+    assert json.loads(read_metadata(weights / "planes.safetensors")["preset_config"])["planes_data"][
+        "profile_mismatch"] == 0.3
+    # the held-out parts are materialised under the split's names and never trained on
+    assert (out / "data" / "ct07_from175.nii.gz").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "planes-x4" / "soup" / "final").iterdir()}
+    capsys.readouterr()
+    assert main(args[1:]) == 0  # everything done: reused, nothing retrained
+    err = capsys.readouterr().err
+    assert "done, reusing" in err and "train-planes ->" not in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "planes-x4" / "soup" / "final").iterdir()}
+    assert main(["reproduce", "baseline", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
+                 "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with other settings" in err[0] and "schedule" in err[0]
+
+
+GOOD_STAGE = '''
+[[stages]]
+name = "a"
+trainer = "train-planes"
+train = ["ct02 lower 80"]
+steps = 10
+[stages.preset]
+base = "small"
+'''
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD_STAGE.replace("steps = 10", "stpes = 10"), "unknown key 'stpes' in stage 'a'"),
+    ('name = "bad"\nweights = "planes.safetensors"\n', "missing 'stages'"),
+    ('name = "bad"\nweights = "planes.safetensors"\nstages = []\n', "no stages"),
+    (GOOD_STAGE.replace("steps = 10", 'steps = 10\ninit = "nowhere"'), "starts from 'nowhere', which is no stage of bad"),
+    (GOOD_STAGE.replace('name = "a"', 'name = "a"\ninit = "b"')
+     + GOOD_STAGE.replace('name = "a"', 'name = "b"\ninit = "a"'), "cycle: bad:b -> bad:a -> bad:b"),
+    (GOOD_STAGE.replace('base = "small"', 'base = "smal"'), "unknown preset 'smal'"),
+    (GOOD_STAGE + 'planes_data = { profile_mismach = 0.3 }\n', "unknown preset keys"),
+    (GOOD_STAGE.replace('["ct02 lower 80"]', '["ct07"]'), "overlaps the held-out ct07_from175"),
+    (GOOD_STAGE.replace('["ct02 lower 80"]', '["ct02 lowest 80"]'), "data part 'ct02 lowest 80'"),
+    (GOOD_STAGE.replace("steps = 10", 'steps = 10\ninit = "planes-x9:a"'), "unknown recipe 'planes-x9'"),
+    (GOOD_STAGE.replace("steps = 10", "schedule = [{ steps = 10, stop = 5 }]"), 'set export = "best"'),
+])
+def test_a_bad_recipe_is_refused_in_one_line(tmp_path, capsys, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    header = "" if text.startswith("name =") else 'name = "bad"\nweights = "planes.safetensors"\n'
+    path.write_text(header + text, encoding="utf-8")
+    assert main(["reproduce", str(path), "--plan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_plan_lists_the_chain_with_the_overrides() -> None:
+    lines = plan("denoiser", Overrides(max_steps=5))
+    assert lines[0].startswith("planes:first_all_factor: train-planes") and "steps 5" in lines[0]
+    assert "denoiser:denoiser: train" in lines[1] and "prior planes:first_all_factor" in lines[1]
+    assert lines[-1].endswith("weights/denoiser.safetensors (float16)")

@@ -122,7 +122,7 @@ base = "small"
     (GOOD_STAGE.replace("steps = 10", "stpes = 10"), "unknown key 'stpes' in stage 'a'"),
     ('name = "bad"\nweights = "planes.safetensors"\n', "missing 'stages'"),
     ('name = "bad"\nweights = "planes.safetensors"\nstages = []\n', "no stages"),
-    (GOOD_STAGE.replace("steps = 10", 'steps = 10\ninit = "nowhere"'), "starts from 'nowhere', which is no stage of bad"),
+    (GOOD_STAGE.replace("steps = 10", 'steps = 10\ninit = "nowhere"'), "'nowhere', which is no stage of bad"),
     (GOOD_STAGE.replace('name = "a"', 'name = "a"\ninit = "b"')
      + GOOD_STAGE.replace('name = "a"', 'name = "b"\ninit = "a"'), "cycle: bad:b -> bad:a -> bad:b"),
     (GOOD_STAGE.replace('base = "small"', 'base = "smal"'), "unknown preset 'smal'"),

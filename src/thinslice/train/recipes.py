@@ -357,10 +357,13 @@ def _preset(value: Any, place: str, folder: Path) -> dict[str, Any]:
 
 
 def base_preset_dict(base: Any, place: str, folder: Path) -> dict[str, Any]:
-    """A named preset (tiny, small, paper) or a preset .json beside the recipe, as a dict."""
+    """A named preset (tiny, small, paper) or a preset .json beside the recipe (or, from ``--preset``, one relative to
+    the working folder), as a dict."""
     if not isinstance(base, str):
         raise _fail(place, "preset base must be a preset name")
     path = CONFIG_DIR / f"{base}.json" if base in PRESET_NAMES else folder / base
+    if base not in PRESET_NAMES and not path.is_file():
+        path = Path(base)  # a preset file given on the command line (--preset), relative to the working folder
     if base not in PRESET_NAMES and not (base.endswith(".json") and path.is_file()):
         raise _fail(place, f"unknown preset '{base}': use one of {', '.join(PRESET_NAMES)} or a preset .json "
                            "file beside the recipe")

@@ -82,7 +82,6 @@ def stage_preset(stage: Stage, ov: Overrides) -> dict[str, Any]:
         return stage.preset_data
     changes = dict(stage.settings.get("preset", {}))
     changes["base"] = ov.preset
-    changes.setdefault("name", ov.preset)
     return recipes._preset(changes, f"{stage.key} with --preset {ov.preset}", recipes.RECIPE_DIR)
 
 
@@ -157,7 +156,8 @@ class DataParts:
         source = split.source_file(self.source, spec.prefix)
         if spec.side is None:
             return source
-        part = spec.resolve(self._num_slices(spec.prefix, source))
+        # a lower part is known without reading the volume (write_part checks its length when it writes it)
+        part = spec.resolve(10**9) if spec.side == "lower" else spec.resolve(self._num_slices(spec.prefix, source))
         held = recipes.overlaps_held_out(part) if training else None
         if held is not None:
             raise ThinsliceError(f"data part '{spec.text}' ({part.name}) overlaps the held-out {held.name}: no "

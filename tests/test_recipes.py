@@ -71,40 +71,59 @@ def test_recipes_say_what_the_shipped_files_record() -> None:
         [p.name.replace("_lower", " lower ") for p in split.TRAIN]
 
 
-def test_every_chain_runs_to_loadable_weights_and_a_rerun_reuses_it(ct_folder, tmp_path, capsys) -> None:
+def _reproduce(names: list[str], ct_folder: Path, out: Path, *extra: str) -> int:
+    return main(["-q", "reproduce", *names, "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
+                 "--device", "cpu", *extra])
+
+
+def test_the_x4_chain_resumes_its_interrupted_leg_averages_and_a_rerun_reuses_it(ct_folder, tmp_path,
+                                                                                  capsys) -> None:
+    """planes-x4: the mix network runs 17,000 of 40,000 steps (scaled by 1e-4: 2 of 4), then resumes with a schedule
+    that ends at 28,000 (3); the product is the average of the two clinical networks; a second run reuses every
+    stage, and one with other steps is refused in one line."""
     out = tmp_path / "out"
-    args = ["-q", "reproduce", "all", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny", "--device",
-            "cpu", "--steps-scale", "1e-4"]
-    assert main(args) == 0, capsys.readouterr().err
+    assert _reproduce(["planes-x4"], ct_folder, out, "--steps-scale", "1e-4") == 0, capsys.readouterr().err
+    mix_run = out / "planes-x4" / "clinical_mix"
+    assert json.loads((mix_run / "final" / "summary.json").read_text())["step"] == 3
+    assert [json.loads(line)["step"] for line in (mix_run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [1, 2, 3]
+    soup = read_weights(out / "weights" / "planes-x4.safetensors")
+    mix, plain = (read_weights(out / "planes-x4" / s / "final" / "planes.safetensors")
+                  for s in ("clinical_mix", "clinical_plain"))
+    assert all(torch.allclose(soup[k], (mix[k] + plain[k]) / 2) for k in soup if soup[k].is_floating_point())
+    assert any(not torch.equal(mix[k], plain[k]) for k in mix)  # two trained networks, not one copied
+    model = load_model("planes", out / "weights" / "planes-x4.safetensors")
+    assert tuple(model.cfg.factors) == (4, 5)
+    assert (out / "data" / "ct07_from175.nii.gz").is_file()  # the held-out validation part, by the split's name
+    stamp = (out / "weights" / "planes-x4.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reproduce", "planes-x4", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
+                 "--steps-scale", "1e-4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done, reusing") == 4 and "train-planes ->" not in err
+    assert main(["reproduce", "planes-x4", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
+                 "--max-steps", "2"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "was made with other settings (schedule" in err_lines[0], err_lines
+    assert (out / "weights" / "planes-x4.safetensors").stat().st_mtime_ns >= stamp
+
+
+def test_every_chain_runs_to_weights_the_package_loads(ct_folder, tmp_path, capsys) -> None:
+    """All five recipes, two steps a leg: each writes its shipped file name, loadable as its kind (the x5 network
+    deepened to 10 blocks from the x4 recipe's stage, the denoiser in fp16 with its planes prior trained first)."""
+    out = tmp_path / "out"
+    assert _reproduce(["all"], ct_folder, out, "--max-steps", "2") == 0, capsys.readouterr().err
     weights = out / "weights"
     assert sorted(p.name for p in weights.iterdir()) == sorted(recipes.read_recipe(n).weights for n in SHIPPED)
     x5 = load_model("planes", weights / "planes-x5.safetensors")
     assert x5.cfg.num_blocks == 10 and tuple(x5.cfg.factors) == (5,)
+    assert json.loads(read_metadata(weights / "planes.safetensors")["preset_config"])["planes_data"][
+        "profile_mismatch"] == 0.3
     assert load_model("baseline", weights / "baseline.safetensors") is not None
     assert all(t.dtype == torch.float16 for t in read_weights(weights / "denoiser.safetensors").values()
                if t.is_floating_point())
     assert load_model("denoiser", weights / "denoiser.safetensors") is not None
-    # planes-x4 is the average of the two clinical networks; the mix one ran 17,000 of 40,000 steps (scaled: 2 of
-    # 4), then resumed with a schedule that ends at 28,000 (scaled: 3)
-    soup = read_weights(weights / "planes-x4.safetensors")
-    mix, plain = (read_weights(out / "planes-x4" / s / "final" / "planes.safetensors")
-                  for s in ("clinical_mix", "clinical_plain"))
-    assert all(torch.allclose(soup[k], (mix[k] + plain[k]) / 2) for k in soup if soup[k].is_floating_point())
-    assert json.loads((out / "planes-x4" / "clinical_mix" / "final" / "summary.json").read_text())["step"] == 3
-    assert json.loads(read_metadata(weights / "planes.safetensors")["preset_config"])["planes_data"][
-        "profile_mismatch"] == 0.3
-    # the held-out parts are materialised under the split's names and never trained on
-    assert (out / "data" / "ct07_from175.nii.gz").is_file()
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "planes-x4" / "soup" / "final").iterdir()}
-    capsys.readouterr()
-    assert main(args[1:]) == 0  # everything done: reused, nothing retrained
-    err = capsys.readouterr().err
-    assert "done, reusing" in err and "train-planes ->" not in err
-    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "planes-x4" / "soup" / "final").iterdir()}
-    assert main(["reproduce", "baseline", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
-                 "--max-steps", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was made with other settings" in err[0] and "schedule" in err[0]
+    assert (out / "denoiser" / "denoiser" / "best" / "planes.safetensors").is_file()  # the prior travels along
 
 
 GOOD_STAGE = '''

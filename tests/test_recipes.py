@@ -76,44 +76,20 @@ def _reproduce(names: list[str], ct_folder: Path, out: Path, *extra: str) -> int
                  "--device", "cpu", *extra])
 
 
-def test_the_x4_chain_resumes_its_interrupted_leg_averages_and_a_rerun_reuses_it(ct_folder, tmp_path,
-                                                                                  capsys) -> None:
-    """planes-x4: the mix network runs 17,000 of 40,000 steps (scaled by 1e-4: 2 of 4), then resumes with a schedule
-    that ends at 28,000 (3); the product is the average of the two clinical networks; a second run reuses every
-    stage, and one with other steps is refused in one line."""
-    out = tmp_path / "out"
-    assert _reproduce(["planes-x4"], ct_folder, out, "--steps-scale", "1e-4") == 0, capsys.readouterr().err
-    mix_run = out / "planes-x4" / "clinical_mix"
-    assert json.loads((mix_run / "final" / "summary.json").read_text())["step"] == 3
-    assert [json.loads(line)["step"] for line in (mix_run / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in line] == [1, 2, 3]
-    soup = read_weights(out / "weights" / "planes-x4.safetensors")
-    mix, plain = (read_weights(out / "planes-x4" / s / "final" / "planes.safetensors")
-                  for s in ("clinical_mix", "clinical_plain"))
-    assert all(torch.allclose(soup[k], (mix[k] + plain[k]) / 2) for k in soup if soup[k].is_floating_point())
-    assert any(not torch.equal(mix[k], plain[k]) for k in mix)  # two trained networks, not one copied
-    model = load_model("planes", out / "weights" / "planes-x4.safetensors")
-    assert tuple(model.cfg.factors) == (4, 5)
-    assert (out / "data" / "ct07_from175.nii.gz").is_file()  # the held-out validation part, by the split's name
-    stamp = (out / "weights" / "planes-x4.safetensors").stat().st_mtime_ns
-    capsys.readouterr()
-    assert main(["reproduce", "planes-x4", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
-                 "--steps-scale", "1e-4"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("done, reusing") == 4 and "train-planes ->" not in err
-    assert main(["reproduce", "planes-x4", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
-                 "--max-steps", "2"]) == 2
-    err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 1 and "was made with other settings (schedule" in err_lines[0], err_lines
-    assert (out / "weights" / "planes-x4.safetensors").stat().st_mtime_ns >= stamp
+@pytest.fixture(scope="module")
+def reproduced(ct_folder, tmp_path_factory) -> Path:
+    """Every shipped recipe run once, tiny preset, each schedule scaled by 1e-4 (34,000 steps -> 3; the x4 mix
+    network's 17,000 of 40,000 then 28,000 -> 2 of 4, then 3)."""
+    out = tmp_path_factory.mktemp("reproduced")
+    assert _reproduce(["all"], ct_folder, out, "--steps-scale", "1e-4") == 0
+    return out
 
 
-def test_every_chain_runs_to_weights_the_package_loads(ct_folder, tmp_path, capsys) -> None:
-    """All five recipes, two steps a leg: each writes its shipped file name, loadable as its kind (the x5 network
-    deepened to 10 blocks from the x4 recipe's stage, the denoiser in fp16 with its planes prior trained first)."""
-    out = tmp_path / "out"
-    assert _reproduce(["all"], ct_folder, out, "--max-steps", "2") == 0, capsys.readouterr().err
-    weights = out / "weights"
+def test_every_chain_runs_to_weights_the_package_loads(reproduced) -> None:
+    """Each recipe writes its shipped file name, loadable as its kind: the x5 network deepened to 10 blocks from
+    the planes-x4 recipe's stage, the all-factor one with the acquisition mix, the denoiser in fp16 with its planes
+    prior trained first."""
+    weights = reproduced / "weights"
     assert sorted(p.name for p in weights.iterdir()) == sorted(recipes.read_recipe(n).weights for n in SHIPPED)
     x5 = load_model("planes", weights / "planes-x5.safetensors")
     assert x5.cfg.num_blocks == 10 and tuple(x5.cfg.factors) == (5,)
@@ -123,7 +99,37 @@ def test_every_chain_runs_to_weights_the_package_loads(ct_folder, tmp_path, caps
     assert all(t.dtype == torch.float16 for t in read_weights(weights / "denoiser.safetensors").values()
                if t.is_floating_point())
     assert load_model("denoiser", weights / "denoiser.safetensors") is not None
-    assert (out / "denoiser" / "denoiser" / "best" / "planes.safetensors").is_file()  # the prior travels along
+    assert (reproduced / "denoiser" / "denoiser" / "best" / "planes.safetensors").is_file()  # the prior with it
+
+
+def test_the_x4_chain_resumes_its_interrupted_leg_and_averages(reproduced) -> None:
+    """planes-x4: the mix network stops at 2 of a 4-step schedule and resumes with one that ends at 3; the product
+    is the average of the two clinical networks."""
+    mix_run = reproduced / "planes-x4" / "clinical_mix"
+    assert json.loads((mix_run / "final" / "summary.json").read_text())["step"] == 3
+    assert [json.loads(line)["step"] for line in (mix_run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [1, 2, 3]
+    soup = read_weights(reproduced / "weights" / "planes-x4.safetensors")
+    mix, plain = (read_weights(reproduced / "planes-x4" / s / "final" / "planes.safetensors")
+                  for s in ("clinical_mix", "clinical_plain"))
+    assert any(not torch.equal(mix[k], plain[k]) for k in mix)  # two trained networks, not one copied
+    assert all(torch.allclose(soup[k], (mix[k] + plain[k]) / 2) for k in soup if soup[k].is_floating_point())
+    assert tuple(load_model("planes", reproduced / "weights" / "planes-x4.safetensors").cfg.factors) == (4, 5)
+    assert (reproduced / "data" / "ct07_from175.nii.gz").is_file()  # the held-out validation part, by its split name
+
+
+def test_a_rerun_reuses_every_stage_and_other_settings_are_refused(reproduced, ct_folder, capsys) -> None:
+    before = (reproduced / "weights" / "planes-x5.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["reproduce", "planes-x5", "--data", str(ct_folder), "--out", str(reproduced), "--preset", "tiny",
+                 "--steps-scale", "1e-4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done, reusing") == 3 and "train-planes ->" not in err
+    assert main(["reproduce", "planes-x5", "--data", str(ct_folder), "--out", str(reproduced), "--preset", "tiny",
+                 "--max-steps", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "was made with other settings (schedule" in lines[0], lines
+    assert (reproduced / "weights" / "planes-x5.safetensors").read_bytes() == before
 
 
 GOOD_STAGE = '''
@@ -165,3 +171,20 @@ def test_plan_lists_the_chain_with_the_overrides() -> None:
     assert lines[0].startswith("planes:first_all_factor: train-planes") and "steps 5" in lines[0]
     assert "denoiser:denoiser: train" in lines[1] and "prior planes:first_all_factor" in lines[1]
     assert lines[-1].endswith("weights/denoiser.safetensors (float16)")
+
+
+def test_time_limit_stops_the_chain_and_the_same_command_continues(ct_folder, tmp_path, capsys) -> None:
+    """--time-limit stops a stage with a checkpoint (exit 0, no weights yet); the same command without it resumes
+    that stage from its checkpoint and finishes the chain."""
+    out = tmp_path / "out"
+    assert main(["reproduce", "baseline", "--data", str(ct_folder), "--out", str(out), "--preset", "tiny",
+                 "--device", "cpu", "--max-steps", "12", "--time-limit", "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "time limit reached in stage baseline:cnn" in err
+    assert not (out / "weights" / "baseline.safetensors").exists()
+    stopped = json.loads((out / "baseline" / "cnn" / "reproduce.json").read_text())
+    assert stopped["done"] is False and (out / "baseline" / "cnn" / "checkpoints").is_dir()
+    assert _reproduce(["baseline"], ct_folder, out, "--max-steps", "12") == 0
+    rows = [json.loads(line) for line in (out / "baseline" / "cnn" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 12 and (out / "weights" / "baseline.safetensors").is_file()
+    assert json.loads((out / "baseline" / "cnn" / "reproduce.json").read_text())["done"] is True

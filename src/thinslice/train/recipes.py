@@ -256,7 +256,7 @@ def _stage(raw: Any, recipe: str, where: str, folder: Path) -> Stage:
         raise _fail(place, "missing 'train' (a set of the data split or a list of parts)")
     stage.parts = {role: _parts(raw[role], place, role) for role in ("train", "val") if role in raw}
     _check_not_held_out(stage.parts["train"], place)
-    stage.preset_data = _preset(raw.get("preset", {}), place, folder)
+    stage.preset_data = resolve_preset(raw.get("preset", {}), place, folder)
     stage.legs = _legs(raw, place)
     _check_values(stage, place)
     for role in ("init", "prior"):
@@ -334,7 +334,7 @@ def _check_not_held_out(parts: tuple[PartSpec, ...], place: str) -> None:
                                "(thinslice.data.split): no recipe trains on the benchmark's held-out slices")
 
 
-def _preset(value: Any, place: str, folder: Path) -> dict[str, Any]:
+def resolve_preset(value: Any, place: str, folder: Path) -> dict[str, Any]:
     """The stage's preset as a dict: the named base preset with the recipe's sections merged in, checked by
     building it (unknown sections and keys, bad values are refused here, not after hours of training)."""
     if not isinstance(value, dict):

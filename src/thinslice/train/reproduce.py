@@ -82,7 +82,7 @@ def stage_preset(stage: Stage, ov: Overrides) -> dict[str, Any]:
         return stage.preset_data
     changes = dict(stage.settings.get("preset", {}))
     changes["base"] = ov.preset
-    return recipes._preset(changes, f"{stage.key} with --preset {ov.preset}", recipes.RECIPE_DIR)
+    return recipes.resolve_preset(changes, f"{stage.key} with --preset {ov.preset}", recipes.RECIPE_DIR)
 
 
 def settings_of(stage: Stage, ov: Overrides) -> dict[str, Any]:
@@ -210,7 +210,7 @@ def run_stage(stage: Stage, run: _Run) -> bool:
     if stage.trainer != "average":
         settings["data"] = {role: [f.name for f in run.parts.files(stage.parts[role], role == "train")]
                             for role in stage.parts}
-    if _check_record(folder, settings):
+    if _check_record(folder, settings) and output.is_file():
         log.info("stage %s: done, reusing %s", stage.key, output)
         return True
     _write_record(folder, stage, settings, done=False)

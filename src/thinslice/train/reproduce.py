@@ -187,7 +187,7 @@ class _Run:
         return None if self.deadline is None else self.deadline - time.time()
 
 
-def reproduce(name: str | Path, data: Path | None = None, out: Path = DEFAULT_OUT,
+def reproduce(name: str | Path, data: str | Path | None = None, out: str | Path = DEFAULT_OUT,
               ov: Overrides | None = None) -> Path | None:
     """Run the chain of recipe ``name``; returns the product's path, or None when ``--time-limit`` stopped it
     (run the same command again to continue)."""
@@ -195,7 +195,8 @@ def reproduce(name: str | Path, data: Path | None = None, out: Path = DEFAULT_OU
     recipe, order = recipes.load(name)
     out = Path(out)
     deadline = time.time() + ov.time_limit_s if ov.time_limit_s else None
-    run = _Run(out, DataParts(data or default_data_dir(), out), ov, deadline, {s.key: s for s in order})
+    run = _Run(out, DataParts(Path(data) if data else default_data_dir(), out), ov, deadline,
+               {s.key: s for s in order})
     for stage in order:
         if not run_stage(stage, run):
             log.info("time limit reached in stage %s; run the same command again to continue", stage.key)

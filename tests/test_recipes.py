@@ -188,3 +188,19 @@ def test_time_limit_stops_the_chain_and_the_same_command_continues(ct_folder, tm
     rows = [json.loads(line) for line in (out / "baseline" / "cnn" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 12 and (out / "weights" / "baseline.safetensors").is_file()
     assert json.loads((out / "baseline" / "cnn" / "reproduce.json").read_text())["done"] is True
+
+
+def test_another_data_folder_with_the_same_out_is_refused(ct_folder, tmp_path, capsys) -> None:
+    """A data part already cut from one CT folder is not silently reused for another."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    assert _reproduce(["baseline"], ct_folder, out, "--max-steps", "1") == 0
+    other.mkdir()
+    for path in ct_folder.iterdir():
+        (other / path.name).symlink_to(path)
+    (other / "ct02_phantom.nii.gz").unlink()
+    write_volume(make_chest_phantom(shape=(141, 40, 40), spacing=(4.5, 4.5, 1.0), seed=99),
+                 other / "ct02_other.nii.gz")
+    capsys.readouterr()
+    assert _reproduce(["baseline"], other, out, "--max-steps", "1") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "ct02_lower80.nii.gz was cut from ct02_phantom.nii.gz" in lines[0], lines

@@ -162,7 +162,20 @@ class DataParts:
         if held is not None:
             raise ThinsliceError(f"data part '{spec.text}' ({part.name}) overlaps the held-out {held.name}: no "
                                  "recipe trains on the benchmark's held-out slices")
+        self._check_source(part.name, source)
         return split.write_part(part, source, self.out)
+
+    def _check_source(self, name: str, source: Path) -> None:
+        """A part already written must have been cut from this very file (``data/sources.json``): another
+        ``--data`` folder with the same ``--out`` is refused instead of training on the other folder's slices."""
+        record = self.out / "sources.json"
+        known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        this = f"{source.name} ({source.stat().st_size} bytes)"
+        if name in known and known[name] != this and (self.out / f"{name}.nii.gz").exists():
+            raise ThinsliceError(f"{self.out / name}.nii.gz was cut from {known[name]}, not {this}: choose another "
+                                 "--out for this --data folder")
+        if known.get(name) != this:
+            write_text_atomic(record, json.dumps({**known, name: this}, indent=1))
 
     def _num_slices(self, prefix: str, source: Path) -> int:
         if prefix not in self._slices:
@@ -194,7 +207,7 @@ def reproduce(name: str | Path, data: str | Path | None = None, out: str | Path 
     ov = ov or Overrides()
     recipe, order = recipes.load(name)
     out = Path(out)
-    deadline = time.time() + ov.time_limit_s if ov.time_limit_s else None
+    deadline = None if ov.time_limit_s is None else time.time() + ov.time_limit_s
     run = _Run(out, DataParts(Path(data) if data else default_data_dir(), out), ov, deadline,
                {s.key: s for s in order})
     for stage in order:

@@ -84,7 +84,7 @@ def main() -> None:
     rss_input = peak_rss_gb()
     start = time.perf_counter()
     acquisition = Acquisition.of(thick)
-    prior = pipeline.prior(thick, thin_mm, acquisition)
+    prior = pipeline.prior(thick, thin_mm, acquisition).volume
     t_prior = time.perf_counter() - start
     result = pipeline.refine(thick, prior, acquisition)
     total = time.perf_counter() - start

@@ -28,7 +28,7 @@ from thinslice.checkpoints.bundle import load_planes
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.planes import parse_orientations, refine_planes
-from thinslice.infer.upsample import get_method
+from thinslice.infer.upsample import get_method, upsample
 from thinslice.models.factory import build_planes
 from thinslice.models.kinds import network_kind
 from thinslice.models.planes import PlanesNet, acquisition_vector
@@ -98,7 +98,7 @@ def main() -> None:
     model.eval()
     orientations = parse_orientations(args.orientations)
     start = time.perf_counter()
-    base = get_method("cubic-dc").fn(thick, thin_spacing)
+    base = upsample(thick, thin_spacing, "cubic-dc")
     t_base = time.perf_counter()
     refined = refine_planes(model, thick.slices_first(), base.slices_first(),
                             acquisition_vector(1.0, "gaussian"), orientations, args.precision, progress=True)

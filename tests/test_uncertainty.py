@@ -8,6 +8,7 @@ import pytest
 from thinslice.checkpoints.bundle import DEFAULT_BUNDLE_DIR, save_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
 from thinslice.infer.uncertainty import (
     Entry,
     Features,
@@ -99,12 +100,13 @@ def test_uncertainty_on_a_method_without_it_is_one_clear_line(tmp_path, thin_pha
 
 
 def test_ldm_uncertainty_means_samples() -> None:
-    from thinslice.cli.cmd_upsample import _uncertainty_options
-    from thinslice.infer.upsample import get_method
+    from thinslice.infer.upsample import Upsampler
 
-    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True}) == {"samples": 4}
-    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True, "samples": 8}) == {"samples": 8}
-    assert _uncertainty_options(get_method("planes"), {"uncertainty": True}) == {"uncertainty": True}
+    assert Upsampler("ldm", uncertainty=True).options_of("ldm")["samples"] == 4
+    assert Upsampler("ldm", uncertainty=True, samples=8).options_of("ldm")["samples"] == 8
+    assert Upsampler("planes", uncertainty=True).options_of("planes")["uncertainty"] is True
+    with pytest.raises(ThinsliceError, match="gives no uncertainty map"):
+        Upsampler("cubic-dc", uncertainty=True)
 
 
 def test_welford_matches_the_mean_and_std_of_held_samples() -> None:

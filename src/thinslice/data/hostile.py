@@ -27,13 +27,17 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from thinslice.data.odd import _new_object, _pixel_module, edit_headers, phantom, write_series
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 
 REFUSE = "refuse"  # the reader must end in a ThinsliceError
 EITHER = "either"  # a correct volume (see Hostile.shape) or a ThinsliceError
@@ -75,7 +79,7 @@ class NiftiHeader:
     quatern: tuple[float, ...] = (0.0, 0.0, 0.0, -4.0, -4.0, 0.0)  # b, c, d, qoffset x, y, z
     srow: tuple[float, ...] = (1.0, 0.0, 0.0, -4.0, 0.0, 1.0, 0.0, -4.0, 0.0, 0.0, 3.0, 0.0)
     extension: bytes = b""  # raw bytes after the 4-byte extension flag (flag set when non-empty)
-    endian: str = "<"
+    endian: Literal["<", ">"] = "<"
 
     def pack(self) -> bytes:
         """The header, the extension flag and the extension bytes (pad to vox_offset with :func:`nifti_file`)."""
@@ -343,12 +347,14 @@ def nrrd_files(folder: Path, seed: int = 0) -> list[Hostile]:
     out: list[Hostile] = []
     good = (8, 8, 6)
 
-    def add(name: str, changes: dict[str, str], description: str, expect: str = REFUSE, data: bytes | None = None,
-            extra: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None, claims: int = 0) -> None:
+    def add(name: str, changes: dict[str, str | None], description: str, expect: str = REFUSE,
+            data: bytes | None = None, extra: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None,
+            claims: int = 0) -> None:
+        """``changes``: fields to set, or to remove where the value is None."""
         header = NrrdHeader()
-        header.fields.update(changes)
+        header.fields.update({k: v for k, v in changes.items() if v is not None})
         for key in [k for k, v in changes.items() if v is None]:
-            del header.fields[key]
+            header.fields.pop(key, None)
         header.extra_lines = extra
         out.append(Hostile(nrrd_file(folder / name, header, data), description, "nrrd", expect, shape, claims))
 
@@ -684,9 +690,17 @@ def probe(path: Path, timeout: float = PROBE_TIMEOUT_S, available: int = PROBE_A
     global _SERVER
     if _SERVER is None or _SERVER.poll() is not None:
         _SERVER = _start_server()
-    _SERVER.stdin.write(json.dumps([str(path), float(timeout), int(available)]).encode() + b"\n")
-    _SERVER.stdin.flush()
-    return _outcome_from_json(_SERVER.stdout.readline())
+    stdin, stdout = _pipes(_SERVER)
+    stdin.write(json.dumps([str(path), float(timeout), int(available)]).encode() + b"\n")
+    stdin.flush()
+    return _outcome_from_json(stdout.readline())
+
+
+def _pipes(server: subprocess.Popen) -> tuple[IO[bytes], IO[bytes]]:
+    """The read server's stdin and stdout (it is started with both piped)."""
+    if server.stdin is None or server.stdout is None:
+        raise RuntimeError("the read server was started without pipes")
+    return server.stdin, server.stdout
 
 
 def _outcome_to_json(outcome: Outcome) -> bytes:
@@ -718,7 +732,7 @@ def _start_server() -> subprocess.Popen:
 
 def _stop_server(server: subprocess.Popen) -> None:
     if server.poll() is None:
-        server.stdin.close()
+        _pipes(server)[0].close()
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:
@@ -830,6 +844,7 @@ def _limit_memory(available: int) -> None:
     import thinslice.io.limits as limits
 
     original = limits.available_memory
+    module: Any  # any module of the package that imported the check by name
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("thinslice") and \
                 getattr(module, "available_memory", None) is original:
@@ -894,7 +909,7 @@ def nibabel_problems(volume, path: Path) -> list[str]:
     if "geometry" in volume.metadata:
         return []
     try:
-        image = nibabel.load(str(path))
+        image: Any = nibabel.load(str(path))  # a NIfTI image here; anything else fails below and is skipped
         header = image.header
         codes = (int(header["sform_code"]), int(header["qform_code"]))
         # Codes outside 0..4 are invalid, and nibabel and ITK read them differently: no reference there.

@@ -1,9 +1,10 @@
 """One benchmark for every method: volumes x factors x slice profiles x methods -> one table.
 
 Each case simulates thick slices from a thin volume (``simulate_pair``), upsamples them back with each method through
-the same ``upsample`` entry point the CLI uses, and scores the result against the thin truth. Per method it records
-PSNR, SSIM, HU-MAE (body), the data-consistency residual (how far the output, degraded again with the input's
-profile, is from the input slices), wall seconds and the peak resident memory while the method ran.
+the same :class:`~thinslice.infer.upsample.Upsampler` the CLI uses (one per method, so weights load once, before
+the timing), and scores the result against the thin truth. Per method it records PSNR, SSIM, HU-MAE (body), the
+data-consistency residual (how far the output, degraded again with the input's profile, is from the input slices),
+wall seconds and the peak resident memory while the method ran.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes, high_band_power, through_plane_sharpness
 from thinslice.infer.consistency import consistency_residual_hu
-from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, Upsampler
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -205,6 +206,7 @@ def run_benchmark(
     with a note. With ``out_dir`` the tables are rewritten after every case, so a long run stopped midway keeps
     what it measured."""
     rows: list[BenchRow] = []
+    upsamplers: dict[str, Upsampler] = {}
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
         name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
@@ -219,7 +221,8 @@ def run_benchmark(
                 if reason:
                     log(f"{name} {case.label} {case.profile}: {spec.label} skipped ({reason})")
                     continue
-                row, outputs[spec.label] = _score_method(spec, name, case, thick, truth, operator, truth_power)
+                up = upsamplers.get(spec.label) or upsamplers.setdefault(spec.label, _loaded(spec))
+                row, outputs[spec.label] = _score_method(up, spec, name, case, thick, truth, operator, truth_power)
                 rows.append(row)
                 log(f"{name} {case.label:<18} {case.profile:<8} {spec.label:<12} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
@@ -254,14 +257,20 @@ def told_options(spec: MethodSpec, true_profile: str, thick: Volume) -> dict[str
     return {"profile": spec.told, "thickness": float(thick.slice_spacing)}
 
 
-def _score_method(spec: MethodSpec, name: str, case: Case, thick: Volume, truth: Volume,
+def _loaded(spec: MethodSpec) -> Upsampler:
+    """The upsampler of ``spec`` with its weights loaded, so that a row's seconds are the volume's own."""
+    up = Upsampler(spec.method, **spec.options)
+    up.preload()
+    return up
+
+
+def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick: Volume, truth: Volume,
                   operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
     """One method on one case: its output, scores, data-consistency residual (against the true profile), seconds
     and peak memory."""
     with PeakRSS() as memory:
         start = time.perf_counter()
-        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options,
-                       **told_options(spec, case.profile, thick))
+        out = up(thick, truth.slice_spacing, **told_options(spec, case.profile, thick)).volume
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)

@@ -18,7 +18,7 @@ from thinslice.checkpoints.bundle import load_baseline
 from thinslice.checkpoints.files import keep_record, loaded_preset, weights_label
 from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
-from thinslice.infer.upsample import register_pipeline
+from thinslice.infer.registry import register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.intensity import HU_MAX, HU_MIN, hu_to_model, model_to_hu

@@ -131,9 +131,10 @@ def _meta_names(text: str, header: Path) -> list[str]:
     """The names of the MetaImage ``ElementDataFile`` field (LOCAL: the data follow in the same file)."""
     lines = text.splitlines()
     index = _meta_line(lines)
-    if index is None:
+    match = None if index is None else _META_FIELD.match(lines[index])
+    if index is None or match is None:
         return []
-    value = _META_FIELD.match(lines[index]).group(1)
+    value = match.group(1)
     if value.upper() == "LOCAL":
         return []
     return _field_names(value, lines[index + 1:], header, "ElementDataFile")
@@ -145,7 +146,8 @@ def _field_names(value: str, rest: list[str], header: Path, field: str) -> list[
     if tokens and tokens[0].upper() == "LIST":
         return [line.strip() for line in rest if line.strip() and not line.lstrip().startswith("#")]
     if len(tokens) in (4, 5) and "%" in tokens[0] and all(_is_int(t) for t in tokens[1:]):
-        return _pattern_names(tokens[0], *(int(t) for t in tokens[1:4]), header=header, field=field)
+        first, last, step = (int(t) for t in tokens[1:4])
+        return _pattern_names(tokens[0], first, last, step, header=header, field=field)
     if not value:
         raise ThinsliceError(f"{header}: its {field} field is empty; name the data file beside the header")
     return [value]

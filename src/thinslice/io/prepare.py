@@ -137,8 +137,8 @@ def prepare_dataset(
 
     used_names: set[str] = set()
     report = PrepareReport(out_dir=out)
-    for row, path, files in tqdm(tasks, desc="prepare", unit="series", disable=not progress):
-        _process(row, path, files, volumes_dir, used_names, min_slices, max_slice_spacing)
+    for row, volume_file, files in tqdm(tasks, desc="prepare", unit="series", disable=not progress):
+        _process(row, volume_file, files, volumes_dir, used_names, min_slices, max_slice_spacing)
         report.rows.append(row)
 
     report.splits = _split_patients(report.converted, fractions, seed)

@@ -15,6 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,7 +39,10 @@ from thinslice.io.nifti import read_header as read_nifti_header
 from thinslice.io.nifti import read_voxels as read_nifti_voxels
 from thinslice.io.volume import ISO_TOL, Volume
 
-sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import SimpleITK as sitk
+else:
+    sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 # A CT volume in HU has air; the lowest value of a volume above this is not HU (MR, 8-bit, rescaled).
 NOT_HU_ABOVE = -500.0

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,7 +27,10 @@ from thinslice.io.limits import check_voxel_values
 from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
 
-sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import SimpleITK as sitk
+else:
+    sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 DTYPES = ("int16", "float32")
 log = logging.getLogger(__name__)

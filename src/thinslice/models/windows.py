@@ -17,7 +17,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -45,10 +45,11 @@ def blend_windows(x: torch.Tensor, roi: tuple[int, ...], predictor: Callable[...
     """``predictor`` over overlapping windows of ``x`` (1, C, ...), Gaussian-blended; windows run on ``device``,
     the result is gathered on the CPU so that only one window at a time occupies the accelerator. ``kwargs`` go to
     MONAI (``with_coord``, ``process_fn``)."""
-    return sliding_window_inference(
+    out = sliding_window_inference(
         x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian",
         sw_device=device, device=torch.device("cpu"), progress=progress, **kwargs,
     )
+    return cast(torch.Tensor, out)  # MONAI returns what the predictor returns: one tensor here
 
 
 def whole_or_windows(fn: Callable[[torch.Tensor, tuple[int, ...] | None], torch.Tensor], x: torch.Tensor,

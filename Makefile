@@ -19,7 +19,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/thinslice demo --out demo_out
 
-test: $(STAMP)
+# The checks first (seconds), then the suite.
+test: check
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -867,13 +867,14 @@ def _first_line(exc: BaseException) -> str:
 def _read_and_check(path: Path) -> Outcome:
     from thinslice.errors import ThinsliceError
     from thinslice.io import read_volume
+    from thinslice.io.formats import NIFTI, file_extension, format_for_suffix
 
     try:
         volume = read_volume(path)
     except ThinsliceError as exc:
         return Outcome("error", str(exc), "ThinsliceError")
     problems = volume_problems(volume)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if format_for_suffix(file_extension(path)) is NIFTI:
         problems += nibabel_problems(volume, path)
     return Outcome("volume", repr(volume)[:200], shape=volume.shape_ijk, problems=problems)
 

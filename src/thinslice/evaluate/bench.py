@@ -29,6 +29,7 @@ from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, Upsampler
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
+from thinslice.io.formats import strip_volume_suffix
 from thinslice.io.volume import Volume
 
 
@@ -209,7 +210,7 @@ def run_benchmark(
     upsamplers: dict[str, Upsampler] = {}
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
-        name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
+        name = f"volume{index}" if isinstance(item, Volume) else strip_volume_suffix(Path(item).name)
         for case in volume_cases(thin.slice_spacing, factors, profiles, overlaps, mm_cases):
             spacing = case.factor * thin.slice_spacing
             thick, truth = simulate_pair(thin, thickness=case.ratio * spacing, spacing=spacing, profile=case.profile)
@@ -279,14 +280,6 @@ def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick:
                    float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness,
                    seconds, memory.peak_mb, case.label)
     return row, out
-
-
-def _short_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:

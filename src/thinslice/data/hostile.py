@@ -822,16 +822,17 @@ def _fork_read(path: str, timeout: float, available: int) -> Outcome:
 
 def _child_outcome(path: str, available: int) -> Outcome:
     import logging
-    import resource
+
+    from thinslice.memory import current_rss, process_peak_rss
 
     logging.disable(logging.CRITICAL)
     _limit_memory(available)
-    rss0 = _rss()
+    rss0 = current_rss()
     try:
         outcome = _read_and_check(Path(path))
     except BaseException as exc:  # noqa: BLE001 - everything a reader may raise is what is being judged
         outcome = Outcome("exception", _first_line(exc), type(exc).__name__)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_peak_rss()
     outcome.growth = max(0, peak - rss0)
     return outcome
 
@@ -852,11 +853,6 @@ def _limit_memory(available: int) -> None:
     with open("/proc/self/statm") as fh:
         vms = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (vms + ADDRESS_SPACE_HEADROOM, resource.RLIM_INFINITY))
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _first_line(exc: BaseException) -> str:

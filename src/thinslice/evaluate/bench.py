@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.formats import strip_volume_suffix
 from thinslice.io.volume import Volume
+from thinslice.memory import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -102,30 +102,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = self._proc.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+# The name the cohort worker imported the meter under; the meter itself is thinslice.memory.PeakMemory.
+PeakRSS = PeakMemory
 
 
 @dataclass
@@ -269,7 +247,7 @@ def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick:
                   operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
     """One method on one case: its output, scores, data-consistency residual (against the true profile), seconds
     and peak memory."""
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         start = time.perf_counter()
         out = up(thick, truth.slice_spacing, **told_options(spec, case.profile, thick)).volume
         seconds = time.perf_counter() - start

@@ -17,6 +17,9 @@ from thinslice.memory import available_memory  # looked up here at call time (te
 READ_COPIES = 3
 # Share of the available memory a read may take (the rest is for the method that runs on the volume).
 READ_SHARE = 0.8
+# A CT volume in HU has air: a volume whose lowest value lies above this is not HU (MR, 8-bit, rescaled). The
+# readers warn about such a volume and the cohort's QC page flags it.
+NOT_HU_ABOVE = -500.0
 
 
 def voxel_count(shape) -> int:

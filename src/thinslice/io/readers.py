@@ -43,7 +43,7 @@ from thinslice.io.formats import (
 )
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
-from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values, voxel_count
+from thinslice.io.limits import NOT_HU_ABOVE, check_read_size, check_voxel_size, check_voxel_values, voxel_count
 from thinslice.io.nifti import read_header as read_nifti_header
 from thinslice.io.nifti import read_voxels as read_nifti_voxels
 from thinslice.io.volume import ISO_TOL, Volume
@@ -53,8 +53,6 @@ if TYPE_CHECKING:  # the real modules for the type checker; at run time they loa
 else:
     sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
-# A CT volume in HU has air; the lowest value of a volume above this is not HU (MR, 8-bit, rescaled).
-NOT_HU_ABOVE = -500.0
 log = logging.getLogger(__name__)
 
 # Scanners mark voxels outside the reconstruction circle with values far below air (-2048, -3024, ...).

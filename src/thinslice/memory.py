@@ -2,7 +2,7 @@
 resident memory of a block of code or of the whole process.
 
 A base module (beside ``device.py`` and ``errors.py``) so that the readers' memory checks, the upsampling paths,
-the benchmark, the cohort worker and the scripts under benchmarks/ all measure the same way.
+the benchmark, the cohort worker and the timing scripts all measure the same way.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ pixel data disagree, memory bombs, bad geometry) and a judge of what a reader di
 A CT tool is handed files it did not write: exports from old scanners, files damaged in transfer, files made by
 other tools with their own idea of the format, and now and then a file crafted to hurt. The rule for every one of
 them is the same: a correct volume, or one :class:`~thinslice.errors.ThinsliceError` line that names the file;
-never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests
-(``tests/test_fuzz.py``) and the benchmarks (``benchmarks/reliability_fuzz.py``, ``benchmarks/fuzz.py``) build the
-files here, so nothing is downloaded, and judge each read in a child process (:func:`probe`) so that a reader
-that hangs on a FIFO or allocates what a header claims cannot take the test process down.
+never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests and the reliability
+and fuzz runs build the files here, so nothing is downloaded, and judge each read in a child process
+(:func:`probe`) so that a reader that hangs on a FIFO or allocates what a header claims cannot take the test
+process down.
 
 Headers are packed by hand (``struct``) rather than with nibabel, pynrrd or SimpleITK: those libraries refuse to
 write most of these fields, which is the point. Everything is small (well under 1 MB per file) and the same for

@@ -27,7 +27,8 @@ from thinslice.io.formats import (
     single_file_suffix,
     strip_volume_suffix,
 )
-from thinslice.io.writers import check_file_target, files_written, is_folder_output
+from thinslice.io.readers import files_read
+from thinslice.io.writers import check_file_target, files_written, is_folder_output, volume_to_image
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,14 @@ def test_an_unknown_suffix_gets_the_one_line_errors(tmp_path) -> None:
         check_file_target(odd)
     with pytest.raises(ThinsliceError, match="a DICOM output is a series folder"):
         check_file_target(tmp_path / "slice.dcm")
+
+
+def test_the_fall_back_row_reads_an_analyze_pair_with_its_data_file(tmp_path, phantom) -> None:
+    """A suffix without a row (.hdr) goes to the row ITK reads; its read_beside names the .img a read opens."""
+    import SimpleITK as sitk
+
+    header = tmp_path / "pair.hdr"
+    sitk.WriteImage(volume_to_image(phantom, "int16"), str(header))
+    assert input_format(header) is OTHER_ITK
+    assert files_read(header) == [header, tmp_path / "pair.img"]
+    np.testing.assert_array_equal(read_volume(header).array, np.rint(phantom.array))

@@ -25,7 +25,7 @@ def _frozen(mapping: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, .
     return MappingProxyType(dict(mapping))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # rows compare by identity (``fmt is NIFTI``), and hash so
 class FileFormat:
     """One volume format: how it is recognised, which functions read and write it, and what of a header it keeps.
 

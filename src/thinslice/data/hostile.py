@@ -4,10 +4,10 @@ pixel data disagree, memory bombs, bad geometry) and a judge of what a reader di
 A CT tool is handed files it did not write: exports from old scanners, files damaged in transfer, files made by
 other tools with their own idea of the format, and now and then a file crafted to hurt. The rule for every one of
 them is the same: a correct volume, or one :class:`~thinslice.errors.ThinsliceError` line that names the file;
-never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests
-(``tests/test_fuzz.py``) and the benchmarks (``benchmarks/reliability_fuzz.py``, ``benchmarks/fuzz.py``) build the
-files here, so nothing is downloaded, and judge each read in a child process (:func:`probe`) so that a reader
-that hangs on a FIFO or allocates what a header claims cannot take the test process down.
+never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests and the reliability
+and fuzz runs build the files here, so nothing is downloaded, and judge each read in a child process
+(:func:`probe`) so that a reader that hangs on a FIFO or allocates what a header claims cannot take the test
+process down.
 
 Headers are packed by hand (``struct``) rather than with nibabel, pynrrd or SimpleITK: those libraries refuse to
 write most of these fields, which is the point. Everything is small (well under 1 MB per file) and the same for
@@ -822,16 +822,17 @@ def _fork_read(path: str, timeout: float, available: int) -> Outcome:
 
 def _child_outcome(path: str, available: int) -> Outcome:
     import logging
-    import resource
+
+    from thinslice.memory import current_rss, process_peak_rss
 
     logging.disable(logging.CRITICAL)
     _limit_memory(available)
-    rss0 = _rss()
+    rss0 = current_rss()
     try:
         outcome = _read_and_check(Path(path))
     except BaseException as exc:  # noqa: BLE001 - everything a reader may raise is what is being judged
         outcome = Outcome("exception", _first_line(exc), type(exc).__name__)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_peak_rss()
     outcome.growth = max(0, peak - rss0)
     return outcome
 
@@ -854,11 +855,6 @@ def _limit_memory(available: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (vms + ADDRESS_SPACE_HEADROOM, resource.RLIM_INFINITY))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else "")[:300] + (" [...more lines]" if "\n" in text else "")
@@ -867,13 +863,14 @@ def _first_line(exc: BaseException) -> str:
 def _read_and_check(path: Path) -> Outcome:
     from thinslice.errors import ThinsliceError
     from thinslice.io import read_volume
+    from thinslice.io.formats import NIFTI, file_extension, format_for_suffix
 
     try:
         volume = read_volume(path)
     except ThinsliceError as exc:
         return Outcome("error", str(exc), "ThinsliceError")
     problems = volume_problems(volume)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if format_for_suffix(file_extension(path)) is NIFTI:
         problems += nibabel_problems(volume, path)
     return Outcome("volume", repr(volume)[:200], shape=volume.shape_ijk, problems=problems)
 

@@ -3,7 +3,7 @@ radiographs, multi-frame objects, scouts in a series, damaged files, many series
 lie about their pixel data, impossible spacing, one bad file in a series, old files without file meta, DICOMDIR
 exports, SEG objects, dose screens), built from the chest phantom.
 
-The tests and ``benchmarks/reliability.py`` use them, so that every case runs without outside data. Each writer
+The tests and the reliability run use them, so that every case runs without outside data. Each writer
 returns what a correct reader must find (e.g. the world position of a marker), not just the files.
 """
 

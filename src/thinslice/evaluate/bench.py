@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,9 @@ from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.upsample import WEIGHTLESS_METHODS, Upsampler
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
+from thinslice.io.formats import strip_volume_suffix
 from thinslice.io.volume import Volume
+from thinslice.memory import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -101,30 +102,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = self._proc.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+# The name the cohort worker imported the meter under; the meter itself is thinslice.memory.PeakMemory.
+PeakRSS = PeakMemory
 
 
 @dataclass
@@ -209,7 +188,7 @@ def run_benchmark(
     upsamplers: dict[str, Upsampler] = {}
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
-        name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
+        name = f"volume{index}" if isinstance(item, Volume) else strip_volume_suffix(Path(item).name)
         for case in volume_cases(thin.slice_spacing, factors, profiles, overlaps, mm_cases):
             spacing = case.factor * thin.slice_spacing
             thick, truth = simulate_pair(thin, thickness=case.ratio * spacing, spacing=spacing, profile=case.profile)
@@ -268,7 +247,7 @@ def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick:
                   operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
     """One method on one case: its output, scores, data-consistency residual (against the true profile), seconds
     and peak memory."""
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         start = time.perf_counter()
         out = up(thick, truth.slice_spacing, **told_options(spec, case.profile, thick)).volume
         seconds = time.perf_counter() - start
@@ -280,14 +259,6 @@ def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick:
                    float(residual["mean_abs"]), sharpness,
                    seconds, memory.peak_mb, case.label)
     return row, out
-
-
-def _short_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:

@@ -263,6 +263,9 @@ def read_voxels(path: Path, expected_bytes: int) -> np.ndarray:
         reason = " ".join(str(exc).split())[:120]
         raise ThinsliceError(f"cannot read {path}: the file is truncated or corrupt (its header promises "
                              f"{expected_bytes} bytes; {reason}); copy or export it again") from None
+    except nib.spatialimages.HeaderDataError as exc:  # e.g. a valid slope with a NaN intercept
+        raise ThinsliceError(f"cannot read {path}: its NIfTI header is damaged ({str(exc)[:160]}); export the "
+                             "volume again") from None
     if data.dtype.names or data.dtype.kind == "c":
         raise ThinsliceError(f"{path} has {data.dtype} voxels (colour or complex); thinslice needs a grey-value CT "
                              "volume in HU")

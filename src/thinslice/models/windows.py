@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from monai.inferers import sliding_window_inference
 
+from thinslice.memory import available_memory
+
 if TYPE_CHECKING:
     from thinslice.models.denoiser import LatentDenoiser
 
@@ -117,9 +119,7 @@ def available_memory_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.7)
     try:
-        import psutil
-
-        return int(psutil.virtual_memory().available * 0.5)
+        return int(available_memory() * 0.5)
     except ImportError:  # psutil comes with accelerate; keep a conservative fallback anyway
         return 8 * 1024**3
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import atomic_output, write_text_atomic
+from thinslice.io.formats import is_volume_file_name, strip_volume_suffix
 from thinslice.io.volume import Volume
 from thinslice.models.tiling import DEFAULT_TILE, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
@@ -99,11 +100,7 @@ class CacheEntry:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return strip_volume_suffix(path.name) if is_volume_file_name(path) else path.stem
 
 
 def _pair_file(stem: str, factor: float, profile: str) -> str:

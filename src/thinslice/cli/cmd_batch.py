@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from thinslice.cli.method_flags import add_method_arguments
+from thinslice.io.formats import output_suffixes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spacing", type=float, default=None, metavar="MM",
                         help="output slice spacing in mm (required unless the manifest gives every case's)")
     parser.add_argument("--method", default="auto", help="upsampling method (default auto, as thinslice upsample)")
-    parser.add_argument("--format", dest="fmt", default="auto", choices=("auto", "nii.gz", "nii", "nrrd", "mha",
-                                                                         "dicom"),
+    parser.add_argument("--format", dest="fmt", default="auto", choices=("auto", *output_suffixes()),
                         help="output format (default auto: the input's; DICOM series stay DICOM series)")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="voxel type of file outputs")
     parser.add_argument("--workers", type=int, default=None, metavar="N",

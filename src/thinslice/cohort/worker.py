@@ -21,18 +21,17 @@ from typing import TYPE_CHECKING
 from thinslice.cohort.cases import Case
 from thinslice.cohort.thumbnails import std_thumbnail_png, thumbnail_png
 from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.limits import NOT_HU_ABOVE
 from thinslice.io.volume import Volume
+from thinslice.memory import PeakMemory
 
 if TYPE_CHECKING:
-    from thinslice.evaluate.bench import PeakRSS
     from thinslice.infer.upsample import Upsampler
 
 log = logging.getLogger(__name__)
 
 # Mean |A x - thick| (HU) above which the QC page flags a case: the output does not reproduce its own input slices.
 DC_RESIDUAL_FLAG_HU = 2.0
-# The lowest value of a CT volume in HU is air; above this it is not HU (the reader's rule).
-NOT_HU_ABOVE = -500.0
 
 
 class CaseRunner:
@@ -204,32 +203,3 @@ def _collected(messages: list[str]):
         messages.extend(str(w.message) for w in caught)
     finally:
         logger.removeHandler(handler)
-
-
-class PeakMemory:
-    """Peak resident memory of this process during the block: the kernel's high-water mark, reset at the start
-    (Linux), else sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.mb = 0.0
-        self._sampler: PeakRSS | None = None
-
-    def __enter__(self) -> PeakMemory:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current RSS
-        except OSError:
-            from thinslice.evaluate.bench import PeakRSS
-
-            self._sampler = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._sampler is not None:
-            self._sampler.__exit__()
-            self.mb = self._sampler.peak_mb
-            return
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    self.mb = int(line.split()[1]) / 1024

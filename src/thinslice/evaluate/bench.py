@@ -102,10 +102,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-# The name the cohort worker imported the meter under; the meter itself is thinslice.memory.PeakMemory.
-PeakRSS = PeakMemory
-
-
 @dataclass
 class BenchRow:
     volume: str

@@ -23,6 +23,7 @@ try:  # ISA-L: wheels for Linux, macOS and Windows on x86-64 and ARM; the standa
 except ImportError:  # pragma: no cover - exercised by monkeypatching ENGINE in the tests
     igzip = igzip_threaded = isal_zlib = None
 
+# "itk" (benchmarks/bench_gzip.py): ITK compresses while it writes, as thinslice did before ISA-L.
 ENGINE = "isal" if igzip is not None else "zlib"
 LEVEL_ENV = "THINSLICE_GZIP_LEVEL"
 DEFAULT_LEVEL = {"isal": 2, "zlib": 1}  # ISA-L's default; zlib's fastest (its level 6 is 4x slower for 3% less)
@@ -33,13 +34,13 @@ GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib
 
 
 def engine() -> str:
-    """The deflate engine in use: "isal" or "zlib"."""
+    """The deflate engine in use: "isal", "zlib" (or "itk", for comparison)."""
     return ENGINE
 
 
 def level() -> int:
     """The compression level: ``THINSLICE_GZIP_LEVEL`` when set (clamped to the engine's range), else the default."""
-    name = engine()
+    name = "zlib" if engine() == "itk" else engine()
     text = os.environ.get(LEVEL_ENV, "").strip()
     if not text:
         return DEFAULT_LEVEL[name]
@@ -55,6 +56,11 @@ def open_gzip(path: str | Path, mode: str = "rb") -> IO[Any]:
     if engine() == "isal":
         return igzip.open(path, mode)
     return gzip.open(path, mode)
+
+
+def compresses_itself() -> bool:
+    """Whether thinslice compresses a ``.nii.gz`` itself (ISA-L or zlib) rather than leaving it to ITK."""
+    return engine() != "itk"
 
 
 def compress_file(source: Path, target: Path, chunk: int = 1 << 22) -> None:

@@ -34,7 +34,7 @@ from thinslice.io.formats import (
     writable_text,
     writes_compressed,
 )
-from thinslice.io.gz import compress_file
+from thinslice.io.gz import compress_file, compresses_itself
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
 from thinslice.io.volume import Volume
@@ -251,7 +251,7 @@ def write_image_file(volume: Volume, path: Path, *, dtype: str, overwrite: bool 
         except OSError as exc:
             raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
         try:
-            gzipped = path.name.lower().endswith(".nii.gz")  # one gzip stream: written at disk speed (io.gz)
+            gzipped = path.name.lower().endswith(".nii.gz") and compresses_itself()  # at disk speed (io.gz)
             first = tmp_dir / (path.name[:-3] if gzipped else path.name)
             try:
                 with native_messages_to_log():

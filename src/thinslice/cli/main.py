@@ -58,11 +58,14 @@ class _OneLine(logging.Formatter):
 
 
 def process_rank() -> int:
-    """This process's rank when started by torchrun or ``accelerate launch`` (``RANK``), else 0."""
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
+    """This process's rank when started by torchrun or ``accelerate launch`` (``RANK``) or mpirun, else 0."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        try:
+            if os.environ.get(name):
+                return int(os.environ[name])
+        except ValueError:
+            continue
+    return 0
 
 
 def _setup_logging(verbose: int, quiet: bool, command: str) -> None:

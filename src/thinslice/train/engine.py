@@ -246,9 +246,21 @@ def make_accelerator(device: str, mixed_precision: str, project_dir: Path | None
     # be refused, so start from scratch when not distributed (tests, notebooks, scripts running several trainers).
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
+    _note_one_cpu_process()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with="tensorboard" if log else None,
                        project_dir=str(project_dir) if project_dir else None, kwargs_handlers=handlers)
+
+
+def _note_one_cpu_process() -> None:
+    """``accelerate launch --cpu --num_processes N`` starts one process (Accelerate runs several CPU processes only
+    under mpirun) and says nothing; a run that expected N would train with 1/N of the batch it planned, so say it."""
+    env = os.environ
+    if (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
+            and "WORLD_SIZE" not in env and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env):
+        log.warning("accelerate launch --cpu started one process, whatever --num_processes says; for several CPU "
+                    "processes use torchrun --nproc_per_node N -m thinslice.cli.main ... (or accelerate launch "
+                    "--multi_gpu --num_processes N ... --device cpu)")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

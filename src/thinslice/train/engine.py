@@ -440,7 +440,7 @@ class Trainer:
             for module in modules:
                 for key, value in module.state_dict().items():
                     digest.update(key.encode())
-                    digest.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                    digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         Path(folder).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(folder) / f"rank{self.rank}.json",
                           json.dumps({"rank": self.rank, "processes": self.world, "step": self.state.step,

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.thinslice-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/thinslice demo --out demo_out
 
-test: $(STAMP)
+# The checks first (seconds), then the suite.
+test: check
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+
+# Lint, types ([tool.mypy] in pyproject.toml) and the layer contracts ([tool.importlinter]).
+check: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -6,6 +6,7 @@ inference), saved as a self-describing weights file with the first network's rec
 
 Works for networks fine-tuned from one start point (here: the clinical x4/x5 networks trained with and without the
 acquisition mix, both from the x4 network of 2026-11-30), whose weights stay in one basin; docs/design/clinical.md.
+The planes-x4 recipe (``thinslice reproduce planes-x4``) runs the same average as its last stage.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from thinslice.checkpoints.bundle import load_model, save_model
+from thinslice.checkpoints.bundle import save_model
 from thinslice.checkpoints.files import record_of
-from thinslice.errors import ThinsliceError
+from thinslice.train.reproduce import average_weights
 
 
 def main() -> None:
@@ -24,17 +25,11 @@ def main() -> None:
     parser.add_argument("--kind", default="planes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    models = [load_model(args.kind, path) for path in args.weights]
-    states = [m.state_dict() for m in models]
-    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
-        raise ThinsliceError("the networks have different architectures: only one architecture can be averaged")
-    first = states[0]
-    models[0].load_state_dict({k: sum(s[k] for s in states) / len(states) if first[k].is_floating_point()
-                               else first[k] for k in first})
-    record = record_of(models[0])
+    model = average_weights([Path(p) for p in args.weights], args.kind)
+    record = record_of(model)
     assert record is not None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    print(f"{args.out}: content hash {save_model(models[0], args.kind, record.preset, args.out)}")
+    print(f"{args.out}: content hash {save_model(model, args.kind, record.preset, args.out)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import time
 
 import torch
@@ -24,13 +23,10 @@ from thinslice.infer.ldm import Ldm, LdmOptions
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.planes import Planes
 from thinslice.infer.upsample import get_method
+from thinslice.memory import process_peak_mb
 from thinslice.models.factory import build_denoiser, build_first_stage, build_planes
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import load_preset
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def pipeline_for(args: argparse.Namespace, options: LdmOptions) -> tuple[Ldm, str]:
@@ -81,10 +77,10 @@ def main() -> None:
     d, h, w = args.shape
     thin_mm = 1.0
     thick = make_chest_phantom(shape=(d // args.factor, h, w), spacing=(0.7, 0.7, thin_mm * args.factor), seed=0)
-    rss_input = peak_rss_gb()
+    rss_input = process_peak_mb() / 1024
     start = time.perf_counter()
     acquisition = Acquisition.of(thick)
-    prior = pipeline.prior(thick, thin_mm, acquisition)
+    prior = pipeline.prior(thick, thin_mm, acquisition).volume
     t_prior = time.perf_counter() - start
     result = pipeline.refine(thick, prior, acquisition)
     total = time.perf_counter() - start
@@ -99,7 +95,7 @@ def main() -> None:
     print(f"  {'total':<12s} {total:8.1f} s")
     if "consistency_hu" in result.report:
         print(f"  consistency {result.report['consistency_hu']}")
-    print(f"peak RSS {peak_rss_gb():.2f} GB (after building the input: {rss_input:.2f} GB)")
+    print(f"peak RSS {process_peak_mb() / 1024:.2f} GB (after building the input: {rss_input:.2f} GB)")
 
 
 if __name__ == "__main__":

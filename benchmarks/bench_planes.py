@@ -18,7 +18,6 @@ times drift, (with - map) / with is the steadier figure of the cost).
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
@@ -28,14 +27,11 @@ from thinslice.checkpoints.bundle import load_planes
 from thinslice.data.phantom import make_chest_phantom
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.planes import parse_orientations, refine_planes
-from thinslice.infer.upsample import get_method
+from thinslice.infer.upsample import get_method, upsample
+from thinslice.memory import process_peak_mb
 from thinslice.models.factory import build_planes
 from thinslice.models.kinds import network_kind
 from thinslice.models.planes import PlanesNet, acquisition_vector
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def macs_per_output_voxel(model: PlanesNet, k: int, orientations: int) -> float:
@@ -65,7 +61,7 @@ def time_uncertainty(thick, thin_spacing: float, args: argparse.Namespace) -> No
           f"{thick.slices_first().shape[1]}x{thick.slices_first().shape[2]}, {args.threads} threads: without "
           f"--uncertainty {' / '.join(f'{s:.1f}' for s in seconds[False])} s, with {with_map:.1f} s: ratio "
           f"{with_map / base:.2f}; the map inside that run {map_s:.1f} s, so with / (with - map) = "
-          f"{with_map / max(with_map - map_s, 1e-9):.2f}; peak RSS {peak_rss_gb():.2f} GB; {report}")
+          f"{with_map / max(with_map - map_s, 1e-9):.2f}; peak RSS {process_peak_mb() / 1024:.2f} GB; {report}")
 
 
 def main() -> None:
@@ -98,7 +94,7 @@ def main() -> None:
     model.eval()
     orientations = parse_orientations(args.orientations)
     start = time.perf_counter()
-    base = get_method("cubic-dc").fn(thick, thin_spacing)
+    base = upsample(thick, thin_spacing, "cubic-dc")
     t_base = time.perf_counter()
     refined = refine_planes(model, thick.slices_first(), base.slices_first(),
                             acquisition_vector(1.0, "gaussian"), orientations, args.precision, progress=True)
@@ -111,8 +107,8 @@ def main() -> None:
           f"{thick.num_slices} -> {out.num_slices} slices of {h}x{w}, x{args.factor}, {args.precision}, "
           f"{args.threads} threads, orientations {','.join(orientations)}")
     print(f"cubic-dc {t_base - start:.1f} s, network {t_net - t_base:.1f} s, consistency {t_dc - t_net:.1f} s, "
-          f"total {t_dc - start:.1f} s, peak RSS {peak_rss_gb():.2f} GB, {macs / 1e3:.0f}k multiply-adds per output "
-          "voxel")
+          f"total {t_dc - start:.1f} s, peak RSS {process_peak_mb() / 1024:.2f} GB, {macs / 1e3:.0f}k multiply-adds "
+          "per output voxel")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Time and peak memory of tiled VAE encode + decode of a whole CT volume (default 300 x 512 x 512, small preset).
 
-Random weights are fine for timing. Peak memory is the process's max RSS (resource.getrusage). Optionally also
-measures bf16 autocast against float32 on a crop (accuracy in HU and speed).
+Random weights are fine for timing. Peak memory is the process's max RSS (thinslice.memory.process_peak_mb).
+Optionally also measures bf16 autocast against float32 on a crop (accuracy in HU and speed).
 
     .venv/bin/python benchmarks/bench_vae.py --preset small --shape 300 512 512 --threads 2
 """
@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import sys
 import time
 
 import numpy as np
 import torch
 
 from thinslice.data.phantom import make_chest_phantom
+from thinslice.memory import process_peak_mb
 from thinslice.models.factory import build_vae
 from thinslice.models.tiling import decode_volume, encode_volume
 from thinslice.models.vae import count_parameters
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def main() -> None:
@@ -54,7 +48,7 @@ def main() -> None:
     reps = [int(np.ceil(a / b)) for a, b in zip((n, h, w), small.array.shape, strict=True)]
     hu = np.ascontiguousarray(np.tile(small.slices_first(), reps)[:n, :h, :w])
     del small
-    base_rss = peak_rss_mb()
+    base_rss = process_peak_mb()
     t0 = time.perf_counter()
     latent = encode_volume(vae, hu, tile=tuple(args.tile), overlap=args.overlap)
     t1 = time.perf_counter()
@@ -63,7 +57,7 @@ def main() -> None:
     result = {"preset": args.preset, "params_M": round(count_parameters(vae) / 1e6, 3), "shape": list(hu.shape),
               "latent_shape": list(latent.shape), "tile": args.tile, "overlap": args.overlap,
               "threads": args.threads, "device": args.device, "encode_s": round(t1 - t0, 1),
-              "decode_s": round(t2 - t1, 1), "peak_rss_mb": round(peak_rss_mb(), 0),
+              "decode_s": round(t2 - t1, 1), "peak_rss_mb": round(process_peak_mb(), 0),
               "rss_before_mb": round(base_rss, 0), "recon_finite": bool(np.isfinite(recon).all())}
     if args.bf16_crop:
         d, y, x = args.bf16_crop

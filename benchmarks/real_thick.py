@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -23,10 +22,7 @@ from thinslice.infer import upsample
 from thinslice.infer.upsample import get_method, run_method
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+from thinslice.memory import process_peak_mb
 
 
 def main() -> None:
@@ -70,7 +66,7 @@ def main() -> None:
         results[method] = upsample(thick, args.spacing, method=method, **options)
         seconds[method] = time.perf_counter() - start
     report.update({"thin_shape": list(next(iter(results.values())).slices_first().shape), "seconds": seconds,
-                   "peak_rss_gb": peak_rss_gb()})
+                   "peak_rss_gb": process_peak_mb() / 1024})
     print(json.dumps(report, indent=1, default=str))
     panels = {f"thick input ({thick.slice_spacing:g} mm)": thick}
     panels.update({f"{name} ({args.spacing:g} mm)": vol for name, vol in results.items()})

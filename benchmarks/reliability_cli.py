@@ -155,13 +155,12 @@ def lattice_case() -> Case:
 def memory_case() -> Case:
     """An output grid beyond this machine's memory is refused before any method runs (skipped where it fits)."""
     def check() -> tuple[bool, str]:
-        import psutil
-
         from thinslice.data.phantom import make_chest_phantom
         from thinslice.io import write_volume
+        from thinslice.memory import available_memory
 
         spacing, per_slice = 0.05, 10 / 0.05 * 256 * 256 * 4 * 3  # output bytes of work per 10 mm input slice
-        n = int(2 * psutil.virtual_memory().available / per_slice) + 1  # twice what there is
+        n = int(2 * available_memory() / per_slice) + 1  # twice what there is
         if n > 400:
             return True, f"skipped (this machine's memory would need a {n}-slice input)"
         src = W / f"deep{n}.nii.gz"

@@ -19,6 +19,7 @@ from thinslice.degrade import degrade
 from thinslice.degrade.grid import target_grid_volume
 from thinslice.degrade.operators import thick_profile_operator
 from thinslice.errors import ThinsliceError
+from thinslice.infer import registry
 from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.pipeline import LearnedOptions, Pipeline, Result
 from thinslice.infer.upsample import available_methods, get_method, register_pipeline, run_method
@@ -26,7 +27,6 @@ from thinslice.models import kinds
 from thinslice.models.factory import build_model
 from thinslice.models.kinds import NetworkKind, register_kind
 
-registry = importlib.import_module("thinslice.infer.upsample")  # (the package exports a function of that name)
 SPACING = 1.25
 METHODS = available_methods()
 

@@ -131,6 +131,6 @@ def test_every_registered_method_comes_from_a_listed_module() -> None:
 
     available_methods()
     origins = {entry.pipeline.__module__ for entry in UPSAMPLERS.values()}
-    assert origins <= {"thinslice.infer.upsample", *method_modules()}
+    assert origins <= {"thinslice.infer.registry", *method_modules()}
     assert set(METHOD_MODULES) <= origins
     assert {"cnn", "ldm", "planes"} <= set(available_methods())

@@ -94,7 +94,7 @@ def test_an_untrained_residual_model_returns_its_prior_exactly(thin_phantom) -> 
                                latent)
     thick = degrade(thin_phantom, factor=4, profile="gaussian")
     out = pipeline(thick, thin_phantom.slice_spacing).volume
-    prior = pipeline.prior(thick, thin_phantom.slice_spacing, Acquisition.of(thick))
+    prior = pipeline.prior(thick, thin_phantom.slice_spacing, Acquisition.of(thick)).volume
     np.testing.assert_allclose(out.array, prior.array, atol=1e-3)
 
 

@@ -19,7 +19,7 @@ from thinslice.infer.consistency import consistency_residual_hu
 from thinslice.infer.pipeline import Acquisition
 from thinslice.infer.planes import Planes, integer_factor
 from thinslice.infer.planes_adapt import adapt_plan
-from thinslice.infer.upsample import get_method, upsample
+from thinslice.infer.upsample import upsample
 from thinslice.models.factory import build_planes
 from thinslice.models.intensity import model_to_hu
 from thinslice.models.planes import depth_to_space, space_to_depth
@@ -52,7 +52,7 @@ def test_untrained_network_returns_cubic_dc(thin_phantom) -> None:
     model = build_planes("tiny").eval()
     pipeline = Planes.from_model(model, precision="fp32")
     out = pipeline(thick, thin_phantom.slice_spacing, Acquisition.of(thick, "box")).volume
-    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
+    ref = upsample(thick, thin_phantom.slice_spacing, "cubic-dc", profile="box")
     assert out.grid_differences(ref) == []
     assert np.abs(out.array - ref.array).max() < 0.05
 
@@ -195,7 +195,7 @@ def test_context_planes_feed_neighbours_and_keep_the_untrained_identity(thin_pha
         out = model(batch["thick"], batch["base"], batch["cond"])
     assert torch.equal(out, batch["base"][:, 1:2])  # zero heads: the middle plane's cubic-dc
     thick, _ = simulate_pair(thin_phantom, factor=3, profile="box")
-    ref = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing, profile="box")
+    ref = upsample(thick, thin_phantom.slice_spacing, "cubic-dc", profile="box")
     pipeline = Planes.from_model(model, precision="fp32")
     result = pipeline(thick, thin_phantom.slice_spacing, Acquisition.of(thick, "box")).volume
     assert np.abs(result.array - ref.array).max() < 0.05
@@ -240,7 +240,7 @@ def test_block_network_examples_tiles_and_bundle(tmp_path, thin_phantom, monkeyp
     monkeypatch.setattr(planes_infer, "BLOCK_TILE", 7)
     tiled = pipeline(thick, thin_phantom.slice_spacing).volume
     assert np.abs(whole.array - tiled.array).max() < 1e-2
-    base = get_method("cubic-dc").fn(thick, thin_phantom.slice_spacing)
+    base = upsample(thick, thin_phantom.slice_spacing, "cubic-dc")
     assert np.abs(whole.array - base.array).max() > 1.0
     save_model(model, "planes", dataclasses.replace(preset, planes=cfg), tmp_path)
     assert load_planes(tmp_path).cfg.dims == 3

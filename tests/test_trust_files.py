@@ -341,3 +341,15 @@ def test_a_complete_gzip_stream_of_a_cut_nifti_is_truncated(tmp_path):
     cut.write_bytes(gzip.compress(plain.read_bytes()[:-100]))  # a valid stream, 100 voxel bytes short
     with pytest.raises(ThinsliceError, match="truncated or corrupt .* header promises"):
         read_volume(cut)
+
+
+def test_a_nifti_with_a_nan_intercept_is_refused_in_one_line(tmp_path) -> None:
+    """nibabel accepts the header but refuses its scaling (a valid slope, a NaN intercept) when the voxels are read:
+    that refusal is one ThinsliceError line too, not nibabel's HeaderDataError."""
+    from thinslice.data import hostile
+
+    header = hostile.NiftiHeader(dims=(4, 8, 8, 6, 1, 1, 1, 1), datatype=256, bitpix=8, scl_slope=1.0,
+                                 scl_inter=float("nan"))
+    path = hostile.nifti_file(tmp_path / "nan_inter.nii", header, hostile.default_voxels(header))
+    with pytest.raises(ThinsliceError, match=r"nan_inter\.nii: its NIfTI header is damaged \(.*intercept nan\)"):
+        read_volume(path)

@@ -24,12 +24,13 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade import degrade
 from thinslice.errors import ThinsliceError
 from thinslice.examples.base import ExampleSampler
+from thinslice.infer import registry
 from thinslice.infer.upsample import available_methods, get_method, register_method, run_method
 from thinslice.train.engine import EngineConfig, Trainer, list_checkpoints
 from thinslice.train.run_state import read_state, write_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-registry = importlib.import_module("thinslice.infer.upsample")
+
 available_methods()  # the built-in methods registered before any test swaps the registry for a copy
 
 

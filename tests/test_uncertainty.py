@@ -8,6 +8,7 @@ import pytest
 from thinslice.checkpoints.bundle import DEFAULT_BUNDLE_DIR, save_model
 from thinslice.cli.main import main
 from thinslice.degrade.pairs import simulate_pair
+from thinslice.errors import ThinsliceError
 from thinslice.infer.uncertainty import (
     Entry,
     Features,
@@ -56,7 +57,8 @@ def test_a_calibration_for_other_weights_is_refused(tmp_path) -> None:
     found = find_calibration(tmp_path, "planes", 4, {"planes.safetensors": "aaaa"})
     assert found.entry is not None and found.entry.model == model
     stale = find_calibration(tmp_path, "planes", 4, {"planes.safetensors": "bbbb"})
-    assert stale.entry is None and "weights changed" in stale.note and "fit_uncertainty.py" in stale.note
+    assert stale.entry is None and "weights changed" in stale.note
+    assert "python -m thinslice.evaluate.fit_uncertainty" in stale.note
     assert find_calibration(tmp_path, "planes", 3, {"planes.safetensors": "aaaa"}).entry is None
 
 
@@ -99,12 +101,13 @@ def test_uncertainty_on_a_method_without_it_is_one_clear_line(tmp_path, thin_pha
 
 
 def test_ldm_uncertainty_means_samples() -> None:
-    from thinslice.cli.cmd_upsample import _uncertainty_options
-    from thinslice.infer.upsample import get_method
+    from thinslice.infer.upsample import Upsampler
 
-    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True}) == {"samples": 4}
-    assert _uncertainty_options(get_method("ldm"), {"uncertainty": True, "samples": 8}) == {"samples": 8}
-    assert _uncertainty_options(get_method("planes"), {"uncertainty": True}) == {"uncertainty": True}
+    assert Upsampler("ldm", uncertainty=True).options_of("ldm")["samples"] == 4
+    assert Upsampler("ldm", uncertainty=True, samples=8).options_of("ldm")["samples"] == 8
+    assert Upsampler("planes", uncertainty=True).options_of("planes")["uncertainty"] is True
+    with pytest.raises(ThinsliceError, match="gives no uncertainty map"):
+        Upsampler("cubic-dc", uncertainty=True)
 
 
 def test_welford_matches_the_mean_and_std_of_held_samples() -> None:

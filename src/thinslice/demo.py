@@ -17,7 +17,7 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.pairs import simulate_pair
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.upsample import WEIGHTLESS_METHODS, default_method, get_method, learned_methods, upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, Upsampler, default_method, get_method, learned_methods
 from thinslice.io import read_volume, write_volume
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.volume import Volume
@@ -32,7 +32,7 @@ DEMO_PHANTOM_SPACING = (1.8, 1.8, 1.25)
 class DemoResult:
     out_dir: Path
     method: str
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> metrics (when truth exists)
+    scores: dict[str, dict[str, object]] = field(default_factory=dict)  # method -> metrics (when truth exists)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -111,7 +111,7 @@ def _run_one(name: str, thick: Volume, truth: Volume | None, thin_spacing: float
                        precision=o.precision)
     if get_method(name).uses_profile:  # data consistency must use the profile the input was made with
         options["profile"] = o.profile
-    out = upsample(thick, thin_spacing, method=name, **options)
+    out = Upsampler.of(name, options)(thick, thin_spacing).volume
     seconds = time.perf_counter() - start
     result.files[name] = _write(out, result.out_dir / f"result_{name}.nii.gz", o.input_path)
     if truth is None:

@@ -60,7 +60,7 @@ class ResShiftConfig:
             raise ValueError("diffusion.num_steps must be at least 2")
 
     @classmethod
-    def fast(cls, **overrides: object) -> ResShiftConfig:
+    def fast(cls, **overrides: Any) -> ResShiftConfig:
         """The 4-step schedule of the paper (T = 4, min_noise = 0.2)."""
         return dataclasses.replace(cls(num_steps=4, min_noise=0.2), **overrides)
 
@@ -305,7 +305,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{where}.{key}")
         else:
             kwargs[key] = _tupleize(value)

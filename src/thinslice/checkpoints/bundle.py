@@ -27,7 +27,6 @@ from typing import cast
 import torch
 from torch import nn
 
-import thinslice
 from thinslice.checkpoints.files import (
     WeightsRecord,
     check_architecture,
@@ -47,7 +46,7 @@ from thinslice.models.vae import AutoencoderKL3D
 from thinslice.presets import PRESET_NAMES, Preset, load_preset, preset_from_dict
 
 log = logging.getLogger(__name__)
-DEFAULT_BUNDLE_DIR = Path(thinslice.__file__).resolve().parent / "weights"
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[1] / "weights"  # thinslice/weights in the package
 Source = str | Path | None
 
 

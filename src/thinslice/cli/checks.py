@@ -134,14 +134,9 @@ def output_exists(path: str | Path) -> bool:
 
 def _files_of(path: Path) -> list[Path]:
     """The files a file output consists of: ``.mhd``/``.nhdr`` headers name a data file beside them."""
-    name = path.name.lower()
-    if name.endswith(".mhd"):
-        stem = path.name[:-4]
-        return [path, path.with_name(stem + ".zraw"), path.with_name(stem + ".raw")]
-    if name.endswith(".nhdr"):
-        stem = path.name[:-5]
-        return [path, path.with_name(stem + ".raw.gz"), path.with_name(stem + ".raw")]
-    return [path]
+    from thinslice.io.writers import files_written
+
+    return files_written(path)
 
 
 def _refuse_link_loop(path: Path, role: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from thinslice.degrade.profiles import PROFILES
+from thinslice.cli.method_flags import add_method_arguments
+from thinslice.io.formats import output_suffixes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spacing", type=float, default=None, metavar="MM",
                         help="output slice spacing in mm (required unless the manifest gives every case's)")
     parser.add_argument("--method", default="auto", help="upsampling method (default auto, as thinslice upsample)")
-    parser.add_argument("--format", dest="fmt", default="auto", choices=("auto", "nii.gz", "nii", "nrrd", "mha",
-                                                                         "dicom"),
+    parser.add_argument("--format", dest="fmt", default="auto", choices=("auto", *output_suffixes()),
                         help="output format (default auto: the input's; DICOM series stay DICOM series)")
     parser.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="voxel type of file outputs")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -47,42 +47,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="CPUs each Ray worker reserves (default 1: one worker per CPU slot)")
     dist.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="N",
                       help="GPUs each Ray worker reserves (e.g. 1: one worker per GPU; default 0)")
-    _method_arguments(parser)
+    add_method_arguments(parser, parser.add_argument_group("method options (as thinslice upsample; each method "
+                                                           "takes those it uses)"), "options of learned methods")
     parser.set_defaults(func=run)
 
 
-def _method_arguments(parser: argparse.ArgumentParser) -> None:
-    """The method options of ``thinslice upsample`` (each passed to the methods that use it)."""
-    group = parser.add_argument_group("method options (as thinslice upsample; each method takes those it uses)")
-    group.add_argument("--profile", choices=(*PROFILES, "auto"), default=None, help="slice profile of the inputs")
-    group.add_argument("--thickness", type=float, default=None, metavar="MM", help="slice thickness of the inputs")
-    group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda (default: auto)")
-    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    group.add_argument("--steps", type=int, default=None, help="number of sampling steps")
-    group.add_argument("--checkpoint", default=None, help="model checkpoint (file or folder)")
-    group.add_argument("--preset", default=None, help="model preset: tiny, small, paper or a .json file")
-    group.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                       help="process each volume in patches of this size (voxels) to bound memory")
-    group.add_argument("--adapt", action="store_true", default=None, help="cnn, planes: fine-tune on each input")
-    group.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="fine-tuning steps for --adapt")
-    group.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="bf16 autocast or fp32")
-    group.add_argument("--uncertainty", action="store_true", default=None,
-                       help="planes, ldm: write each case's calibrated std map (<name>_std) and show it on the QC page")
-    group.add_argument("--samples", type=int, default=None, metavar="N", help="ldm: samples averaged (>= 2: std map)")
-    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra method-specific option (repeatable)")
-
-
 def run(args: argparse.Namespace) -> int:
-    from thinslice.cli.cmd_upsample import collect_options
     from thinslice.cohort import RayOptions, Settings, run_batch
     from thinslice.errors import ThinsliceError
+    from thinslice.infer.options import flag_values
 
     if args.workers is not None and args.workers < 1:
         raise ThinsliceError("--workers must be at least 1")
     if args.spacing is not None and not args.spacing > 0:
         raise ThinsliceError("--spacing must be a positive number of mm")
-    settings = Settings(spacing=args.spacing, method=args.method, options=collect_options(args), fmt=args.fmt,
+    settings = Settings(spacing=args.spacing, method=args.method, options=flag_values(args), fmt=args.fmt,
                         dtype=args.dtype, thumbnails=args.thumbnails, overwrite=args.overwrite)
     ray = None
     if args.ray is not None:

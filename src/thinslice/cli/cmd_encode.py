@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
 
 from thinslice.cli.checks import FACTOR, PATCH
 
@@ -48,13 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from thinslice.errors import ThinsliceError
     from thinslice.io.prepare import resolve_data_paths
     from thinslice.models.tiling import DEFAULT_TILE
+    from thinslice.models.vae import AutoencoderKL3D
     from thinslice.train.latents import build_latent_cache
 
     sources = resolve_data_paths(args.data)
     out = args.out.resolve()
     if any(p.resolve() == out for p in sources):
         raise ThinsliceError(f"--out {out} is one of the input files; choose a cache folder")
-    vae = load_model("vae", args.vae, device=_device(args.device))
+    vae = cast(AutoencoderKL3D, load_model("vae", args.vae, device=_device(args.device)))
     record = record_of(vae)
     assert record is not None  # load_model records every network it loads
     meta = record.metadata

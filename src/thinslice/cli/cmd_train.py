@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from thinslice.cli.checks import SEED, STEPS, ranged
 
@@ -39,8 +40,9 @@ def add_generic_options(p: argparse.ArgumentParser) -> None:
                    metavar="MIN", help="stop (with a checkpoint) after this many minutes; continue with --resume")
 
 
-def run_options(args: argparse.Namespace) -> dict[str, object]:
-    """The parsed :func:`add_generic_options` as keyword arguments of the trainers' ``RunOptions``."""
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed :func:`add_generic_options` as keyword arguments of the trainers' ``RunOptions`` (argparse's
+    values, typed by its ``type=`` functions)."""
     from thinslice.presets import DEFAULT_PRESET, load_preset
 
     return {"run_dir": args.out, "preset": load_preset(args.preset or DEFAULT_PRESET), "max_steps": args.max_steps,

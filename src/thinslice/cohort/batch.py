@@ -189,7 +189,7 @@ def finish(ledger: Ledger, row: dict) -> None:
                  row.get("factor") or 0, row.get("dc_residual_hu") or 0, row.get("seconds") or 0,
                  f" ({', '.join(row['flags'])})" if row.get("flags") else "")
     else:
-        log.warning("failed %s: %s", row["name"], row.get("reason"))
+        log.error("failed %s: %s", row["name"], row.get("reason"))  # shown under -q too: one line per failed case
 
 
 def plan(found: list[Found], settings: Settings, out_dir: Path, ledger: Ledger) -> list[Case]:
@@ -306,6 +306,6 @@ def skip_row(skip: Skip) -> dict:
 def _check_methods(method: str) -> None:
     """An unknown method name fails before any case runs (and lists the available ones)."""
     if method != "auto":
-        from thinslice.cohort.worker import method_entry
+        from thinslice.infer.upsample import find_method
 
-        method_entry(method)
+        find_method(method)

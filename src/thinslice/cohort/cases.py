@@ -12,8 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Output formats by ``--format`` name (``dicom``: a series folder); ``auto`` keeps the input's format.
-FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "dicom": ""}
+from thinslice.io.formats import output_suffixes
+
+# Output suffixes by ``--format`` name (``dicom``: a series folder), from the formats table; ``auto`` keeps the
+# input's format.
+FORMATS = output_suffixes()
 
 
 @dataclass(frozen=True)

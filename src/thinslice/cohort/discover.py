@@ -22,7 +22,14 @@ import numpy as np
 from thinslice.cohort.cases import Found, Skip
 from thinslice.errors import ThinsliceError
 from thinslice.io import list_dicom_series
-from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension, files_read
+from thinslice.io.formats import (
+    DATA_FILE_SUFFIXES,
+    file_extension,
+    is_volume_file_name,
+    single_file_suffix,
+    strip_volume_suffix,
+)
+from thinslice.io.readers import files_read
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,7 @@ AXIAL_MAX_DEG = 40.0
 _HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "Modality", "PatientID", "StudyDate", "StudyID",
                 "SeriesNumber", "SeriesDescription", "ImageType", "ImageOrientationPatient"]
 # Files that are never a volume nor a DICOM slice (data files of detached headers, notes, tables).
-_NOT_IMAGES = (".raw", ".raw.gz", ".zraw", ".img", ".txt", ".csv", ".json", ".md", ".xml", ".html", ".png", ".jpg")
+_NOT_IMAGES = (*DATA_FILE_SUFFIXES, ".txt", ".csv", ".json", ".md", ".xml", ".html", ".png", ".jpg")
 MANIFEST_COLUMNS = ("input", "output", "spacing", "method", "options", "series")
 
 
@@ -63,7 +70,7 @@ def discover(inputs: Iterable[str | Path], exclude: Path | None = None,
 
 def _single_file(path: Path) -> tuple[list[Found], list[Skip]]:
     """A file given by name: a volume file, or one DICOM file standing for its series."""
-    if file_extension(path) in VOLUME_EXTENSIONS:
+    if is_volume_file_name(path):
         return [volume_file(path)], []
     header = _header(path)
     if header is None:
@@ -80,12 +87,11 @@ def _is_series(selector: str, uid: str) -> bool:
 
 def volume_file(path: Path) -> Found:
     """A NIfTI/NRRD/MetaImage file as a case, named after its stem."""
-    ext = file_extension(path)
-    stem = path.name[: len(path.name) - len(ext)] if ext else path.stem
     # Detached headers (.nhdr/.mhd) are written as their single-file twins, which carry the data inside.
-    out_ext = {".nhdr": ".nrrd", ".mhd": ".mha"}.get(ext, ext)
-    return Found(key=str(path.resolve()), kind="file", path=str(path), base_name=safe_name(stem),
-                 files=_volume_files(path), ext=out_ext, label=path.name)
+    out_ext = single_file_suffix(file_extension(path))
+    return Found(key=str(path.resolve()), kind="file", path=str(path),
+                 base_name=safe_name(strip_volume_suffix(path.name)), files=_volume_files(path), ext=out_ext,
+                 label=path.name)
 
 
 def _volume_files(path: Path) -> tuple[str, ...]:
@@ -131,7 +137,7 @@ def scan_folder(folder: Path, skip: Collection[str] = frozenset()) -> tuple[list
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or not entry.is_file() or (skip and _real(real, entry) in skip):
             continue
-        if file_extension(entry) in VOLUME_EXTENSIONS:
+        if is_volume_file_name(entry):
             found.append(volume_file(entry))
         elif not entry.name.lower().endswith(_NOT_IMAGES):
             maybe_dicom = True
@@ -185,7 +191,8 @@ def series_skip_reason(headers: list, num_files: int) -> str:
         return "localizer/scout image (ImageType " + "\\".join(sorted(image_type)) + ")"
     if num_files < 2:
         return "only one slice (a scout, a dose report or a single image), not a volume"
-    orientations = {tuple(np.round(_orientation(h), 3)) for h in headers if _orientation(h) is not None}
+    found = [o for h in headers if (o := _orientation(h)) is not None]
+    orientations = {tuple(np.round(o, 3)) for o in found}
     if len(orientations) > 1:
         return f"inconsistent geometry: {len(orientations)} different slice orientations in one series"
     if orientations:
@@ -309,8 +316,7 @@ def _overrides(where: str, row: dict) -> dict:
     out: dict = {}
     if (row.get("output") or "").strip():
         name = row["output"].strip()
-        ext = file_extension(name)
-        out["name"] = safe_name(name[: len(name) - len(ext)] if ext in VOLUME_EXTENSIONS else name)
+        out["name"] = safe_name(strip_volume_suffix(name))
     if (row.get("spacing") or "").strip():
         try:
             out["spacing"] = float(row["spacing"])

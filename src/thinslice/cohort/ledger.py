@@ -43,7 +43,6 @@ COLUMNS = ("name", "status", "reason", "input", "series_uid", "input_bytes", "in
            "requested_method", "factor", "spacing_in_mm", "spacing_out_mm", "shape_in", "shape_out",
            "dc_residual_hu", "hu_min", "hu_max", "seconds", "peak_memory_mb", "std_output", "wide_fraction",
            "uncertainty", "warnings", "flags", "worker", "finished", "key", "signature", "label")
-STATUSES = ("done", "failed", "skipped")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, row TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cases (key TEXT PRIMARY KEY, status TEXT NOT NULL, row TEXT NOT NULL);

@@ -62,7 +62,7 @@ document.querySelectorAll('img').forEach(function (img) {
 
 def write_report(out_dir: Path, rows: list[dict]) -> Path:
     """Write ``DIR/report.html`` from the ledger rows and the thumbnails in ``DIR/qc``; returns its path."""
-    rows = sorted(rows, key=lambda r: ({"failed": 0, "done": 1}.get(r.get("status"), 2), r.get("name") or ""))
+    rows = sorted(rows, key=lambda r: ({"failed": 0, "done": 1}.get(str(r.get("status")), 2), r.get("name") or ""))
     counts = Counter(r.get("status") for r in rows)
     summary = " ".join(f"<span>{html.escape(str(s))}: <b>{n}</b></span>" for s, n in sorted(counts.items()))
     flagged = sum(1 for r in rows if r.get("flags"))
@@ -102,7 +102,8 @@ def _cell(row: dict, column: str, numeric: bool) -> str:
         return "<td>" + "".join(f"<span class=flag>{html.escape(f)}</span>" for f in flags) + "</td>"
     if column == "reason":
         notes = [str(value)] if value else []
-        notes += row.get("warnings") if isinstance(row.get("warnings"), list) else []
+        warnings = row.get("warnings")
+        notes += [str(w) for w in warnings] if isinstance(warnings, list) else []
         return f"<td class=reason>{'<br>'.join(html.escape(n) for n in notes)}</td>"
     if numeric:
         return f"<td class=num data-v='{html.escape(str(value))}'>{_number(value)}</td>"

@@ -1,8 +1,8 @@
 """The per-case function: read, upsample, write atomically, measure; the same code on every runner.
 
-A :class:`CaseRunner` lives as long as its worker (the driver process, a pool process or a Ray actor) and keeps the
-method pipelines it has loaded, so that a learned method loads its weights once per worker, not once per case. It
-never raises for a bad case: every outcome, failures included, is a ledger row.
+A :class:`CaseRunner` lives as long as its worker (the driver process, a pool process or a Ray actor) and keeps one
+:class:`~thinslice.infer.upsample.Upsampler` per method and options, so that a learned method loads its weights once
+per worker, not once per case. It never raises for a bad case: every outcome, failures included, is a ledger row.
 """
 
 from __future__ import annotations
@@ -20,28 +20,27 @@ from typing import TYPE_CHECKING
 
 from thinslice.cohort.cases import Case
 from thinslice.cohort.thumbnails import std_thumbnail_png, thumbnail_png
-from thinslice.degrade.grid import snap_spacing
 from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.limits import NOT_HU_ABOVE
 from thinslice.io.volume import Volume
+from thinslice.memory import PeakMemory
 
 if TYPE_CHECKING:
-    from thinslice.infer.pipeline import Pipeline
+    from thinslice.infer.upsample import Upsampler
 
 log = logging.getLogger(__name__)
 
 # Mean |A x - thick| (HU) above which the QC page flags a case: the output does not reproduce its own input slices.
 DC_RESIDUAL_FLAG_HU = 2.0
-# The lowest value of a CT volume in HU is air; above this it is not HU (the reader's rule).
-NOT_HU_ABOVE = -500.0
 
 
 class CaseRunner:
-    """Runs cases; holds the pipelines loaded so far (one per method and options)."""
+    """Runs cases; holds the upsamplers built so far (one per method and options, each with its loaded weights)."""
 
     def __init__(self, dtype: str = "int16", thumbnails: bool = True) -> None:
         self.dtype = dtype
         self.thumbnails = thumbnails
-        self._pipelines: dict[tuple, Pipeline] = {}
+        self._upsamplers: dict[tuple[str, str], Upsampler] = {}
 
     def preload(self, method: str, options: tuple[tuple[str, object], ...] = ()) -> None:
         """Import the readers and writers and load a named method's weights now, when the worker starts, so that a
@@ -52,11 +51,7 @@ class CaseRunner:
         import thinslice.infer.consistency  # noqa: F401
         import thinslice.io.writers  # noqa: F401
 
-        if method == "auto":
-            from thinslice.infer.upsample import default_method
-
-            method = default_method()  # what auto runs wherever it serves the input
-        self._pipeline(method, split_options(method_entry(method), options)[0])
+        self.upsampler(method, options).preload()
 
     def run(self, case: Case) -> dict:
         """The ledger row of ``case``: done (with its measurements) or failed (with a one-line reason)."""
@@ -94,14 +89,15 @@ class CaseRunner:
             raise ThinsliceError(f"{case.output} exists and is not from this batch; left as it is: move it away, "
                                  "choose another --out, or give --overwrite to replace it")
         thick = read_volume(case.path, series_uid=case.series_uid or None)
-        method, note = self._choose(case, thick)
-        result, acquisition = self._apply(method, case, thick)
-        thin = result.volume
+        up = self.upsampler(case.method, case.options)
+        decision = up.decide(thick, case.spacing)
+        result = up.run(thick, decision)
+        method, note, thin = decision.method, decision.fallback, result.volume
         std = result.extras.get("std")
         facts = self._write_std(case, std, method) if std is not None else {}
         written = write_volume(thin, case.output, dtype=self.dtype, reference_input=case.path,
                                overwrite=case.replace_output, method=method)
-        facts.update(measure(thick, thin, acquisition))
+        facts.update(measure(thick, thin, result.acquisition))
         facts.update(method=method, output=str(written).rstrip("/" + os.sep), reason=note or "",
                      input_bytes=_input_bytes(case), input_sha256=_sha256(case))
         if note:
@@ -121,49 +117,16 @@ class CaseRunner:
         return {"std_output": str(written).rstrip("/" + os.sep), "uncertainty": std.metadata.get("uncertainty", ""),
                 "wide_fraction": float(std.metadata.get("wide_fraction", "nan"))}
 
-    def _choose(self, case: Case, thick: Volume) -> tuple[str, str | None]:
-        """The method to run: the case's, or ``auto``'s choice for this input with its note when it fell back."""
-        if case.method != "auto":
-            return case.method, None
-        from thinslice.infer.upsample import choose_auto
+    def upsampler(self, method: str, options: tuple[tuple[str, object], ...]) -> Upsampler:
+        """The upsampler of ``method`` with the cohort's options (command-line text; each method takes those it
+        uses), built on first use and kept; no progress bars inside a case (the batch draws its own)."""
+        from thinslice.infer.upsample import Upsampler
 
-        return choose_auto(thick, case.spacing)
-
-    def _apply(self, method: str, case: Case, thick: Volume):
-        """Run ``method`` with the options it uses (others ignored: ``auto`` may pick a method that has fewer)."""
-        from thinslice.infer.pipeline import Acquisition, check_finite
-
-        entry = method_entry(method)
-        typed, profile, thickness = split_options(entry, case.options)
-        acquisition = Acquisition.of(thick, profile, thickness) if entry.uses_profile else None
-        spacing = snap_spacing(thick, case.spacing)  # as run_method: 1.667 for 5 mm slices means 5/3
-        result = check_finite(self._pipeline(method, typed)(thick, spacing, acquisition), method)
-        return result, acquisition
-
-    def _pipeline(self, method: str, typed: tuple[tuple[str, object], ...]) -> Pipeline:
-        """The loaded pipeline for ``method`` and its typed options (loaded on first use, then reused)."""
-        from thinslice.infer.pipeline import make_options
-
-        key = (method, typed)
-        if key not in self._pipelines:
-            entry = method_entry(method)
-            pipeline = entry.pipeline(make_options(entry.pipeline, dict(typed)))
-            pipeline.load()
-            self._pipelines[key] = pipeline
-        return self._pipelines[key]
-
-
-def split_options(entry, options: tuple[tuple[str, object], ...]) -> tuple[tuple[tuple[str, object], ...], object,
-                                                                           object]:
-    """The options ``entry`` uses, typed from their command-line text: (pipeline options, profile, thickness)."""
-    from thinslice.infer.options import coerce_options, option_types
-    from thinslice.infer.upsample import uncertainty_by_samples
-
-    given = uncertainty_by_samples(entry, {k: v for k, v in options if v is not None})
-    used = {k: v for k, v in given.items() if k in entry.options}
-    typed = coerce_options(used, option_types(entry.pipeline.Options))
-    profile, thickness = typed.pop("profile", None), typed.pop("thickness", None)
-    return tuple(sorted(typed.items())), profile, thickness
+        key = (method, repr(options))
+        if key not in self._upsamplers:
+            given = {k: v for k, v in options if v is not None}
+            self._upsamplers[key] = Upsampler.of(method, {**given, "progress": False}, strict=False, text=True)
+        return self._upsamplers[key]
 
 
 def started_runner(dtype: str, thumbnails: bool, method: str, options: tuple[tuple[str, object], ...]) -> CaseRunner:
@@ -174,14 +137,6 @@ def started_runner(dtype: str, thumbnails: bool, method: str, options: tuple[tup
     except ThinsliceError as exc:
         log.debug("preload of %s failed: %s", method, exc)
     return runner
-
-
-def method_entry(name: str):
-    """The registered method ``name``. Interpolation is registered when the registry is imported; looking up a
-    learned method imports the networks (and torch), which a worker running cubic-dc need not pay for."""
-    from thinslice.infer.upsample import UPSAMPLERS, get_method
-
-    return UPSAMPLERS.get(name) or get_method(name)
 
 
 def measure(thick: Volume, thin: Volume, acquisition) -> dict:
@@ -248,32 +203,3 @@ def _collected(messages: list[str]):
         messages.extend(str(w.message) for w in caught)
     finally:
         logger.removeHandler(handler)
-
-
-class PeakMemory:
-    """Peak resident memory of this process during the block: the kernel's high-water mark, reset at the start
-    (Linux), else sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.mb = 0.0
-        self._sampler = None
-
-    def __enter__(self) -> PeakMemory:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current RSS
-        except OSError:
-            from thinslice.evaluate.bench import PeakRSS
-
-            self._sampler = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._sampler is not None:
-            self._sampler.__exit__()
-            self.mb = self._sampler.peak_mb
-            return
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    self.mb = int(line.split()[1]) / 1024

@@ -4,10 +4,10 @@ pixel data disagree, memory bombs, bad geometry) and a judge of what a reader di
 A CT tool is handed files it did not write: exports from old scanners, files damaged in transfer, files made by
 other tools with their own idea of the format, and now and then a file crafted to hurt. The rule for every one of
 them is the same: a correct volume, or one :class:`~thinslice.errors.ThinsliceError` line that names the file;
-never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests
-(``tests/test_fuzz.py``) and the benchmarks (``benchmarks/reliability_fuzz.py``, ``benchmarks/fuzz.py``) build the
-files here, so nothing is downloaded, and judge each read in a child process (:func:`probe`) so that a reader
-that hangs on a FIFO or allocates what a header claims cannot take the test process down.
+never a traceback, a hang, a memory blow-up, or a plausible-looking wrong volume. The tests and the reliability
+and fuzz runs build the files here, so nothing is downloaded, and judge each read in a child process
+(:func:`probe`) so that a reader that hangs on a FIFO or allocates what a header claims cannot take the test
+process down.
 
 Headers are packed by hand (``struct``) rather than with nibabel, pynrrd or SimpleITK: those libraries refuse to
 write most of these fields, which is the point. Everything is small (well under 1 MB per file) and the same for
@@ -27,13 +27,17 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from thinslice.data.odd import _new_object, _pixel_module, edit_headers, phantom, write_series
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 
 REFUSE = "refuse"  # the reader must end in a ThinsliceError
 EITHER = "either"  # a correct volume (see Hostile.shape) or a ThinsliceError
@@ -75,7 +79,7 @@ class NiftiHeader:
     quatern: tuple[float, ...] = (0.0, 0.0, 0.0, -4.0, -4.0, 0.0)  # b, c, d, qoffset x, y, z
     srow: tuple[float, ...] = (1.0, 0.0, 0.0, -4.0, 0.0, 1.0, 0.0, -4.0, 0.0, 0.0, 3.0, 0.0)
     extension: bytes = b""  # raw bytes after the 4-byte extension flag (flag set when non-empty)
-    endian: str = "<"
+    endian: Literal["<", ">"] = "<"
 
     def pack(self) -> bytes:
         """The header, the extension flag and the extension bytes (pad to vox_offset with :func:`nifti_file`)."""
@@ -343,12 +347,14 @@ def nrrd_files(folder: Path, seed: int = 0) -> list[Hostile]:
     out: list[Hostile] = []
     good = (8, 8, 6)
 
-    def add(name: str, changes: dict[str, str], description: str, expect: str = REFUSE, data: bytes | None = None,
-            extra: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None, claims: int = 0) -> None:
+    def add(name: str, changes: dict[str, str | None], description: str, expect: str = REFUSE,
+            data: bytes | None = None, extra: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None,
+            claims: int = 0) -> None:
+        """``changes``: fields to set, or to remove where the value is None."""
         header = NrrdHeader()
-        header.fields.update(changes)
+        header.fields.update({k: v for k, v in changes.items() if v is not None})
         for key in [k for k, v in changes.items() if v is None]:
-            del header.fields[key]
+            header.fields.pop(key, None)
         header.extra_lines = extra
         out.append(Hostile(nrrd_file(folder / name, header, data), description, "nrrd", expect, shape, claims))
 
@@ -684,9 +690,17 @@ def probe(path: Path, timeout: float = PROBE_TIMEOUT_S, available: int = PROBE_A
     global _SERVER
     if _SERVER is None or _SERVER.poll() is not None:
         _SERVER = _start_server()
-    _SERVER.stdin.write(json.dumps([str(path), float(timeout), int(available)]).encode() + b"\n")
-    _SERVER.stdin.flush()
-    return _outcome_from_json(_SERVER.stdout.readline())
+    stdin, stdout = _pipes(_SERVER)
+    stdin.write(json.dumps([str(path), float(timeout), int(available)]).encode() + b"\n")
+    stdin.flush()
+    return _outcome_from_json(stdout.readline())
+
+
+def _pipes(server: subprocess.Popen) -> tuple[IO[bytes], IO[bytes]]:
+    """The read server's stdin and stdout (it is started with both piped)."""
+    if server.stdin is None or server.stdout is None:
+        raise RuntimeError("the read server was started without pipes")
+    return server.stdin, server.stdout
 
 
 def _outcome_to_json(outcome: Outcome) -> bytes:
@@ -718,7 +732,7 @@ def _start_server() -> subprocess.Popen:
 
 def _stop_server(server: subprocess.Popen) -> None:
     if server.poll() is None:
-        server.stdin.close()
+        _pipes(server)[0].close()
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:
@@ -808,16 +822,17 @@ def _fork_read(path: str, timeout: float, available: int) -> Outcome:
 
 def _child_outcome(path: str, available: int) -> Outcome:
     import logging
-    import resource
+
+    from thinslice.memory import current_rss, process_peak_rss
 
     logging.disable(logging.CRITICAL)
     _limit_memory(available)
-    rss0 = _rss()
+    rss0 = current_rss()
     try:
         outcome = _read_and_check(Path(path))
     except BaseException as exc:  # noqa: BLE001 - everything a reader may raise is what is being judged
         outcome = Outcome("exception", _first_line(exc), type(exc).__name__)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_peak_rss()
     outcome.growth = max(0, peak - rss0)
     return outcome
 
@@ -830,6 +845,7 @@ def _limit_memory(available: int) -> None:
     import thinslice.io.limits as limits
 
     original = limits.available_memory
+    module: Any  # any module of the package that imported the check by name
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("thinslice") and \
                 getattr(module, "available_memory", None) is original:
@@ -837,11 +853,6 @@ def _limit_memory(available: int) -> None:
     with open("/proc/self/statm") as fh:
         vms = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (vms + ADDRESS_SPACE_HEADROOM, resource.RLIM_INFINITY))
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -852,13 +863,14 @@ def _first_line(exc: BaseException) -> str:
 def _read_and_check(path: Path) -> Outcome:
     from thinslice.errors import ThinsliceError
     from thinslice.io import read_volume
+    from thinslice.io.formats import NIFTI, file_extension, format_for_suffix
 
     try:
         volume = read_volume(path)
     except ThinsliceError as exc:
         return Outcome("error", str(exc), "ThinsliceError")
     problems = volume_problems(volume)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if format_for_suffix(file_extension(path)) is NIFTI:
         problems += nibabel_problems(volume, path)
     return Outcome("volume", repr(volume)[:200], shape=volume.shape_ijk, problems=problems)
 
@@ -894,7 +906,7 @@ def nibabel_problems(volume, path: Path) -> list[str]:
     if "geometry" in volume.metadata:
         return []
     try:
-        image = nibabel.load(str(path))
+        image: Any = nibabel.load(str(path))  # a NIfTI image here; anything else fails below and is skipped
         header = image.header
         codes = (int(header["sform_code"]), int(header["qform_code"]))
         # Codes outside 0..4 are invalid, and nibabel and ITK read them differently: no reference there.

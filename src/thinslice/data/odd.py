@@ -3,7 +3,7 @@ radiographs, multi-frame objects, scouts in a series, damaged files, many series
 lie about their pixel data, impossible spacing, one bad file in a series, old files without file meta, DICOMDIR
 exports, SEG objects, dose screens), built from the chest phantom.
 
-The tests and ``benchmarks/reliability.py`` use them, so that every case runs without outside data. Each writer
+The tests and the reliability run use them, so that every case runs without outside data. Each writer
 returns what a correct reader must find (e.g. the world position of a marker), not just the files.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,10 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 
 MARKER_HU = 3000.0  # a bright voxel no phantom tissue reaches, to find a known point after resampling
 MARKER_IJK = (3, 2)  # (i, j) of the marker: in the air around the body, so that its neighbours are exactly -1000
@@ -172,7 +176,7 @@ def _new_object(sop_class: str):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     return ds
@@ -333,7 +337,7 @@ def _damage_header(path: Path, damage: str, other_uid: str) -> None:
         elif damage == "nan_position":
             ds["ImagePositionPatient"].value = ["0", "nan", "9"]
         elif damage == "same_uid":
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = other_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(other_uid)
         else:
             raise ValueError(damage)
         ds.save_as(str(path))

@@ -56,7 +56,7 @@ class ProfileEstimate:
 
 def estimate_profile(thick: Volume, shapes: Sequence[str] = SHAPES) -> ProfileEstimate:
     """The slice profile of ``thick`` estimated from its own through-plane and in-plane spectra; ``shapes`` are the
-    candidate shapes (other families are design points: benchmarks/profile_estimate.py --shapes)."""
+    candidate shapes (other families were design points: docs/design)."""
     hu = np.clip(thick.slices_first().astype(np.float32), -1024.0, 2000.0)
     if hu.shape[0] < MIN_SLICES:
         raise ThinsliceError(f"--profile auto needs at least {MIN_SLICES} slices to estimate the slice profile, the "

@@ -17,6 +17,7 @@ import numpy as np
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.volume import Volume
+from thinslice.memory import available_memory
 
 _EPS = 1e-6
 # A requested spacing within this fraction of a divisor S/k of the slice spacing S is taken as S/k exactly: "1.667"
@@ -85,10 +86,8 @@ _OUTPUT_COPIES = 3
 
 def check_output_size(n_slices: int, voxels_per_slice: int, spacing_mm: float) -> None:
     """Refuse, before any work, an output grid that cannot fit in this machine's available memory."""
-    import psutil
-
     need = n_slices * voxels_per_slice * 4 * _OUTPUT_COPIES
-    available = psutil.virtual_memory().available
+    available = available_memory()
     if need > available:
         raise ThinsliceError(
             f"the output would have {n_slices} slices ({n_slices * voxels_per_slice * 4 / 2**30:.1f} GB as float32, "

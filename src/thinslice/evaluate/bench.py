@@ -1,16 +1,16 @@
 """One benchmark for every method: volumes x factors x slice profiles x methods -> one table.
 
 Each case simulates thick slices from a thin volume (``simulate_pair``), upsamples them back with each method through
-the same ``upsample`` entry point the CLI uses, and scores the result against the thin truth. Per method it records
-PSNR, SSIM, HU-MAE (body), the data-consistency residual (how far the output, degraded again with the input's
-profile, is from the input slices), wall seconds and the peak resident memory while the method ran.
+the same :class:`~thinslice.infer.upsample.Upsampler` the CLI uses (one per method, so weights load once, before
+the timing), and scores the result against the thin truth. Per method it records PSNR, SSIM, HU-MAE (body), the
+data-consistency residual (how far the output, degraded again with the input's profile, is from the input slices),
+wall seconds and the peak resident memory while the method ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,10 +25,12 @@ from thinslice.errors import ThinsliceError
 from thinslice.evaluate.figures import save_comparison_figure
 from thinslice.evaluate.metrics import evaluate_volumes, high_band_power, through_plane_sharpness
 from thinslice.infer.consistency import consistency_residual_hu
-from thinslice.infer.upsample import WEIGHTLESS_METHODS, upsample
+from thinslice.infer.upsample import WEIGHTLESS_METHODS, Upsampler
 from thinslice.io import read_volume
 from thinslice.io.atomic import write_text_atomic
+from thinslice.io.formats import strip_volume_suffix
 from thinslice.io.volume import Volume
+from thinslice.memory import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -98,32 +100,6 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the ``with`` block runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = self._proc.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
@@ -205,9 +181,10 @@ def run_benchmark(
     with a note. With ``out_dir`` the tables are rewritten after every case, so a long run stopped midway keeps
     what it measured."""
     rows: list[BenchRow] = []
+    upsamplers: dict[str, Upsampler] = {}
     for index, item in enumerate(volumes):
         thin = item if isinstance(item, Volume) else read_volume(item)
-        name = f"volume{index}" if isinstance(item, Volume) else _short_name(Path(item))
+        name = f"volume{index}" if isinstance(item, Volume) else strip_volume_suffix(Path(item).name)
         for case in volume_cases(thin.slice_spacing, factors, profiles, overlaps, mm_cases):
             spacing = case.factor * thin.slice_spacing
             thick, truth = simulate_pair(thin, thickness=case.ratio * spacing, spacing=spacing, profile=case.profile)
@@ -219,7 +196,8 @@ def run_benchmark(
                 if reason:
                     log(f"{name} {case.label} {case.profile}: {spec.label} skipped ({reason})")
                     continue
-                row, outputs[spec.label] = _score_method(spec, name, case, thick, truth, operator, truth_power)
+                up = upsamplers.get(spec.label) or upsamplers.setdefault(spec.label, _loaded(spec))
+                row, outputs[spec.label] = _score_method(up, spec, name, case, thick, truth, operator, truth_power)
                 rows.append(row)
                 log(f"{name} {case.label:<18} {case.profile:<8} {spec.label:<12} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "
@@ -254,30 +232,29 @@ def told_options(spec: MethodSpec, true_profile: str, thick: Volume) -> dict[str
     return {"profile": spec.told, "thickness": float(thick.slice_spacing)}
 
 
-def _score_method(spec: MethodSpec, name: str, case: Case, thick: Volume, truth: Volume,
+def _loaded(spec: MethodSpec) -> Upsampler:
+    """The upsampler of ``spec`` with its weights loaded, so that a row's seconds are the volume's own."""
+    up = Upsampler.of(spec.method, spec.options)
+    up.preload()
+    return up
+
+
+def _score_method(up: Upsampler, spec: MethodSpec, name: str, case: Case, thick: Volume, truth: Volume,
                   operator: SlabOperator, truth_power: float) -> tuple[BenchRow, Volume]:
     """One method on one case: its output, scores, data-consistency residual (against the true profile), seconds
     and peak memory."""
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         start = time.perf_counter()
-        out = upsample(thick, truth.slice_spacing, method=spec.method, **spec.options,
-                       **told_options(spec, case.profile, thick))
+        out = up(thick, truth.slice_spacing, **told_options(spec, case.profile, thick)).volume
         seconds = time.perf_counter() - start
     scores = evaluate_volumes(out, truth)
     residual = consistency_residual_hu(out.slices_first(), thick.slices_first(), operator)
     sharpness = through_plane_sharpness(out.slices_first(), truth_power, case.factor)
-    row = BenchRow(name, float(case.factor), case.profile, spec.label, case.ratio, float(scores["psnr"]),
-                   float(scores["ssim"]), float(scores["mae_hu_body"]), float(residual["mean_abs"]), sharpness,
+    psnr, ssim, mae = (float(str(scores[k])) for k in ("psnr", "ssim", "mae_hu_body"))
+    row = BenchRow(name, float(case.factor), case.profile, spec.label, case.ratio, psnr, ssim, mae,
+                   float(residual["mean_abs"]), sharpness,
                    seconds, memory.peak_mb, case.label)
     return row, out
-
-
-def _short_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:

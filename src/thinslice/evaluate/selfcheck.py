@@ -24,7 +24,7 @@ from thinslice.degrade.pairs import simulate_pair
 from thinslice.errors import ThinsliceError
 from thinslice.evaluate.bench import MethodSpec, parse_methods, refusal, told_options
 from thinslice.evaluate.metrics import evaluate_volumes
-from thinslice.infer.upsample import upsample
+from thinslice.infer.upsample import Upsampler
 from thinslice.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,11 @@ def run_selfcheck(scan: Volume, name: str, methods: Sequence[str] = DEFAULT_METH
     if extra is not None:
         checks.append(extra)
     result = SelfCheck(name, {c.name: c.description for c in checks})
+    upsamplers = {spec.label: Upsampler.of(spec.method, spec.options) for spec in specs}  # weights load once
     for check in checks:
         result.per_check[check.name] = {}
         for spec in specs:
-            scores = _score(spec, check, profile, result.skipped)
+            scores = _score(upsamplers[spec.label], spec, check, profile, result.skipped)
             if scores is not None:
                 result.per_check[check.name][spec.label] = scores
                 log_fn(f"{check.name}: {spec.label} PSNR {scores['psnr']:.2f} dB")
@@ -121,15 +122,15 @@ def run_selfcheck(scan: Volume, name: str, methods: Sequence[str] = DEFAULT_METH
     return result
 
 
-def _score(spec: MethodSpec, check: Check, profile: str, skipped: dict[str, str]) -> dict[str, float] | None:
+def _score(up: Upsampler, spec: MethodSpec, check: Check, profile: str,
+           skipped: dict[str, str]) -> dict[str, float] | None:
     """One method's scores on one check (None, noted in ``skipped``, when it cannot serve the check)."""
     spacing = check.truth.slice_spacing
     reason = refusal(spec, check.thick, spacing)
     if reason:
         skipped[spec.label] = f"{check.name}: {reason}"
         return None
-    out = upsample(check.thick, spacing, method=spec.method, **spec.options,
-                   **told_options(spec, profile, check.thick))
+    out = up(check.thick, spacing, **told_options(spec, profile, check.thick)).volume
     scores = evaluate_volumes(out, check.truth)
     return {k: float(str(scores[k])) for k in SCORES}
 

@@ -129,7 +129,3 @@ class PatchSampler(ExampleSampler):
                                  for k in items[0]}
         batch["info"] = infos
         return batch
-
-    @property
-    def total_voxels(self) -> int:
-        return int(sum(s.hu.size for s in self.sources))

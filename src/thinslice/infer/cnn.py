@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from thinslice.checkpoints.bundle import load_baseline
 from thinslice.checkpoints.files import keep_record, loaded_preset, weights_label
 from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
-from thinslice.infer.upsample import register_pipeline
+from thinslice.infer.registry import register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.intensity import HU_MAX, HU_MIN, hu_to_model, model_to_hu
@@ -51,7 +52,7 @@ def refine_cnn(
     amp = autocast_dtype(precision)
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(hu_to_model(np.asarray(lr_hu_slices_first, np.float32))))[None, None]
-    roi = fit_window(roi or default_roi(model), tuple(x.shape[2:]))
+    window = fit_window(roi or default_roi(model), tuple(x.shape[2:]))
     was_training = model.training
     model.eval()
 
@@ -59,7 +60,7 @@ def refine_cnn(
         with autocast(device, amp):
             return model(window).float()
 
-    out = blend_windows(x, roi, predictor, device, progress)
+    out = blend_windows(x, window, predictor, device, progress)
     model.train(was_training)
     hu = model_to_hu(out[0, 0].float().numpy())
     return np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)
@@ -95,7 +96,8 @@ class Cnn(Pipeline):
             from thinslice.infer.cnn_adapt import adapt_baseline, default_plan
 
             plan = default_plan(o.adapt_steps, precision=o.precision, progress=o.progress)
-            model = adapt_baseline(keep_record(self.model, copy.deepcopy(self.model)), thick, prior.slice_spacing,
+            copied = cast(ResidualCNN3D, keep_record(self.model, copy.deepcopy(self.model)))
+            model = adapt_baseline(copied, thick, prior.slice_spacing,
                                    acquisition.profile, plan, resolve_device(o.device), o.seed)
         start = time.perf_counter()
         refined = refine_cnn(model, prior.slices_first(), o.patch_size, o.progress, o.precision)

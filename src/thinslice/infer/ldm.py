@@ -1,6 +1,6 @@
 """``--method ldm``: thick slices -> thin slices with the 3D latent diffusion model (ResShift + IRControlNet).
 
-The prior the denoiser was trained to refine (:func:`~thinslice.infer.upsample.prior_estimate`) is encoded by the
+The prior the denoiser was trained to refine (:func:`~thinslice.infer.registry.prior_estimate`) is encoded by the
 first stage (:func:`~thinslice.models.tiling.encode_padded`: the lossless Haar transform of the shipped model, or a
 VAE); the HR latent is sampled (:func:`~thinslice.diffusion.sampling.reverse_process`) whole, or in latent windows
 seeded by position when it does not fit in memory (:mod:`thinslice.models.windows`); with residual latents
@@ -32,8 +32,8 @@ from thinslice.errors import ThinsliceError
 from thinslice.infer.consistency import make_consistent
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.planes import Planes
+from thinslice.infer.registry import prior_result, register_pipeline
 from thinslice.infer.uncertainty import Welford, attach_std
-from thinslice.infer.upsample import prior_estimate, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_first_stage
@@ -208,6 +208,7 @@ class Ldm(Pipeline):
     description = ("3D latent diffusion (ResShift + IRControlNet) from the best estimate, with data consistency and "
                    "a std map (--samples N); needs trained weights (--checkpoint DIR or shipped)")
     Options = LdmOptions
+    steps = ("prior", "refine", "spread")  # consistency: on each sample, inside refine (before averaging)
     # The VAE (first stage 'vae') and the planes network (prior 'planes') are read from the same bundle when the
     # denoiser's record asks for them; the lossless Haar first stage has no weights.
     weights = ("denoiser",)
@@ -215,7 +216,7 @@ class Ldm(Pipeline):
     vae: AutoencoderKL3D
     denoiser: LatentDenoiser
     latent: LatentConfig = LatentConfig()
-    planes: Planes | None = None
+    planes: Pipeline | None = None  # the planes prior (a Planes pipeline), when the denoiser starts from planes
 
     @classmethod
     def from_models(cls, vae: AutoencoderKL3D, denoiser: LatentDenoiser, options: LdmOptions | None = None,
@@ -242,14 +243,9 @@ class Ldm(Pipeline):
             self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision,
                                                  uncertainty=o.samples > 1)
 
-    @property
-    def consistent(self) -> bool:
-        return False  # every sample is projected inside, before averaging
-
-    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
-        if self.planes is not None:
-            self.planes.last_spread = None  # set again only if planes serves this input
-        return prior_estimate(self.latent.prior, self.planes, thick, spacing_mm, acquisition)
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Result:
+        begun = prior_result(self.latent.prior, self.planes, thick, spacing_mm, acquisition)
+        return Result(begun.volume, extras={k: v for k, v in begun.extras.items() if k == "spread"})
 
     def refine(self, thick: Volume, prior: Volume, acquisition: Acquisition) -> Result:
         """The mean of ``options.samples`` seeds refining ``prior``, each projected onto consistency (see the module
@@ -276,18 +272,17 @@ class Ldm(Pipeline):
         result.report["ldm_timing_s"] = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
         if o.progress and "consistency_hu" in result.report:
             log.info("ldm: data consistency %s", result.report["consistency_hu"])
-        if "spread" in result.extras:
-            self._attach_std(result, thick, prior)
         return result
 
-    def _attach_std(self, result: Result, thick: Volume, prior: Volume) -> None:
-        """The samples' spread (with the planes prior's, when it served this input) calibrated into
-        ``extras["std"]`` (docs/design/uncertainty.md)."""
-        planes_spread = getattr(self.planes, "last_spread", None)
+    def spread(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """The samples' spread (with the planes prior's passes' disagreement, when it served this input) calibrated
+        into ``extras["std"]`` (docs/design/uncertainty.md)."""
+        planes_spread = result.extras.pop("prior_spread", None)
         if planes_spread is not None and planes_spread.array.shape == result.extras["spread"].array.shape:
             result.extras["planes_spread"] = planes_spread
-        k = round(thick.slice_spacing / prior.slice_spacing)
+        k = round(thick.slice_spacing / result.volume.slice_spacing)
         attach_std(result, self.bundle(), "ldm", k, self.network_hashes(k), self.options.samples)
+        return result
 
     def network_hashes(self, k: int) -> dict[str, str]:
         """Hashes of the networks a factor-``k`` run uses (denoiser, planes prior): what a calibration is valid for."""
@@ -295,6 +290,6 @@ class Ldm(Pipeline):
         network_for = getattr(self.planes, "network_for", None)
         if self.latent.prior == "planes" and network_for is not None:
             network = network_for(k)
-            name = network_kind("planes").file_name(k if network is not self.planes.model else None)
+            name = network_kind("planes").file_name(k if network is not getattr(self.planes, "model", None) else None)
             hashes[name] = weights_label(network)
         return hashes

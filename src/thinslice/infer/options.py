@@ -119,3 +119,76 @@ def option_patch(name: str, value: object) -> tuple[int, int, int]:
 def _items(value: object) -> list[object]:
     """The elements of a list/tuple value (argparse's nargs), or the value alone."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodFlag:
+    """One method option as the command line offers it: ``thinslice upsample`` and ``thinslice batch`` build their
+    flags from :data:`METHOD_FLAGS`, so the two can never drift apart, and :class:`~thinslice.infer.upsampler.
+    Upsampler.from_args` reads the same names back. Values stay text-like here; the method's options dataclass
+    declares the type (:func:`coerce_options`). ``bounds`` is the accepted range of a number (checked when parsed,
+    before any work); ``group`` is where the flag is listed in ``--help`` ("acquisition" or "learned")."""
+
+    name: str
+    help: str
+    kind: type | None = str  # int, float, str; None: an on/off switch
+    bounds: tuple[float, float] | None = None
+    choices: tuple[str, ...] = ()
+    metavar: str | tuple[str, ...] | None = None
+    nargs: int | None = None
+    group: str = "learned"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _profile_choices() -> tuple[str, ...]:
+    from thinslice.degrade.profiles import PROFILES
+
+    return (*PROFILES, "auto")
+
+
+# Every method option with a flag of its own (the rest: ``--option KEY=VALUE``); adding one is one row here plus the
+# field in the options dataclass of each method that uses it.
+METHOD_FLAGS: tuple[MethodFlag, ...] = (
+    MethodFlag("profile", "slice profile of the input, for data consistency (cubic-dc, planes, cnn, ldm; default "
+                          "gaussian with FWHM = slice thickness); auto: estimated from the scan itself (shape and "
+                          "FWHM, in the report line)", choices=_profile_choices(), group="acquisition"),
+    MethodFlag("thickness", "slice thickness of the input for data consistency (default: from the file, else the "
+                            "slice spacing)", kind=float, metavar="MM", group="acquisition"),
+    MethodFlag("device", "torch device, e.g. cpu, cuda, cuda:1 (default: auto)"),
+    MethodFlag("seed", "random seed for sampling (0 to 2^32-1)", kind=int, bounds=(0, 2**32 - 1)),
+    MethodFlag("steps", "number of sampling steps (1 to 1000)", kind=int, bounds=(1, 1000)),
+    # 64 samples already take hours on a CPU
+    MethodFlag("samples", "number of samples to average (1 to 64; 2 or more: a std map)", kind=int, bounds=(1, 64)),
+    MethodFlag("uncertainty", "write a calibrated std map beside the output (<stem>_std; mean +- 1.645 std is the "
+                              "90%% interval): planes from its two passes (cheap), ldm from --samples N (default 4)",
+               kind=None),
+    MethodFlag("checkpoint", "model checkpoint (file or folder)"),
+    MethodFlag("preset", "model preset: tiny, small, paper or a .json file"),
+    MethodFlag("patch_size", "process the volume in patches of this size (voxels) to bound memory", kind=int,
+               bounds=(4, 4096), metavar=("D", "H", "W"), nargs=3),
+    MethodFlag("adapt", "cnn, planes: fine-tune on the input itself first (its in-plane axes as training pairs; "
+                        "planes: at most 3 minutes, --option adapt_seconds=S)", kind=None),
+    MethodFlag("adapt_steps", "fine-tuning steps for --adapt (cnn: default 200, ~20-50 on a CPU; planes: 1500)",
+               kind=int, bounds=(1, 100_000), metavar="N"),
+    MethodFlag("precision", "bf16: autocast, about twice as fast on recent CPUs and GPUs (default fp32; planes: bf16)",
+               choices=("fp32", "bf16")),
+)
+
+
+def flag_values(namespace: object) -> dict[str, object]:
+    """The method options a parsed command line gave explicitly: every :data:`METHOD_FLAGS` row that is set, then
+    each ``--option KEY=VALUE`` (as text; the method's types are applied by :func:`coerce_options`)."""
+    options: dict[str, object] = {}
+    for row in METHOD_FLAGS:
+        value = getattr(namespace, row.name, None)
+        if value is not None:
+            options[row.name] = tuple(value) if isinstance(value, list) else value
+    for item in getattr(namespace, "option", None) or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ThinsliceError(f"--option expects KEY=VALUE, got '{item}'")
+        options[key.strip().replace("-", "_")] = value
+    return options

@@ -1,11 +1,16 @@
 """The method contract: every upsampling method is a small :class:`Pipeline` class.
 
 A pipeline declares what it needs as class attributes (its options dataclass, the weights kinds it loads, whether it
-models the input's slice profile, the command that trains its weights) and runs one shared skeleton::
+models the input's slice profile, the named steps it uses) and runs one shared skeleton of named steps::
 
-    prior (an interpolation) -> refine (the method's own step) -> data consistency (optional) -> Result
+    prior (an interpolation) -> refine (the method's own step) -> consistency (the projection) -> spread (std map)
 
-``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.upsample`) derives
+Each step is a method of the class; ``steps`` says which the method uses (cubic-dc: prior and consistency; planes:
+all four; ldm: prior, refine and spread, as it projects each sample inside refine). A call keeps nothing on the
+instance: what one step hands to a later one travels in the :class:`Result` (``extras``), so one loaded pipeline
+serves any number of volumes, one after another or from several threads.
+
+``register_pipeline(cls)`` is the one registration line: the registry (:mod:`thinslice.infer.registry`) derives
 "needs weights", "uses the profile", the accepted option names and the training hint from the class, so the CLI,
 bench, demo and ``--method auto`` read one source. Option values are typed here; the CLI turns its strings into them
 with :func:`thinslice.infer.options.coerce_options` (the only place that parses text).
@@ -71,14 +76,28 @@ class Acquisition:
         return self.thickness_mm / float(slice_spacing_mm)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What an :class:`Upsampler` decided for one input before running it: the method (``auto``'s choice), the
+    output spacing as snapped, and notes for the user (a snapped spacing, a fallback, flags the method ignores)."""
+
+    method: str
+    spacing_mm: float
+    notes: tuple[str, ...] = ()
+    fallback: str | None = None  # why auto could not use its recommended method for this input (None: it could)
+
+
 @dataclass
 class Result:
     """What a pipeline returns: the thin volume, extra volumes for the caller to write (e.g. ``std``) and short
-    report lines (also copied into the volume's metadata, which NRRD/MHA headers keep)."""
+    report lines (also copied into the volume's metadata, which NRRD/MHA headers keep); the
+    :class:`~thinslice.infer.upsample.Upsampler` adds the acquisition it assumed and what it decided."""
 
     volume: Volume
     extras: dict[str, Volume] = field(default_factory=dict)
     report: dict[str, str] = field(default_factory=dict)
+    acquisition: Acquisition | None = None  # the profile and thickness the run assumed (None: not modelled)
+    decision: Decision | None = None  # what the Upsampler decided: method (auto's choice), snapped spacing, notes
 
 
 @dataclass(frozen=True)
@@ -108,14 +127,18 @@ class Pipeline:
     weights: ClassVar[tuple[str, ...]] = ()  # network kinds loaded from a bundle (rows of models.kinds)
     uses_profile: ClassVar[bool] = True  # models the input's slice profile (data consistency)
     preference: ClassVar[int] = 0  # rank among learned methods for --method auto without a manifest
-    always_consistent: ClassVar[bool] = False  # the projection is the method (cubic-dc), not an option
+    # The named steps of the skeleton this method uses (see the module docstring); "consistency" runs when the
+    # method's ``consistency`` option is on, or always where ``always_consistent`` (cubic-dc: the projection is the
+    # method); "spread" runs when refine left a raw spread map in ``extras``.
+    steps: ClassVar[tuple[str, ...]] = ("prior", "refine", "consistency")
+    always_consistent: ClassVar[bool] = False
     model: Any = None  # the network a learned method runs (set by load or from_model)
 
     def __init__(self, options: Any = None) -> None:
-        self.options = options if options is not None else self.Options()
+        self.options: Any = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}")
-        check_option_types(dataclasses.asdict(self.options), option_types(self.Options))
+        check_option_types(vars(self.options), option_types(self.Options))  # a frozen dataclass's fields
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, **options: Any) -> Pipeline:
@@ -162,11 +185,13 @@ class Pipeline:
 
     @property
     def consistent(self) -> bool:
-        """Whether the skeleton ends with the data-consistency projection."""
-        return self.always_consistent or bool(getattr(self.options, "consistency", False))
+        """Whether the skeleton runs its consistency step (the data-consistency projection)."""
+        wanted = self.always_consistent or bool(getattr(self.options, "consistency", False))
+        return "consistency" in self.steps and wanted
 
-    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
-        """The estimate the method starts from (an interpolation on the thin grid)."""
+    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume | Result:
+        """The estimate the method starts from (an interpolation on the thin grid); a :class:`Result` when it
+        brings extra maps for the later steps (ldm's planes prior and its passes' disagreement)."""
         from thinslice.infer.interpolate import interpolate_volume
 
         return interpolate_volume(thick, spacing_mm, "cubic")
@@ -175,17 +200,33 @@ class Pipeline:
         """The method's own step (identity for interpolation)."""
         return Result(prior)
 
+    def consistency(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """Project the volume onto {x : A x = thick} for the input's slice profile, with its residual reported."""
+        result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
+        result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "
+                                           f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
+        return result
+
+    def spread(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """Turn the raw spread map in ``extras`` into the calibrated ``extras["std"]`` (methods with a map)."""
+        return result
+
     def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
-        """Run the skeleton; ``acquisition`` defaults to the file's (Gaussian profile, its slice thickness)."""
+        """Run the skeleton's steps; ``acquisition`` defaults to the file's (Gaussian profile, its slice
+        thickness)."""
         if acquisition is None:
             acquisition = Acquisition.of(thick) if self.uses_profile else Acquisition()
-        result = self.refine(thick, self.prior(thick, float(spacing_mm), acquisition), acquisition)
+        begun = self.prior(thick, float(spacing_mm), acquisition)
+        start, handed = (begun.volume, begun.extras) if isinstance(begun, Result) else (begun, {})
+        result = self.refine(thick, start, acquisition) if "refine" in self.steps else Result(start)
+        for name, volume in handed.items():  # the prior's maps, for the spread step
+            result.extras.setdefault(f"prior_{name}", volume)
         if acquisition.estimated:
             result.report["profile"] = acquisition.estimated
         if self.consistent:
-            result.volume, res = make_consistent(result.volume, thick, acquisition.profile, acquisition.thickness_mm)
-            result.report["consistency_hu"] = (f"{acquisition.profile} profile; |A x - thick| mean "
-                                               f"{res['before_mean_abs']:.3g} -> {res['after_mean_abs']:.3g}")
+            result = self.consistency(result, thick, acquisition)
+        if "spread" in self.steps and "spread" in result.extras:
+            result = self.spread(result, thick, acquisition)
         result.volume.metadata.update(result.report)
         return result
 

@@ -27,7 +27,7 @@ from thinslice.device import autocast, autocast_dtype, resolve_device
 from thinslice.errors import ThinsliceError
 from thinslice.infer.pipeline import Acquisition, LearnedOptions, Pipeline, Result
 from thinslice.infer.planes_adapt import adapt_plan, adapt_planes
-from thinslice.infer.upsample import CubicDC, register_pipeline
+from thinslice.infer.registry import CubicDC, register_pipeline
 from thinslice.io.volume import Volume
 from thinslice.models.intensity import HU_RANGE, hu_to_model
 from thinslice.models.kinds import network_kind
@@ -87,7 +87,7 @@ def refine_planes(
 
     device = next(model.parameters()).device
     # channels-last convolutions: 2.5-3x faster under bf16 on the CPU (oneDNN), also faster on GPUs.
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
     total = np.zeros(base_hu.shape, np.float32)
@@ -132,7 +132,7 @@ def refine_blocks(model: PlanesNet, thick_hu: np.ndarray, base_hu: np.ndarray, c
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
     out = np.empty(base_hu.shape, np.float32)
@@ -186,11 +186,14 @@ class Planes(Pipeline):
     Options = PlanesOptions
     weights = ("planes",)
     preference = 3
+    steps = ("prior", "refine", "consistency", "spread")
     model: PlanesNet
-    # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
-    # factor, as one network per factor measures better than one for all (docs/design/planes.md).
-    specialists: dict[int, PlanesNet] = {}
-    last_spread: Volume | None = None
+
+    def __init__(self, options: PlanesOptions | None = None) -> None:
+        super().__init__(options)
+        # Networks trained for one factor alone (planes-x<k>.safetensors beside the all-factor one): used for that
+        # factor, as one network per factor measures better than one for all (docs/design/planes.md).
+        self.specialists: dict[int, PlanesNet] = {}
 
     def load(self) -> None:
         o = self.options
@@ -246,7 +249,7 @@ class Planes(Pipeline):
                                     parse_orientations(o.orientations), o.precision, o.progress, first)
         out = prior.with_slices(refined, prior.slice_spacing, 0.0, prior.slice_thickness)
         extras = {}
-        if first is not None:  # |first pass - average| = |coronal - sagittal| / 2, calibrated in __call__
+        if first is not None:  # |first pass - average| = |coronal - sagittal| / 2, calibrated by the spread step
             spread = np.abs(np.subtract(first, refined, out=first), out=first)
             extras["spread"] = prior.with_slices(spread, prior.slice_spacing, 0.0, prior.slice_thickness)
         return Result(out, extras=extras, report={"planes": f"weights {weights_label(network)}"
@@ -263,17 +266,14 @@ class Planes(Pipeline):
                                  "with --option orientations=both")
         return np.empty(shape, np.float32)
 
-    def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
-        """The skeleton, then (``uncertainty``) the calibrated std map from the disagreement of the passes and the
-        final volume (calibration.json beside the weights)."""
-        result = super().__call__(thick, spacing_mm, acquisition)
-        if "spread" in result.extras:
-            from thinslice.infer.uncertainty import attach_std
+    def spread(self, result: Result, thick: Volume, acquisition: Acquisition) -> Result:
+        """The calibrated std map from the disagreement of the passes and the final volume (calibration.json beside
+        the weights); the raw spread stays in ``extras`` for ldm, which starts from planes and builds on it."""
+        from thinslice.infer.uncertainty import attach_std
 
-            k, start = integer_factor(thick.slice_spacing, result.volume.slice_spacing), time.perf_counter()
-            attach_std(result, self.bundle(), "planes", k, self.network_hashes(k))
-            result.report["uncertainty_s"] = f"{time.perf_counter() - start:.1f}"
-        self.last_spread = result.extras.get("spread")  # ldm, which starts from planes, builds its map on it too
+        k, start = integer_factor(thick.slice_spacing, result.volume.slice_spacing), time.perf_counter()
+        attach_std(result, self.bundle(), "planes", k, self.network_hashes(k))
+        result.report["uncertainty_s"] = f"{time.perf_counter() - start:.1f}"
         return result
 
     def network_hashes(self, k: int) -> dict[str, str]:

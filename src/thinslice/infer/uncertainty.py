@@ -10,7 +10,7 @@ likelihood on held-out pairs, and then scaled by split conformal calibration (Vo
 
 The fit ships beside the weights (``weights/calibration.json``), keyed by method, factor, (ldm) samples and the
 content hashes of the networks; weights that changed since the fit are detected and their map reported as
-uncalibrated. Refit: ``benchmarks/fit_uncertainty.py`` (docs/design/uncertainty.md).
+uncalibrated. Refit: ``python -m thinslice.evaluate.fit_uncertainty`` (docs/design/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CALIBRATION_FILE = "calibration.json"
 LEVEL = 0.9
 Z90 = float(norm.ppf(0.95))  # 1.645: the 90% interval is mean +- Z90 std
 WIDE_HU = 50.0  # the summary counts body voxels whose 90% interval is wider than this
-REFIT = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fit_uncertainty.py"
+REFIT = "OMP_NUM_THREADS=1 python -m thinslice.evaluate.fit_uncertainty"
 # Intensity classes as features: (low, high] HU of the output.
 CLASS_THRESHOLDS_HU = {"lung": (-np.inf, -500.0), "bone": (300.0, np.inf)}
 FROM_OUTPUT = ("contrast", "noise", *CLASS_THRESHOLDS_HU)  # features computed from the output alone

@@ -1,289 +1,262 @@
-"""One entry point for every upsampler: ``upsample(thick, spacing_mm, method, **options)``.
+"""One run, one object: :class:`Upsampler`, which ``thinslice upsample``, ``thinslice batch`` (local and Ray workers),
+``thinslice bench``, ``demo``, ``selfcheck`` and Python users all call.
 
-Every method is a :class:`~thinslice.infer.pipeline.Pipeline` class registered with :func:`register_pipeline`.
-Interpolation ("linear", "cubic", "cubic-dc") is registered here; learned methods (planes, CNN baseline, latent
-diffusion) in their own modules, listed in :data:`METHOD_MODULES` and imported on first use so that ``thinslice
---help`` does not import torch models up front. A plug-in package adds methods through the ``thinslice.methods``
-entry-point group (each entry names a module that registers pipelines when imported, or ``module:attr`` with a
-Pipeline class or a registering function); a plug-in that fails to load is skipped with a warning, and none may take
-a name already taken. Every method returns a volume on :func:`thinslice.degrade.grid.thin_grid` of the input.
+An upsampler is built once from a method name and its options (typed values, or command-line text with
+:meth:`Upsampler.from_args`), validates them there with the messages users see, loads each method's weights once
+and keeps them, and then serves any number of volumes::
+
+    from thinslice import Upsampler, read_volume
+    up = Upsampler("planes", spacing=1.25, profile="gaussian")
+    for path in paths:
+        result = up(read_volume(path))  # .volume, .extras["std"], .report
+
+For each input it first *decides* (:meth:`Upsampler.decide`: the output spacing as snapped to a divisor of the slice
+spacing, the method ``auto`` picks, the options that method uses) and then *runs* (:meth:`Upsampler.run`: the
+acquisition, the pipeline, the finiteness check). This is the only module that snaps a spacing or builds a
+pipeline. ``upsample(thick, spacing, method, **options)`` is the one-call form.
+
+The registry of methods lives in :mod:`thinslice.infer.registry`; its names are re-exported here, where plug-ins
+have always imported them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import importlib.metadata
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from thinslice.degrade.grid import snap_spacing
+from thinslice.degrade.grid import snap_spacing, thin_grid
 from thinslice.errors import ThinsliceError
-from thinslice.infer.interpolate import interpolate_volume
-from thinslice.infer.pipeline import Acquisition, Pipeline, Result, check_finite, make_options
+from thinslice.infer.options import check_option_types, coerce_options, flag_values, option_types
+from thinslice.infer.pipeline import Acquisition, Decision, Pipeline, Result, check_finite, make_options
+from thinslice.infer.registry import (  # noqa: F401 - the registry's names, where plug-ins import them
+    ENTRY_POINT_GROUP,
+    FALLBACK_METHOD,
+    METHOD_MODULES,
+    MIN_CONSISTENCY_SLICES,
+    UNCERTAINTY_SAMPLES,
+    UPSAMPLERS,
+    WEIGHTLESS_METHODS,
+    Cubic,
+    CubicDC,
+    Linear,
+    UpsampleMethod,
+    available_methods,
+    choose_auto,
+    default_method,
+    find_method,
+    get_method,
+    learned_methods,
+    method_modules,
+    plugin_entry_points,
+    prior_estimate,
+    register_method,
+    register_pipeline,
+    too_few_slices,
+    uncertainty_by_samples,
+)
 from thinslice.io.volume import Volume
 
-UpsampleFn = Callable[..., Volume]  # fn(thick: Volume, spacing_mm: float, **options) -> Volume
+log = logging.getLogger(__name__)
 
-# The package's modules that register learned methods when imported: adding a method is its module plus one line here.
-METHOD_MODULES: tuple[str, ...] = ("thinslice.infer.planes", "thinslice.infer.cnn", "thinslice.infer.ldm")
-# Plug-in packages list their method modules under this entry-point group.
-ENTRY_POINT_GROUP = "thinslice.methods"
-# Methods that need no trained weights (registered below).
-WEIGHTLESS_METHODS = ("linear", "cubic", "cubic-dc")
+AUTO = "auto"
+# Options every method may be given without a note: whether to draw progress bars is the caller's, not the user's.
+QUIET_OPTIONS = frozenset({"progress"})
 
 
 @dataclass(frozen=True)
-class UpsampleMethod:
-    """A registered method: its :class:`~thinslice.infer.pipeline.Pipeline` class and the facts derived from it
-    (options, weights kinds, whether it models the slice profile, training command, rank for ``--method auto``).
+class _MethodOptions:
+    """The options one method takes, typed: its pipeline's options, the acquisition ones, and notes on the rest."""
 
-    The CLI, ``bench`` and ``demo`` read these facts from here instead of keeping their own lists of methods.
+    typed: tuple[tuple[str, object], ...]
+    profile: object
+    thickness: object
+    notes: tuple[str, ...]
+
+
+class Upsampler:
+    """A run: one method (or ``auto``) with its options, built once and called for each volume.
+
+    ``strict`` (the default for Python callers): an option the named method does not take is an error (``auto``
+    ignores, with a note, the options of other methods that its choice does not take). Built from
+    the command line (:meth:`from_args`, ``strict=False``), such options are ignored with a note, because one
+    command line (``thinslice batch --method auto``) serves methods with different options. ``text``: the values are
+    command-line text, turned into each method's declared types. ``progress`` is an option like the others (the
+    methods that draw progress bars take it).
     """
 
-    pipeline: type[Pipeline]
+    def __init__(self, method: str = AUTO, spacing: float | None = None, *, strict: bool = True, text: bool = False,
+                 **options: object) -> None:
+        self._setup(method, spacing, strict, text, options)
 
-    @property
-    def name(self) -> str:
-        return self.pipeline.name
+    @classmethod
+    def of(cls, method: str, options: Mapping[str, object], *, spacing: float | None = None, strict: bool = True,
+           text: bool = False) -> Upsampler:
+        """:class:`Upsampler` with its options as a mapping (callers that hold them as one, e.g. a cohort's)."""
+        up = cls.__new__(cls)
+        up._setup(method, spacing, strict, text, options)
+        return up
 
-    @property
-    def description(self) -> str:
-        return self.pipeline.description
+    def _setup(self, method: str, spacing: float | None, strict: bool, text: bool,
+               options: Mapping[str, object]) -> None:
+        self.method = method
+        self.spacing = None if spacing is None else _positive_mm(spacing)
+        self.strict, self.text = strict, text
+        self.options = {k: v for k, v in options.items() if v is not None}
+        self._by_method: dict[str, _MethodOptions] = {}
+        self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        if method != AUTO:
+            self._options_for(find_method(method))  # an unknown name or a bad option fails here, before any read
 
-    @property
-    def options(self) -> tuple[str, ...]:
-        return self.pipeline.option_names()
+    @classmethod
+    def from_args(cls, args: object, *, progress: bool | None = None) -> Upsampler:
+        """The upsampler a parsed command line asks for (``--method``, ``--spacing``, the method flags of
+        :data:`~thinslice.infer.options.METHOD_FLAGS` and ``--option KEY=VALUE``); progress bars unless ``-q``."""
+        options = flag_values(args)
+        if progress is None:
+            progress = not getattr(args, "quiet", False)
+        method = getattr(args, "method", AUTO) or AUTO
+        if method != AUTO and options.get("uncertainty") and not _gives_a_map(find_method(method)):
+            raise _no_map(method)  # asked of one named method, a missing map is an error, not a note
+        options = {"progress": progress, **options}  # --option progress=... wins
+        return cls.of(method, options, spacing=getattr(args, "spacing", None), strict=False, text=True)
 
-    @property
-    def weights(self) -> tuple[str, ...]:
-        return self.pipeline.weights
+    def decide(self, thick: Volume, spacing_mm: float | None = None) -> Decision:
+        """The method, spacing and notes for ``thick`` (``spacing_mm``: this input's, else the upsampler's); an
+        output grid that cannot fit in memory is refused here, before any method runs."""
+        spacing = self.spacing if spacing_mm is None else _positive_mm(spacing_mm)
+        if spacing is None:
+            raise ThinsliceError("give the output slice spacing in mm (--spacing MM, or spacing= in Python)")
+        snapped = snap_spacing(thick, spacing)  # 1.667 for 5 mm slices means 5/3
+        notes = []
+        if snapped != spacing:
+            notes.append(f"--spacing {spacing:g} taken as {snapped:.6g} mm ({thick.slice_spacing:.4g} mm / "
+                         f"{round(thick.slice_spacing / snapped)})")
+        thin_grid(thick, snapped)
+        method, fallback = self.method, None
+        if method == AUTO:
+            method, fallback = choose_auto(thick, snapped)
+            notes += [fallback] if fallback else []
+        notes += self._options_for(find_method(method)).notes
+        return Decision(method, snapped, tuple(notes), fallback)
 
-    @property
-    def needs_weights(self) -> bool:
-        return bool(self.pipeline.weights)
+    def run(self, thick: Volume, decision: Decision, profile: object = None, thickness: object = None) -> Result:
+        """Run the decided method on ``thick``; ``profile``/``thickness`` describe this input (else the
+        upsampler's). The result's volume is checked finite and says in its metadata what made it."""
+        entry = find_method(decision.method)
+        if reason := too_few_slices(entry, thick):
+            raise ThinsliceError(f"{reason}; use --method cubic or linear, or give a longer stack")
+        chosen = self._options_for(entry)
+        acquisition = None
+        if entry.uses_profile:
+            given = chosen.thickness if thickness is None else thickness
+            acquisition = Acquisition.of(thick, chosen.profile if profile is None else profile, given)
+            if given is not None:
+                _report_thickness_contradiction(thick, acquisition.thickness_mm)
+        pipeline = self.pipeline(decision.method)
+        result = check_finite(pipeline(thick, decision.spacing_mm, acquisition), decision.method)
+        result.volume.metadata["upsample"] = f"{decision.method} to {decision.spacing_mm:.4g} mm"
+        result.acquisition, result.decision = acquisition, decision
+        return result
 
-    @property
-    def uses_profile(self) -> bool:
-        """Whether the method models the input's slice profile (data consistency), so callers must pass it."""
-        return self.pipeline.uses_profile
+    def __call__(self, thick: Volume, spacing_mm: float | None = None, *, profile: object = None,
+                 thickness: object = None) -> Result:
+        """:meth:`decide`, then :meth:`run`: the whole :class:`~thinslice.infer.pipeline.Result` for ``thick``."""
+        return self.run(thick, self.decide(thick, spacing_mm), profile, thickness)
 
-    @property
-    def preference(self) -> int:
-        return self.pipeline.preference
+    def pipeline(self, method: str) -> Pipeline:
+        """The loaded pipeline of ``method`` with this upsampler's options: built and loaded on first use, then
+        kept, so that weights load once however many volumes follow."""
+        entry = find_method(method)
+        typed = self._options_for(entry).typed
+        key = (method, repr(typed))
+        if key not in self._pipelines:
+            pipeline = entry.pipeline(make_options(entry.pipeline, dict(typed)))
+            pipeline.load()
+            self._pipelines[key] = pipeline
+        return self._pipelines[key]
 
-    def refuses(self, thick: Volume, spacing_mm: float, checkpoint: str | None = None) -> str | None:
-        """Why this method cannot upsample ``thick`` to ``spacing_mm`` (None: it can)."""
-        return too_few_slices(self, thick) or self.pipeline.applicable(thick, float(spacing_mm), checkpoint)
+    def options_of(self, method: str) -> dict[str, object]:
+        """The typed options that ``method``'s pipeline runs with (acquisition ones apart)."""
+        return dict(self._options_for(find_method(method)).typed)
 
-    def bundle(self, checkpoint: str | Path | None) -> Path:
-        """The folder holding this method's weights (``checkpoint`` or the shipped one), or a one-line error."""
-        return self.pipeline.locate_weights(checkpoint)
+    def preload(self) -> None:
+        """Load the weights now (the named method's, or what ``auto`` runs wherever it serves the input), so that
+        the first volume's seconds are its own."""
+        self.pipeline(default_method() if self.method == AUTO else self.method)
 
-    def has_weights(self, checkpoint: str | Path | None = None) -> bool:
-        from thinslice.checkpoints.bundle import has_weights
+    def _options_for(self, entry: UpsampleMethod) -> _MethodOptions:
+        """The options ``entry`` takes, typed and checked once per method; the others refused (strict) or noted."""
+        if entry.name not in self._by_method:
+            self._by_method[entry.name] = self._type_options(entry)
+        return self._by_method[entry.name]
 
-        return self.needs_weights and has_weights(self.weights, checkpoint)
+    def _type_options(self, entry: UpsampleMethod) -> _MethodOptions:
+        given, notes = self._uncertainty(entry, dict(self.options))
+        unused = sorted(set(given) - set(entry.options) - QUIET_OPTIONS)
+        if unused and self.strict and self.method != AUTO:  # auto may pick a method that takes fewer options
+            make_options(entry.pipeline, {k: given[k] for k in unused})  # its one-line error names them
+        if unused:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            notes.append(f"method '{entry.name}' does not use {flags}; ignored")
+        used = {k: v for k, v in given.items() if k in entry.options}
+        types = option_types(entry.pipeline.Options)
+        if self.text:
+            used = coerce_options(used, types)
+        check_option_types(used, types)
+        profile, thickness = used.pop("profile", None), used.pop("thickness", None)
+        return _MethodOptions(tuple(sorted(used.items())), profile, thickness, tuple(notes))
 
-    def fn(self, thick: Volume, spacing_mm: float, **options: object) -> Volume:
-        """Run the method (as :func:`upsample` with this method)."""
-        return upsample(thick, spacing_mm, self.name, **options)
-
-
-# Data consistency compares the output with the thick slices whose profile lies on the output grid: the two end
-# slices of a stack reach beyond it, so a stack needs a third one in between to be checked against at all.
-MIN_CONSISTENCY_SLICES = 3
-
-
-def too_few_slices(method: UpsampleMethod, thick: Volume) -> str | None:
-    """Why ``method`` cannot serve a stack this short (None: it can)."""
-    if method.uses_profile and thick.num_slices < MIN_CONSISTENCY_SLICES:
-        return (f"{method.name} needs at least {MIN_CONSISTENCY_SLICES} slices for data consistency, the input has "
-                f"{thick.num_slices}")
-    return None
-
-
-log = logging.getLogger(__name__)
-UPSAMPLERS: dict[str, UpsampleMethod] = {}
-_plugins_loaded = False
-
-
-def register_pipeline(pipeline: type[Pipeline]) -> type[Pipeline]:
-    """Make a pipeline class available as ``upsample(..., method=cls.name)`` and ``--method NAME`` (usable as a
-    class decorator: the one registration line of a method)."""
-    UPSAMPLERS[pipeline.name] = UpsampleMethod(pipeline)
-    return pipeline
-
-
-def register_method(name: str, fn: UpsampleFn, *, description: str = "", options: Sequence[str] = ()) -> None:
-    """Register a plain function ``fn(thick, spacing_mm, **options)`` as a method without weights (quick
-    experiments and tests); it receives ``profile``/``thickness`` when ``options`` lists ``profile``."""
-    fields = [(o, Any, None) for o in options if o not in ("profile", "thickness")]
-    function_options = dataclasses.make_dataclass(f"{name}_options", fields, frozen=True)
-
-    class FunctionPipeline(Pipeline):
-        Options = function_options
-        uses_profile = "profile" in options
-
-        def __call__(self, thick: Volume, spacing_mm: float, acquisition: Acquisition | None = None) -> Result:
-            given = {k: v for k, v in dataclasses.asdict(self.options).items() if v is not None}
-            if self.uses_profile:
-                acquisition = acquisition or Acquisition.of(thick)
-                given.update(profile=acquisition.profile, thickness=acquisition.thickness_mm)
-            return Result(fn(thick, float(spacing_mm), **given))
-
-    FunctionPipeline.name = name
-    FunctionPipeline.description = description
-    register_pipeline(FunctionPipeline)
-
-
-# Samples an ldm run draws when asked for an uncertainty map without saying how many.
-UNCERTAINTY_SAMPLES = 4
-
-
-def uncertainty_by_samples(entry: UpsampleMethod, options: dict[str, object]) -> dict[str, object]:
-    """``uncertainty`` asked of a method whose map comes from its samples (ldm) becomes ``samples`` (4 unless 2 or
-    more are asked); other methods get ``options`` unchanged. ``thinslice upsample`` and ``thinslice batch`` share
-    this rule."""
-    if not options.get("uncertainty") or "uncertainty" in entry.options or "samples" not in entry.options:
-        return options
-    out = {k: v for k, v in options.items() if k != "uncertainty"}
-    if int(str(out.get("samples") or 1)) < 2:
-        out["samples"] = UNCERTAINTY_SAMPLES
-    return out
-
-
-# What --method auto falls back to when the recommended method cannot serve an input.
-FALLBACK_METHOD = "cubic-dc"
-
-
-def default_method() -> str:
-    """What ``--method auto`` means in this install.
-
-    The shipped manifest's ``default_method`` (the method that scored best on the benchmark for its time, so shipped
-    weights that do not beat cubic interpolation are available with ``--method`` but not used by default), else the
-    learned method of highest ``preference`` with shipped weights, else ``cubic``.
-    """
-    from thinslice.checkpoints.bundle import read_manifest
-
-    chosen = read_manifest().get("default_method")
-    if chosen in WEIGHTLESS_METHODS or (chosen in learned_methods() and get_method(chosen).has_weights()):
-        return str(chosen)
-    ranked = sorted(learned_methods(), key=lambda name: -get_method(name).preference)
-    return next((name for name in ranked if get_method(name).has_weights()), "cubic")
-
-
-def choose_auto(thick: Volume, spacing_mm: float) -> tuple[str, str | None]:
-    """``(method, note)`` for ``--method auto``: the install's recommended method (see :func:`default_method`), or
-    cubic-dc with a note saying why when it cannot serve this input (e.g. a factor its weights were not trained
-    for)."""
-    name = default_method()
-    reason = get_method(name).refuses(thick, snap_spacing(thick, spacing_mm))
-    if reason is None:
-        return name, None
-    fallback = FALLBACK_METHOD if get_method(FALLBACK_METHOD).refuses(thick, spacing_mm) is None else "cubic"
-    return fallback, f"auto: {name} cannot serve this input ({reason}); using {fallback}"
+    def _uncertainty(self, entry: UpsampleMethod, given: dict[str, object]) -> tuple[dict[str, object], list[str]]:
+        """``uncertainty``: planes computes its map itself, ldm from its samples (4 unless more are asked); a method
+        that has none refuses it (strict) or goes without it, with a note (a cohort's methods differ)."""
+        if not given.get("uncertainty") or "uncertainty" in entry.options:
+            return given, []
+        if "samples" in entry.options:
+            converted = uncertainty_by_samples(entry, given)
+            changed = converted.get("samples") != given.get("samples")
+            return converted, [f"{entry.name} --uncertainty takes --samples {UNCERTAINTY_SAMPLES}"] if changed else []
+        if self.strict:
+            raise _no_map(entry.name)
+        given.pop("uncertainty")
+        return given, [f"method '{entry.name}' gives no uncertainty map; none is written"]
 
 
-def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
-    """The installed plug-ins: entry points of the ``thinslice.methods`` group."""
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+def _gives_a_map(entry: UpsampleMethod) -> bool:
+    return "uncertainty" in entry.options or "samples" in entry.options
 
 
-def method_modules() -> list[str]:
-    """The modules that register methods: the package's own (:data:`METHOD_MODULES`), then those of installed
-    plug-ins (the module part of each entry point, ``module`` or ``module:attr``)."""
-    return [*METHOD_MODULES, *(entry.module for entry in plugin_entry_points())]
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-    for entry in plugin_entry_points():
-        _load_plugin(entry)
-
-
-def _load_plugin(entry: importlib.metadata.EntryPoint) -> None:
-    """Import one plug-in (``module``, or ``module:attr`` naming a Pipeline class to register or a function that
-    registers); whatever goes wrong is one warning naming it and its methods stay unavailable, so that a broken or
-    hostile plug-in cannot end every command (``sys.exit`` at import included) nor take a built-in method's name
-    (outputs would say ``cubic-dc`` for another method's volume). Ctrl-C still stops the command."""
-    before = dict(UPSAMPLERS)
-    try:
-        loaded = entry.load()
-        if isinstance(loaded, type) and issubclass(loaded, Pipeline):
-            register_pipeline(loaded)
-        elif callable(loaded) and ":" in entry.value:
-            loaded()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - any failure of third-party code, SystemExit included
-        UPSAMPLERS.clear()
-        UPSAMPLERS.update(before)
-        log.warning("method plug-in %s was not loaded (%s: %s); its methods are unavailable", entry.value,
-                    type(exc).__name__, exc)
-        return
-    for name in [n for n in before if UPSAMPLERS.get(n) != before[n]]:
-        UPSAMPLERS[name] = before[name]
-        log.warning("method plug-in %s tried to replace the method '%s'; a plug-in cannot take a name that is "
-                    "taken (built-in or an earlier plug-in's), so '%s' stays as it was", entry.value, name, name)
-
-
-def available_methods() -> list[str]:
-    _load_plugins()
-    return sorted(UPSAMPLERS)
-
-
-def learned_methods() -> list[str]:
-    """Registered methods that run trained weights, in registration order."""
-    _load_plugins()
-    return [name for name, entry in UPSAMPLERS.items() if entry.needs_weights]
-
-
-def get_method(name: str) -> UpsampleMethod:
-    _load_plugins()
-    if name not in UPSAMPLERS:
-        raise ThinsliceError(f"unknown upsampling method '{name}': available methods are "
-                             f"{', '.join(available_methods())}")
-    return UPSAMPLERS[name]
+def _no_map(method: str) -> ThinsliceError:
+    return ThinsliceError(f"method '{method}' gives no uncertainty map: use --method planes --uncertainty (cheap) or "
+                          "--method ldm --samples 4")
 
 
 def upsample(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Volume:
-    """``thick`` resampled along its slice axis to ``spacing_mm`` slices on the thin grid, by ``method``.
+    """``thick`` resampled along its slice axis to ``spacing_mm`` slices on the thin grid, by ``method``: the
+    one-call form of :class:`Upsampler` (build one to upsample several volumes with one weights load).
 
     Options whose value is ``None`` are dropped (not given); others must be ones the method accepts, with typed
-    values (the CLI parses its strings with :func:`thinslice.infer.options.coerce_options`). ``profile`` and
-    ``thickness`` (mm) describe the input's slices for the methods that model them. :func:`run_method` also returns
-    the method's extra outputs (e.g. the ldm std map).
+    values. ``profile`` and ``thickness`` (mm) describe the input's slices for the methods that model them.
+    :func:`run_method` also returns the method's extra outputs (e.g. the std map).
     """
     return run_method(thick, spacing_mm, method, **options).volume
 
 
 def run_method(thick: Volume, spacing_mm: float, method: str = "cubic", **options: object) -> Result:
     """:func:`upsample`, returning the whole :class:`~thinslice.infer.pipeline.Result`."""
-    entry = get_method(method)
-    spacing_mm = snap_spacing(thick, spacing_mm)  # 1.667 for 5 mm slices means 5/3
-    if reason := too_few_slices(entry, thick):
-        raise ThinsliceError(f"{reason}; use --method cubic or linear, or give a longer stack")
-    given = {k: v for k, v in options.items() if v is not None}
-    acquisition = None
-    if entry.uses_profile:  # otherwise profile/thickness stay in ``given`` and make_options refuses them
-        profile, thickness = given.pop("profile", None), given.pop("thickness", None)
-        acquisition = Acquisition.of(thick, profile, thickness)
-        if thickness is not None:
-            _report_thickness_contradiction(thick, acquisition.thickness_mm)
-    pipeline = entry.pipeline(make_options(entry.pipeline, given))  # names checked there, types by the pipeline
-    pipeline.load()
-    result = check_finite(pipeline(thick, float(spacing_mm), acquisition), method)
-    result.volume.metadata["upsample"] = f"{method} to {float(spacing_mm):.4g} mm"
-    return result
+    return Upsampler.of(method, options)(thick, spacing_mm)
+
+
+def _positive_mm(value: object) -> float:
+    """A spacing in mm as a float, or a one-line error (text, zero, NaN)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]  # anything float() takes; the rest is refused below
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ThinsliceError(f"the output slice spacing must be a positive number of mm, got {value!r}")
+    return number
 
 
 def _report_thickness_contradiction(thick: Volume, value: float) -> None:
@@ -292,53 +265,4 @@ def _report_thickness_contradiction(thick: Volume, value: float) -> None:
     if recorded and abs(value - recorded) > 0.25 * recorded:
         log.warning("--thickness %.4g mm differs from the %.4g mm the file records; data consistency uses %.4g mm",
                     value, recorded, value)
-
-
-class Linear(Pipeline):
-    name = "linear"
-    description = "linear interpolation between neighbouring slices (clamped at the ends)"
-    uses_profile = False
-
-    def prior(self, thick: Volume, spacing_mm: float, acquisition: Acquisition) -> Volume:
-        return interpolate_volume(thick, spacing_mm, "linear")
-
-
-class Cubic(Pipeline):
-    name = "cubic"
-    description = "cubic B-spline interpolation through the slices (clamped at the ends)"
-    uses_profile = False
-
-
-class CubicDC(Pipeline):
-    """Cubic B-spline, then the data-consistency projection for the input's slice profile.
-
-    Cubic interpolation treats thick slices as point samples; projecting it onto {x : A x = thick} (the profile's
-    averaging operator A) restores what the slab averaging removed, as far as the thick slices determine it. It is
-    the fair reference for the learned methods, which end with the same projection.
-    """
-
-    name = "cubic-dc"
-    description = ("cubic B-spline, then data consistency with the thick slices (assumed slice profile: --profile "
-                   "gaussian|box|decimate, default gaussian with FWHM = slice thickness)")
-    always_consistent = True
-
-
-register_pipeline(Linear)
-register_pipeline(Cubic)
-register_pipeline(CubicDC)
-
-
-def prior_estimate(kind: str, planes: Pipeline | None, thick: Volume, spacing_mm: float,
-                   acquisition: Acquisition) -> Volume:
-    """The estimate a denoiser refines (``latent.prior`` ``kind``): the planes output, cubic-dc where the planes
-    network cannot serve the input, or cubic. Inference and the trainer's prior pairs both call this, so the model
-    is trained on the prior it meets."""
-    if kind == "planes" and planes is not None:
-        reason = planes.applicable(thick, spacing_mm, getattr(planes.options, "checkpoint", None))
-        if reason is None:
-            return planes(thick, spacing_mm, acquisition).volume
-        log.warning("ldm: the planes prior cannot serve this input (%s); starting from cubic-dc", reason)
-    if kind in ("planes", "cubic-dc"):
-        return CubicDC()(thick, spacing_mm, acquisition).volume
-    return interpolate_volume(thick, spacing_mm, "cubic")
 

@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.formats import METAIMAGE, file_extension, format_for_suffix
 
 # Bytes of header text read at most (a LIST of one file per slice stays far below; the voxels of an attached file
 # follow the header and are not needed).
@@ -48,7 +49,7 @@ def data_files(header: Path) -> list[Path]:
     text = _header_text(header)
     if text.startswith("NRRD"):
         names = _nrrd_names(text, header)
-    elif header.name.lower().endswith((".mha", ".mhd")) or _meta_line(text.splitlines()) is not None:
+    elif _is_metaimage_name(header) or _meta_line(text.splitlines()) is not None:
         names = _meta_names(text, header)
     else:
         return []
@@ -100,9 +101,13 @@ def _header_goes_on(raw: bytes, header: Path) -> bool:
     MetaImage header at its ElementDataFile line unless that starts a LIST."""
     if raw.startswith(b"NRRD"):
         return b"\n\n" not in raw.replace(b"\r\n", b"\n")
-    if b"ElementDataFile" in raw or header.name.lower().endswith((".mha", ".mhd")):
+    if b"ElementDataFile" in raw or _is_metaimage_name(header):
         return b"ElementDataFile" not in raw or re.search(rb"ElementDataFile\s*[=:]\s*LIST", raw, re.I) is not None
     return False
+
+
+def _is_metaimage_name(header: Path) -> bool:
+    return format_for_suffix(file_extension(header)) is METAIMAGE
 
 
 def _nrrd_names(text: str, header: Path) -> list[str]:
@@ -131,9 +136,10 @@ def _meta_names(text: str, header: Path) -> list[str]:
     """The names of the MetaImage ``ElementDataFile`` field (LOCAL: the data follow in the same file)."""
     lines = text.splitlines()
     index = _meta_line(lines)
-    if index is None:
+    match = None if index is None else _META_FIELD.match(lines[index])
+    if index is None or match is None:
         return []
-    value = _META_FIELD.match(lines[index]).group(1)
+    value = match.group(1)
     if value.upper() == "LOCAL":
         return []
     return _field_names(value, lines[index + 1:], header, "ElementDataFile")
@@ -145,7 +151,8 @@ def _field_names(value: str, rest: list[str], header: Path, field: str) -> list[
     if tokens and tokens[0].upper() == "LIST":
         return [line.strip() for line in rest if line.strip() and not line.lstrip().startswith("#")]
     if len(tokens) in (4, 5) and "%" in tokens[0] and all(_is_int(t) for t in tokens[1:]):
-        return _pattern_names(tokens[0], *(int(t) for t in tokens[1:4]), header=header, field=field)
+        first, last, step = (int(t) for t in tokens[1:4])
+        return _pattern_names(tokens[0], first, last, step, header=header, field=field)
     if not value:
         raise ThinsliceError(f"{header}: its {field} field is empty; name the data file beside the header")
     return [value]

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,8 +32,12 @@ from thinslice.io.discovery import SeriesInfo, is_dicom_file, list_dicom_series,
 from thinslice.io.lazy import lazy_import
 from thinslice.io.volume import Volume
 
-sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+    import SimpleITK as sitk
+else:
+    sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+    pydicom = lazy_import("pydicom")
 
 log = logging.getLogger(__name__)
 

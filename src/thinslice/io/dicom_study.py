@@ -18,13 +18,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinslice.io.discovery import read_dataset
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 log = logging.getLogger(__name__)
 
 SOURCE_KEY = "dicom_source"
@@ -147,7 +151,7 @@ def series_description(head: str, spacing_mm: float, method: str | None) -> str:
 
 def derivation_description(source: SourceSeries | None, spacing_mm: float, method: str | None) -> str:
     """DerivationDescription: what was computed from what, for a reader of the header."""
-    from thinslice import __version__
+    from thinslice.version import __version__
 
     text = (f"thinslice {__version__}" + (f" method {method}" if method else "")
             + f": slices computed along the slice axis at {spacing_mm:.4g} mm spacing")

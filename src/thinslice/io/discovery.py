@@ -17,13 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.lazy import lazy_import
 
-pydicom = lazy_import("pydicom")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import pydicom
+else:
+    pydicom = lazy_import("pydicom")
 log = logging.getLogger(__name__)
 
 _TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
@@ -135,7 +139,8 @@ class FolderScan:
         """One line per candidate volume (sorted by SeriesNumber), then one line summing up the rest."""
         lines = [s.describe() for s in self.volumes]
         rest = [s for s in self.series if not s.is_volume]
-        singles, objects = Counter(), Counter()
+        singles: Counter[str] = Counter()
+        objects: Counter[str] = Counter()
         for s in rest:
             if s.is_image:
                 singles[(s.modality or "?") + (" scout" if s.localizer else "")] += s.num_files
@@ -273,7 +278,7 @@ def is_raw_dicom(path: Path) -> bool:
     return element < 0x100 and length < 1024
 
 
-def read_dataset(path: Path, **kwargs: object) -> pydicom.Dataset:
+def read_dataset(path: Path, **kwargs: Any) -> pydicom.Dataset:
     """``pydicom.dcmread(path, **kwargs)``, reading an old file without preamble and file meta (ACR-NEMA style) the
     same way as a Part-10 file, so that every command (discovery, reading, the study kept for a DICOM output, batch)
     sees the same header. Raises pydicom's InvalidDicomError when it is not DICOM."""
@@ -308,9 +313,10 @@ def describe_damage(path: Path) -> str:
     size = path.stat().st_size
     for tag in list(ds.keys()):
         element = ds.get_item(tag, keep_deferred=True)
-        end = int(getattr(element, "value_tell", 0) or 0) + int(getattr(element, "length", 0) or 0)
-        if getattr(element, "length", 0) != 0xFFFFFFFF and end > size:
-            return f"element {tag} claims {element.length} bytes, past the end of the {size}-byte file"
+        length = int(getattr(element, "length", 0) or 0)  # a raw (deferred) element has a length; a decoded none
+        end = int(getattr(element, "value_tell", 0) or 0) + length
+        if length != 0xFFFFFFFF and end > size:
+            return f"element {tag} claims {length} bytes, past the end of the {size}-byte file"
     if "SeriesInstanceUID" not in ds:
         return "no SeriesInstanceUID (the header is cut short or damaged)"
     return "damaged header"
@@ -345,7 +351,8 @@ def _pixel_problem(path: Path, ds: pydicom.Dataset) -> str:
     """How a file's pixel data falls short of, or differs from, what Rows x Columns x frames x samples x
     BitsAllocated promise ('' when it matches). ITK reads such a file without a word, padding with zeros (0 HU
     slices) or stacking garbage, so the lengths are compared here, from the header alone."""
-    element = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+    # keep_deferred gives the raw element (its length and offset in the file), though pydicom annotates DataElement
+    element: Any = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
     if element is None:
         return "no pixel data (the file is truncated, or an element's length runs past its end)"
     try:
@@ -403,7 +410,8 @@ def dicomdir_files(dicomdir: Path) -> list[Path]:
     except Exception as exc:  # noqa: BLE001 - a damaged DICOMDIR may make pydicom fail in any way
         raise ThinsliceError(f"{dicomdir}: the DICOMDIR cannot be read ({str(exc)[:80]}); pass the folder that holds "
                              "one series' files, or use `thinslice prepare` for the whole tree") from None
-    files, missing = [], []
+    files: list[Path] = []
+    missing: list[Path] = []
     for record in records:
         parts = record.get("ReferencedFileID")
         if not parts:
@@ -499,10 +507,10 @@ def _series_info(folder: Path, uid: str, cluster: list[tuple[Path, dict]]) -> Se
                      "series" for (p, h), ok in zip(cluster, placed, strict=True) if not ok]
     problems += _same_instance_problems(cluster)
     positioned = normal is not None and all(_finite(h["ImagePositionPatient"]) for _, h in cluster)
-    if positioned:
+    if normal is not None and positioned:
         cluster = sorted(cluster, key=lambda item: float(np.dot(item[1]["ImagePositionPatient"], normal)))
     spacing = None
-    if positioned and len(cluster) > 1:
+    if normal is not None and positioned and len(cluster) > 1:
         along = np.array([np.dot(h["ImagePositionPatient"], normal) for _, h in cluster])
         spacing = float(np.median(np.diff(along)))
     sizes = Counter(f"{h['Columns']}x{h['Rows']}" for _, h in cluster if h["Rows"] and h["Columns"])
@@ -518,7 +526,9 @@ def _series_info(folder: Path, uid: str, cluster: list[tuple[Path, dict]]) -> Se
 
 
 def _finite(values: tuple | None) -> bool:
-    return bool(values) and bool(np.all(np.isfinite(values)))
+    if not values:
+        return False
+    return bool(np.all(np.isfinite(values)))
 
 
 def _voxels(header: dict) -> int:

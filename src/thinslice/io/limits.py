@@ -10,19 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from thinslice.errors import ThinsliceError
+from thinslice.memory import available_memory  # looked up here at call time (tests and probes replace it)
 
 # Copies of the voxel data a read holds at once: the decoded native array, the float32 volume, and one float32
 # working copy made by clean-up steps (padding, tilt resampling).
 READ_COPIES = 3
 # Share of the available memory a read may take (the rest is for the method that runs on the volume).
 READ_SHARE = 0.8
-
-
-def available_memory() -> int:
-    """Bytes of memory this process can take now (psutil's "available": free plus reclaimable cache)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+# A CT volume in HU has air: a volume whose lowest value lies above this is not HU (MR, 8-bit, rescaled). The
+# readers warn about such a volume and the cohort's QC page flags it.
+NOT_HU_ABOVE = -500.0
 
 
 def voxel_count(shape) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -24,7 +25,11 @@ from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
 
-nib = lazy_import("nibabel")
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import nibabel as nib
+    from nibabel.arrayproxy import ArrayProxy
+else:
+    nib = lazy_import("nibabel")
 log = logging.getLogger(__name__)
 
 # Header plus extensions read at most: CT files carry a few KB of extensions (dcm2niix, AFNI); a vox_offset beyond
@@ -40,7 +45,7 @@ _UNIT_MM = {"meter": 1000.0, "micron": 0.001}
 class NiftiHeader:
     """What the reader needs from a NIfTI header: nibabel's header, its version and the geometry in LPS mm."""
 
-    header: object  # nibabel.Nifti1Header or Nifti2Header
+    header: nib.Nifti1Header  # or its subclass Nifti2Header
     raw: bytes  # the header as stored, with its extensions
     version: int
     matrix: np.ndarray  # 3x3, columns = the i, j, k steps in mm (LPS)
@@ -247,7 +252,7 @@ def read_voxels(path: Path, expected_bytes: int) -> np.ndarray:
     try:
         with _quiet_nibabel(), (gzip.open if gz else open)(path, "rb") as fh:
             image = nib.Nifti1Image.from_stream(fh) if _is_nifti1(fh) else nib.Nifti2Image.from_stream(fh)
-            proxy = image.dataobj
+            proxy = cast("ArrayProxy", image.dataobj)  # an image read from a stream holds a proxy, not an array
             data = np.asanyarray(proxy.get_unscaled())
             while fh.read(1 << 22):  # to the end of a gzip stream, where its CRC is checked
                 pass
@@ -258,6 +263,9 @@ def read_voxels(path: Path, expected_bytes: int) -> np.ndarray:
         reason = " ".join(str(exc).split())[:120]
         raise ThinsliceError(f"cannot read {path}: the file is truncated or corrupt (its header promises "
                              f"{expected_bytes} bytes; {reason}); copy or export it again") from None
+    except nib.spatialimages.HeaderDataError as exc:  # e.g. a valid slope with a NaN intercept
+        raise ThinsliceError(f"cannot read {path}: its NIfTI header is damaged ({str(exc)[:160]}); export the "
+                             "volume again") from None
     if data.dtype.names or data.dtype.kind == "c":
         raise ThinsliceError(f"{path} has {data.dtype} voxels (colour or complex); thinslice needs a grey-value CT "
                              "volume in HU")

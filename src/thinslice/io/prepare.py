@@ -25,7 +25,8 @@ from tqdm import tqdm
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import write_text_atomic
 from thinslice.io.dicom import header_text, read_header
-from thinslice.io.readers import VOLUME_EXTENSIONS, file_extension, read_volume
+from thinslice.io.formats import DATA_FILE_SUFFIXES, VOLUME_SUFFIXES, file_extension, is_volume_file_name
+from thinslice.io.readers import read_volume
 from thinslice.io.tables import spreadsheet_safe
 from thinslice.io.volume import Volume
 from thinslice.io.writers import write_volume
@@ -35,7 +36,7 @@ CSV_COLUMNS = ("file", "patient", "series_uid", "modality", "shape", "spacing", 
                "reason", "source")
 _HEADER_TAGS = ["SeriesInstanceUID", "Modality", "PatientID", "SeriesDescription"]
 # Data files of detached-header formats: read through their header, never on their own.
-_DATA_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".img", ".gz")
+_DATA_SUFFIXES = (*DATA_FILE_SUFFIXES, ".gz")
 
 
 @dataclass
@@ -137,8 +138,8 @@ def prepare_dataset(
 
     used_names: set[str] = set()
     report = PrepareReport(out_dir=out)
-    for row, path, files in tqdm(tasks, desc="prepare", unit="series", disable=not progress):
-        _process(row, path, files, volumes_dir, used_names, min_slices, max_slice_spacing)
+    for row, volume_file, files in tqdm(tasks, desc="prepare", unit="series", disable=not progress):
+        _process(row, volume_file, files, volumes_dir, used_names, min_slices, max_slice_spacing)
         report.rows.append(row)
 
     report.splits = _split_patients(report.converted, fractions, seed)
@@ -179,9 +180,9 @@ def resolve_data_paths(specs: str | Path | Sequence[str | Path]) -> list[Path]:
         if p.suffix == ".txt" and p.is_file():
             paths += read_split_file(p)
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_EXTENSIONS))
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_volume_file_name(f))
             if not found:
-                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_EXTENSIONS)}) in folder {p}")
+                raise ThinsliceError(f"no volume files ({', '.join(VOLUME_SUFFIXES)}) in folder {p}")
             paths += found
         elif p.exists():
             paths.append(p)
@@ -215,7 +216,7 @@ def _scan(src: Path, out: Path) -> tuple[list[Path], dict[str, dict], int]:
             ext = file_extension(path)
             if name.startswith("."):
                 continue
-            if ext in VOLUME_EXTENSIONS:
+            if ext in VOLUME_SUFFIXES:
                 volume_files.append(path)
                 continue
             if name.lower().endswith(_DATA_SUFFIXES) or ext in (".xml", ".txt", ".csv", ".json", ".md"):

@@ -15,13 +15,14 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import native_messages_to_log
 from thinslice.io.detached import check_compressed_data, data_files, regular_file_check
-from thinslice.io.dicom import header_text, is_dicom_file, read_header
+from thinslice.io.dicom import header_text, read_header
 from thinslice.io.dicom_study import SOURCE_KEY, capture_source
 from thinslice.io.discovery import (
     FolderScan,
@@ -31,22 +32,29 @@ from thinslice.io.discovery import (
     library_messages_to_debug,
     scan_dicom_folder,
 )
+from thinslice.io.formats import (
+    DICOM_SUFFIXES,
+    NIFTI,
+    file_extension,
+    files_read_beside,
+    format_for_suffix,
+    input_format,
+    readable_text,
+)
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
 from thinslice.io.lazy import lazy_import
-from thinslice.io.limits import check_read_size, check_voxel_size, check_voxel_values, voxel_count
+from thinslice.io.limits import NOT_HU_ABOVE, check_read_size, check_voxel_size, check_voxel_values, voxel_count
 from thinslice.io.nifti import read_header as read_nifti_header
 from thinslice.io.nifti import read_voxels as read_nifti_voxels
 from thinslice.io.volume import ISO_TOL, Volume
 
-sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import SimpleITK as sitk
+else:
+    sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
-# A CT volume in HU has air; the lowest value of a volume above this is not HU (MR, 8-bit, rescaled).
-NOT_HU_ABOVE = -500.0
 log = logging.getLogger(__name__)
 
-# Extensions read as one file (compared in lower case). Anything else SimpleITK can read in 3D is accepted too.
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-DICOM_EXTENSIONS = (".dcm", ".ima", ".dicom")
 # Scanners mark voxels outside the reconstruction circle with values far below air (-2048, -3024, ...).
 PADDING_BELOW_HU = -2000.0
 AIR_HU = -1024.0
@@ -68,40 +76,36 @@ _DICOM_META_TAGS = {
 _META_PREFIX = "thinslice_"
 
 
-def file_extension(path: str | Path) -> str:
-    """Lower-case extension, with the double extension ``.nii.gz`` kept whole."""
-    name = Path(path).name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return Path(name).suffix
-
-
 def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     """Read a CT volume in HU (float32) with its geometry.
 
     ``path`` is a NIfTI/NRRD/MHA(MHD) file, a folder holding a DICOM series, or one DICOM file (its whole series is
-    read from the same folder). ``series_uid`` picks a series when the folder holds several.
+    read from the same folder). ``series_uid`` picks a series when the folder holds several. The format comes from
+    :mod:`thinslice.io.formats` (the suffix, else a DICOM header, else any file ITK opens).
     """
     path = Path(path)
     if not path.exists():
         raise ThinsliceError(f"{path} does not exist; check the path")
+    if not path.is_dir():
+        regular_file_check(path)  # a named pipe or a device would block or never end
+    return input_format(path).read(path, series_uid)
+
+
+def read_dicom_input(path: Path, series_uid: str | None = None) -> Volume:
+    """The DICOM row's reader: a series folder, a DICOMDIR (the series it lists) or one file of a series."""
     if path.is_dir():
         return read_dicom_folder(path, series_uid)
-    regular_file_check(path)  # a named pipe or a device would block or never end
-    ext = file_extension(path)
-    if ext in DICOM_EXTENSIONS or (ext not in VOLUME_EXTENSIONS and is_dicom_file(path)):
-        with library_messages_to_debug():
-            ds = read_header(path, ["SeriesInstanceUID", "DirectoryRecordSequence"])
-        if ds is None:
-            raise ThinsliceError(f"{path} is not a readable DICOM file (corrupt or truncated?)")
-        if "DirectoryRecordSequence" in ds:  # a DICOMDIR: the series it lists, from its folder
-            return read_dicom_folder(path.parent, series_uid)
-        own_uid = header_text(ds, "SeriesInstanceUID")
-        if series_uid and own_uid and series_uid != own_uid:
-            raise ThinsliceError(f"{path} belongs to series {own_uid}, not {series_uid}; pass the folder instead")
-        with library_messages_to_debug():
-            return _read_dicom_folder(path.parent, own_uid or series_uid, single_file=path)
-    return _read_image_file(path, ext)
+    with library_messages_to_debug():
+        ds = read_header(path, ["SeriesInstanceUID", "DirectoryRecordSequence"])
+    if ds is None:
+        raise ThinsliceError(f"{path} is not a readable DICOM file (corrupt or truncated?)")
+    if "DirectoryRecordSequence" in ds:  # a DICOMDIR: the series it lists, from its folder
+        return read_dicom_folder(path.parent, series_uid)
+    own_uid = header_text(ds, "SeriesInstanceUID")
+    if series_uid and own_uid and series_uid != own_uid:
+        raise ThinsliceError(f"{path} belongs to series {own_uid}, not {series_uid}; pass the folder instead")
+    with library_messages_to_debug():
+        return _read_dicom_folder(path.parent, own_uid or series_uid, single_file=path)
 
 
 def files_read(path: str | Path, series_uid: str | None = None) -> list[Path]:
@@ -110,15 +114,11 @@ def files_read(path: str | Path, series_uid: str | None = None) -> list[Path]:
     keep an output from replacing any of them and to notice a changed data file when a cohort is resumed; a
     header that names a data file outside its folder is refused here too."""
     path = Path(path)
-    if path.is_dir() or file_extension(path) in DICOM_EXTENSIONS or (
-            path.is_file() and file_extension(path) not in VOLUME_EXTENSIONS and is_dicom_file(path)):
+    if path.is_dir() or file_extension(path) in DICOM_SUFFIXES or (path.is_file() and input_format(path).folder):
         return _dicom_files_read(path, series_uid)
-    if not path.is_file() or file_extension(path) in (".nii", ".nii.gz"):
+    if not path.is_file() or format_for_suffix(file_extension(path)) is NIFTI:
         return [path]
-    files = [path, *data_files(path)]
-    if path.suffix.lower() == ".hdr":  # an Analyze/NIfTI pair keeps its voxels in the .img beside it
-        files += [p for p in (path.with_suffix(".img"), path.with_suffix(".img.gz")) if p.is_file()]
-    return files
+    return [path, *data_files(path), *files_read_beside(path)]
 
 
 def _dicom_files_read(path: Path, series_uid: str | None) -> list[Path]:
@@ -139,9 +139,10 @@ def read_dicom_folder(folder: Path, series_uid: str | None = None, scan: FolderS
 
 
 # ------------------------------------------------------------------------------------------------ one file
-def _read_image_file(path: Path, ext: str) -> Volume:
-    if ext in (".nii", ".nii.gz"):
-        return _read_nifti_file(path)
+def read_itk_file(path: Path, series_uid: str | None = None) -> Volume:
+    """The reader of the formats SimpleITK decodes (NRRD, MetaImage, any other 3D file it opens); ``series_uid``
+    is unused (the signature of every reader in :mod:`thinslice.io.formats`)."""
+    ext = file_extension(path)
     # refuses a detached data file that does not lie beside its header, and "compressed" data that are not
     check_compressed_data(path, data_files(path))
     reader = sitk.ImageFileReader()
@@ -150,12 +151,11 @@ def _read_image_file(path: Path, ext: str) -> Volume:
         with native_messages_to_log():
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        if ext in VOLUME_EXTENSIONS:
+        if format_for_suffix(ext) is not None:
             raise ThinsliceError(
                 f"cannot read {path}: the file is corrupt or truncated ({_sitk_reason(exc)})") from None
         raise ThinsliceError(
-            f"cannot read {path}: unsupported file type {ext or '(no extension)'!r}; use NIfTI (.nii/.nii.gz), "
-            "NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder") from None
+            f"cannot read {path}: unsupported file type {ext or '(no extension)'!r}; use {readable_text()}") from None
     size = reader.GetSize()
     _check_dimensions(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
     check_read_size(path, voxel_count(size), _pixel_bytes(reader.GetPixelID()), "x".join(map(str, size)))
@@ -178,9 +178,10 @@ def _read_image_file(path: Path, ext: str) -> Volume:
     return _to_volume(image, path, metadata, _noted_thickness(metadata, notes), padding_hu=None)
 
 
-def _read_nifti_file(path: Path) -> Volume:
-    """A NIfTI-1 or NIfTI-2 file, decoded by nibabel after the header checks (dimensions, memory, completeness):
-    ITK turns NaN voxels into 0, does not open NIfTI-2, and reads unusual qforms differently from the standard."""
+def read_nifti_file(path: Path, series_uid: str | None = None) -> Volume:
+    """The NIfTI reader (``series_uid`` unused): a NIfTI-1 or NIfTI-2 file, decoded by nibabel after the header
+    checks (dimensions, memory, completeness): ITK turns NaN voxels into 0, does not open NIfTI-2, and reads unusual
+    qforms differently from the standard."""
     nifti = read_nifti_header(path)
     shape = nifti.shape
     _check_dimensions(path, len(shape), shape, 1)

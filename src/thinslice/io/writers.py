@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,12 +22,26 @@ from thinslice.errors import ThinsliceError, os_reason
 from thinslice.io.atomic import current_umask, make_temp_dir, native_messages_to_log
 from thinslice.io.dicom import DicomSeriesOptions, check_ct_output, write_dicom_series
 from thinslice.io.dicom_study import SOURCE_KEY
+from thinslice.io.formats import (
+    DICOM,
+    DICOM_SUFFIXES,
+    NIFTI,
+    FileFormat,
+    file_extension,
+    files_written_beside,
+    format_for_suffix,
+    writable_suffixes,
+    writable_text,
+    writes_compressed,
+)
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
-from thinslice.io.readers import DICOM_EXTENSIONS, VOLUME_EXTENSIONS, file_extension
 from thinslice.io.volume import Volume
 
-sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
+if TYPE_CHECKING:  # the real modules for the type checker; at run time they load on first use
+    import SimpleITK as sitk
+else:
+    sitk = lazy_import("SimpleITK")  # loaded when a file is first read or written
 
 DTYPES = ("int16", "float32")
 log = logging.getLogger(__name__)
@@ -61,7 +76,7 @@ def is_folder_output(path: str | Path) -> bool:
     text = str(path)
     if text.endswith(("/", os.sep)):
         return True
-    if file_extension(text) in VOLUME_EXTENSIONS + DICOM_EXTENSIONS:
+    if format_for_suffix(file_extension(text)) is not None:
         return False
     return Path(text).is_dir() or Path(text).suffix == ""
 
@@ -114,10 +129,10 @@ def write_volume(
         options = DicomSeriesOptions(series_description=series_description, method=method)
         if series_number_offset is not None:
             options = dataclasses.replace(options, series_number_offset=series_number_offset)
-        _write_dicom_folder(volume, path, overwrite=overwrite, options=options)
+        DICOM.write(volume, path, dtype=dtype, overwrite=overwrite, options=options)
         return path
-    check_file_target(path)
-    _write_image_file(volume, path, _file_dtype(volume, dtype, path))
+    fmt = check_file_target(path)
+    fmt.write(volume, path, dtype=_file_dtype(volume, dtype, path), overwrite=overwrite, options=None)
     return path
 
 
@@ -135,18 +150,20 @@ def _file_dtype(volume: Volume, dtype: str, path: Path) -> str:
     return "float32"
 
 
-def check_file_target(path: Path) -> None:
-    """Refuse a file output the writers cannot make (a .dcm file, an unknown extension, an existing folder); used by
-    :func:`write_volume` and, before any computation, by the command line."""
+def check_file_target(path: Path) -> FileFormat:
+    """Refuse a file output the writers cannot make (a .dcm file, an unknown extension, an existing folder), else
+    the format it is written in; used by :func:`write_volume` and, before any computation, by the command line."""
     ext = file_extension(path)
-    if ext in DICOM_EXTENSIONS:
+    if ext in DICOM_SUFFIXES:
         raise ThinsliceError(f"{path}: a DICOM output is a series folder; give a folder path (no extension or "
                              "ending with '/') instead of a single .dcm file")
-    if ext not in VOLUME_EXTENSIONS:
-        raise ThinsliceError(f"{path}: unknown output format {ext!r}; use .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd, "
+    fmt = format_for_suffix(ext)
+    if fmt is None or ext not in writable_suffixes():
+        raise ThinsliceError(f"{path}: unknown output format {ext!r}; use {writable_text()}, "
                              "or a folder path (ending with '/') for a DICOM series")
     if path.is_dir():
         raise ThinsliceError(f"{path} is an existing folder; give a file name for the {ext} output")
+    return fmt
 
 
 def refuse_overwriting_input(out: Path, ref: Path) -> None:
@@ -181,9 +198,7 @@ def refuse_overwriting_input(out: Path, ref: Path) -> None:
 def files_written(path: Path) -> list[Path]:
     """The files a file output creates: the path itself, and for a detached header (.mhd, .nhdr) the data file ITK
     writes beside it (compressed or not)."""
-    stem = path.name[: len(path.name) - len(path.suffix)]
-    beside = {".mhd": (".zraw", ".raw"), ".nhdr": (".raw.gz", ".raw")}.get(path.suffix.lower(), ())
-    return [path, *(path.with_name(stem + ext) for ext in beside)]
+    return [path, *files_written_beside(path)]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -211,7 +226,11 @@ def volume_to_image(volume: Volume, dtype: str = "float32") -> sitk.Image:
     return image
 
 
-def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
+def write_image_file(volume: Volume, path: Path, *, dtype: str, overwrite: bool = True, options: object = None
+                     ) -> None:
+    """The writer of the file formats (through SimpleITK): metadata kept as the format allows, written atomically
+    and read back before it replaces anything. ``overwrite`` and ``options`` are unused (the signature of every
+    writer in :mod:`thinslice.io.formats`; the caller decides about existing files)."""
     image = volume_to_image(volume, dtype)
     # NIfTI has no place for arbitrary keys but keeps an 80-character note; NRRD and MetaImage keep key/values.
     if volume.slice_thickness:
@@ -233,7 +252,7 @@ def _write_image_file(volume: Volume, path: Path, dtype: str) -> None:
         try:
             try:
                 with native_messages_to_log():
-                    sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=file_extension(path) != ".nii")
+                    sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=writes_compressed(path))
             except RuntimeError as exc:
                 raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
             _verify_written(tmp_dir / path.name, image, path)
@@ -254,7 +273,7 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
     from thinslice.io.readers import _check_nifti_complete
 
     try:
-        if file_extension(path) in (".nii", ".nii.gz"):
+        if format_for_suffix(file_extension(path)) is NIFTI:
             _check_nifti_complete(tmp)
         with native_messages_to_log():
             written = sitk.ReadImage(str(tmp))  # keep a reference: array views do not keep the image alive
@@ -271,7 +290,10 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
                              "on that disk; full?); the previous file, if any, is unchanged")
 
 
-def _write_dicom_folder(volume: Volume, folder: Path, *, overwrite: bool, options: DicomSeriesOptions) -> None:
+def write_dicom_folder(volume: Volume, folder: Path, *, dtype: str = "int16", overwrite: bool,
+                       options: DicomSeriesOptions) -> None:
+    """The DICOM row's writer: a new series in ``folder`` (int16 HU; ``dtype`` is checked by :func:`write_volume`),
+    swapped in whole; a non-empty folder is replaced only with ``overwrite``."""
     if folder.exists() and not folder.is_dir():
         raise ThinsliceError(f"{folder} is an existing file; a DICOM output needs a folder path")
     non_empty = folder.is_dir() and any(folder.iterdir())

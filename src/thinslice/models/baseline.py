@@ -40,7 +40,8 @@ class ResidualCNN3D(nn.Module):
         self.body_tail = nn.Conv3d(c, c, 3, padding=1)
         self.tail = nn.Conv3d(c, 1, 3, padding=1)
         nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        if self.tail.bias is not None:
+            nn.init.zeros_(self.tail.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)

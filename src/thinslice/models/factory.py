@@ -12,8 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from thinslice.models.baseline import ResidualCNN3D
 from thinslice.models.denoiser import LatentDenoiser, denoiser_from_preset
 from thinslice.models.kinds import network_kind
+from thinslice.models.planes import PlanesNet
 from thinslice.models.vae import AutoencoderKL3D
 from thinslice.models.wavelet import HaarFirstStage, WaveletConfig
 from thinslice.presets import LatentConfig, Preset, load_preset
@@ -47,10 +49,8 @@ def build_haar(latent: LatentConfig) -> HaarFirstStage:
     return HaarFirstStage(WaveletConfig(strides=(d, h, w)))
 
 
-def build_baseline(preset: str | Path | Preset) -> nn.Module:
+def build_baseline(preset: str | Path | Preset) -> ResidualCNN3D:
     """CNN baseline ``ResidualCNN3D(preset.baseline)``."""
-    from thinslice.models.baseline import ResidualCNN3D
-
     return ResidualCNN3D(load_preset(preset).baseline)
 
 
@@ -59,8 +59,6 @@ def build_denoiser(preset: str | Path | Preset) -> LatentDenoiser:
     return denoiser_from_preset(load_preset(preset))
 
 
-def build_planes(preset: str | Path | Preset) -> nn.Module:
+def build_planes(preset: str | Path | Preset) -> PlanesNet:
     """Through-plane 2D network ``PlanesNet(preset.planes)`` (``--method planes``)."""
-    from thinslice.models.planes import PlanesNet
-
     return PlanesNet(load_preset(preset).planes)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
+
+# An array in, the same kind of array out (a numpy array stays one, a tensor stays one).
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 HU_MIN = -1024.0
 HU_MAX = 3071.0
@@ -11,13 +16,13 @@ HU_RANGE = HU_MAX - HU_MIN  # 4095: also the PSNR data range
 AIR_THRESHOLD_HU = -950.0  # below this a voxel counts as air (lung parenchyma is about -850)
 
 
-def hu_to_model(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def hu_to_model(hu: ArrayT) -> ArrayT:
     """Clip to [HU_MIN, HU_MAX] and map to [-1, 1]."""
     clipped = hu.clip(HU_MIN, HU_MAX)
     return (clipped - HU_MIN) * (2.0 / HU_RANGE) - 1.0
 
 
-def model_to_hu(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def model_to_hu(x: ArrayT) -> ArrayT:
     """Exact inverse of :func:`hu_to_model` for values inside the HU range."""
     return (x + 1.0) * (HU_RANGE / 2.0) + HU_MIN
 

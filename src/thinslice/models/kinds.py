@@ -178,10 +178,11 @@ class NetworkKind:
 
     def _with_own_config(self, model: nn.Module | Mapping[str, Any], preset: Preset) -> Preset:
         """``preset`` with the network's own config (e.g. a VAE's fitted latent scaling factor) in its section."""
-        own = getattr(model, "config", None) or getattr(model, "cfg", None)
+        own: Any = getattr(model, "config", None) or getattr(model, "cfg", None)
         section = self.sections[0]
         if len(self.sections) == 1 and section in PRESET_SECTIONS and dataclasses.is_dataclass(own):
-            return dataclasses.replace(preset, **{section: own})
+            changes: dict[str, Any] = {section: own}
+            return dataclasses.replace(preset, **changes)
         return preset
 
 

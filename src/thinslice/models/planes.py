@@ -36,9 +36,11 @@ def acquisition_vector(thickness_ratio: float, profile: str) -> list[float]:
     return [ratio, *(1.0 if channel == p else 0.0 for p in PROFILE_CHANNELS)]
 
 
-def _conv(dims: int, c_in: int, c_out: int) -> nn.Module:
+def _conv(dims: int, c_in: int, c_out: int) -> nn.Conv2d | nn.Conv3d:
     """3-wide convolution over the slice axis and the in-plane axes (2D planes or 3D thick-grid blocks)."""
-    return (nn.Conv2d if dims == 2 else nn.Conv3d)(c_in, c_out, 3, padding=1)
+    if dims == 2:
+        return nn.Conv2d(c_in, c_out, 3, padding=1)
+    return nn.Conv3d(c_in, c_out, 3, padding=1)
 
 
 class _ResBlock(nn.Module):
@@ -82,10 +84,12 @@ class PlanesNet(nn.Module):
                                        for k in cfg.factors})
         self.body = nn.Sequential(*[_ResBlock(c, d) for _ in range(cfg.num_blocks)])
         self.body_tail = _conv(d, c, c)
-        self.heads_out = nn.ModuleDict({str(k): _conv(d, c, k) for k in cfg.factors})
-        for head in self.heads_out.values():
+        heads_out = {str(k): _conv(d, c, k) for k in cfg.factors}
+        for head in heads_out.values():
             nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+        self.heads_out = nn.ModuleDict(heads_out)
 
     @property
     def factors(self) -> tuple[int, ...]:

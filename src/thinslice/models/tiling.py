@@ -174,8 +174,8 @@ class PaddedLatent:
 
     latent: torch.Tensor
     shape: tuple[int, ...]
-    padded_shape: tuple[int, ...]
-    tile: tuple[int, ...]
+    padded_shape: tuple[int, int, int]
+    tile: tuple[int, int, int]
 
 
 def encode_padded(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, multiple: tuple[int, ...],
@@ -187,8 +187,9 @@ def encode_padded(vae: AutoencoderKL3D, hu_slices_first: np.ndarray, multiple: t
     hu = np.ascontiguousarray(hu_slices_first)
     pads = [(0, (-n) % m) for n, m in zip(hu.shape, multiple, strict=True)]
     padded = np.pad(hu, pads, mode="edge") if any(p for _, p in pads) else hu
-    tile_p = tuple(min(int(t), n) for t, n in zip(tile, padded.shape, strict=True))
-    latent = encode_volume(vae, padded, tile=tile_p, progress=progress, autocast_dtype=autocast_dtype)  # type: ignore[arg-type]
+    d, h, w = (min(int(t), n) for t, n in zip(tile, padded.shape, strict=True))
+    tile_p = (d, h, w)
+    latent = encode_volume(vae, padded, tile=tile_p, progress=progress, autocast_dtype=autocast_dtype)
     return PaddedLatent(latent[None], hu.shape, padded.shape, tile_p)
 
 
@@ -196,6 +197,6 @@ def decode_padded(vae: AutoencoderKL3D, encoded: PaddedLatent, latent: torch.Ten
                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """HU volume of ``encoded.shape`` from a latent (C, d, h, w) the size of ``encoded.latent`` (that one or a
     sample conditioned on it), decoded in the same tiles and cropped back."""
-    x = decode_volume(vae, latent, out_shape=encoded.padded_shape, tile=encoded.tile, progress=progress,  # type: ignore[arg-type]
+    x = decode_volume(vae, latent, out_shape=encoded.padded_shape, tile=encoded.tile, progress=progress,
                       autocast_dtype=autocast_dtype)
     return x[: encoded.shape[0], : encoded.shape[1], : encoded.shape[2]]

@@ -12,6 +12,7 @@ with the LR latent (``2 * latent_channels`` channels); the output has ``latent_c
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class ConditionEmbedding(nn.Module):
         )
 
     def forward(self, t: torch.Tensor, factor: torch.Tensor | float | None, batch: int) -> torch.Tensor:
-        weight = self.time_mlp[0].weight
+        weight = cast(nn.Linear, self.time_mlp[0]).weight
         t = _as_batch(t, batch, torch.long, device=weight.device)
         emb = self.time_mlp(get_timestep_embedding(t, self.base).to(weight.dtype))
         if self.factor_mlp is not None:
@@ -138,7 +139,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, stride: tuple[int, int, int]) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(channels, channels, kernel_size=3, stride=tuple(stride), padding=1)
+        self.conv = nn.Conv3d(channels, channels, kernel_size=3, stride=stride, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

@@ -16,6 +16,8 @@ Tensors are (B, C, D, H, W) with D the slice axis, values in model range (``hu_t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +77,24 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """Resnets of one resolution level, then an optional resampler (``downsamplers``/``upsamplers`` as in diffusers)."""
 
-    def __init__(self, resnets: list[nn.Module], sampler_name: str | None = None,
+    def __init__(self, resnets: Sequence[nn.Module], sampler_name: str | None = None,
                  sampler: nn.Module | None = None) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.sampler_name = sampler_name
         if sampler_name and sampler is not None:
             self.add_module(sampler_name, nn.ModuleList([sampler]))
+
+    def resampler(self) -> nn.Module | None:
+        """The level's down- or up-sampler (held under its diffusers name), or None at the last level."""
+        if not self.sampler_name:
+            return None
+        return cast(nn.ModuleList, getattr(self, self.sampler_name))[0]
+
+
+def _levels(blocks: nn.ModuleList) -> Iterator[_Level]:
+    """The levels of an encoder or decoder, typed (iterating a ModuleList yields plain Modules)."""
+    return cast(Iterator[_Level], iter(blocks))
 
 
 class MidBlock(nn.Module):
@@ -130,11 +143,12 @@ class Encoder3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.cfg.gradient_checkpointing and self.training
         h = self.conv_in(x)
-        for block in self.down_blocks:
+        for block in _levels(self.down_blocks):
             for resnet in block.resnets:
                 h = _run(resnet, h, ckpt)
-            if block.sampler_name:
-                h = _run(block.downsamplers[0], h, ckpt)
+            sampler = block.resampler()
+            if sampler is not None:
+                h = _run(sampler, h, ckpt)
         h = _run(self.mid_block.resnets[0], h, ckpt)
         for attn in self.mid_block.attentions:
             h = _run(attn, h, ckpt)
@@ -168,11 +182,12 @@ class Decoder3D(nn.Module):
         for attn in self.mid_block.attentions:
             h = _run(attn, h, ckpt)
         h = _run(self.mid_block.resnets[1], h, ckpt)
-        for block in self.up_blocks:
+        for block in _levels(self.up_blocks):
             for resnet in block.resnets:
                 h = _run(resnet, h, ckpt)
-            if block.sampler_name:
-                h = _run(block.upsamplers[0], h, ckpt)
+            sampler = block.resampler()
+            if sampler is not None:
+                h = _run(sampler, h, ckpt)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

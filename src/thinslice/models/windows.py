@@ -17,10 +17,12 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from monai.inferers import sliding_window_inference
+
+from thinslice.memory import available_memory
 
 if TYPE_CHECKING:
     from thinslice.models.denoiser import LatentDenoiser
@@ -45,10 +47,11 @@ def blend_windows(x: torch.Tensor, roi: tuple[int, ...], predictor: Callable[...
     """``predictor`` over overlapping windows of ``x`` (1, C, ...), Gaussian-blended; windows run on ``device``,
     the result is gathered on the CPU so that only one window at a time occupies the accelerator. ``kwargs`` go to
     MONAI (``with_coord``, ``process_fn``)."""
-    return sliding_window_inference(
+    out = sliding_window_inference(
         x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=overlap, mode="gaussian",
         sw_device=device, device=torch.device("cpu"), progress=progress, **kwargs,
     )
+    return cast(torch.Tensor, out)  # MONAI returns what the predictor returns: one tensor here
 
 
 def whole_or_windows(fn: Callable[[torch.Tensor, tuple[int, ...] | None], torch.Tensor], x: torch.Tensor,
@@ -116,9 +119,7 @@ def available_memory_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.7)
     try:
-        import psutil
-
-        return int(psutil.virtual_memory().available * 0.5)
+        return int(available_memory() * 0.5)
     except ImportError:  # psutil comes with accelerate; keep a conservative fallback anyway
         return 8 * 1024**3
 

@@ -65,7 +65,7 @@ def initial_baseline(preset: Preset, init: str | Path | None, resume: bool) -> R
         loaded = load_model("baseline", init, preset=preset)
         model.load_state_dict(loaded.state_dict())
         log.info("train-baseline: initialised from %s", getattr(record_of(loaded), "path", init))
-    return model  # type: ignore[return-value]
+    return model
 
 
 def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | str | Path] | None,
@@ -82,8 +82,9 @@ def train_baseline(train: Sequence[Volume | str | Path], val: Sequence[Volume | 
         log.warning("train-baseline: --gradient-checkpointing has no effect on the small CNN (its memory is small)")
     torch.manual_seed(seed)
     model = initial_baseline(preset, opts.init, opts.resume)
-    patch = tuple(int(p) for p in tc.patch_size)
-    sampler = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)  # type: ignore[arg-type]
+    d, h, w = (int(p) for p in tc.patch_size)
+    patch = (d, h, w)
+    sampler = PairSampler(train, patch, tc.batch_size, preset.degradation, seed=seed)
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train-baseline: no --val volumes; validation PSNR is measured on crops of the training volumes")

@@ -40,7 +40,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from thinslice.infer.pipeline import Acquisition, Pipeline
 from thinslice.infer.upsample import prior_estimate
 from thinslice.io.atomic import atomic_output
 from thinslice.io.volume import Volume
+from thinslice.models.denoiser import LatentDenoiser
 from thinslice.models.factory import build_denoiser, build_haar
 from thinslice.models.kinds import network_kind
 from thinslice.models.tiling import decode_volume, encode_volume
@@ -240,7 +241,7 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
     if vae is None:
         raise ThinsliceError("the 'vae' first stage needs --vae (a trained VAE); or train on the lossless wavelet "
                              "first stage with --first-stage haar")
-    model = vae if isinstance(vae, AutoencoderKL3D) else load_model("vae", vae)
+    model = vae if isinstance(vae, AutoencoderKL3D) else cast(AutoencoderKL3D, load_model("vae", vae))
     record = record_of(model)
     if record is None or not record.content_hash:
         raise ThinsliceError("the VAE must come from a thinslice weights file (its hash ties the denoiser to it)")
@@ -249,11 +250,11 @@ def load_frozen_vae(vae: str | Path | AutoencoderKL3D | None) -> AutoencoderKL3D
 
 
 def _batches(cache_dir: Path | None, train: Sequence[Volume | str | Path], degradation: DegradationConfig,
-             batch_size: int, vae: AutoencoderKL3D, patch: tuple[int, ...], seed: int) -> Any:
+             batch_size: int, vae: AutoencoderKL3D, patch: tuple[int, int, int], seed: int) -> Any:
     """Training batches: latent crops from ``cache_dir`` (``--cache``, made with this VAE), else pairs encoded on the
     fly."""
     if not cache_dir:
-        return PairSampler(train, patch, batch_size, degradation, seed=seed)  # type: ignore[arg-type]
+        return PairSampler(train, patch, batch_size, degradation, seed=seed)
     record = record_of(vae)
     cache = LatentCache.load(cache_dir, record.content_hash if record else "")
     if abs(cache.scaling_factor - vae.scaling_factor) > 1e-6 * max(1.0, abs(vae.scaling_factor)):
@@ -261,8 +262,8 @@ def _batches(cache_dir: Path | None, train: Sequence[Volume | str | Path], degra
             f"latent cache {cache_dir} was made with latent scaling factor {cache.scaling_factor:.6g} but the VAE "
             f"has {vae.scaling_factor:.6g}; rebuild it with thinslice encode"
         )
-    latent_crop = tuple(p // s for p, s in zip(patch, vae.total_stride, strict=True))
-    return LatentCropSampler(cache, latent_crop, batch_size, seed=seed)  # type: ignore[arg-type]
+    d, h, w = (p // s for p, s in zip(patch, vae.total_stride, strict=True))
+    return LatentCropSampler(cache, (d, h, w), batch_size, seed=seed)
 
 
 @dataclass
@@ -286,7 +287,7 @@ def _first_stage(latent: LatentConfig, vae_source: str | Path | None) -> _FirstS
     return _FirstStage(vae, record.content_hash, record.path, vae.config)
 
 
-def _init_denoiser(init: str | Path | None, resume: bool) -> nn.Module | None:
+def _init_denoiser(init: str | Path | None, resume: bool) -> LatentDenoiser | None:
     """The ``--init`` bundle's denoiser (None without ``--init`` or when resuming: a resumed run continues from its
     own checkpoint)."""
     if not init or resume:
@@ -337,7 +338,7 @@ def _prior_fn(latent: LatentConfig, planes: Pipeline | None):
 
 
 def _prior_batches(train: Sequence[Volume | str | Path], degradations: Sequence[tuple[float, str]], workers: int,
-                   planes: Pipeline | None, stage: _FirstStage, latent_crop: tuple[int, ...],
+                   planes: Pipeline | None, stage: _FirstStage, latent_crop: tuple[int, int, int],
                    setting: tuple[LatentConfig, int, int]):
     """Prior pairs of every training volume and degradation, their residual scale, and the crop sampler."""
     latent, batch_size, seed = setting
@@ -345,7 +346,7 @@ def _prior_batches(train: Sequence[Volume | str | Path], degradations: Sequence[
     scale = latent.residual_scale or residual_scale(pairs)
     latent = dataclasses.replace(latent, residual_scale=scale)
     log.info("%d prior pairs, residual scale %.4g", len(pairs), latent.residual_scale)
-    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent  # type: ignore[arg-type]
+    return PriorPairSampler(pairs, latent_crop, batch_size, seed), latent
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,10 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
     """Train the latent denoiser; ``result.models['denoiser']`` holds the final (EMA) weights."""
     plan = _plan(opts)
     preset, tc, seed, latent, stage = plan.preset, plan.tc, plan.seed, plan.latent, plan.stage
-    patch = tuple(int(p) for p in tc.patch_size)
-    latent_crop = tuple(p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
+    d, h, w = (int(p) for p in tc.patch_size)
+    patch = (d, h, w)
+    ld, lh, lw = (p // s for p, s in zip(patch, stage.model.total_stride, strict=True))
+    latent_crop = (ld, lh, lw)
     planes = None
     if latent.first_stage == "haar" or latent.prior != "cubic":
         planes = _prior_pipeline(latent, opts.planes, opts.device)
@@ -411,7 +414,7 @@ def train_diffusion(train: Sequence[Volume | str | Path], val: Sequence[Volume |
         _load_init(denoiser, plan.init, opts.init)
     if opts.gradient_checkpointing:
         denoiser.set_gradient_checkpointing(True)
-    check_patch_fits(patch, stage.model, denoiser.size_multiple)  # type: ignore[arg-type]
+    check_patch_fits(patch, stage.model, denoiser.size_multiple)
 
     val_volumes = list(val) if val else list(train)
     if not val:

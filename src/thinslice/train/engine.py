@@ -283,7 +283,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def warmup_ema_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+def warmup_ema_fn(decay: float) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Any], None]:
     """EMA update whose decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
 
     torch's ``get_ema_multi_avg_fn`` uses the full decay from the first step, so a short run (a CPU hour, a
@@ -294,7 +294,7 @@ def warmup_ema_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tens
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], num_averaged: Any) -> None:
+    def update(ema_params: Sequence[torch.Tensor], model_params: Sequence[torch.Tensor], num_averaged: Any) -> None:
         n = float(num_averaged)
         step_decay = min(decay, (1.0 + n) / (10.0 + n))
         floating = [(e, m) for e, m in zip(ema_params, model_params, strict=True) if torch.is_floating_point(e)]
@@ -643,7 +643,7 @@ class Trainer:
                 step = self.state.step
                 bar.update(1)
                 if cfg.log_every and (step % cfg.log_every == 0 or step == end):
-                    logs = self._mean_over_processes(meter.flush(self.scheduler.get_last_lr()[0]))
+                    logs = self._mean_over_processes(meter.flush(float(self.scheduler.get_last_lr()[0])))
                     meter.last = dict(logs)
                     self._log_scalars(logs, step)
                     bar.set_postfix(loss=f"{logs['train/loss']:.4g}")

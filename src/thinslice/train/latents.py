@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from thinslice.errors import ThinsliceError
 from thinslice.io.atomic import atomic_output, write_text_atomic
+from thinslice.io.formats import is_volume_file_name, strip_volume_suffix
 from thinslice.io.volume import Volume
 from thinslice.models.tiling import DEFAULT_TILE, encode_volume
 from thinslice.models.vae import AutoencoderKL3D
@@ -99,11 +100,7 @@ class CacheEntry:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return strip_volume_suffix(path.name) if is_volume_file_name(path) else path.stem
 
 
 def _pair_file(stem: str, factor: float, profile: str) -> str:
@@ -202,12 +199,14 @@ def build_latent_cache(sources: Sequence[str | Path | tuple[str, Volume]], vae: 
     old = _reusable_entries(out, vae_hash, spec)
     entries: list[CacheEntry] = []
     for src in sources:
+        path: Path | None = None
         if isinstance(src, tuple):
             stem, vol = src
             sid = SourceId.of_volume(stem, vol)
         else:
-            sid, stem, vol = SourceId.of_file(Path(src)), _stem(Path(src)), None
-        wanted = [(f"{stem}__hr.safetensors", "hr", None, None)]
+            path = Path(src)
+            sid, stem, vol = SourceId.of_file(path), _stem(path), None
+        wanted: list[tuple[str, str, float | None, str | None]] = [(f"{stem}__hr.safetensors", "hr", None, None)]
         wanted += [(_pair_file(stem, float(f), p), "pair", float(f), p) for f in spec.factors for p in spec.profiles]
         for file, kind, factor, profile in wanted:
             prev_entry = old.get(file)
@@ -215,9 +214,10 @@ def build_latent_cache(sources: Sequence[str | Path | tuple[str, Volume]], vae: 
                 entries.append(prev_entry)
                 continue
             if vol is None:
-                vol = _read(spec, Path(src))  # type: ignore[arg-type]
+                assert path is not None  # only a file source starts without its volume
+                vol = _read(spec, path)
             shape = _encode_entry(vae, vae_hash, vol, sid, out / file, (kind, factor, profile), spec)
-            entries.append(CacheEntry(stem, file, kind, factor, profile, sid, shape))  # type: ignore[arg-type]
+            entries.append(CacheEntry(stem, file, kind, factor, profile, sid, shape))
     index = {"format": CACHE_FORMAT, "preset": spec.preset_name, "vae_hash": vae_hash,
              "scaling_factor": vae.scaling_factor, "tile": list(spec.tile),
              "entries": [{**asdict(e), "hr_shape": list(e.hr_shape)} for e in entries]}
@@ -247,7 +247,7 @@ def _reusable_entries(out: Path, vae_hash: str, spec: CacheSpec) -> dict[str, Ca
 
 
 def _encode_entry(vae: AutoencoderKL3D, vae_hash: str, vol: Volume, sid: SourceId, path: Path,
-                  what: tuple[str, float | None, str | None], spec: CacheSpec) -> tuple[int, ...]:
+                  what: tuple[str, float | None, str | None], spec: CacheSpec) -> tuple[int, int, int]:
     """Encode one entry (``what`` = kind, factor, profile) into ``path``; returns the thin volume's shape."""
     kind, factor, profile = what
     thin_hu = vol.slices_first()
@@ -257,7 +257,8 @@ def _encode_entry(vae: AutoencoderKL3D, vae_hash: str, vol: Volume, sid: SourceI
     if kind == "hr":
         tensors = {"hr": encode_volume(vae, thin_hu, tile=spec.tile)}
     else:
-        lr, target = (spec.pair_fn or default_pair)(vol, factor, profile)  # type: ignore[arg-type]
+        assert factor is not None and profile is not None  # a pair entry names both
+        lr, target = (spec.pair_fn or default_pair)(vol, factor, profile)
         meta.update({"factor": repr(factor), "profile": str(profile),
                      "pair_shape": json.dumps(list(target.slices_first().shape))})
         tensors = {"hr": encode_volume(vae, target.slices_first(), tile=spec.tile),
@@ -265,4 +266,5 @@ def _encode_entry(vae: AutoencoderKL3D, vae_hash: str, vol: Volume, sid: SourceI
     _save_atomic(path, tensors, meta)
     if spec.progress:
         spec.progress(f"encode: {path.name}")
-    return tuple(thin_hu.shape)
+    d, h, w = thin_hu.shape
+    return int(d), int(h), int(w)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _window(img: np.ndarray) -> np.ndarray:
 
 def make_validate_fn(crops: list[tuple[str, np.ndarray]], tile: tuple[int, int, int]):
     def validate(models: dict[str, nn.Module], step: int) -> dict:
-        vae = models["vae"]
+        vae = cast(AutoencoderKL3D, models["vae"])  # the engine's eval networks: the VAE itself, unwrapped
         psnrs, maes, image = [], [], None
         for _name, hu in crops:
             latent = encode_volume(vae, hu, tile=tile)
@@ -151,7 +152,8 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
     val_volumes = list(val) if val else list(train)
     if not val:
         log.warning("train-vae: no --val volumes; validation PSNR is measured on crops of the training volumes")
-    crop = opts.val_crop or tuple(2 * p for p in tc.patch_size)
+    d, h, w = (2 * p for p in tc.patch_size)
+    crop = opts.val_crop or (d, h, w)
     validate = make_validate_fn(_val_crops(val_volumes, crop), tile=tc.patch_size)
 
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
@@ -172,7 +174,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
         write_text_atomic(run_dir / "preset.json", json.dumps(record, indent=1))
     result = trainer.fit(resume=opts.resume, stop_at_step=opts.stop_at_step, time_limit_s=opts.time_limit_s)
     if result.step >= tc.max_steps and trainer.is_main:
-        final_vae = result.models["vae"]
+        final_vae = cast(AutoencoderKL3D, result.models["vae"])
         factor = estimate_scaling_factor(final_vae, sampler, opts.scaling_patches, seed)
         final_vae.set_scaling_factor(factor)
         digest = save_model(final_vae, "vae", preset, run_dir / "final" / "vae.safetensors")
@@ -180,7 +182,7 @@ def train_vae(train: Sequence[Volume | str | Path], val: Sequence[Volume | str |
         if best_path.is_file():  # the best weights get their own scaling factor
             from thinslice.checkpoints.bundle import load_model
 
-            best_vae = load_model("vae", best_path).to(next(final_vae.parameters()).device)
+            best_vae = cast(AutoencoderKL3D, load_model("vae", best_path)).to(next(final_vae.parameters()).device)
             best_vae.set_scaling_factor(estimate_scaling_factor(best_vae, sampler, opts.scaling_patches, seed))
             save_model(best_vae, "vae", preset, best_path)
         summary = {"step": result.step, "scaling_factor": factor, "weights_hash": digest,

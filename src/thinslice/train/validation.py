@@ -104,7 +104,7 @@ def make_pipeline_validate(cases: list[ValCase], pipeline_for: Callable[[dict[st
         results: dict[str, Any] = {"val/psnr": float(np.mean(scores)), "val/psnr_cubic_dc": base_psnr,
                                    "val/psnr_gain": float(np.mean(scores)) - base_psnr,
                                    "val/minutes": (time.time() - start) / 60}
-        if image is not None:
+        if image_tag and image is not None:
             results[image_tag] = image
         return results
 

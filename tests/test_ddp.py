@@ -95,6 +95,7 @@ def _one_run_written(run: Path, writers: int, final: str) -> None:
     assert [p.name for p in (run / "final").glob("*.safetensors")] == [final]
 
 
+@pytest.mark.slow  # two launches (about 25 s on two idle cores)
 def test_planes_on_two_processes_resumes_exactly_and_on_one(tmp_path, data, capfd) -> None:
     """train-planes (one factor's heads per step: the DDP case of unused parameters): two processes, then resume of
     its step-3 checkpoint with two (bit-exact) and with one (continues, says the effective batch changed)."""

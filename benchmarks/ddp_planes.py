@@ -6,10 +6,11 @@ same effective batch. The figures of docs/guide/training.md (several processes).
 
 Data: three chest phantoms for training and one for validation (thinslice.data.phantom, 192x192x120), written
 into OUT/data. Speed: the small network (48 channels, 6 blocks) at bf16 for 120 steps, the median over 10-step
-windows (robust to the bursts of a shared machine), 1 process at batch 16 and 2 processes at batch 8 and 16,
-repeated. PSNR: 400 steps of the small preset (warm-up 20, EMA 0.99) at effective batch 8, one process at batch 8
-and two at batch 4, from scratch and fine-tuned from the shipped weights, three seeds each; val PSNR of the shipped
-pipeline at x4 Gaussian on the validation phantom (the number train-planes logs).
+windows (robust to the bursts of a shared machine): 1 process with torch's default threads and with one thread
+at batch 16 (and 8), 2 one-thread processes at batch 8 and 16, repeated. PSNR: 400 steps of the small preset
+(warm-up 20, EMA 0.99) at effective batch 8, one process at batch 8 and two at batch 4, from scratch and
+fine-tuned from the shipped weights, three seeds each; val PSNR of the shipped pipeline at x4 Gaussian on the
+validation phantom (the number train-planes logs).
 """
 
 from __future__ import annotations
@@ -50,11 +51,14 @@ def write_preset(out: Path, name: str, **train_planes: object) -> Path:
     return path
 
 
-def train(run: Path, processes: int, args: list[str]) -> None:
-    """One train-planes run, on one process or under torchrun (one thread per process)."""
+def train(run: Path, processes: int, args: list[str], threads: int | None = None) -> None:
+    """One train-planes run, on one process (torch's default threads, or ``threads``) or under torchrun (one
+    thread per process)."""
     shutil.rmtree(run, ignore_errors=True)
     launcher = [sys.executable, "-m", "thinslice.cli.main"]
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -70,16 +74,16 @@ def rows(run: Path, key: str) -> list[dict]:
 def speed(out: Path, data: list[str], repeats: int) -> None:
     preset = write_preset(out, "small-speed", max_steps=120, warmup_steps=20, val_every=0, checkpoint_every=0,
                           log_every=10)
-    print("| processes | batch per process | effective batch | median s/step | steps/s | examples/s |")
+    print("| processes x threads | batch per process | effective batch | median s/step | steps/s | examples/s |")
     print("|---|---|---|---|---|---|")
     for rep in range(repeats):
-        for processes, batch in ((1, 16), (2, 8), (2, 16)):
-            run = out / f"speed_p{processes}_b{batch}_r{rep}"
-            train(run, processes, [*data, "--preset", str(preset), "--batch-size", str(batch)])
+        for processes, threads, batch in ((1, None, 16), (1, 1, 16), (1, 1, 8), (2, 1, 8), (2, 1, 16)):
+            run = out / f"speed_p{processes}_t{threads or 'default'}_b{batch}_r{rep}"
+            train(run, processes, [*data, "--preset", str(preset), "--batch-size", str(batch)], threads)
             windows = [r["train/sec_per_step"] for r in rows(run, "train/sec_per_step")][1:]  # not the start
             sec = statistics.median(windows)
-            print(f"| {processes} | {batch} | {processes * batch} | {sec:.3f} | {1 / sec:.2f} | "
-                  f"{processes * batch / sec:.0f} |", flush=True)
+            print(f"| {processes} x {threads or 'default'} | {batch} | {processes * batch} | {sec:.3f} | "
+                  f"{1 / sec:.2f} | {processes * batch / sec:.0f} |", flush=True)
 
 
 def psnr(out: Path, data: list[str], seeds: int) -> None:

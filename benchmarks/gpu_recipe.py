@@ -14,7 +14,7 @@ Run on the device machine (see docs/design/diffusion.md)::
 
     python benchmarks/gpu_recipe.py --data .gpu/data --out $OUT --minutes 5
 
-and here, end to end on the CPU with the tiny preset, by ``tests/test_gpu_recipe.py``.
+and here, end to end on the CPU with the tiny preset, by ``tests/train/test_gpu_recipe.py``.
 """
 
 from __future__ import annotations

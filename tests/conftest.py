@@ -40,13 +40,24 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _thinslice_logger_as_it_was():
-    """The command line points the ``thinslice`` logger at its own stderr handler and stops it propagating (its
-    one-line format); a test that calls ``main`` must not leave it so, or a later test's ``caplog`` sees nothing."""
+def _logger_state() -> tuple:
     import logging
 
     logger = logging.getLogger("thinslice")
-    saved = logger.handlers[:], logger.level, logger.propagate
+    return logger.handlers[:], logger.level, logger.propagate
+
+
+_LOGGER_AT_START = _logger_state()  # read when the test session starts, before any fixture has run
+
+
+@pytest.fixture(autouse=True)
+def _thinslice_logger_as_it_was():
+    """The command line points the ``thinslice`` logger at its own stderr handler and stops it propagating (its
+    one-line format); a test (or a module fixture) that calls ``main`` must not leave it so, or a later test's
+    ``caplog`` sees nothing: after every test the logger is as it was when the session began."""
+    import logging
+
+    logger = logging.getLogger("thinslice")
     yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+    handlers, level, propagate = _LOGGER_AT_START
+    logger.handlers[:], logger.level, logger.propagate = handlers[:], level, propagate

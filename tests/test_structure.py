@@ -75,3 +75,13 @@ def test_the_circle_check_finds_a_circle(tmp_path) -> None:
     (pkg / "a" / "one.py").write_text("from thinslice.a.two import f\n")
     (pkg / "a" / "two.py").write_text("def f():\n    from thinslice.a import one\n")
     assert find_cycle(import_graph(pkg)) == ["thinslice.a.one", "thinslice.a.two", "thinslice.a.one"]
+
+
+def test_tests_are_arranged_by_package() -> None:
+    """A change's tests are found beside each other: every folder of tests/ is named after a package of thinslice
+    (tests/io for thinslice.io, ...); the files at the top are the package-wide checks (structure, docs, release)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith(("__", "."))}
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    assert folders and folders <= packages, sorted(folders - packages)
+    assert all(list(tests.glob(f"{name}/test_*.py")) for name in folders)

@@ -4,7 +4,7 @@
 Every sampler is an :class:`~thinslice.examples.base.ExampleSampler`: an endless iterator of batches with one
 checkpointed numpy generator. The package's rule: examples import io/, degrade/, models/, presets, errors and
 device, never infer/, train/, cli/, evaluate/ or checkpoints/ (training examples need no pipeline; examples know no
-trainer); ``tests/test_examples.py`` checks it.
+trainer); ``tests/train/test_examples.py`` checks it.
 """
 
 from thinslice.examples.base import ExampleSampler

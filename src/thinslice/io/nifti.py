@@ -8,11 +8,9 @@ memory"), so the geometry of every NIfTI is taken from nibabel's reading of the 
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import struct
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from thinslice.errors import ThinsliceError, os_reason
+from thinslice.io.gz import GZIP_ERRORS, open_gzip
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
 
@@ -113,13 +112,13 @@ def _header_bytes(path: Path) -> bytes:
         if not gz and magic == _GZIP_MAGIC:
             raise ThinsliceError(f"cannot read {path}: it is gzip-compressed although its name ends in .nii; "
                                  f"rename it to {path.name}.gz")
-        opener = gzip.open if gz else open
+        opener = open_gzip if gz else open
         with opener(path, "rb") as fh:
             raw = fh.read(540)
             offset = _vox_offset(raw)
             if offset > len(raw):
                 raw += fh.read(min(offset, HEADER_BYTES_LIMIT) - len(raw))
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except GZIP_ERRORS as exc:
         raise ThinsliceError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc}); copy or "
                              "export it again") from None
     except OSError as exc:
@@ -250,13 +249,13 @@ def read_voxels(path: Path, expected_bytes: int) -> np.ndarray:
         raise ThinsliceError(f"cannot read {path}: the file is truncated ({present} of {expected_bytes} bytes that its "
                              "header promises); copy or export it again")
     try:
-        with _quiet_nibabel(), (gzip.open if gz else open)(path, "rb") as fh:
+        with _quiet_nibabel(), (open_gzip if gz else open)(path, "rb") as fh:
             image = nib.Nifti1Image.from_stream(fh) if _is_nifti1(fh) else nib.Nifti2Image.from_stream(fh)
             proxy = cast("ArrayProxy", image.dataobj)  # an image read from a stream holds a proxy, not an array
             data = np.asanyarray(proxy.get_unscaled())
             while fh.read(1 << 22):  # to the end of a gzip stream, where its CRC is checked
                 pass
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except GZIP_ERRORS as exc:
         raise ThinsliceError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc}); copy or "
                              "export it again") from None
     except (OSError, ValueError) as exc:

@@ -8,11 +8,9 @@ uneven slice gaps) and CT-specific clean-up of padding values.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import re
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +40,7 @@ from thinslice.io.formats import (
     readable_text,
 )
 from thinslice.io.geometry import Stack, describe_tilt, is_sheared, stack_from_offsets
+from thinslice.io.gz import GZIP_ERRORS, open_gzip
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import NOT_HU_ABOVE, check_read_size, check_voxel_size, check_voxel_values, voxel_count
 from thinslice.io.nifti import read_header as read_nifti_header
@@ -262,7 +261,7 @@ def _check_nifti_complete(path: Path) -> bytes:
     """Refuse a NIfTI file with fewer voxel bytes than its header promises, or a gzip stream that is cut short or
     fails its CRC: ITK reads such files without error and fills the missing slices with zeros (0 HU). Returns the
     raw header (first 540 bytes) for the other header checks."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = open_gzip if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
             header = fh.read(540)
@@ -272,7 +271,7 @@ def _check_nifti_complete(path: Path) -> bytes:
             present = len(header)
             while chunk := fh.read(1 << 22):
                 present += len(chunk)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except GZIP_ERRORS as exc:
         raise ThinsliceError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc}); copy or "
                              "export it again") from None
     except OSError as exc:

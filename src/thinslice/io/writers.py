@@ -34,6 +34,7 @@ from thinslice.io.formats import (
     writable_text,
     writes_compressed,
 )
+from thinslice.io.gz import compress_file, compresses_itself
 from thinslice.io.lazy import lazy_import
 from thinslice.io.limits import check_voxel_values
 from thinslice.io.volume import Volume
@@ -250,12 +251,17 @@ def write_image_file(volume: Volume, path: Path, *, dtype: str, overwrite: bool 
         except OSError as exc:
             raise ThinsliceError(f"cannot write {path}: {os_reason(exc)} ({path.parent})") from None
         try:
+            gzipped = path.name.lower().endswith(".nii.gz") and compresses_itself()  # at disk speed (io.gz)
+            first = tmp_dir / (path.name[:-3] if gzipped else path.name)
             try:
                 with native_messages_to_log():
-                    sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=writes_compressed(path))
+                    sitk.WriteImage(image, str(first), useCompression=writes_compressed(path) and not gzipped)
             except RuntimeError as exc:
                 raise ThinsliceError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
-            _verify_written(tmp_dir / path.name, image, path)
+            _verify_written(first, image, path)
+            if gzipped:
+                compress_file(first, tmp_dir / path.name)
+                first.unlink()
             produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
             for item in produced:
                 os.replace(item, path.parent / item.name)

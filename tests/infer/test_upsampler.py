@@ -22,7 +22,7 @@ from thinslice.io import read_volume, write_volume
 from thinslice.models.factory import build_planes
 from thinslice.presets import load_preset
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "thinslice"
+SRC = Path(__file__).resolve().parents[2] / "src" / "thinslice"
 
 
 @pytest.fixture(scope="module")

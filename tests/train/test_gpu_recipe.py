@@ -14,7 +14,7 @@ import torch
 from thinslice.checkpoints.bundle import save_model
 from thinslice.models.factory import build_planes
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _module(name: str):

@@ -19,7 +19,7 @@ from thinslice.io import write_volume
 from thinslice.train import recipes
 from thinslice.train.reproduce import Overrides, plan, settings_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("baseline", "denoiser", "planes", "planes-x4", "planes-x5")
 # The slice counts of the shared CT volumes (their MANIFEST.md), so the recipes' parts resolve as on the real data.
 SLICES = {"ct02": 141, "ct04": 108, "ct05": 112, "ct06": 20, "ct07": 275, "ct08": 160, "ct09": 134, "ct10": 100}

@@ -195,7 +195,7 @@ def test_fractional_slope_values_agree_with_dcm2niix(tmp_path):
 @pytest.mark.parametrize("source", ["slope", "window", "old"])
 def test_dciodvfy_finds_no_error_in_outputs_that_carry_slope_window_and_old_studies(tmp_path, source):
     spec = importlib.util.spec_from_file_location(
-        "dicom_output_check", Path(__file__).parents[1] / "benchmarks" / "dicom_output_check.py")
+        "dicom_output_check", Path(__file__).parents[2] / "benchmarks" / "dicom_output_check.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     build = {"slope": odd.fractional_slope_series, "window": odd.series_with_window, "old": odd.acr_nema_series}

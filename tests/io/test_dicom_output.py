@@ -26,7 +26,7 @@ from thinslice.io.dicom_study import (
 )
 
 _spec = importlib.util.spec_from_file_location(
-    "dicom_output_check", Path(__file__).parents[1] / "benchmarks" / "dicom_output_check.py")
+    "dicom_output_check", Path(__file__).parents[2] / "benchmarks" / "dicom_output_check.py")
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 

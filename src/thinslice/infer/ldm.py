@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -213,7 +214,7 @@ class Ldm(Pipeline):
     # denoiser's record asks for them; the lossless Haar first stage has no weights.
     weights = ("denoiser",)
     preference = 2
-    vae: AutoencoderKL3D
+    vae: AutoencoderKL3D  # or the Haar first stage, which offers the same encode/decode
     denoiser: LatentDenoiser
     latent: LatentConfig = LatentConfig()
     planes: Pipeline | None = None  # the planes prior (a Planes pipeline), when the denoiser starts from planes
@@ -234,11 +235,15 @@ class Ldm(Pipeline):
         if device.type == "cpu":
             self.denoiser.use_channels_last()
         self.latent = latent_config(self.denoiser)
-        stage = build_first_stage(loaded_preset(self.denoiser))  # type: ignore[arg-type]
+        preset = loaded_preset(self.denoiser)
+        assert preset is not None  # the denoiser was loaded from its file just above, which records its preset
+        stage = build_first_stage(preset)
         if stage is None and not has_weights("vae", bundle):
             raise ThinsliceError(f"the denoiser in {bundle} works on a VAE's latents, but the folder has no "
                                  "vae.safetensors: put the VAE it was trained with beside it")
-        self.vae = load_vae(bundle, device, preset=o.preset) if stage is None else stage.to(device)  # type: ignore
+        # The Haar stage has the VAE's encode/decode interface (models.wavelet), so the sampler takes either.
+        haar = cast(AutoencoderKL3D, stage.to(device)) if stage is not None else None
+        self.vae = load_vae(bundle, device, preset=o.preset) if haar is None else haar
         if self.latent.prior == "planes":  # with samples it keeps its passes' disagreement for the std map
             self.planes = Planes.from_pretrained(bundle, device=o.device, precision=o.precision,
                                                  uncertainty=o.samples > 1)

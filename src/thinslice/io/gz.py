@@ -10,18 +10,19 @@ plain gzip stream that every reader (nibabel, ITK, dcm2niix, FSL) opens. ``THINS
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import IO, Any
+from typing import Literal, cast
 
 from thinslice.errors import ThinsliceError
 
 try:  # ISA-L: wheels for Linux, macOS and Windows on x86-64 and ARM; the standard library where it has none
     from isal import igzip, igzip_threaded, isal_zlib
 except ImportError:  # pragma: no cover - exercised by monkeypatching ENGINE in the tests
-    igzip = igzip_threaded = isal_zlib = None
+    igzip = igzip_threaded = isal_zlib = None  # type: ignore[assignment]  # absent: the standard library serves
 
 # "itk" (benchmarks/bench_gzip.py): ITK compresses while it writes, as thinslice did before ISA-L.
 ENGINE = "isal" if igzip is not None else "zlib"
@@ -29,8 +30,9 @@ LEVEL_ENV = "THINSLICE_GZIP_LEVEL"
 DEFAULT_LEVEL = {"isal": 2, "zlib": 1}  # ISA-L's default; zlib's fastest (its level 6 is 4x slower for 3% less)
 MAX_LEVEL = {"isal": 3, "zlib": 9}
 # What a damaged or cut gzip stream raises, whichever engine reads it.
-GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error,
-                                                *((isal_zlib.error,) if isal_zlib is not None else ()))
+_ISAL_ERRORS: tuple[type[BaseException], ...] = (
+    (cast(type[BaseException], isal_zlib.error),) if isal_zlib is not None else ())
+GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error, *_ISAL_ERRORS)
 
 
 def engine() -> str:
@@ -51,11 +53,11 @@ def level() -> int:
     return max(0 if name == "isal" else 1, min(MAX_LEVEL[name], chosen))
 
 
-def open_gzip(path: str | Path, mode: str = "rb") -> IO[Any]:
+def open_gzip(path: str | Path, mode: Literal["rb"] = "rb") -> gzip.GzipFile:
     """A gzip file opened for reading (seekable, as :func:`gzip.open`) with the fastest engine present."""
     if engine() == "isal":
-        return igzip.open(path, mode)
-    return gzip.open(path, mode)
+        return cast(gzip.GzipFile, igzip.open(path, mode))  # igzip.IGzipFile is a gzip.GzipFile
+    return gzip.GzipFile(path, mode)
 
 
 def compresses_itself() -> bool:
@@ -70,9 +72,9 @@ def compress_file(source: Path, target: Path, chunk: int = 1 << 22) -> None:
         shutil.copyfileobj(src, out, chunk)
 
 
-def _gzip_writer(target: Path) -> IO[bytes]:
+def _gzip_writer(target: Path) -> io.BufferedIOBase:
     """A gzip writer of the fastest engine present (ISA-L with up to four threads; else zlib)."""
     if engine() == "isal":
         threads = max(1, min(4, os.cpu_count() or 1))
-        return igzip_threaded.open(target, "wb", compresslevel=level(), threads=threads)
-    return gzip.open(target, "wb", compresslevel=level())
+        return cast(io.BufferedIOBase, igzip_threaded.open(target, "wb", compresslevel=level(), threads=threads))
+    return gzip.GzipFile(target, "wb", compresslevel=level())

@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "truth on random latent crops. With a trained VAE (--first-stage vae --vae ...) pairs are simulated on the "
         "fly from cubic upsampling, or read from a latent cache made by thinslice encode (--cache). OUT/final and "
         "OUT/best are complete model bundles (denoiser, plus the VAE or the planes weights it needs) for "
-        "thinslice upsample --method ldm --checkpoint OUT/final. Multi-GPU: accelerate launch -m "
-        "thinslice.cli.main train ...",
+        "thinslice upsample --method ldm --checkpoint OUT/final. Several GPUs or CPU processes: torchrun "
+        "--nproc_per_node N -m thinslice.cli.main train ... (the effective batch is --batch-size x N).",
     )
     add_generic_options(p)
     p.add_argument("--vae", default=None,

@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-baseline", help="train the CNN baseline (refines cubic interpolation; no VAE needed)",
         description="Train the residual 3D CNN that refines cubic-upsampled thick-slice CT, on the same simulated "
         "pairs as the diffusion model (L1 loss). OUT/final/baseline.safetensors (and OUT/best) is what thinslice "
-        "upsample --method cnn --checkpoint OUT/final runs. Multi-GPU: accelerate launch -m thinslice.cli.main "
-        "train-baseline ...",
+        "upsample --method cnn --checkpoint OUT/final runs. Several GPUs or CPU processes: torchrun "
+        "--nproc_per_node N -m thinslice.cli.main train-baseline ... (the effective batch is --batch-size x N).",
     )
     add_generic_options(p)
     p.add_argument("--init", default=None,

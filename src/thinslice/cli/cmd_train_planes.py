@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "thick grid. Examples are planes of the training volumes and axial slices degraded along one in-plane axis, "
         "with random factor, profile and thickness. Validation runs the shipped pipeline on the --val volumes "
         "(x4 gaussian). OUT/final/planes.safetensors is what thinslice upsample --method planes --checkpoint "
-        "OUT/final runs. Use --mixed-precision bf16 on a CPU.",
+        "OUT/final runs. Use --mixed-precision bf16 on a CPU. Several GPUs or CPU processes: torchrun "
+        "--nproc_per_node N -m thinslice.cli.main train-planes ... (the effective batch is --batch-size x N).",
     )
     add_generic_options(p)
     p.add_argument("--loss", default="l1", choices=["l1", "mse"], help="training loss (default l1)")

@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the 3D KL autoencoder on random CT patches (L1 + KL + SSIM, optional patch GAN). "
         "Checkpoints go to OUT/checkpoints (resume with --resume), TensorBoard logs to OUT/tensorboard, the best "
         "and final weights to OUT/best/vae.safetensors and OUT/final/vae.safetensors (with the latent scaling "
-        "factor). Multi-GPU: accelerate launch -m thinslice.cli.main train-vae ...",
+        "factor). Several GPUs or CPU processes: torchrun --nproc_per_node N -m thinslice.cli.main train-vae ... "
+        "(the effective batch is --batch-size x N).",
     )
     add_generic_options(p)
     p.add_argument("--init", default=None,

@@ -15,6 +15,7 @@ import pkgutil
 import signal
 import sys
 import threading
+import warnings
 
 import thinslice
 import thinslice.cli as cli_pkg
@@ -56,10 +57,25 @@ class _OneLine(logging.Formatter):
         return f"thinslice {self.command}: {level}{record.getMessage()}"
 
 
+def process_rank() -> int:
+    """This process's rank when started by torchrun or ``accelerate launch`` (``RANK``) or mpirun, else 0."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        try:
+            if os.environ.get(name):
+                return int(os.environ[name])
+        except ValueError:
+            continue
+    return 0
+
+
 def _setup_logging(verbose: int, quiet: bool, command: str) -> None:
     """Library code logs; the command line shows its information and warnings as one line each (-q: errors only,
-    -v: debug)."""
+    -v: debug). Of several training processes only the first (rank 0) shows information and warnings, Python's
+    warnings included, so each line appears once; every process still shows its errors."""
     level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    if process_rank() != 0:
+        level = logging.ERROR
+        warnings.filterwarnings("ignore")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine(command))
     root = logging.getLogger("thinslice")
@@ -85,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except ThinsliceError as exc:
-        print(f"thinslice {command}: error: {exc}", file=sys.stderr)
+        rank = process_rank()
+        where = f" (process {rank})" if rank else ""
+        print(f"thinslice {command}: error{where}: {exc}", file=sys.stderr)
         for line in exc.details:
             print(f"  {line}", file=sys.stderr)
         return 2

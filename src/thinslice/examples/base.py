@@ -21,7 +21,19 @@ class ExampleSampler(ABC):
     """Endless iterator of training batches (``next(sampler)`` = :meth:`next_batch`) from ``self.rng``, seeded once."""
 
     def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
+
+    def use_stream(self, process: int, start_step: int = 0) -> None:
+        """Draw from the example stream of training process ``process`` (several processes: each draws other
+        examples). Process 0 keeps the stream of ``seed``, so that one process trains as it always did; process
+        r > 0 draws from ``SeedSequence(seed, spawn_key=(r,))``. ``start_step`` > 0 gives a process that joins a
+        resumed run (more processes than the checkpoint was written by) a stream of its own that none of the
+        earlier processes drew from."""
+        if process == 0 and start_step == 0:
+            return  # the stream the sampler was made with
+        key = (int(process),) if start_step == 0 else (int(process), int(start_step))
+        self.rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=key))
 
     @abstractmethod
     def next_batch(self) -> Any:

@@ -13,15 +13,25 @@ states and the state of the batch iterator when it has ``state_dict``/``load_sta
 (:mod:`thinslice.train.run_state`; never pickle, so a file planted in a run folder cannot run code on ``--resume``).
 So N steps straight and N/2 + resume + N/2 give the same weights on CPU (tested).
 
-Multi-GPU: start any trainer with ``accelerate launch -m thinslice.cli.main train-... `` (or ``accelerate launch
-$(which thinslice) train-...``); models and optimiser go through ``accelerator.prepare`` and each process draws its
-own batches (seeded with ``seed + process_index``), so the effective batch is ``batch_size x num_processes``.
-The LR scheduler is stepped once per optimiser step here (not prepared by Accelerate, which would step it once per
-process), so ``warmup_steps``/``max_steps`` always count optimiser steps.
+Several processes (GPUs, CPU processes, machines): start any trainer with ``torchrun --nproc_per_node N -m
+thinslice.cli.main train-...`` or ``accelerate launch``; models and optimiser go through ``accelerator.prepare``
+(DDP: rank 0's initial weights are broadcast, gradients are averaged, so the weights stay identical), and process
+r draws its own examples (:meth:`thinslice.examples.base.ExampleSampler.use_stream`; process 0 keeps the
+one-process stream), so the effective batch is ``batch_size x num_processes``. The LR scheduler is stepped once per
+optimiser step here (not prepared by Accelerate, which would step it once per process), so
+``warmup_steps``/``max_steps`` always count optimiser steps. Only the main process logs, validates, writes
+TensorBoard, ``metrics.jsonl``, the progress bar and the exported weights; the logged training scalars are means
+over all processes. A checkpoint holds each process's generators and example stream (``rng_<r>``,
+``sampler``/``sampler_<r>``) and the number of processes that wrote it: resumed with as many processes it continues
+exactly; with another count the shared state (weights, optimiser, schedule, step) carries over, processes beyond
+the old count start new example streams, and the effective batch changes (a one-line note says so).
+``THINSLICE_RANK_HASHES=DIR`` makes every process write ``DIR/rank<r>.json`` (the SHA-256 of its final weights) at
+the end of training: the check that the processes ended with the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -236,9 +246,21 @@ def make_accelerator(device: str, mixed_precision: str, project_dir: Path | None
     # be refused, so start from scratch when not distributed (tests, notebooks, scripts running several trainers).
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
+    _note_one_cpu_process()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with="tensorboard" if log else None,
                        project_dir=str(project_dir) if project_dir else None, kwargs_handlers=handlers)
+
+
+def _note_one_cpu_process() -> None:
+    """``accelerate launch --cpu --num_processes N`` starts one process (Accelerate runs several CPU processes only
+    under mpirun) and says nothing; a run that expected N would train with 1/N of the batch it planned, so say it."""
+    env = os.environ
+    if (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
+            and "WORLD_SIZE" not in env and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env):
+        log.warning("accelerate launch --cpu started one process, whatever --num_processes says; for several CPU "
+                    "processes use torchrun --nproc_per_node N -m thinslice.cli.main ... (or accelerate launch "
+                    "--multi_gpu --num_processes N ... --device cpu)")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -356,6 +378,9 @@ class Trainer:
                 self.ema[name].requires_grad_(False)
         self.state = _TrainState()
         self.batches = batches
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if hasattr(batches, "use_stream"):
+            batches.use_stream(self.rank)
         self._iter: Iterator[Any] | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -380,6 +405,47 @@ class Trainer:
             out[name] = self.ema[name].module if name in self.ema else self.unwrapped(name)
         return out
 
+    def _agree(self, value: float, op: str = "min") -> float:
+        """``value`` reduced over all processes (``min``, ``max`` or ``sum``): decisions that every process must take
+        alike (stop now, this checkpoint is intact, the loss is finite), so none waits for the others forever."""
+        if self.world == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=ops[op])
+        return float(t.item())
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Training scalars averaged over the processes (one all-reduce per log line)."""
+        if self.world == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def _write_rank_hash(self) -> None:
+        """``THINSLICE_RANK_HASHES=DIR``: this process's final weights (and EMA) as one SHA-256 in
+        ``DIR/rank<r>.json``, so that a test or a user can check that every process ended with the same weights."""
+        folder = os.environ.get("THINSLICE_RANK_HASHES")
+        if not folder:
+            return
+        digest = hashlib.sha256()
+        for name in self.trainable:
+            modules = [self.unwrapped(name), *([self.ema[name].module] if name in self.ema else [])]
+            for module in modules:
+                for key, value in module.state_dict().items():
+                    digest.update(key.encode())
+                    digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(folder) / f"rank{self.rank}.json",
+                          json.dumps({"rank": self.rank, "processes": self.world, "step": self.state.step,
+                                      "sha256": digest.hexdigest()}))
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint: written to a hidden temp folder, then renamed to ``step_XXXXXX``."""
@@ -397,7 +463,7 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             info = {"format": CHECKPOINT_FORMAT, "step": self.state.step, "best": self.state.best,
-                    "best_step": self.state.best_step,
+                    "best_step": self.state.best_step, "num_processes": self.world,
                     "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}}
             (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1))
             if final.exists():
@@ -409,50 +475,88 @@ class Trainer:
         return final
 
     def _stateful(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the step, by file name: the unwrapped networks, their EMA copies, the
-        optimiser, the LR schedule, the batch iterator (when it has a state) and the mixed-precision scaler."""
+        """What a checkpoint keeps besides the step, shared by all processes, by file name: the unwrapped networks,
+        their EMA copies, the optimiser, the LR schedule and the mixed-precision scaler."""
         objects: dict[str, Any] = {f"model_{name}": self.unwrapped(name) for name in self.models}
         objects.update({f"ema_{name}": ema for name, ema in self.ema.items()})
         objects.update(optimizer=self.optimizer, scheduler=self.scheduler)
-        if hasattr(self.batches, "state_dict") and hasattr(self.batches, "load_state_dict"):
-            objects["sampler"] = self.batches
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
         return objects
 
+    def _has_sampler_state(self) -> bool:
+        return hasattr(self.batches, "state_dict") and hasattr(self.batches, "load_state_dict")
+
+    @staticmethod
+    def _sampler_file(rank: int) -> str:
+        """Process 0's example stream keeps the one-process name, so one-process checkpoints read as before."""
+        return "sampler" if rank == 0 else f"sampler_{rank}"
+
     def _write_state(self, folder: Path) -> None:
-        """Every process writes its generators; the main process writes the shared state (see :mod:`.run_state`)."""
-        write_state(folder, f"rng_{self.accelerator.process_index}", rng_state())
+        """Every process writes its generators and example stream; the main process the shared state (see
+        :mod:`.run_state`)."""
+        write_state(folder, f"rng_{self.rank}", rng_state())
+        if self._has_sampler_state():
+            write_state(folder, self._sampler_file(self.rank), self.batches.state_dict())  # type: ignore[attr-defined]
         if self.is_main:
             for name, obj in self._stateful().items():
                 write_state(folder, name, obj.state_dict())
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Continue from checkpoint ``path``: refused in one line when it was written in another format or holds a
-        pickle file (never read); a damaged file raises for :meth:`_load_newest_intact` to try an older one."""
-        path = Path(path)
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+        """Everything this process needs from checkpoint ``path``, read before anything is applied: its info, the
+        shared states, and this process's generators and example stream (None for a process beyond the count that
+        wrote the checkpoint). Refused in one line when written in another format or holding a pickle file (never
+        read); a damaged or missing file raises."""
         info = json.loads((path / "trainer_state.json").read_text())
         refuse_pickles(path, older_format=info.get("format") != CHECKPOINT_FORMAT)
-        states = {name: read_state(path, name) for name in self._stateful()}  # all read before any is applied
-        rng = read_state(path, f"rng_{self.accelerator.process_index}")
+        states = {name: read_state(path, name) for name in self._stateful()}
+        own = self.rank < int(info.get("num_processes", 1))
+        rng = read_state(path, f"rng_{self.rank}") if own else None
+        sampler = read_state(path, self._sampler_file(self.rank)) if own and self._has_sampler_state() else None
+        return info, states, rng, sampler
+
+    def _apply_checkpoint(self, info: dict[str, Any], states: dict[str, Any], rng: Any, sampler: Any) -> None:
         for name, obj in self._stateful().items():
             obj.load_state_dict(states[name])
         self.state.load_state_dict(info)
-        set_rng_state(rng)
+        if rng is not None:
+            set_rng_state(rng)
+            if sampler is not None:
+                self.batches.load_state_dict(sampler)  # type: ignore[attr-defined]
+            return
+        # A process the checkpoint has no stream for (more processes than wrote it): new streams of its own.
+        from accelerate.utils import set_seed
 
-    def _load_newest_intact(self, checkpoints: list[Path]) -> Path:
-        """Load the newest checkpoint that reads; a damaged one (a disk filled or a copy cut short) is skipped with a
-        one-line note, so ``--resume`` continues from the one before it instead of failing."""
+        set_seed(self.config.seed + self.rank + 7919 * self.state.step)
+        if hasattr(self.batches, "use_stream"):
+            self.batches.use_stream(self.rank, start_step=self.state.step)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (see :meth:`_read_checkpoint`)."""
+        self._apply_checkpoint(*self._read_checkpoint(Path(path)))
+
+    def _load_newest_intact(self, checkpoints: list[Path]) -> tuple[Path, int]:
+        """Load the newest checkpoint that reads in every process; a damaged one (a disk filled or a copy cut short)
+        is skipped with a one-line note, so ``--resume`` continues from the one before it instead of failing.
+        Returns the checkpoint and the number of processes that wrote it."""
         for path in reversed(checkpoints):
+            read, reason = None, ""
             try:
-                self.load_checkpoint(path)
-                return path
+                read = self._read_checkpoint(path)
             except ThinsliceError:
                 raise  # refused (another format, a pickle file): not a damaged copy to skip silently
             except Exception as exc:  # safetensors, JSON, OS and state-shape errors all mean "this one is unusable"
                 reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-                self._say(f"--resume: checkpoint {path.name} is damaged ({reason}); trying the one before it",
-                          logging.WARNING)
+            if self._agree(float(read is not None), "min") > 0:
+                assert read is not None
+                try:
+                    self._apply_checkpoint(*read)
+                except Exception as exc:  # a state of the wrong shape: as damaged, in every process alike
+                    reason = str(exc).strip().splitlines()[0][:120] or type(exc).__name__
+                if self._agree(float(not reason), "min") > 0:
+                    return path, int(read[0].get("num_processes", 1))
+            self._say(f"--resume: checkpoint {path.name} is damaged ({reason or 'in another process'}); trying the "
+                      "one before it", logging.WARNING)
         raise ThinsliceError(f"no intact checkpoint in {self.run_dir / 'checkpoints'}; start a new run (another --out)")
 
     def _drop_logged_rows_after(self, step: int) -> None:
@@ -539,12 +643,13 @@ class Trainer:
                 step = self.state.step
                 bar.update(1)
                 if cfg.log_every and (step % cfg.log_every == 0 or step == end):
-                    logs = meter.flush(float(self.scheduler.get_last_lr()[0]))
+                    logs = self._mean_over_processes(meter.flush(float(self.scheduler.get_last_lr()[0])))
+                    meter.last = dict(logs)
                     self._log_scalars(logs, step)
                     bar.set_postfix(loss=f"{logs['train/loss']:.4g}")
                 if cfg.val_every and step % cfg.val_every == 0:
                     meter.last.update(self._validate(step))
-                timed_out = time_limit_s is not None and time.time() - t_start > time_limit_s
+                timed_out = time_limit_s is not None and self._agree(time.time() - t_start > time_limit_s, "max") > 0
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or timed_out:
                     self.save_checkpoint()
                     saved_at = step
@@ -552,7 +657,9 @@ class Trainer:
                     self._say(f"time limit reached at step {step}; continue with --resume")
                     break
         except KeyboardInterrupt:
-            if self.state.step != saved_at and self.state.step > 0:
+            if self.world > 1:  # the processes stop at different points: no checkpoint they could write together
+                self._say(f"interrupted at step {self.state.step}; --resume continues from the last checkpoint")
+            elif self.state.step != saved_at and self.state.step > 0:
                 self._say(f"interrupted: saving a checkpoint at step {self.state.step}")
                 self.save_checkpoint()
             raise
@@ -570,8 +677,13 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         existing = list_checkpoints(self.run_dir)
         if resume and existing:
-            loaded = self._load_newest_intact(existing)
+            loaded, writers = self._load_newest_intact(existing)
             self._say(f"resumed from {loaded} (step {self.state.step})")
+            if writers != self.world:
+                self._say(f"--resume: {loaded.name} was written by {writers} process(es), this run has {self.world}: "
+                          f"the effective batch is now {self.world} x --batch-size (was {writers} x); weights, "
+                          "optimiser and schedule carry over, the example streams of the processes differ from an "
+                          "uninterrupted run", logging.WARNING)
             self._drop_logged_rows_after(self.state.step)
         elif existing and not resume:
             raise ThinsliceError(
@@ -600,8 +712,10 @@ class Trainer:
         batch = _to_device(next(self._iter), self.device)
         with acc.autocast():
             loss, logs = self.loss_fn(self.models, batch, step)
-        if not torch.isfinite(loss):
-            raise ThinsliceError(f"loss became {loss.item()} at step {step}; lower the learning rate (--lr) or use "
+        finite = bool(torch.isfinite(loss))
+        if self._agree(finite, "min") <= 0:  # every process stops alike
+            value = loss.item() if not finite else "not finite in another process"
+            raise ThinsliceError(f"loss became {value} at step {step}; lower the learning rate (--lr) or use "
                                  "--mixed-precision no, then --resume from the last checkpoint")
         self.optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -622,6 +736,7 @@ class Trainer:
             if cfg.val_every and self.state.step % cfg.val_every != 0 and self.validate_fn is not None:
                 last_logs.update(self._validate(self.state.step))
             self._export(self.run_dir / "final")
+        self._write_rank_hash()
         self.accelerator.end_training()
         models = self.eval_models()
         for m in models.values():

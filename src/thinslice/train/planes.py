@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -143,7 +143,10 @@ def train_planes(train: Sequence[Volume | str | Path], val: Sequence[Volume | st
     def export(eval_models: dict[str, nn.Module], out_dir: Path) -> None:
         save_model(eval_models["planes"], "planes", preset, out_dir)
 
-    trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler,
-                      engine_config(run_dir, tc, opts, seed, ema_decay),
+    # Each batch has one factor and so uses one factor's input/output heads: under DDP the other heads get no
+    # gradient in that step, which DDP must be told (find_unused_parameters; measured against a zero-weight term on
+    # every head in docs/guide/training.md).
+    config = replace(engine_config(run_dir, tc, opts, seed, ema_decay), find_unused_parameters=True)
+    trainer = Trainer({"planes": model}, make_loss(opts.loss), sampler, config,
                       validate_fn=validate, export_fn=export)
     return fit_run(trainer, opts, record, preset)

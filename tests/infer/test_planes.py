@@ -347,3 +347,29 @@ def test_a_factors_own_network_serves_that_factor(tmp_path, thin_phantom) -> Non
     (tmp_path / "b" / "planes-x4.safetensors").rename(tmp_path / "b" / "planes-x2.safetensors")
     with pytest.raises(ThinsliceError, match="serves factors 4, not 2: rename it"):
         upsample(thick2, spacing, "planes", checkpoint=str(tmp_path / "b"))
+
+
+def test_skip_air_runs_the_network_only_on_planes_that_hold_more_than_air(tmp_path, monkeypatch) -> None:
+    """A phantom in a wide field of air: with ``skip_air`` the network sees fewer planes, the body is refined the
+    same, and the planes of air keep the estimate."""
+    from thinslice.data.phantom import make_chest_phantom
+    from thinslice.degrade import degrade
+    from thinslice.models.planes import PlanesNet
+
+    torch.manual_seed(0)
+    save_model(build_planes("tiny").eval(), "planes", "tiny", tmp_path)
+    thin = make_chest_phantom(shape=(24, 48, 48), spacing=(4.5, 4.5, 1.25), seed=3)
+    wide = np.full((24, 80, 80), -1000.0, np.float32)
+    wide[:, 16:64, 16:64] = thin.slices_first()
+    thick = degrade(thin.with_slices(wide, 1.25, 0.0, 1.25), factor=4, profile="gaussian")
+    seen = []
+    forward = PlanesNet.forward
+    monkeypatch.setattr(PlanesNet, "forward", lambda self, t, *a: (seen.append(t.shape[0]), forward(self, t, *a))[1])
+    outs = {}
+    for skip in (False, True):
+        seen.clear()
+        outs[skip] = upsample(thick, 1.25, "planes", checkpoint=str(tmp_path), skip_air=skip).slices_first()
+        outs[f"planes {skip}"] = sum(seen)
+    assert outs["planes True"] < 0.8 * outs["planes False"]
+    body = (slice(None), slice(20, 60), slice(20, 60))
+    np.testing.assert_allclose(outs[True][body], outs[False][body], atol=2.0)

@@ -57,6 +57,24 @@ def integer_factor(thick_spacing_mm: float, thin_spacing_mm: float) -> int:
     return k
 
 
+# A plane where no more than AIR_FRACTION of the thick slices' and the estimate's pixels reach AIR_HU holds only air
+# (and its noise: a few pixels of a noisy scan's air reach higher): ``skip_air`` leaves it to the estimate instead of
+# running the network on it. Lung (-900 to -500 HU) never fills a plane alone: the chest wall bounds it.
+AIR_HU = -800.0
+AIR_FRACTION = 5e-4
+
+
+def _planes_to_run(thick_v: np.ndarray, base_v: np.ndarray, skip_air: bool) -> np.ndarray:
+    """Indices of the planes (first axis) the network runs on: all, or (``skip_air``) those that hold more than
+    air in the thick slices or the estimate."""
+    if not skip_air:
+        return np.arange(thick_v.shape[0])
+    def dense(view: np.ndarray) -> np.ndarray:
+        return np.count_nonzero(view >= AIR_HU, axis=(1, 2)) > AIR_FRACTION * view[0].size
+
+    return np.flatnonzero(dense(thick_v) | dense(base_v))
+
+
 def _orientation_views(volume: np.ndarray, orientation: str) -> np.ndarray:
     """(D, A, B) slices-first -> planes first: coronal (A, D, B), sagittal (B, D, A)."""
     if orientation == "coronal":
@@ -76,6 +94,7 @@ def refine_planes(
     precision: str = "bf16",
     progress: bool = False,
     first: np.ndarray | None = None,
+    skip_air: bool = False,
 ) -> np.ndarray:
     """cubic-dc plus the network's residual (HU, shape of ``base_hu`` (M*k, A, B)) from thick slices (M, A, B).
 
@@ -91,17 +110,22 @@ def refine_planes(
     amp = autocast_dtype(precision)
     cond_t = torch.tensor([list(cond)], dtype=torch.float32, device=device)
     total = np.zeros(base_hu.shape, np.float32)
-    steps = sum(math.ceil(_orientation_views(base_hu, o).shape[0] / PLANES_PER_BATCH) for o in orientations)
+    work = {o: _planes_to_run(_orientation_views(thick_hu, o), _orientation_views(base_hu, o), skip_air)
+            for o in orientations}
+    steps = sum(math.ceil(len(planes) / PLANES_PER_BATCH) for planes in work.values())
     bar = tqdm(total=steps, desc="planes", unit="batch", disable=not progress, leave=False)
     context = model.cfg.context
     for orientation in orientations:
         thick_v = _orientation_views(thick_hu, orientation)
         base_v = _orientation_views(base_hu, orientation)
         out_v = _orientation_views(total, orientation)
-        for p0 in range(0, thick_v.shape[0], PLANES_PER_BATCH):
+        planes = work[orientation]
+        air = np.setdiff1d(np.arange(thick_v.shape[0]), planes)
+        out_v[air] += base_v[air]  # planes of air keep the estimate
+        for p0 in range(0, len(planes), PLANES_PER_BATCH):
+            chosen = planes[p0:p0 + PLANES_PER_BATCH]
             # Each plane with its context neighbours (clamped at the edge): (planes, 1 + 2 context, rows, pixels).
-            index = np.clip(np.arange(p0, min(p0 + PLANES_PER_BATCH, thick_v.shape[0]))[:, None]
-                            + np.arange(-context, context + 1)[None, :], 0, thick_v.shape[0] - 1)
+            index = np.clip(chosen[:, None] + np.arange(-context, context + 1)[None, :], 0, thick_v.shape[0] - 1)
             t = torch.from_numpy(np.ascontiguousarray(hu_to_model(thick_v[index]))).to(device)
             b = torch.from_numpy(np.ascontiguousarray(hu_to_model(base_v[index]))).to(device)
             with autocast(device, amp):
@@ -110,7 +134,7 @@ def refine_planes(
                 residual = (y - middle).float()[:, 0].cpu().numpy() * (HU_RANGE / 2)
             # The residual goes onto the unclipped estimate: the network sees HU clipped to the model range, but
             # values outside it (air below -1024 after cubic overshoot, metal) keep what cubic-dc gave them.
-            out_v[p0:p0 + PLANES_PER_BATCH] += base_v[p0:p0 + PLANES_PER_BATCH] + residual
+            out_v[chosen] += base_v[chosen] + residual
             bar.update(1)
         if first is not None and orientation == orientations[0]:
             np.copyto(first, total)
@@ -168,6 +192,7 @@ class PlanesOptions(LearnedOptions):
     adapt_steps: int = 1500
     adapt_seconds: float = 180.0
     uncertainty: bool = False  # also a calibrated std map from the coronal/sagittal disagreement (extras["std"])
+    skip_air: bool = False  # planes that hold only air keep the estimate (no network run on them)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.adapt_steps, int) and self.adapt_steps >= 1):
@@ -246,7 +271,7 @@ class Planes(Pipeline):
             refined = refine_blocks(model, thick.slices_first(), prior.slices_first(), cond, o.precision, o.progress)
         else:
             refined = refine_planes(model, thick.slices_first(), prior.slices_first(), cond,
-                                    parse_orientations(o.orientations), o.precision, o.progress, first)
+                                    parse_orientations(o.orientations), o.precision, o.progress, first, o.skip_air)
         out = prior.with_slices(refined, prior.slice_spacing, 0.0, prior.slice_thickness)
         extras = {}
         if first is not None:  # |first pass - average| = |coronal - sagittal| / 2, calibrated by the spread step

@@ -91,12 +91,9 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:  # killed: a clean stop takes seconds, and its storage is thrown away anyway
+            self.proc.kill()
+            self.proc.wait(10)
             self.proc = None
 
     def get(self, path: str) -> object:
@@ -169,6 +166,7 @@ allowed_callers = {callers}
 stable_seconds = 0.5
 max_attempts = {attempts}
 backoff_seconds = {backoff}
+max_backoff_seconds = 0.5
 max_associations = 4
 
 [destinations.pacs]

@@ -169,9 +169,10 @@ class JobQueue:
                     "WHEN changed = 1 THEN '' ELSE derived_uids END WHERE series_uid = ?",
                     (state, reason, time.time(), series_uid))
 
-    def retry_or_park(self, series_uid: str, reason: str, max_attempts: int, backoff: float) -> str:
-        """One failed attempt: back in the queue after ``backoff * 2**(attempts-1)`` s, or parked as failed after
-        ``max_attempts``; the state it is left in."""
+    def retry_or_park(self, series_uid: str, reason: str, max_attempts: int, backoff: float,
+                      max_backoff: float = float("inf")) -> str:
+        """One failed attempt: back in the queue after ``backoff * 2**(attempts-1)`` s (at most ``max_backoff``), or
+        parked as failed after ``max_attempts``; the state it is left in."""
         job = self.get(series_uid)
         attempts = (job.attempts if job else 0) + 1
         if attempts >= max_attempts:
@@ -179,8 +180,9 @@ class JobQueue:
                         "series_uid = ?", (attempts, reason, time.time(), series_uid))
             return "failed"
         state = "processed" if job and job.derived_uids else "complete"
+        wait = min(backoff * 2 ** (attempts - 1), max_backoff)
         self._write("UPDATE jobs SET state = ?, attempts = ?, reason = ?, next_try = ? WHERE series_uid = ?",
-                    (state, attempts, reason, time.time() + backoff * 2 ** (attempts - 1), series_uid))
+                    (state, attempts, reason, time.time() + wait, series_uid))
         return state
 
     # ------------------------------------------------------------------------------------------- queries

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from thinslice.errors import ThinsliceError
+from thinslice.node.listener import no_delay
 from thinslice.node.rules import Destination
 from thinslice.node.spool import uid_name
 
@@ -52,6 +53,7 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str, timeout: 
     if not assoc.is_established:
         raise SendError(f"destination {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) refused or did not "
                         "answer the association")
+    no_delay(assoc)
     try:
         for path, ds in zip(files, datasets, strict=True):
             status = assoc.send_c_store(ds)

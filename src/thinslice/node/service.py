@@ -101,7 +101,7 @@ class Node:
             self._run(job)
         except ThinsliceError as exc:
             state = self.queue.retry_or_park(job.series_uid, str(exc), self.limits.max_attempts,
-                                             self.limits.backoff_seconds)
+                                             self.limits.backoff_seconds, self.limits.max_backoff_seconds)
             log.warning("series %s: %s (%s)", job.series_uid, exc, "parked" if state == "failed" else "will retry")
         return True
 

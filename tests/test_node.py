@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -403,3 +404,41 @@ def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_full_spool_and_oversized_instances_are_refused_whole(tmp_path, running_node) -> None:
+    """Over the spool limit or the dataset size limit: 0xA700 (out of resources), and no file of it in the spool."""
+    folder = _thick_series(tmp_path / "s", "1.2.3.4.108", seed=10)
+    one = max(p.stat().st_size for p in folder.iterdir())
+    rules = _rules(tmp_path / "rules.toml", 1)
+    rules.write_text(rules.read_text().replace("[node]\n", f"[node]\nmax_spool_gb = {3.5 * one / 1e9}\n"))
+    node = running_node(rules, port=_free_port())
+    statuses = _send(folder, node.listener.port)
+    assert statuses[:3] == [0, 0, 0] and set(statuses[3:]) == {0xA700}
+    assert len(node.spool.instances(_uid(folder))) == 3 and not any(node.spool.tmp.iterdir())
+    small = _rules(tmp_path / "small.toml", 1)
+    small.write_text(small.read_text().replace("[node]\n", f"[node]\nmax_dataset_mb = {one / 2e6}\n"))
+    other = Node(tmp_path / "spool2", load_rules(small), port=_free_port(), host="127.0.0.1")
+    other.start()
+    try:
+        assert set(_send(folder, other.listener.port)) == {0xA700} and other.queue.jobs() == []
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ('allowed_callers = ["ORTHANC", "TESTSCU"]', "allowed_callers is empty"),
+    ('send_to = ["pacs"]', "sends to nowhere"),
+    ("spacing = 1.25", "has no spacing"),
+    ("stable_seconds = 0.5", "unknown key(s) stable_second"),
+])
+def test_bad_rule_files_are_one_line_errors(tmp_path, change, message) -> None:
+    from thinslice.errors import ThinsliceError
+
+    rules = _rules(tmp_path / "rules.toml", 1)
+    replacement = {"allowed_callers": "allowed_callers = []", "send_to": 'send_to = ["nowhere"]', "spacing": "",
+                   "stable_seconds": "stable_second = 0.5"}[change.split(" ")[0]]
+    rules.write_text(rules.read_text().replace(change, replacement))
+    with pytest.raises(ThinsliceError, match=re.escape(message)) as caught:
+        load_rules(rules)
+    assert "\n" not in str(caught.value)

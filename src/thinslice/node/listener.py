@@ -85,7 +85,12 @@ class Listener:
             log.warning("refused an instance from %s that cannot be decoded: %s", caller, str(exc)[:200])
             return CANNOT_UNDERSTAND
         key = uid_name(series_uid)
-        if not self.spool.store(series_uid, sop_uid, event.encoded_dataset()):
+        try:
+            stored = self.spool.store(series_uid, sop_uid, event.encoded_dataset())
+        except OSError as exc:  # the disk filled up meanwhile, or the spool is not writable: nothing of it is kept
+            log.warning("refused an instance from %s: cannot write the spool: %s", caller, exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        if not stored:
             log.debug("series %s: instance %s already spooled", key, sop_uid)
             return SUCCESS
         self.queue.received(key, caller, modality)

@@ -43,7 +43,8 @@ NEVER = re.compile(r"(?i)scout|localizer|localiser|topogram|surview|scanogram|do
 # SOP classes of screens (dose reports, exam summaries) and structured reports: never volumes.
 SCREEN_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88")
 NODE_KEYS = {"allowed_callers", "max_associations", "max_dataset_mb", "max_spool_gb", "min_free_gb",
-             "stable_seconds", "max_attempts", "backoff_seconds", "max_backoff_seconds"}
+             "stable_seconds", "max_attempts", "backoff_seconds", "max_backoff_seconds", "workers"}
+INTEGER_KEYS = ("max_associations", "max_attempts", "workers")
 RULE_KEYS = {"name", "modality", "min_thickness_mm", "max_thickness_mm", "series_description", "body_part",
              "exclude", "spacing", "method", "uncertainty", "options", "send_to"}
 DEST_KEYS = {"host", "port", "ae_title", "folder"}
@@ -62,6 +63,7 @@ class NodeLimits:
     max_attempts: int = 3
     backoff_seconds: float = 30.0
     max_backoff_seconds: float = 900.0
+    workers: int = 2  # series processed or sent at once
 
     def allows_any(self) -> bool:
         return "*" in self.allowed_callers
@@ -190,8 +192,7 @@ def _limits(raw: dict[str, Any], where: str) -> NodeLimits:
     values: dict[str, Any] = {"allowed_callers": tuple(c.strip() for c in callers)}
     for key in NODE_KEYS - {"allowed_callers"}:
         if key in raw:
-            values[key] = _positive(raw[key], f"[node] {key}", where, integer=key in ("max_associations",
-                                                                                        "max_attempts"))
+            values[key] = _positive(raw[key], f"[node] {key}", where, integer=key in INTEGER_KEYS)
     return NodeLimits(**values)
 
 

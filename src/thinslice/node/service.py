@@ -4,7 +4,7 @@ The worker does, for each due job: the rule decision (skipped, with its reason),
 ``thinslice batch`` (:class:`~thinslice.cohort.worker.CaseRunner`: read, upsample, write atomically, measure) into
 ``SPOOL/out/<series UID>/``, then delivery to each destination not yet recorded as having the derived series. A
 failed attempt goes back into the queue with a backoff and is parked as failed after the last one. Processing runs in
-one thread, so the upsampler's weights load once and a large series never competes with another for memory.
+``[node] workers`` threads (default 2: one sends while another processes; each loads its methods' weights once).
 """
 
 from __future__ import annotations
@@ -45,22 +45,24 @@ class Node:
         self.listener = Listener(ae_title, host, port, self.limits, self.spool, self.queue, log_phi)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._runner: CaseRunner | None = None
+        self._threads: list[threading.Thread] = []
+        self._local = threading.local()  # each worker thread's own CaseRunner (its loaded weights)
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Recover what a killed node left, start listening, start the worker thread."""
         self.recover()
         self.listener.start()
-        self._thread = threading.Thread(target=self._loop, name="thinslice-node-worker", daemon=True)
-        self._thread.start()
+        for i in range(self.limits.workers):
+            thread = threading.Thread(target=self._loop, name=f"thinslice-node-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         self.listener.stop()
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
         self.queue.close()
 
     def serve_forever(self) -> None:
@@ -82,6 +84,7 @@ class Node:
             log.info("%d interrupted job(s) resumed", resumed)
 
     def _loop(self) -> None:
+        self._preload()
         while not self._stop.is_set():
             try:
                 if not self.step():
@@ -174,12 +177,23 @@ class Node:
         raise ThinsliceError(f"rule '{name}' is no longer in the rule file: the processed series cannot be routed")
 
     def runner(self) -> CaseRunner:
-        """The per-case function of ``thinslice batch``, built on first use and kept (weights load once)."""
-        if self._runner is None:
+        """This worker's per-case function of ``thinslice batch``, built on first use and kept (weights load once
+        per worker)."""
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
             from thinslice.cohort.worker import CaseRunner
 
-            self._runner = CaseRunner(thumbnails=False)
-        return self._runner
+            runner = self._local.runner = CaseRunner(thumbnails=False)
+        return runner
+
+    def _preload(self) -> None:
+        """Imports and every rule's weights now, so that the first series' latency is its own; a method that cannot
+        load fails in its jobs, with the reason."""
+        for rule in self.rules.rules:
+            try:
+                self.runner().preload(rule.method, rule.method_options())
+            except ThinsliceError as exc:
+                log.warning("rule %s: method %s cannot be loaded: %s", rule.name, rule.method, exc)
 
 
 def read_rule_header(files: list[Path]) -> dict[str, str]:

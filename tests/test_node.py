@@ -442,3 +442,33 @@ def test_bad_rule_files_are_one_line_errors(tmp_path, change, message) -> None:
     with pytest.raises(ThinsliceError, match=re.escape(message)) as caught:
         load_rules(rules)
     assert "\n" not in str(caught.value)
+
+
+@needs_orthanc
+def test_complete_on_demand_without_waiting_for_stability(tmp_path, orthanc, running_node, capsys) -> None:
+    rules = _rules(tmp_path / "rules.toml", orthanc.dicom_port)
+    rules.write_text(rules.read_text().replace("stable_seconds = 0.5", "stable_seconds = 3600"))
+    node = running_node(rules, port=_free_port())
+    folder = _thick_series(tmp_path / "s", "1.2.3.4.109", seed=11)
+    assert set(_send(folder, node.listener.port)) == {0}
+    uid = _uid(folder)
+    time.sleep(0.3)
+    assert node.queue.get(uid).state == "received"  # type: ignore[union-attr]
+    assert main(["serve", "--complete", uid, "--spool", str(tmp_path / "spool")]) == 0
+    assert "1 series marked complete" in capsys.readouterr().out
+    job = _wait(lambda: _state(node, uid), 30, "the series completed on demand to be sent")
+    assert job.state == "sent"  # type: ignore[union-attr]
+
+
+def test_the_guide_rule_file_parses() -> None:
+    """The rule file of docs/guide/node.md is a valid one (the reference cannot drift from the parser)."""
+    from thinslice.node.rules import parse_rules, tomllib
+
+    text = (Path(__file__).parents[1] / "docs" / "guide" / "node.md").read_text(encoding="utf-8")
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    rules = parse_rules(tomllib.loads(block), "node.md")
+    assert [r.name for r in rules.rules] == ["chest", "other thick ct"] and rules.limits.workers == 2
+    header = {"Modality": "CT", "SliceThickness": "5", "SeriesDescription": "Thorax 5mm", "BodyPartExamined": "CHEST"}
+    assert rules.decide(header, 60)[0].name == "chest"  # type: ignore[union-attr]
+    assert rules.decide({**header, "SeriesDescription": "Thorax MIP"}, 60)[0].name == "other thick ct"  # type: ignore
+    assert "not a volume" in rules.decide({**header, "ImageType": "ORIGINAL\\PRIMARY\\LOCALIZER"}, 1)[1]

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="allow patient IDs in debug logs (by default logs never name the patient)")
     parser.add_argument("--status", action="store_true", help="list the spool's jobs, states and timings, and exit")
     parser.add_argument("--complete", metavar="SERIES_UID", default=None,
-                        help="mark a series (or 'all') complete now instead of waiting until it is stable, and exit")
+                        help="mark a series complete now instead of waiting until it is stable ('all': every "
+                             "series still receiving), or try a failed series afresh; and exit")
     parser.set_defaults(func=run)
 
 

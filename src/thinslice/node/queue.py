@@ -116,11 +116,13 @@ class JobQueue:
                            "last_received <= ?", (now - stable_seconds,))
 
     def complete(self, series_uid: str | None = None) -> int:
-        """Mark complete now (on demand) one series, or every series still receiving (None)."""
+        """Mark complete now (on demand) one series, still receiving or parked as failed (tried afresh), or every
+        series still receiving (None)."""
         if series_uid is None:
             return self._write("UPDATE jobs SET state = 'complete', next_try = 0 WHERE state = 'received'")
-        return self._write("UPDATE jobs SET state = 'complete', next_try = 0 WHERE state = 'received' AND "
-                           "series_uid = ?", (series_uid,))
+        return self._write("UPDATE jobs SET state = CASE WHEN derived_uids != '' THEN 'processed' ELSE 'complete' "
+                           "END, next_try = 0, attempts = 0 WHERE state IN ('received', 'failed') AND series_uid = ?",
+                           (series_uid,))
 
     def resume(self) -> int:
         """At start-up: jobs left running by a killed node go back to where their record says they were."""

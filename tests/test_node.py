@@ -9,6 +9,7 @@ corrupt instance, the destination down, the same series twice, and kill -9 of th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -230,9 +231,11 @@ def running_node(tmp_path, node_port) -> Iterator[Callable[..., Node]]:
 
 
 @needs_orthanc
-def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, running_node, planes_weights) -> None:
+def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, running_node, planes_weights,
+                                                            caplog) -> None:
     """Orthanc sends (C-STORE to the node's modality); the node's series arrive back in the same study, equal to
     ``thinslice upsample`` (cubic-dc and planes with tiny weights), with the source's frame of reference."""
+    caplog.set_level(logging.DEBUG)
     study = "1.2.826.0.1.3680043.8.498.101"
     planes_rule = f'[[rule]]\nname = "planes"\nseries_description = "(?i)planes"\nspacing = 1.25\nmethod = "planes"' \
                   f'\noptions = {{ checkpoint = "{planes_weights}" }}\nsend_to = ["pacs"]\n'
@@ -260,6 +263,7 @@ def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, r
         assert np.allclose(got.spacing, want.spacing) and np.allclose(got.origin, want.origin, atol=1e-3)
         assert np.allclose(got.direction, want.direction, atol=1e-6)
         assert np.array_equal(got.array, want.array), f"{method}: max diff {np.abs(got.array - want.array).max()}"
+        assert "NODE-TEST" not in caplog.text  # the patient ID is in every instance, never in the log
         first_in = pydicom.dcmread(min(folder.iterdir()))
         first_out = pydicom.dcmread(min((tmp_path / f"back-{method}").iterdir()))
         assert first_out.StudyInstanceUID == study and first_out.SeriesInstanceUID != first_in.SeriesInstanceUID
@@ -472,3 +476,26 @@ def test_the_guide_rule_file_parses() -> None:
     assert rules.decide(header, 60)[0].name == "chest"  # type: ignore[union-attr]
     assert rules.decide({**header, "SeriesDescription": "Thorax MIP"}, 60)[0].name == "other thick ct"  # type: ignore
     assert "not a volume" in rules.decide({**header, "ImageType": "ORIGINAL\\PRIMARY\\LOCALIZER"}, 1)[1]
+
+
+def test_instances_spooled_but_not_recorded_are_adopted_at_start(tmp_path) -> None:
+    """A kill between an instance's rename and its record: the next start finds it (a new job, or a finished job
+    reopened because its series changed)."""
+    rules = load_rules(_rules(tmp_path / "rules.toml", 1))
+    folder = _thick_series(tmp_path / "s", "1.2.3.4.110", seed=12)
+    files = sorted(folder.iterdir())
+    uid = _uid(folder)
+    node = Node(tmp_path / "spool", rules, port=_free_port())
+    for path in files[:3]:
+        ds = pydicom.dcmread(path)
+        node.spool.store(uid, ds.SOPInstanceUID, path.read_bytes())
+    node.recover()
+    job = node.queue.get(uid)
+    assert job is not None and job.state == "received" and job.instances == 3
+    node.queue.complete(uid)
+    node.queue.finish(uid, "sent")
+    node.spool.store(uid, pydicom.dcmread(files[3]).SOPInstanceUID, files[3].read_bytes())
+    node.recover()
+    job = node.queue.get(uid)
+    assert job is not None and job.state == "received" and job.instances == 4 and job.attempts == 0
+    node.queue.close()

@@ -109,6 +109,17 @@ class JobQueue:
         self._write("INSERT OR IGNORE INTO jobs (series_uid, state, instances, first_received, last_received) "
                     "VALUES (?, 'received', ?, ?, ?)", (series_uid, instances, now, now))
 
+    def reconcile(self, series_uid: str, on_disk: int, now: float | None = None) -> int:
+        """A series with more instances on disk than its job counts (the node was killed between an instance's file
+        and its record): the count corrected, and a finished job reopened (the series changed); 1 if so."""
+        now = time.time() if now is None else now
+        return self._write("""
+            UPDATE jobs SET instances = ?, last_received = ?,
+                changed = CASE WHEN state IN ('running', 'processed') THEN 1 ELSE changed END,
+                attempts = CASE WHEN state IN ('sent', 'skipped', 'failed') THEN 0 ELSE attempts END,
+                state = CASE WHEN state IN ('sent', 'skipped', 'failed') THEN 'received' ELSE state END
+            WHERE series_uid = ? AND instances < ?""", (on_disk, now, series_uid, on_disk))
+
     def complete_stable(self, stable_seconds: float, now: float | None = None) -> int:
         """Mark complete every series that received nothing for ``stable_seconds``; how many."""
         now = time.time() if now is None else now

@@ -80,6 +80,8 @@ class Node:
             if self.queue.get(key) is None:
                 self.queue.adopt(key, count)
                 log.info("series %s: %d spooled instance(s) adopted", key, count)
+            elif self.queue.reconcile(key, count):
+                log.info("series %s: spooled instance(s) not yet counted adopted", key)
         if resumed:
             log.info("%d interrupted job(s) resumed", resumed)
 

@@ -161,7 +161,9 @@ def _thick_series(folder: Path, study: str, seed: int = 0, **tags: object) -> Pa
 
 
 def _rules(path: Path, dest_port: int, *, callers: str = '["ORTHANC", "TESTSCU"]', attempts: int = 3,
-           backoff: float = 0.2, extra_rules: str = "", method: str = "cubic-dc", options: str = "") -> Path:
+           backoff: float = 0.2, extra_rules: str = "", method: str = "cubic-dc", options: str = "",
+           folder: Path | None = None) -> Path:
+    archive = f'[destinations.archive]\nfolder = "{folder}"\n' if folder else ""
     path.write_text(f"""
 [node]
 allowed_callers = {callers}
@@ -176,6 +178,7 @@ host = "127.0.0.1"
 port = {dest_port}
 ae_title = "ORTHANC"
 
+{archive}
 {extra_rules}
 [[rule]]
 name = "thick ct"
@@ -185,7 +188,7 @@ exclude = "(?i)planes"
 spacing = 1.25
 method = "{method}"
 {options}
-send_to = ["pacs"]
+send_to = ["pacs"{', "archive"' if folder else ""}]
 """)
     return path
 
@@ -349,8 +352,10 @@ class _Nil:
 
 @needs_orthanc
 def test_same_series_twice_is_processed_and_sent_once(tmp_path, orthanc, running_node) -> None:
+    """Sent to the node twice (the second time by dcmtk's storescu): one derived series in Orthanc and one copy in
+    the folder destination."""
     study = "1.2.3.4.106"
-    node = running_node(_rules(tmp_path / "rules.toml", orthanc.dicom_port))
+    node = running_node(_rules(tmp_path / "rules.toml", orthanc.dicom_port, folder=tmp_path / "archive"))
     folder = _thick_series(tmp_path / "s", study, seed=8)
     assert set(_send(folder, node.listener.port)) == {0}
     uid = _uid(folder)
@@ -364,7 +369,9 @@ def test_same_series_twice_is_processed_and_sent_once(tmp_path, orthanc, running
     time.sleep(1.0)  # longer than stable_seconds: a reopened job would be complete by now
     job = node.queue.get(uid)
     assert job is not None and job.state == "sent" and job.finished == first.finished  # type: ignore[union-attr]
-    assert len(node.queue.sent_rows()) == 1
+    assert sorted(r[1] for r in node.queue.sent_rows()) == ["archive", "pacs"]
+    copies = list((tmp_path / "archive").iterdir())
+    assert [c.name for c in copies] == [first.derived_uids] and len(list(copies[0].iterdir())) == THIN_SLICES
     derived = orthanc.series_of_study(study)
     assert len(derived) == 1 and len(derived[0]["Instances"]) == THIN_SLICES
 

@@ -104,13 +104,28 @@ def send(datasets: list[pydicom.Dataset], port: int) -> float:
     return done
 
 
-def start_node(spool: Path, dicom: int, method: str, stable: float, associations: int) -> tuple[subprocess.Popen, int]:
+def start_node(spool: Path, dicom: int, method: str, stable: float, associations: int,
+               send_associations: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     spool.mkdir(parents=True, exist_ok=True)
     rules = spool.parent / "rules.toml"
-    rules.write_text(f'[node]\nallowed_callers = ["BENCH"]\nstable_seconds = {stable}\nmax_associations = '
-                     f'{associations}\n\n[destinations.pacs]\nhost = "127.0.0.1"\nport = {dicom}\nae_title = '
-                     f'"ORTHANC"\n\n[[rule]]\nname = "ct"\nspacing = 1.25\nmethod = "{method}"\nsend_to = ["pacs"]\n')
+    rules.write_text(f"""[node]
+allowed_callers = ["BENCH"]
+stable_seconds = {stable}
+max_associations = {associations}
+
+[destinations.pacs]
+host = "127.0.0.1"
+port = {dicom}
+ae_title = "ORTHANC"
+associations = {send_associations}
+
+[[rule]]
+name = "ct"
+spacing = 1.25
+method = "{method}"
+send_to = ["pacs"]
+""")
     proc = subprocess.Popen([sys.executable, "-c", "from thinslice.cli.main import main; raise SystemExit(main())",
                              "serve", "--spool", str(spool), "--rules", str(rules), "--port", str(port), "--host",
                              "127.0.0.1"], stderr=subprocess.DEVNULL)
@@ -156,11 +171,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=64, help="thick slices per series (default 64)")
     parser.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
     parser.add_argument("--stable", type=float, default=1.0, help="[node] stable_seconds (default 1)")
+    parser.add_argument("--send-associations", type=int, default=4,
+                        help="associations the node sends on at once (default 4)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the finally below stops Orthanc and the node
     root = Path(tempfile.mkdtemp(prefix="bench-node-"))
     orthanc, dicom, web = start_orthanc(root / "orthanc")
-    node, port = start_node(root / "spool", dicom, args.method, args.stable, max(8, args.series + 2))
+    node, port = start_node(root / "spool", dicom, args.method, args.stable, max(8, args.series + 2),
+                            args.send_associations)
     try:
         n = 1 if args.mode == "latency" else args.series
         shape = (args.slices * 4, args.size, args.size)
@@ -176,7 +194,8 @@ def main() -> None:
         stored = wait_stored(root / "spool", web, n, args.slices * 4, timeout=7200)
         done = jobs(root / "spool")
         row = {"mode": args.mode, "method": args.method, "series": n, "shape": f"{args.size}x{args.size}x"
-               f"{args.slices}", "stable_seconds": args.stable, "cpus": os.cpu_count(),
+               f"{args.slices}", "stable_seconds": args.stable,
+               "send_associations": args.send_associations, "cpus": os.cpu_count(),
                "send_in_s": round(max(acks) - start, 2),
                "latency_s": round(stored - max(acks), 2),
                "process_s": [round(j["processed"] - j["started"], 2) for j in done],

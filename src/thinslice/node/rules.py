@@ -47,7 +47,7 @@ NODE_KEYS = {"allowed_callers", "max_associations", "max_dataset_mb", "max_spool
 INTEGER_KEYS = ("max_associations", "max_attempts", "workers")
 RULE_KEYS = {"name", "modality", "min_thickness_mm", "max_thickness_mm", "series_description", "body_part",
              "exclude", "spacing", "method", "uncertainty", "options", "send_to"}
-DEST_KEYS = {"host", "port", "ae_title", "folder"}
+DEST_KEYS = {"host", "port", "ae_title", "folder", "associations"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Destination:
     port: int = 0
     ae_title: str = ""
     folder: str = ""
+    associations: int = 2  # C-STOREs in parallel, one association each
 
     @property
     def is_dicom(self) -> bool:
@@ -206,7 +207,10 @@ def _destination(name: str, raw: Any, where: str) -> Destination:
         raise ThinsliceError(f"{where}: [destinations.{name}] needs port and ae_title beside host")
     port = int(_positive(raw.get("port", 0), f"[destinations.{name}] port", where, integer=True)) if raw.get(
         "host") else 0
-    return Destination(name, str(raw.get("host", "")), port, str(raw.get("ae_title", "")), str(raw.get("folder", "")))
+    associations = int(_positive(raw.get("associations", 2), f"[destinations.{name}] associations", where,
+                                 integer=True))
+    return Destination(name, str(raw.get("host", "")), port, str(raw.get("ae_title", "")), str(raw.get("folder", "")),
+                       associations)
 
 
 def _rule(raw: Any, index: int, where: str, destinations: dict[str, Destination]) -> Rule:

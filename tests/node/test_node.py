@@ -42,6 +42,7 @@ from thinslice.node.service import Node  # noqa: E402
 ORTHANC = shutil.which("Orthanc")
 needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc; CI "
                                                             "installs it)")
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: its src/ and docs/
 THIN_SLICES = 48  # 12 slices of 5 mm restored to 1.25 mm over the same extent: 12 * 4
 
 
@@ -273,7 +274,7 @@ def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, r
         assert first_out.FrameOfReferenceUID == first_in.FrameOfReferenceUID
     status = subprocess.run([sys.executable, "-c", "from thinslice.cli.main import main; raise SystemExit(main())",
                              "serve", "--status", "--spool", str(tmp_path / "spool")], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert status.returncode == 0 and "2 sent" in status.stdout and "NODE-TEST" not in status.stdout
 
 
@@ -384,7 +385,7 @@ def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> 
     port = _free_port()
     command = [sys.executable, "-c", "from thinslice.cli.main import main; raise SystemExit(main())", "serve",
                "--spool", str(spool), "--rules", str(rules), "--port", str(port), "--host", "127.0.0.1"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
     def start() -> subprocess.Popen:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -475,7 +476,7 @@ def test_the_guide_rule_file_parses() -> None:
     """The rule file of docs/guide/node.md is a valid one (the reference cannot drift from the parser)."""
     from thinslice.node.rules import parse_rules, tomllib
 
-    text = (Path(__file__).parents[1] / "docs" / "guide" / "node.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "guide" / "node.md").read_text(encoding="utf-8")
     block = text.split("```toml\n", 1)[1].split("```", 1)[0]
     rules = parse_rules(tomllib.loads(block), "node.md")
     assert [r.name for r in rules.rules] == ["chest", "other thick ct"] and rules.limits.workers == 2

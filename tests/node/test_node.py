@@ -238,11 +238,12 @@ def running_node(tmp_path, node_port) -> Iterator[Callable[..., Node]]:
 def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, running_node, planes_weights,
                                                             caplog) -> None:
     """Orthanc sends (C-STORE to the node's modality); the node's series arrive back in the same study, equal to
-    ``thinslice upsample`` (cubic-dc and planes with tiny weights), with the source's frame of reference."""
+    ``thinslice upsample`` (cubic-dc, and planes with tiny weights and its std map as a second series), with the
+    source's frame of reference."""
     caplog.set_level(logging.DEBUG)
     study = "1.2.826.0.1.3680043.8.498.101"
     planes_rule = f'[[rule]]\nname = "planes"\nseries_description = "(?i)planes"\nspacing = 1.25\nmethod = "planes"' \
-                  f'\noptions = {{ checkpoint = "{planes_weights}" }}\nsend_to = ["pacs"]\n'
+                  f'\nuncertainty = true\noptions = {{ checkpoint = "{planes_weights}" }}\nsend_to = ["pacs"]\n'
     rules = _rules(tmp_path / "rules.toml", orthanc.dicom_port, extra_rules=planes_rule)
     node = running_node(rules)
     series = {"cubic-dc": _thick_series(tmp_path / "a", study, seed=1, SeriesDescription="chest 5mm"),
@@ -254,9 +255,11 @@ def test_orthanc_routes_a_series_and_gets_the_thin_one_back(tmp_path, orthanc, r
     for method, folder in series.items():
         job = _wait(lambda f=folder: _state(node, _uid(f)), 60, f"the {method} series to be sent")
         assert job.state == "sent" and job.instances == 12, job  # type: ignore[union-attr]
-        derived = [s for s in orthanc.series_of_study(study)
-                   if s["MainDicomTags"]["SeriesInstanceUID"] == job.derived_uids]  # type: ignore[union-attr]
-        assert len(derived) == 1 and len(derived[0]["Instances"]) == THIN_SLICES
+        uids = job.derived_uids.split()  # type: ignore[union-attr]
+        assert len(uids) == (2 if method == "planes" else 1)  # planes: the thin series and its std map series
+        stored = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in orthanc.series_of_study(study)}
+        assert all(len(stored[uid]["Instances"]) == THIN_SLICES for uid in uids)
+        derived = [stored[uids[0]]]
         got = read_volume(orthanc.download(derived[0], tmp_path / f"back-{method}"))
         options = ["--checkpoint", str(planes_weights)] if method == "planes" else []
         want_path = tmp_path / f"{method}.nii.gz"
@@ -507,3 +510,20 @@ def test_instances_spooled_but_not_recorded_are_adopted_at_start(tmp_path) -> No
     job = node.queue.get(uid)
     assert job is not None and job.state == "received" and job.instances == 4 and job.attempts == 0
     node.queue.close()
+
+
+def test_associations_beyond_the_limit_are_refused(tmp_path, running_node) -> None:
+    rules = _rules(tmp_path / "rules.toml", 1)
+    rules.write_text(rules.read_text().replace("max_associations = 4", "max_associations = 1"))
+    node = running_node(rules, port=_free_port())
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", node.listener.port, ae_title="THINSLICE")
+    second = ae.associate("127.0.0.1", node.listener.port, ae_title="THINSLICE")
+    try:
+        assert first.is_established and second.is_rejected
+    finally:
+        first.release()
+    third = ae.associate("127.0.0.1", node.listener.port, ae_title="THINSLICE")
+    assert third.is_established
+    third.release()

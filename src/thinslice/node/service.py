@@ -2,9 +2,10 @@
 
 The worker does, for each due job: the rule decision (skipped, with its reason), the same per-case function as
 ``thinslice batch`` (:class:`~thinslice.cohort.worker.CaseRunner`: read, upsample, write atomically, measure) into
-``SPOOL/out/<series UID>/``, then delivery to each destination not yet recorded as having the derived series. A
-failed attempt goes back into the queue with a backoff and is parked as failed after the last one. Processing runs in
-``[node] workers`` threads (default 2: one sends while another processes; each loads its methods' weights once).
+``SPOOL/out/<series UID>/`` (dots as dashes), then delivery to each destination not yet recorded as having the
+derived series. A failed attempt goes back into the queue with a backoff and is parked as failed after the last one.
+Processing runs in ``[node] workers`` threads (default 2: one sends while another processes; each loads its
+methods' weights once).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_PRELOAD = threading.Lock()
 # Header fields the rules look at (and nothing that names the patient).
 RULE_TAGS = ("Modality", "SliceThickness", "SeriesDescription", "BodyPartExamined", "ImageType", "SOPClassUID",
              "SeriesInstanceUID")
@@ -190,12 +192,14 @@ class Node:
 
     def _preload(self) -> None:
         """Imports and every rule's weights now, so that the first series' latency is its own; a method that cannot
-        load fails in its jobs, with the reason."""
-        for rule in self.rules.rules:
-            try:
-                self.runner().preload(rule.method, rule.method_options())
-            except ThinsliceError as exc:
-                log.warning("rule %s: method %s cannot be loaded: %s", rule.name, rule.method, exc)
+        load fails in its jobs, with the reason. One worker at a time: the method registry loads its modules on
+        first use, and two threads doing so at once could each see it half loaded."""
+        with _PRELOAD:
+            for rule in self.rules.rules:
+                try:
+                    self.runner().preload(rule.method, rule.method_options())
+                except ThinsliceError as exc:
+                    log.warning("rule %s: method %s cannot be loaded: %s", rule.name, rule.method, exc)
 
 
 def read_rule_header(files: list[Path]) -> dict[str, str]:

@@ -48,7 +48,9 @@ class Spool:
         return self.incoming / uid_name(series_uid)
 
     def output_folder(self, series_uid: str) -> Path:
-        return self.out / uid_name(series_uid)
+        """Where the derived series of ``series_uid`` is written: ``out/<UID with dashes>`` (a name with dots would
+        read as a file extension to the writers, which put the std map at ``<name>_std``)."""
+        return self.out / uid_name(series_uid).replace(".", "-")
 
     def has(self, series_uid: str, sop_uid: str) -> bool:
         return (self.series_folder(series_uid) / (uid_name(sop_uid) + ".dcm")).exists()

@@ -27,6 +27,7 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from thinslice.errors import ThinsliceError
+from thinslice.io.dicom_study import SOURCE_KEY
 from thinslice.io.mask import body_mask
 
 if TYPE_CHECKING:
@@ -295,7 +296,10 @@ def attach_std(result: Result, bundle: str | Path, method: str, factor: int, wei
         lookup = Lookup(None, f"UNCALIBRATED (no {', '.join(missing)} map in this run, which the calibration needs)")
     std = lookup.entry.model.std(maps) if lookup.entry else maps["spread"]
     std_volume = volume.with_slices(std, volume.slice_spacing, 0.0, volume.slice_thickness)
-    std_volume.metadata = {"content": "standard deviation (HU); mean +- 1.645 std is the 90% interval"
+    # The source's DICOM record stays, so that a std map written as DICOM joins the source's study and frame of
+    # reference, as its thin series does.
+    source = {k: v for k, v in volume.metadata.items() if k == SOURCE_KEY}
+    std_volume.metadata = {**source, "content": "standard deviation (HU); mean +- 1.645 std is the 90% interval"
                            if lookup.entry else "raw spread (HU), not calibrated", "uncertainty": lookup.note}
     if lookup.entry and lookup.entry.multipliers:
         std_volume.metadata["intervals"] = ", ".join(f"{float(lv):.0%}: mean +- {m:.3g} std"

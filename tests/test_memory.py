@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import numpy as np
@@ -14,12 +15,16 @@ _BLOCK_MB = 64
 
 
 def _hold_block() -> float:
-    """Touch 64 MiB, keep them for 0.1 s (several sampling intervals), free them; the RSS before, in MiB."""
+    """Touch 64 MiB of fresh pages, keep them for 0.1 s (several sampling intervals), free them; the RSS before, in
+    MiB. An anonymous mapping, not numpy: after a long test session the allocator may hand back memory that is
+    already resident, which would not raise the RSS at all."""
     before = current_rss() / 2**20
-    block = np.ones((_BLOCK_MB, 2**20), dtype=np.uint8)
-    time.sleep(0.1)
-    assert int(block[:, ::4096].sum()) == _BLOCK_MB * 256
-    del block
+    with mmap.mmap(-1, _BLOCK_MB * 2**20) as block:
+        view = np.frombuffer(block, dtype=np.uint8)
+        view[::4096] = 1  # one write per page makes every page resident
+        time.sleep(0.1)
+        assert int(view[::4096].sum()) == _BLOCK_MB * 256
+        del view
     return before
 
 

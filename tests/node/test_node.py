@@ -3,11 +3,13 @@
 A tiny thick CT series (12 slices of 5 mm, 64x64) goes to the node through Orthanc's own C-STORE (as a PACS routes
 it) or from pynetdicom / dcmtk's storescu; the node's thin series comes back into Orthanc, is read through its REST
 API and compared with ``thinslice upsample`` on the same input. Faults: an unknown caller, series the rules skip, a
-corrupt instance, the destination down, the same series twice, and kill -9 of the node mid-job.
+corrupt instance, the destination down, the same series twice, two series of one study at once, and kill -9 of the
+node mid-job and mid-send (Orthanc slowed by a Lua filter that sleeps before it stores each instance).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,8 @@ needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not insta
                                                             "installs it)")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: its src/ and docs/
 THIN_SLICES = 48  # 12 slices of 5 mm restored to 1.25 mm over the same extent: 12 * 4
+# Orthanc's Lua hook before it stores an instance (its Lua calls run one at a time): a slow PACS, 48 instances ~3 s.
+SLOW_STORE = 'function ReceivedInstanceFilter(dicom, origin, info)\n  os.execute("sleep 0.05")\n  return true\nend\n'
 
 
 def _free_port() -> int:
@@ -65,7 +71,7 @@ def _wait(check: Callable[[], object], seconds: float = 20.0, what: str = "condi
 class Orthanc:
     """One Orthanc process with its own storage, loopback ports and no authentication."""
 
-    def __init__(self, root: Path, dicom_port: int, node_port: int) -> None:
+    def __init__(self, root: Path, dicom_port: int, node_port: int, lua: str = "") -> None:
         self.root, self.dicom_port, self.http_port = root, dicom_port, _free_port()
         self.proc: subprocess.Popen | None = None
         root.mkdir(parents=True, exist_ok=True)
@@ -74,6 +80,9 @@ class Orthanc:
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
                   "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "HttpServerEnabled": True,
                   "DicomModalities": {"thinslice": ["THINSLICE", "127.0.0.1", node_port]}}
+        if lua:
+            (root / "script.lua").write_text(lua)
+            config["LuaScripts"] = [str(root / "script.lua")]
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
@@ -108,6 +117,9 @@ class Orthanc:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
+
+    def count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])  # type: ignore[index]
 
     def series_of_study(self, study_uid: str) -> list[dict]:
         return [s for s in self.get("/series?expand")  # type: ignore[union-attr]
@@ -194,14 +206,17 @@ send_to = ["pacs"{', "archive"' if folder else ""}]
     return path
 
 
-def _send(folder: Path, port: int, calling: str = "TESTSCU") -> list[int]:
-    """C-STORE every file of ``folder`` to the node from pynetdicom; the statuses (empty: association refused)."""
+def _send(folder: Path, port: int, calling: str = "TESTSCU", together: threading.Barrier | None = None) -> list[int]:
+    """C-STORE every file of ``folder`` to the node from pynetdicom; the statuses (empty: association refused).
+    ``together``: wait there once associated (so that parallel senders are all associated before any instance)."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="THINSLICE")
     if not assoc.is_established:
         return []
     try:
+        if together is not None:
+            together.wait(10)
         return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in sorted(folder.iterdir())]
     finally:
         assoc.release()
@@ -380,12 +395,8 @@ def test_same_series_twice_is_processed_and_sent_once(tmp_path, orthanc, running
     assert len(derived) == 1 and len(derived[0]["Instances"]) == THIN_SLICES
 
 
-@needs_orthanc
-def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> None:
-    study = "1.2.3.4.107"
-    rules = _rules(tmp_path / "rules.toml", orthanc.dicom_port)
-    spool = tmp_path / "spool"
-    port = _free_port()
+def _serve(spool: Path, rules: Path, port: int) -> Callable[[], subprocess.Popen]:
+    """A function that starts ``thinslice serve`` as its own process (to be killed) and returns once it listens."""
     command = [sys.executable, "-c", "from thinslice.cli.main import main; raise SystemExit(main())", "serve",
                "--spool", str(spool), "--rules", str(rules), "--port", str(port), "--host", "127.0.0.1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -396,14 +407,31 @@ def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> 
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
         return proc
 
+    return start
+
+
+def _kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(20)
+
+
+@needs_orthanc
+def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> None:
+    study = "1.2.3.4.107"
+    spool, port = tmp_path / "spool", _free_port()
+    start = _serve(spool, _rules(tmp_path / "rules.toml", orthanc.dicom_port), port)
     proc = start()
     folder = _thick_series(tmp_path / "s", study, seed=9)
     uid = _uid(folder)
     try:
         assert set(_send(folder, port)) == {0}
         _wait(lambda: _state(spool, uid, ("running", "processed")), 30, "the job to start")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        _kill_9(proc)
         assert _state(spool, uid, ("running", "processed")) is not None  # it was killed mid-job
         proc = start()
         job = _wait(lambda: _state(spool, uid), 60, "the resumed job")
@@ -412,8 +440,67 @@ def test_kill_9_mid_job_resumes_and_sends_once(tmp_path, orthanc, node_port) -> 
         derived = orthanc.series_of_study(study)
         assert len(derived) == 1 and len(derived[0]["Instances"]) == THIN_SLICES
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        _terminate(proc)
+
+
+@needs_orthanc
+def test_kill_9_mid_send_resends_and_orthanc_holds_each_instance_once(tmp_path, node_port) -> None:
+    """Killed while Orthanc (slowed to ~50 ms per instance) holds part of the thin series: the restarted node sends
+    the same instances again, and Orthanc ends with the derived series' instances, each once."""
+    slow = Orthanc(tmp_path / "slow-orthanc", _free_port(), node_port, lua=SLOW_STORE).start()
+    spool, port = tmp_path / "spool", _free_port()
+    start = _serve(spool, _rules(tmp_path / "rules.toml", slow.dicom_port), port)
+    proc = start()
+    folder = _thick_series(tmp_path / "s", "1.2.3.4.111", seed=13)
+    uid = _uid(folder)
+    try:
+        assert set(_send(folder, port)) == {0}
+        _wait(lambda: slow.count() >= 4, 60, "the send to begin")
+        _kill_9(proc)
+        time.sleep(0.5)  # an instance Orthanc was reading when the node died is stored or dropped by now
+        partial = slow.count()
+        killed = _state(spool, uid, ("running",))
+        assert 4 <= partial < THIN_SLICES and killed is not None and killed.derived_uids, (partial, killed)
+        proc = start()
+        job = _wait(lambda: _state(spool, uid), 60, "the resumed send")
+        assert job.state == "sent" and job.derived_uids == killed.derived_uids, job  # type: ignore[union-attr]
+        time.sleep(0.5)  # anything sent twice would have arrived by now
+        series = slow.get("/series?expand")
+        assert [s["MainDicomTags"]["SeriesInstanceUID"] for s in series] == [job.derived_uids]  # type: ignore
+        assert len(series[0]["Instances"]) == slow.count() == THIN_SLICES  # type: ignore[index]
+        queue = JobQueue(spool)
+        assert [(r[0], r[1], r[3]) for r in queue.sent_rows()] == [(job.derived_uids, "pacs", THIN_SLICES)]
+        queue.close()
+    finally:
+        _terminate(proc)
+        slow.stop()
+
+
+@needs_orthanc
+def test_two_series_of_one_study_at_once_become_two_thin_series(tmp_path, orthanc, running_node) -> None:
+    """Two thick series of one study over two associations at the same time: two thin series in that study, each
+    once, each derived from its own source (its reference and series number)."""
+    study = "1.2.3.4.112"
+    node = running_node(_rules(tmp_path / "rules.toml", orthanc.dicom_port))
+    folders = [_thick_series(tmp_path / f"s{n}", study, seed=14 + n, SeriesNumber=n) for n in (2, 3)]
+    sources = [_uid(f) for f in folders]
+    assert len(set(sources)) == 2
+    together = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(pool.map(lambda f: _send(f, node.listener.port, together=together), folders))
+    assert statuses == [[0] * 12, [0] * 12]
+    jobs = [_wait(lambda u=u: _state(node, u), 60, "both series to be sent") for u in sources]
+    assert [(j.state, j.instances) for j in jobs] == [("sent", 12)] * 2, jobs  # type: ignore[union-attr]
+    derived = [j.derived_uids for j in jobs]  # type: ignore[union-attr]
+    assert len(set(derived)) == 2 and not set(derived) & set(sources)
+    time.sleep(0.5)  # anything sent twice would have arrived by now
+    stored = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in orthanc.series_of_study(study)}
+    assert sorted(stored) == sorted(derived)
+    for number, source, uid in zip((2, 3), sources, derived, strict=True):
+        assert len(stored[uid]["Instances"]) == THIN_SLICES
+        first = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{stored[uid]['Instances'][0]}/file")))
+        assert first.StudyInstanceUID == study and first.ReferencedSeriesSequence[0].SeriesInstanceUID == source
+        assert int(first.SeriesNumber) == number + 1000
 
 
 def _port_open(port: int) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thinslice.cli.checks import (
     check_input,
@@ -21,6 +23,9 @@ from thinslice.cli.checks import (
 )
 from thinslice.cli.cmd_degrade import refuse_same_path, summary
 from thinslice.cli.method_flags import add_method_arguments
+
+if TYPE_CHECKING:
+    from thinslice.infer.upsample import Upsampler
 
 log = logging.getLogger("thinslice.cli")
 
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _std_path(args: argparse.Namespace, up, method: str):
+def _std_path(args: argparse.Namespace, up: Upsampler, method: str) -> Path | None:
     """Where the uncertainty map goes (``--samples`` >= 2 or ``--uncertainty`` for a method that gives one): beside
     the output, ``ct.nii.gz`` -> ``ct_std.nii.gz``; checked against the input before any work."""
     from thinslice.io.writers import std_dtype, std_path_for

@@ -196,8 +196,10 @@ def run_benchmark(
                 if reason:
                     log(f"{name} {case.label} {case.profile}: {spec.label} skipped ({reason})")
                     continue
-                up = upsamplers.get(spec.label) or upsamplers.setdefault(spec.label, _loaded(spec))
-                row, outputs[spec.label] = _score_method(up, spec, name, case, thick, truth, operator, truth_power)
+                if spec.label not in upsamplers:
+                    upsamplers[spec.label] = _loaded(spec)
+                row, outputs[spec.label] = _score_method(upsamplers[spec.label], spec, name, case, thick, truth,
+                                                         operator, truth_power)
                 rows.append(row)
                 log(f"{name} {case.label:<18} {case.profile:<8} {spec.label:<12} PSNR {row.psnr:6.2f}  "
                     f"SSIM {row.ssim:.4f}  MAE(body) {row.mae_hu_body:6.1f} HU  DC {row.dc_residual_hu:7.2f} HU  "

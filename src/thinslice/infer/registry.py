@@ -139,18 +139,6 @@ def register_method(name: str, fn: UpsampleFn, *, description: str = "", options
 UNCERTAINTY_SAMPLES = 4
 
 
-def uncertainty_by_samples(entry: UpsampleMethod, options: dict[str, object]) -> dict[str, object]:
-    """``uncertainty`` asked of a method whose map comes from its samples (ldm) becomes ``samples`` (4 unless 2 or
-    more are asked); other methods get ``options`` unchanged. ``thinslice upsample`` and ``thinslice batch`` share
-    this rule."""
-    if not options.get("uncertainty") or "uncertainty" in entry.options or "samples" not in entry.options:
-        return options
-    out = {k: v for k, v in options.items() if k != "uncertainty"}
-    if int(str(out.get("samples") or 1)) < 2:
-        out["samples"] = UNCERTAINTY_SAMPLES
-    return out
-
-
 # What --method auto falls back to when the recommended method cannot serve an input.
 FALLBACK_METHOD = "cubic-dc"
 

@@ -54,7 +54,6 @@ from thinslice.infer.registry import (  # noqa: F401 - the registry's names, whe
     register_method,
     register_pipeline,
     too_few_slices,
-    uncertainty_by_samples,
 )
 from thinslice.io.volume import Volume
 
@@ -213,10 +212,12 @@ class Upsampler:
         that has none refuses it (strict) or goes without it, with a note (a cohort's methods differ)."""
         if not given.get("uncertainty") or "uncertainty" in entry.options:
             return given, []
-        if "samples" in entry.options:
-            converted = uncertainty_by_samples(entry, given)
-            changed = converted.get("samples") != given.get("samples")
-            return converted, [f"{entry.name} --uncertainty takes --samples {UNCERTAINTY_SAMPLES}"] if changed else []
+        if "samples" in entry.options:  # ldm: the map comes from its samples
+            given = {k: v for k, v in given.items() if k != "uncertainty"}
+            if int(str(given.get("samples") or 1)) >= 2:
+                return given, []
+            given["samples"] = UNCERTAINTY_SAMPLES
+            return given, [f"{entry.name} --uncertainty takes --samples {UNCERTAINTY_SAMPLES}"]
         if self.strict:
             raise _no_map(entry.name)
         given.pop("uncertainty")

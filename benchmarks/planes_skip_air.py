@@ -35,10 +35,12 @@ def main(paths: list[str]) -> None:
                 outs[skip] = up(thick, truth.slice_spacing, profile="gaussian").volume
                 seconds[skip].append(time.perf_counter() - start)
         ratio = statistics.median(b / a for a, b in zip(seconds[False], seconds[True], strict=True))
+        # The planes the network still sees: those of the thick slices or of the estimate it refines (cubic-dc).
+        estimate = Upsampler("cubic-dc")(thick, truth.slice_spacing, profile="gaussian").volume.slices_first()
         counts = []
         for orientation in planes.ORIENTATIONS:
-            view = planes._orientation_views(thick.slices_first(), orientation)
-            counts.append(f"{orientation} {len(planes._planes_to_run(view, view, True))} of {view.shape[0]}")
+            view, base = (planes._orientation_views(v, orientation) for v in (thick.slices_first(), estimate))
+            counts.append(f"{orientation} {len(planes._planes_to_run(view, base, True))} of {view.shape[0]}")
         diff = np.abs(outs[True].array - outs[False].array)
         psnr = {skip: evaluate_volumes(out, truth)["psnr"] for skip, out in outs.items()}
         print(f"{name}: planes run ({', '.join(counts)}); max |difference| {diff.max():.1f} HU; PSNR all "

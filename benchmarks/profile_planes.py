@@ -30,6 +30,7 @@ from thinslice.data.phantom import make_chest_phantom
 from thinslice.degrade.grid import thin_grid
 from thinslice.infer import interpolate as interpolate_module
 from thinslice.infer import pipeline as pipeline_module
+from thinslice.io.volume import Volume
 
 
 def _timed(table: dict[str, float], name: str, fn):
@@ -76,11 +77,10 @@ def one_run(path: Path, spacing: float, out: Path) -> dict[str, float]:
     return table
 
 
-def macs_per_output_voxel(path: Path, spacing: float) -> float:
+def macs_per_output_voxel(thick: Volume, spacing: float) -> float:
     """Multiply-adds of the planes network per output voxel, counted on a 64x64 in-plane crop of the input."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    thick = read_volume(path)
     crop = thick.slices_first()[:, :64, :64]
     small = thick.with_slices(crop, thick.slice_spacing, 0.0, thick.slice_thickness)
     up = Upsampler("planes", spacing=spacing, precision="fp32")  # counted in fp32: the same operations as bf16
@@ -113,9 +113,8 @@ def cpu_name() -> str:
     return f"{model.group(1) if model else platform.processor()}; bf16: {', '.join(families) or 'none'}"
 
 
-def conv_kernels(path: Path, spacing: float) -> list[str]:
+def conv_kernels(thick: Volume, spacing: float) -> list[str]:
     """The convolution implementations oneDNN picked for the planes network (from its verbose log, one small run)."""
-    thick = read_volume(path)
     small = thick.with_slices(thick.slices_first()[:, :32, :32], thick.slice_spacing, 0.0, thick.slice_thickness)
     up = Upsampler("planes", spacing=spacing)
     up.preload()
@@ -147,9 +146,9 @@ def main() -> None:
             path = Path(tmp) / "thick.nii.gz"
             write_volume(make_chest_phantom((75, 512, 512), (0.7, 0.7, 4.0), seed=0), path)
         runs = [one_run(path, args.spacing, Path(tmp) / "out.nii.gz") for _ in range(args.repeat)]
-        macs = macs_per_output_voxel(path, args.spacing)
-        kernels = conv_kernels(path, args.spacing)
         thick = read_volume(path)
+        macs = macs_per_output_voxel(thick, args.spacing)
+        kernels = conv_kernels(thick, args.spacing)
         voxels = thin_grid(thick, args.spacing)[0] * thick.slices_first()[0].size
     best = min(runs, key=lambda r: r["whole run"])
     print(f"planes, {path.name} -> {args.spacing:g} mm, {torch.get_num_threads()} threads, best of {args.repeat}\n")

@@ -256,6 +256,16 @@ def test_a_plugin_calling_sys_exit_is_skipped_with_a_warning(tmp_path, monkeypat
     assert "exiting_plugin was not loaded (SystemExit: 3)" in caplog.text
 
 
+def test_an_upsampler_of_a_built_in_method_still_loads_and_checks_the_plugins(tmp_path, monkeypatch, caplog) -> None:
+    """Naming an interpolation method must not skip the plug-ins: a broken one is reported whatever the method."""
+    from thinslice.infer.upsample import Upsampler
+
+    _install(tmp_path, monkeypatch, "exiting_plugin", "import sys\nsys.exit(3)\n")
+    with caplog.at_level("WARNING", logger="thinslice"):
+        Upsampler("cubic")
+    assert "exiting_plugin was not loaded (SystemExit: 3)" in caplog.text
+
+
 def test_a_plugin_cannot_take_a_built_in_name(tmp_path, monkeypatch, caplog) -> None:
     builtin = registry.UPSAMPLERS["cubic-dc"].pipeline
     source = ("from thinslice.infer.upsample import Cubic, register_pipeline\n\n\n@register_pipeline\n"

@@ -106,7 +106,7 @@ class Upsampler:
         self._by_method: dict[str, _MethodOptions] = {}
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
         if method != AUTO:
-            self._options_for(find_method(method))  # an unknown name or a bad option fails here, before any read
+            self._options_for(get_method(method))  # an unknown name or a bad option fails here, before any read
 
     @classmethod
     def from_args(cls, args: object, *, progress: bool | None = None) -> Upsampler:
@@ -116,7 +116,7 @@ class Upsampler:
         if progress is None:
             progress = not getattr(args, "quiet", False)
         method = getattr(args, "method", AUTO) or AUTO
-        if method != AUTO and options.get("uncertainty") and not _gives_a_map(find_method(method)):
+        if method != AUTO and options.get("uncertainty") and not _gives_a_map(get_method(method)):
             raise _no_map(method)  # asked of one named method, a missing map is an error, not a note
         options = {"progress": progress, **options}  # --option progress=... wins
         return cls.of(method, options, spacing=getattr(args, "spacing", None), strict=False, text=True)
@@ -137,13 +137,13 @@ class Upsampler:
         if method == AUTO:
             method, fallback = choose_auto(thick, snapped)
             notes += [fallback] if fallback else []
-        notes += self._options_for(find_method(method)).notes
+        notes += self._options_for(get_method(method)).notes
         return Decision(method, snapped, tuple(notes), fallback)
 
     def run(self, thick: Volume, decision: Decision, profile: object = None, thickness: object = None) -> Result:
         """Run the decided method on ``thick``; ``profile``/``thickness`` describe this input (else the
         upsampler's). The result's volume is checked finite and says in its metadata what made it."""
-        entry = find_method(decision.method)
+        entry = get_method(decision.method)
         if reason := too_few_slices(entry, thick):
             raise ThinsliceError(f"{reason}; use --method cubic or linear, or give a longer stack")
         chosen = self._options_for(entry)
@@ -167,7 +167,7 @@ class Upsampler:
     def pipeline(self, method: str) -> Pipeline:
         """The loaded pipeline of ``method`` with this upsampler's options: built and loaded on first use, then
         kept, so that weights load once however many volumes follow."""
-        entry = find_method(method)
+        entry = get_method(method)
         typed = self._options_for(entry).typed
         key = (method, repr(typed))
         if key not in self._pipelines:
@@ -178,7 +178,7 @@ class Upsampler:
 
     def options_of(self, method: str) -> dict[str, object]:
         """The typed options that ``method``'s pipeline runs with (acquisition ones apart)."""
-        return dict(self._options_for(find_method(method)).typed)
+        return dict(self._options_for(get_method(method)).typed)
 
     def preload(self) -> None:
         """Load the weights now (the named method's, or what ``auto`` runs wherever it serves the input), so that

@@ -83,6 +83,11 @@ def _warnings(err: str, text: str) -> list[str]:
     return [line for line in err.splitlines() if "warning:" in line and text in line]
 
 
+def _failed_lines(err: str, text: str) -> list[str]:
+    """The lines naming a failed case (error lines, so that they show under -q too) that contain ``text``."""
+    return [line for line in err.splitlines() if "error: failed" in line and text in line]
+
+
 # ------------------------------------------------------------------------------------------ formula cells
 def formula_cells_case() -> Case:
     def check() -> tuple[bool, str]:
@@ -187,7 +192,7 @@ def foreign_output_case(overwrite: bool) -> Case:
             (root / "out" / f"ct{seed}.nii.gz").write_bytes(b"the user's own file")
         res = run("batch", root / "in", "--out", root / "out", *CUBIC, *(["--overwrite"] if overwrite else []))
         kept = [(root / "out" / f"ct{s}.nii.gz").read_bytes() == b"the user's own file" for s in (1, 2)]
-        lines = _warnings(res.err, "not from this batch")
+        lines = _failed_lines(res.err, "not from this batch")
         if overwrite:
             ok = res.rc == 0 and not any(kept) and _spacing(str(root / "out" / "ct1.nii.gz")) == 1.25
             return ok, f"rc {res.rc}, replaced {kept.count(False)} of 2"
